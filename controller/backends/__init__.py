@@ -1,0 +1,59 @@
+"""Backend adapters: what each inference server needs to run one worker.
+
+One module per backend (vLLM, Ollama, llama.cpp). Each knows its container
+image, port, health endpoint, the flags that make the plan's VRAM estimate
+true at run time, and which flags the plan owns (so spec `options` cannot
+override them). Renderers and the local supervisor ask the adapter; they do
+not know backend details themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol
+
+from controller.plan.models import Estimate, GpuRef, Worker
+from controller.spec.models import Fleet, Model
+
+
+class Backend(Protocol):
+    name: str
+    container_port: int
+    health_path: str
+    metrics_path: str
+    cache_dir: str  # model cache inside the container
+    reserved: ClassVar[dict[str, str]]  # flag (or variable) → why the plan owns it
+
+    def settings(self, model: Model, estimate: Estimate, gpus: list[GpuRef]) -> dict[str, Any]: ...
+
+    def image(self, fleet: Fleet, worker: Worker) -> str: ...
+
+    def container_args(self, worker: Worker, model: Model) -> list[str]: ...
+
+    def container_env(self, worker: Worker, model: Model) -> dict[str, str]: ...
+
+    def healthcheck(self) -> list[str]: ...
+
+
+def get(name: str) -> Backend:
+    from controller.backends import llamacpp, ollama, vllm
+
+    registry: dict[str, Backend] = {"vllm": vllm.VLLM(), "ollama": ollama.Ollama(), "llamacpp": llamacpp.LlamaCpp()}
+    return registry[name]
+
+
+def reserved_options(name: str) -> dict[str, str]:
+    return get(name).reserved
+
+
+def option_args(options: dict[str, Any]) -> list[str]:
+    """Spec `options` as separate argv items, in sorted order; `true` is a bare flag, `false` omitted."""
+    args: list[str] = []
+    for key in sorted(options):
+        value = options[key]
+        if value is True:
+            args.append(f"--{key}")
+        elif value is False:
+            continue
+        else:
+            args += [f"--{key}", str(value)]
+    return args

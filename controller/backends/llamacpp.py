@@ -1,0 +1,105 @@
+"""llama.cpp: `llama-server`.
+
+Documented API used here: `GET /health` (200 once the model is loaded, 503
+while loading), `GET /v1/models`, `GET /metrics` (with `--metrics`), and the
+flags `--ctx-size` (total KV context, shared by all slots), `--parallel`
+(slots), `--n-gpu-layers` (999: every layer on the GPU, so nothing spills to
+system memory), `--split-mode none` (never span GPUs).
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any, ClassVar
+
+from controller.backends import option_args
+from controller.plan.models import Estimate, GpuRef, Worker
+from controller.spec.models import Fleet, Model
+
+# Where GGUF files live on a GPU host; mounted read-only into the container.
+HOST_MODEL_DIR = "/var/lib/fleet/models"
+KV_TYPES = {"auto": "f16", "float16": "f16", "q8_0": "q8_0", "q4_0": "q4_0"}
+
+
+class LlamaCpp:
+    name = "llamacpp"
+    container_port = 8080
+    health_path = "/health"
+    metrics_path = "/metrics"
+    cache_dir = "/root/.cache/llama.cpp"
+    reserved: ClassVar[dict[str, str]] = {
+        "model": "the spec's source",
+        "m": "the spec's source",
+        "model-url": "the spec's source",
+        "hf-repo": "the spec's source",
+        "host": "the plan binds the worker",
+        "port": "the plan assigns ports",
+        "ctx-size": "context × parallel",
+        "c": "context × parallel",
+        "parallel": "the spec's parallel",
+        "np": "the spec's parallel",
+        "n-gpu-layers": "all layers on the GPU",
+        "ngl": "all layers on the GPU",
+        "cache-type-k": "the spec's kv_cache_dtype",
+        "cache-type-v": "the spec's kv_cache_dtype",
+        "alias": "the spec's name",
+        "split-mode": "a replica never spans GPUs",
+        "main-gpu": "the plan pins GPUs",
+        "api-key": "the gateway authenticates; workers sit on the mesh",
+    }
+
+    def settings(self, model: Model, estimate: Estimate, gpus: list[GpuRef]) -> dict[str, Any]:
+        return {
+            "ctx_size": model.context * model.parallel,
+            "parallel": model.parallel,
+            "n_gpu_layers": 999 if gpus else 0,
+            "cache_type": KV_TYPES[model.kv_cache_dtype],
+        }
+
+    def image(self, fleet: Fleet, worker: Worker) -> str:
+        return fleet.images.llamacpp if worker.gpus else fleet.images.llamacpp_cpu
+
+    def model_location(self, model: Model) -> tuple[str, str | None]:
+        """(argument for --model or --model-url, host directory to mount read-only or None)."""
+        source = str(model.source.gguf)
+        if source.startswith("https://"):
+            return source, None
+        if posixpath.isabs(source):
+            return f"/models/{posixpath.basename(source)}", posixpath.dirname(source)
+        return f"/models/{posixpath.normpath(source)}", HOST_MODEL_DIR
+
+    def container_args(self, worker: Worker, model: Model) -> list[str]:
+        location, _ = self.model_location(model)
+        flag = "--model-url" if location.startswith("https://") else "--model"
+        return [flag, location, *self.serve_flags(worker, model, "0.0.0.0", self.container_port)]
+
+    def serve_flags(self, worker: Worker, model: Model, host: str, port: int) -> list[str]:
+        s = worker.settings
+        args = [
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--alias",
+            model.name,
+            "--ctx-size",
+            str(s["ctx_size"]),
+            "--parallel",
+            str(s["parallel"]),
+            "--n-gpu-layers",
+            str(s["n_gpu_layers"]),
+            "--cache-type-k",
+            s["cache_type"],
+            "--cache-type-v",
+            s["cache_type"],
+            "--metrics",
+        ]
+        if worker.gpus:
+            args += ["--split-mode", "none"]
+        return args + option_args(model.options)
+
+    def container_env(self, worker: Worker, model: Model) -> dict[str, str]:
+        return {"LLAMA_CACHE": self.cache_dir}
+
+    def healthcheck(self) -> list[str]:
+        return ["CMD", "curl", "-fsS", f"http://127.0.0.1:{self.container_port}{self.health_path}"]

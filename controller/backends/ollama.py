@@ -1,0 +1,72 @@
+"""Ollama: `ollama serve`, configured through OLLAMA_* variables.
+
+Documented API used here: `GET /api/version` (health), `GET /api/tags`
+(models present), `POST /api/pull`, `POST /api/copy` (the served name and
+aliases are copies of the tag, so clients' `model` values resolve), the
+OpenAI-compatible `/v1/*` routes, and the variables OLLAMA_CONTEXT_LENGTH,
+OLLAMA_NUM_PARALLEL (the KV cache holds context × parallel tokens),
+OLLAMA_MAX_LOADED_MODELS, OLLAMA_KEEP_ALIVE, OLLAMA_KV_CACHE_TYPE.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from controller.plan.models import Estimate, GpuRef, Worker
+from controller.spec.models import Fleet, Model
+
+KV_TYPES = {"auto": "f16", "float16": "f16", "q8_0": "q8_0", "q4_0": "q4_0"}
+
+
+class Ollama:
+    name = "ollama"
+    container_port = 11434
+    health_path = "/api/version"
+    metrics_path = ""  # Ollama exports no Prometheus metrics
+    cache_dir = "/root/.ollama"
+    reserved: ClassVar[dict[str, str]] = {
+        "OLLAMA_HOST": "the plan binds the worker",
+        "OLLAMA_CONTEXT_LENGTH": "the spec's context",
+        "OLLAMA_NUM_PARALLEL": "the spec's parallel",
+        "OLLAMA_MAX_LOADED_MODELS": "one model per worker",
+        "OLLAMA_KV_CACHE_TYPE": "the spec's kv_cache_dtype",
+        "OLLAMA_MODELS": "the model cache volume",
+        "OLLAMA_ORIGINS": "workers are reached only through the gateway",
+        "OLLAMA_KEEP_ALIVE": "the worker keeps its model loaded",
+    }
+
+    def settings(self, model: Model, estimate: Estimate, gpus: list[GpuRef]) -> dict[str, Any]:
+        return {
+            "context_length": model.context,
+            "num_parallel": model.parallel,
+            "kv_cache_type": KV_TYPES[model.kv_cache_dtype],
+            "max_loaded_models": 1,
+        }
+
+    def image(self, fleet: Fleet, worker: Worker) -> str:
+        return fleet.images.ollama
+
+    def container_args(self, worker: Worker, model: Model) -> list[str]:
+        return ["serve"]
+
+    def container_env(self, worker: Worker, model: Model) -> dict[str, str]:
+        return self.serve_env(worker, model, f"0.0.0.0:{self.container_port}")
+
+    def serve_env(self, worker: Worker, model: Model, bind: str) -> dict[str, str]:
+        s = worker.settings
+        env = {
+            "OLLAMA_HOST": bind,
+            "OLLAMA_CONTEXT_LENGTH": str(s["context_length"]),
+            "OLLAMA_NUM_PARALLEL": str(s["num_parallel"]),
+            "OLLAMA_MAX_LOADED_MODELS": str(s["max_loaded_models"]),
+            "OLLAMA_KV_CACHE_TYPE": s["kv_cache_type"],
+            "OLLAMA_KEEP_ALIVE": "-1",
+        }
+        if s["kv_cache_type"] != "f16":
+            env["OLLAMA_FLASH_ATTENTION"] = "1"  # quantized KV cache requires flash attention
+        env.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in sorted(model.options.items())})
+        return env
+
+    def healthcheck(self) -> list[str]:
+        # The image has no curl; `ollama list` fails unless the server answers.
+        return ["CMD", "ollama", "list"]

@@ -1,0 +1,50 @@
+"""The `controller` command: thin verbs that parse arguments, call the core, print.
+
+One module per verb. Errors the user can fix are ``ControllerError``s,
+printed as one line each on stderr with the error's exit code; no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from controller.cli import plan as plan_cmd
+from controller.cli import render as render_cmd
+from controller.cli import schema as schema_cmd
+from controller.cli import validate as validate_cmd
+from controller.errors import ControllerError
+
+app = typer.Typer(
+    name="controller",
+    help="Plan, render and run a self-hosted LLM inference fleet from one fleet.yaml.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("validate")(validate_cmd.validate)
+app.command("plan")(plan_cmd.plan)
+app.command("render")(render_cmd.render)
+app.command("schema")(schema_cmd.schema)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except ControllerError as exc:
+        for line in exc.lines():
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click's usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

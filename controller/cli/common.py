@@ -1,0 +1,35 @@
+"""Helpers shared by the CLI verbs: loading, JSON output, consoles."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from controller.plan import Plan, make_plan
+from controller.spec import LoadedSpec, load_spec
+
+SpecArg = Annotated[Path, typer.Argument(help="The fleet spec (fleet.yaml).", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")]
+
+
+def load(path: Path) -> LoadedSpec:
+    return load_spec(path)
+
+
+def load_plan(path: Path) -> Plan:
+    return make_plan(load_spec(path))
+
+
+def emit_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def console() -> Console:
+    # Wide enough for the plan table when output is not a terminal (CI logs, pipes).
+    return Console(width=None if sys.stdout.isatty() else 160, highlight=False, soft_wrap=False)

@@ -1,0 +1,186 @@
+"""Placement: assign every replica to GPUs of one host, deterministically.
+
+Best-fit decreasing: the replicas needing the most memory per GPU go first;
+each goes to the candidate that leaves the least room, after preferring
+hosts, then GPUs, that hold no replica of the same model yet (so one lost
+host or GPU does not take a model down). Ties break on the spec's host
+order and GPU index. A replica spans GPUs only when `gpus_per_replica` asks
+for tensor parallelism, and then only GPUs of one host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from controller import backends
+from controller.errors import PlanError, Problem
+from controller.plan.models import Estimate, GpuRef, GpuUse
+from controller.plan.vram import estimate
+from controller.spec.models import Fleet, Host, Model, Pin
+from controller.spec.refs import gpu_index
+
+
+@dataclass
+class _Gpu:
+    ref: GpuRef
+    usable: float
+    used: float = 0.0
+    workers: list[str] = field(default_factory=list)
+    models: set[str] = field(default_factory=set)
+
+    @property
+    def free(self) -> float:
+        return round(self.usable - self.used, 3)
+
+
+@dataclass(frozen=True)
+class Placed:
+    model: Model
+    host: str
+    gpus: list[GpuRef]
+    estimate: Estimate
+    settings: dict[str, object]
+    slot: int  # 1-based count of this model's replicas on the same host+GPUs (CPU: on the host)
+
+
+ProblemAt = Callable[[tuple[str | int, ...], str], Problem]
+
+
+def place(fleet: Fleet, problem: ProblemAt) -> tuple[list[Placed], list[GpuUse]]:
+    hosts = fleet.hosts or []
+    host_order = {h.name: i for i, h in enumerate(hosts)}
+    gpus = {
+        (h.name, i): _Gpu(
+            GpuRef(host=h.name, index=i, uuid=g.uuid, name=g.name, vram_gib=g.vram_gib),
+            usable=round(g.vram_gib - h.reserve_vram_gib, 3),
+        )
+        for h in hosts
+        for i, g in enumerate(h.gpus)
+    }
+    cpu_free = {h.name: h.cpu_workers for h in hosts}
+    cpu_models: dict[str, set[str]] = {h.name: set() for h in hosts}
+    placed: list[Placed] = []
+    problems: list[Problem] = []
+
+    requests = [(m, r, estimate(m)) for m in fleet.models for r in range(m.replicas)]
+    requests.sort(key=lambda x: (x[0].device == "cpu", -x[2].total_gib, -x[0].gpus_per_replica, x[0].name, x[1]))
+    for model, replica, est in requests:
+        mi = fleet.models.index(model)
+        if model.device == "cpu":
+            host = _place_cpu(model, hosts, cpu_free, cpu_models)
+            if host is None:
+                problems.append(_cpu_problem(problem, mi, model, hosts, cpu_free))
+                continue
+            slot = sum(1 for p in placed if p.model.name == model.name and p.host == host) + 1
+            settings = backends.get(model.backend).settings(model, est, [])
+            placed.append(Placed(model, host, [], est, settings, slot))
+            continue
+        choice = _best(model, est, hosts, gpus, host_order)
+        if isinstance(choice, str):
+            problems.append(problem(("models", mi), f"model {model.name} replica {replica + 1}: {choice}"))
+            continue
+        refs = [gpus[k].ref for k in choice]
+        settings = backends.get(model.backend).settings(model, est, refs)
+        footprint = float(settings.get("reserved_gib", est.total_gib))
+        slot = (
+            sum(1 for p in placed if p.model.name == model.name and [g.uuid for g in p.gpus] == [g.uuid for g in refs])
+            + 1
+        )
+        for key in choice:
+            gpus[key].used = round(gpus[key].used + footprint, 3)
+            gpus[key].models.add(model.name)
+        placed.append(Placed(model, refs[0].host, refs, est, settings, slot))
+    if problems:
+        raise PlanError(f"{len(problems)} replica(s) do not fit", problems)
+    uses = [GpuUse(gpu=g.ref, usable_gib=g.usable, used_gib=g.used, workers=[]) for g in gpus.values()]
+    return placed, uses
+
+
+def _candidates(model: Model, hosts: list[Host], gpus: dict[tuple[str, int], _Gpu]) -> list[list[tuple[str, int]]]:
+    """GPU sets (one host each) this model's replicas may use, by its pins."""
+    tp = model.gpus_per_replica
+    pins: list[Pin | None] = list(model.placement) or [None]
+    out: list[list[tuple[str, int]]] = []
+    for pin in pins:
+        for host in hosts:
+            if pin is not None and pin.host != host.name:
+                continue
+            if pin is not None and pin.gpus is not None:
+                indices = [gpu_index(host, ref) for ref in pin.gpus]
+                out.append([(host.name, i) for i in indices if i is not None])
+                continue
+            if tp == 1:
+                out += [[(host.name, i)] for i in range(len(host.gpus))]
+            elif len(host.gpus) >= tp:
+                # The tp GPUs with the most room, ties by index.
+                ranked = sorted(range(len(host.gpus)), key=lambda i: (-gpus[(host.name, i)].free, i))
+                out.append([(host.name, i) for i in sorted(ranked[:tp])])
+    unique: list[list[tuple[str, int]]] = []
+    for cand in out:
+        if cand not in unique:
+            unique.append(cand)
+    return unique
+
+
+def _footprint(model: Model, est: Estimate, refs: list[GpuRef]) -> float:
+    settings = backends.get(model.backend).settings(model, est, refs)
+    return float(settings.get("reserved_gib", est.total_gib))
+
+
+def _best(
+    model: Model, est: Estimate, hosts: list[Host], gpus: dict[tuple[str, int], _Gpu], host_order: dict[str, int]
+) -> list[tuple[str, int]] | str:
+    candidates = _candidates(model, hosts, gpus)
+    if not candidates:
+        where = "the pinned hosts" if model.placement else "any host"
+        return f"needs {model.gpus_per_replica} GPU(s) of one host, and {where} has fewer"
+    fitting = []
+    for cand in candidates:
+        refs = [gpus[k].ref for k in cand]
+        need = _footprint(model, est, refs)
+        if all(gpus[k].free >= need for k in cand):
+            host_has = any(model.name in g.models for (h, _), g in gpus.items() if h == cand[0][0])
+            gpu_has = any(model.name in gpus[k].models for k in cand)
+            leftover = min(gpus[k].free - need for k in cand)
+            fitting.append(((host_has, gpu_has, round(leftover, 3), host_order[cand[0][0]], cand), cand))
+    if fitting:
+        fitting.sort(key=lambda x: x[0])
+        return fitting[0][1]
+    lines = []
+    for cand in candidates:
+        refs = [gpus[k].ref for k in cand]
+        need = _footprint(model, est, refs)
+        free = ", ".join(
+            f"{gpus[k].ref.label} ({gpus[k].ref.name}, {gpus[k].ref.uuid}) has {gpus[k].free:.2f} GiB free of {gpus[k].usable:.2f} usable"
+            for k in cand
+        )
+        lines.append(free)
+    return (
+        f"needs {_footprint(model, est, [gpus[k].ref for k in candidates[0]]):.2f} GiB per GPU (weights {est.weights_gib:.2f} + KV cache {est.kv_cache_gib:.2f} + overhead {est.overhead_gib:.2f}) and no GPU has room: "
+        + "; ".join(lines)
+        + "; lower context or parallel, quantize, or add a GPU"
+    )
+
+
+def _place_cpu(model: Model, hosts: list[Host], free: dict[str, int], models: dict[str, set[str]]) -> str | None:
+    allowed = {p.host for p in model.placement} or {h.name for h in hosts}
+    options = [
+        (model.name in models[h.name], -free[h.name], i, h.name)
+        for i, h in enumerate(hosts)
+        if h.name in allowed and free[h.name] > 0
+    ]
+    if not options:
+        return None
+    host = min(options)[3]
+    free[host] -= 1
+    models[host].add(model.name)
+    return host
+
+
+def _cpu_problem(problem: ProblemAt, mi: int, model: Model, hosts: list[Host], free: dict[str, int]) -> Problem:
+    allowed = {p.host for p in model.placement} or {h.name for h in hosts}
+    state = ", ".join(
+        f"{h.name}: {free[h.name]} of {h.cpu_workers} cpu_workers free" for h in hosts if h.name in allowed
+    )
+    return problem(("models", mi), f"model {model.name}: no CPU worker slot left ({state}); raise a host's cpu_workers")

@@ -1,0 +1,416 @@
+"""Envoy: the gateway's L7 router, one file `<gateway host>/envoy/envoy.yaml`.
+
+Built as data (plain dicts), dumped with stable order. What it guarantees:
+
+- one cluster per model over all its replicas on all hosts, least-request
+  balancing, active health checks, circuit breakers, outlier detection;
+- one cluster per worker for `/proxy/{worker}/v1/...`;
+- the model is read from the JSON body by a Lua filter (``envoy/model_router.lua``)
+  that sets `x-fleet-model` and re-picks the route; unknown model → 404;
+- retries only before the first response byte (reset/connect failure/refused
+  stream, once, on another host): after response headers Envoy cannot retry;
+- route timeouts off (streams), a stream idle timeout catches stalls;
+- only the documented inference routes pass; everything else is a JSON 404;
+- edge hardening: path normalization, escaped slashes rejected, header size
+  and count limits, request header timeout, buffer limits, admin on loopback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from typing import Any
+
+import yaml
+
+from controller import backends
+from controller.plan import slug
+from controller.plan.models import Plan, Worker
+from controller.render import Files, asset, renderer
+
+MIB = 1024 * 1024
+INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# Largest `n`/`best_of` a request may ask for: each one is a full generation.
+MAX_N = 8
+
+
+@renderer("envoy")
+def render(plan: Plan) -> Files:
+    host = plan.fleet.gateway.host
+    text = "# Rendered by `controller render` from the fleet spec; do not edit.\n" + yaml.safe_dump(
+        bootstrap(plan), sort_keys=False, default_flow_style=False, width=1000, allow_unicode=True
+    )
+    return {f"{host}/envoy/envoy.yaml": text}
+
+
+def model_cluster(model: str) -> str:
+    return f"model_{slug(model)}"
+
+
+def worker_cluster(worker: str) -> str:
+    return f"worker_{worker}"
+
+
+def bootstrap(plan: Plan, *, listen: str = "127.0.0.1") -> dict[str, Any]:
+    gw = plan.fleet.gateway
+    return {
+        "node": {"id": f"fleet-{plan.fleet.name}-gateway", "cluster": f"fleet-{plan.fleet.name}"},
+        "admin": {"address": _socket("127.0.0.1", gw.ports.envoy_admin)},
+        "static_resources": {
+            "listeners": [listener(plan, listen)],
+            "clusters": [
+                *(_model_cluster(plan, m.name) for m in plan.fleet.models),
+                *(_worker_cluster(plan, w) for w in plan.workers),
+            ],
+        },
+        "layered_runtime": {
+            "layers": [
+                {
+                    "name": "static",
+                    "static_layer": {
+                        # Bound downstream connections so a flood cannot exhaust memory.
+                        "overload.global_downstream_max_connections": 50000,
+                    },
+                }
+            ]
+        },
+    }
+
+
+def listener(plan: Plan, listen: str) -> dict[str, Any]:
+    gw = plan.fleet.gateway
+    body_limit = int(gw.max_body_mib * MIB)
+    return {
+        "name": "api",
+        "address": _socket(listen, gw.ports.envoy),
+        # The Lua filter buffers the request body; past this Envoy answers 413.
+        "per_connection_buffer_limit_bytes": body_limit,
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": "api",
+                            "codec_type": "AUTO",
+                            "use_remote_address": True,
+                            "internal_address_config": {"cidr_ranges": []},  # no client is "internal"
+                            "normalize_path": True,
+                            "merge_slashes": True,
+                            "path_with_escaped_slashes_action": "REJECT_REQUEST",
+                            "max_request_headers_kb": 64,
+                            "common_http_protocol_options": {
+                                "headers_with_underscores_action": "REJECT_REQUEST",
+                                "max_headers_count": 100,
+                                "idle_timeout": "3600s",
+                            },
+                            "http2_protocol_options": {
+                                "max_concurrent_streams": 128,
+                                "initial_stream_window_size": 65536,
+                                "initial_connection_window_size": 1048576,
+                            },
+                            "request_headers_timeout": f"{gw.request_headers_timeout_s}s",
+                            "request_timeout": "0s",  # off: streams may run long
+                            "stream_idle_timeout": f"{gw.stream_idle_timeout_s}s",
+                            "server_name": "fleet-gateway",
+                            "route_config": route_config(plan),
+                            "local_reply_config": local_replies(),
+                            "http_filters": [
+                                {
+                                    "name": "envoy.filters.http.lua",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                                        "default_source_code": {"inline_string": lua_source(plan)},
+                                    },
+                                },
+                                {
+                                    "name": "envoy.filters.http.router",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                                        "suppress_envoy_headers": True,
+                                    },
+                                },
+                            ],
+                        },
+                    }
+                ]
+            }
+        ],
+    }
+
+
+def lua_source(plan: Plan) -> str:
+    names = sorted({n for m in plan.fleet.models for n in m.served_names})
+    table = ", ".join(f"[{_lua_string(n)}] = true" for n in names)
+    config = (
+        "FLEET = {\n"
+        f"  models = {{ {table} }},\n"
+        f"  max_tokens = {plan.fleet.gateway.max_request_tokens},\n"
+        f"  max_n = {MAX_N},\n"
+        "}\n"
+    )
+    return config + asset("envoy", "model_router.lua").read_text(encoding="utf-8")
+
+
+def _lua_string(text: str) -> str:
+    # Served names are restricted by the spec to [A-Za-z0-9._:/-]; escape defensively anyway.
+    return '"' + re.sub(r"[^A-Za-z0-9._:/ -]", lambda m: f"\\{ord(m.group(0)):03d}", text) + '"'
+
+
+def route_config(plan: Plan) -> dict[str, Any]:
+    routes: list[dict[str, Any]] = [_models_list(plan)]
+    for model in plan.fleet.models:
+        for name in model.served_names:
+            routes.append(
+                _direct(
+                    {"path": f"/v1/models/{name}", "headers": [_method("GET")]},
+                    200,
+                    json.dumps(_model_object(name), separators=(",", ":")),
+                )
+            )
+    inference = "^(" + "|".join(re.escape(p) for p in INFERENCE_PATHS) + ")$"
+    for model in plan.fleet.models:
+        for name in model.served_names:
+            routes.append(
+                {
+                    "name": f"model:{name}",
+                    "match": {
+                        "safe_regex": {"regex": inference},
+                        "headers": [_method("POST"), {"name": "x-fleet-model", "string_match": {"exact": name}}],
+                    },
+                    "route": _upstream(model_cluster(model.name)),
+                }
+            )
+    for worker in plan.workers:
+        prefix = f"/proxy/{worker.name}"
+        allowed = "^" + re.escape(prefix) + "(" + "|".join(re.escape(p) for p in INFERENCE_PATHS) + ")$"
+        routes.append(
+            {
+                "name": f"proxy:{worker.name}",
+                "match": {"safe_regex": {"regex": allowed}, "headers": [_method("POST"), _has_model()]},
+                "route": {
+                    **_upstream(worker_cluster(worker.name), retries=False),
+                    "regex_rewrite": {"pattern": {"regex": "^" + re.escape(prefix)}, "substitution": ""},
+                },
+            }
+        )
+        routes.append(
+            {
+                "name": f"proxy-models:{worker.name}",
+                "match": {"path": f"{prefix}/v1/models", "headers": [_method("GET")]},
+                "route": {**_upstream(worker_cluster(worker.name), retries=False), "prefix_rewrite": "/v1/models"},
+            }
+        )
+    routes.append(
+        _direct(
+            {"prefix": "/"},
+            404,
+            _error_json(
+                "Unknown API route; this gateway serves /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models",
+                "invalid_request_error",
+                "not_found",
+            ),
+        )
+    )
+    return {
+        "name": "api",
+        "virtual_hosts": [{"name": "api", "domains": ["*"], "routes": routes}],
+        # Identity and routing headers reach workers only as the gatekeeper and the Lua filter set them.
+        "request_headers_to_remove": ["x-fleet-api-key"],
+    }
+
+
+def _models_list(plan: Plan) -> dict[str, Any]:
+    data = [_model_object(n) for m in plan.fleet.models for n in m.served_names]
+    body = json.dumps({"object": "list", "data": data}, separators=(",", ":"))
+    return _direct({"path": "/v1/models", "headers": [_method("GET")]}, 200, body)
+
+
+def _model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "fleet"}
+
+
+def _direct(match: dict[str, Any], status: int, body: str) -> dict[str, Any]:
+    return {
+        "match": match,
+        "direct_response": {"status": status, "body": {"inline_string": body}},
+        "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
+    }
+
+
+def _method(method: str) -> dict[str, Any]:
+    return {"name": ":method", "string_match": {"exact": method}}
+
+
+def _has_model() -> dict[str, Any]:
+    return {"name": "x-fleet-model", "present_match": True}
+
+
+def _upstream(cluster: str, retries: bool = True) -> dict[str, Any]:
+    route: dict[str, Any] = {
+        "cluster": cluster,
+        "timeout": "0s",  # streams run as long as they produce bytes; the idle timeout catches stalls
+    }
+    if retries:
+        route["retry_policy"] = {
+            # All three happen before any response byte reached the client;
+            # after the first byte Envoy cannot and does not retry.
+            "retry_on": "connect-failure,refused-stream,reset",
+            "num_retries": 1,
+            "retry_host_predicate": [
+                {
+                    "name": "envoy.retry_host_predicates.previous_hosts",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                    },
+                }
+            ],
+            "host_selection_retry_max_attempts": 5,
+            "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
+        }
+    return route
+
+
+def _model_cluster(plan: Plan, model: str) -> dict[str, Any]:
+    workers = plan.workers_of(model)
+    spec = plan.model(model)
+    # Admit what the replicas can serve at once, with a queue of the same size behind it.
+    capacity = max(1, spec.parallel * len(workers))
+    return _cluster(model_cluster(model), workers, capacity)
+
+
+def _worker_cluster(plan: Plan, worker: Worker) -> dict[str, Any]:
+    capacity = plan.model(worker.model).parallel
+    return _cluster(worker_cluster(worker.name), [worker], capacity)
+
+
+def _cluster(name: str, workers: list[Worker], capacity: int) -> dict[str, Any]:
+    backend = backends.get(workers[0].backend)
+    endpoints = [{"endpoint": {"address": _socket(w.address, w.port)}} for w in workers]
+    return {
+        "name": name,
+        "type": "STATIC" if all(_is_ip(w.address) for w in workers) else "STRICT_DNS",
+        "connect_timeout": "2s",
+        "lb_policy": "LEAST_REQUEST",
+        "per_connection_buffer_limit_bytes": 1 * MIB,
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http_protocol_options": {}},
+                "common_http_protocol_options": {"idle_timeout": "60s"},
+            }
+        },
+        "health_checks": [
+            {
+                "timeout": "2s",
+                "interval": "5s",
+                "no_traffic_interval": "5s",
+                "unhealthy_interval": "2s",
+                "interval_jitter": "0.5s",
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "http_health_check": {"path": backend.health_path},
+            }
+        ],
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0.0}},  # never send to known-bad hosts
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "priority": "DEFAULT",
+                    "max_connections": capacity * 2,
+                    "max_pending_requests": capacity * 2,
+                    "max_requests": capacity * 2,
+                    "max_retries": max(3, capacity),
+                }
+            ]
+        },
+        "outlier_detection": {
+            # Local-origin failures (connect refused, reset) count apart from
+            # HTTP 5xx; circuit-breaker overflow is not a host failure.
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 2,
+            "consecutive_gateway_failure": 3,
+            "consecutive_5xx": 5,
+            "interval": "5s",
+            "base_ejection_time": "15s",
+            "max_ejection_time": "120s",
+            "max_ejection_percent": 100,
+            "enforcing_consecutive_local_origin_failure": 100,
+        },
+        "ignore_health_on_host_removal": True,
+    }
+
+
+def local_replies() -> dict[str, Any]:
+    """Envoy's own error replies in the OpenAI error shape."""
+    cases = [
+        (["UH", "NR"], 503, "no healthy upstream: every replica of this model is down", "no_healthy_upstream"),
+        (["UO"], 503, "the model is at capacity (circuit breaker open); retry shortly", "overloaded"),
+        (["UF", "URX", "UC", "LR"], 502, "the model server failed before answering", "upstream_failure"),
+        (["UT", "SI"], 504, "the model server stopped sending data (stream idle timeout)", "upstream_timeout"),
+        (["DPE"], 400, "malformed HTTP request", "bad_request"),
+    ]
+    mappers: list[dict[str, Any]] = []
+    for flags, status, message, code in cases:
+        mappers.append(
+            {
+                "filter": {"response_flag_filter": {"flags": flags}},
+                "status_code": status,
+                "body_format_override": {
+                    "json_format": {
+                        "error": {
+                            "message": message,
+                            "type": "server_error" if status >= 500 else "invalid_request_error",
+                            "param": None,
+                            "code": code,
+                        }
+                    },
+                    "content_type": "application/json",
+                },
+            }
+        )
+    mappers.append(
+        {
+            "filter": {
+                "status_code_filter": {
+                    "comparison": {
+                        "op": "EQ",
+                        "value": {"default_value": 413, "runtime_key": "fleet.payload_too_large"},
+                    }
+                }
+            },
+            "body_format_override": {
+                "json_format": {
+                    "error": {
+                        "message": "request body too large",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "payload_too_large",
+                    }
+                },
+                "content_type": "application/json",
+            },
+        }
+    )
+    return {"mappers": mappers}
+
+
+def _error_json(message: str, err_type: str, code: str) -> str:
+    return json.dumps(
+        {"error": {"message": message, "type": err_type, "param": None, "code": code}}, separators=(",", ":")
+    )
+
+
+def _socket(address: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": address, "port_value": port}}
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,226 @@
+-- Model routing for the fleet gateway (Envoy HTTP Lua filter).
+--
+-- Reads the JSON body of an inference request, checks it, and sets the
+-- x-fleet-model header that the route table matches on, then asks Envoy to
+-- pick the route again. No Python touches the body; responses are never
+-- seen here (no envoy_on_response), so streams pass untouched.
+--
+-- The renderer prepends a table of configuration:
+--   FLEET.models           served name -> true
+--   FLEET.max_tokens       largest max_tokens / max_completion_tokens accepted
+--   FLEET.max_n            largest n / best_of accepted
+-- Everything below is static.
+
+local MAX_DEPTH = 64
+local INFERENCE = {
+  ["/v1/chat/completions"] = true,
+  ["/v1/completions"] = true,
+  ["/v1/embeddings"] = true,
+}
+-- Body fields that would make a backend or a client library call elsewhere.
+local FORBIDDEN_FIELDS = { "api_base", "base_url", "api_key", "organization", "extra_headers" }
+
+-- JSON: a strict recursive-descent reader. It validates the whole document
+-- and returns the top-level object's scalar members (nested values are
+-- checked, then replaced by the marker NESTED).
+local NESTED = {}
+
+local function fail(msg) error({ json = msg }, 0) end
+
+local function skip_ws(s, i)
+  return string.find(s, "[^ \t\r\n]", i) or (#s + 1)
+end
+
+local function utf8_char(code)
+  if code < 0x80 then return string.char(code) end
+  if code < 0x800 then
+    return string.char(0xC0 + math.floor(code / 0x40), 0x80 + code % 0x40)
+  end
+  return string.char(0xE0 + math.floor(code / 0x1000), 0x80 + math.floor(code / 0x40) % 0x40, 0x80 + code % 0x40)
+end
+
+local ESCAPES = { ['"'] = '"', ["\\"] = "\\", ["/"] = "/", b = "\b", f = "\f", n = "\n", r = "\r", t = "\t" }
+
+local function read_string(s, i)
+  -- s[i] is the opening quote
+  local j = i + 1
+  local out = nil
+  while true do
+    local k = string.find(s, '["\\%c]', j)
+    if not k then fail("unterminated string") end
+    local c = string.sub(s, k, k)
+    if c == '"' then
+      if out == nil then return string.sub(s, i + 1, k - 1), k + 1 end
+      out[#out + 1] = string.sub(s, j, k - 1)
+      return table.concat(out), k + 1
+    elseif c == "\\" then
+      out = out or {}
+      out[#out + 1] = string.sub(s, j, k - 1)
+      local e = string.sub(s, k + 1, k + 1)
+      if e == "u" then
+        local hex = string.sub(s, k + 2, k + 5)
+        if not string.match(hex, "^%x%x%x%x$") then fail("bad \\u escape") end
+        out[#out + 1] = utf8_char(tonumber(hex, 16))
+        j = k + 6
+      elseif ESCAPES[e] then
+        out[#out + 1] = ESCAPES[e]
+        j = k + 2
+      else
+        fail("bad escape")
+      end
+    else
+      fail("control character in string")
+    end
+  end
+end
+
+local function read_number(s, i)
+  local j = i
+  if string.sub(s, j, j) == "-" then j = j + 1 end
+  local int = string.match(s, "^%d+", j)
+  if not int or (#int > 1 and string.sub(int, 1, 1) == "0") then fail("bad number") end
+  j = j + #int
+  local frac = string.match(s, "^%.%d+", j)
+  if frac then j = j + #frac elseif string.sub(s, j, j) == "." then fail("bad number") end
+  local exp = string.match(s, "^[eE][+-]?%d+", j)
+  if exp then j = j + #exp elseif string.match(s, "^[eE]", j) then fail("bad number") end
+  return tonumber(string.sub(s, i, j - 1)), j
+end
+
+local read_value
+
+local function read_container(s, i, depth, top)
+  if depth > MAX_DEPTH then fail("nested too deeply") end
+  local open = string.sub(s, i, i)
+  local close = open == "{" and "}" or "]"
+  local members = top and {} or nil
+  i = skip_ws(s, i + 1)
+  if string.sub(s, i, i) == close then return members or NESTED, i + 1 end
+  while true do
+    local key
+    if open == "{" then
+      if string.sub(s, i, i) ~= '"' then fail("expected a member name") end
+      key, i = read_string(s, i)
+      i = skip_ws(s, i)
+      if string.sub(s, i, i) ~= ":" then fail("expected ':'") end
+      i = skip_ws(s, i + 1)
+    end
+    local value
+    value, i = read_value(s, i, depth + 1)
+    if members and key ~= nil then members[key] = value end
+    i = skip_ws(s, i)
+    local c = string.sub(s, i, i)
+    if c == close then return members or NESTED, i + 1 end
+    if c ~= "," then fail("expected ',' or '" .. close .. "'") end
+    i = skip_ws(s, i + 1)
+  end
+end
+
+read_value = function(s, i, depth)
+  local c = string.sub(s, i, i)
+  if c == '"' then
+    return read_string(s, i)
+  elseif c == "{" or c == "[" then
+    local _, j = read_container(s, i, depth, false)
+    return NESTED, j
+  elseif c == "-" or string.match(c, "%d") then
+    return read_number(s, i)
+  elseif string.sub(s, i, i + 3) == "true" then
+    return true, i + 4
+  elseif string.sub(s, i, i + 4) == "false" then
+    return false, i + 5
+  elseif string.sub(s, i, i + 3) == "null" then
+    return nil, i + 4
+  end
+  fail("unexpected character")
+end
+
+-- Returns the top-level object's members, or nil and a reason.
+local function parse_object(s)
+  local i = skip_ws(s, 1)
+  if string.sub(s, i, i) ~= "{" then return nil, "the body must be a JSON object" end
+  local ok, members, j = pcall(read_container, s, i, 1, true)
+  if not ok then
+    local reason = type(members) == "table" and members.json or "invalid JSON"
+    return nil, reason
+  end
+  if skip_ws(s, j) <= #s then return nil, "trailing data after the JSON object" end
+  return members
+end
+
+-- OpenAI-style error responses.
+local function json_string(s)
+  return '"' .. string.gsub(s, '[%c"\\]', function(c)
+    return string.format("\\u%04x", string.byte(c))
+  end) .. '"'
+end
+
+local function reject(handle, status, message, err_type, code, param)
+  local body = '{"error":{"message":' .. json_string(message) .. ',"type":' .. json_string(err_type)
+    .. ',"param":' .. (param and json_string(param) or "null") .. ',"code":' .. json_string(code) .. "}}"
+  handle:respond({ [":status"] = tostring(status), ["content-type"] = "application/json" }, body)
+end
+
+local function check_count(handle, members, field, limit)
+  local v = members[field]
+  if v == nil then return true end
+  if type(v) ~= "number" or v ~= math.floor(v) or v < 1 or v > limit then
+    reject(handle, 400, string.format("'%s' must be an integer from 1 to %d", field, limit),
+      "invalid_request_error", "invalid_value", field)
+    return false
+  end
+  return true
+end
+
+local function api_path(path)
+  local bare = string.match(path, "^[^?]*")
+  if INFERENCE[bare] then return bare end
+  local rest = string.match(bare, "^/proxy/[%w%-]+(/v1/.*)$")
+  if rest and INFERENCE[rest] then return rest end
+  return nil
+end
+
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  -- The routing header and Envoy's control headers are ours to set, never a client's.
+  local strip = {}
+  for name, _ in pairs(headers) do
+    if name == "x-fleet-model" or string.sub(name, 1, 8) == "x-envoy-" then strip[#strip + 1] = name end
+  end
+  for _, name in ipairs(strip) do headers:remove(name) end
+
+  local path = headers:get(":path") or ""
+  if headers:get(":method") ~= "POST" or not api_path(path) then return end
+
+  local body = handle:body()
+  if body == nil or body:length() == 0 then
+    return reject(handle, 400, "the request body must be a JSON object", "invalid_request_error", "invalid_json")
+  end
+  local members, reason = parse_object(body:getBytes(0, body:length()))
+  if members == nil then
+    return reject(handle, 400, "could not parse the JSON body of your request: " .. reason,
+      "invalid_request_error", "invalid_json")
+  end
+  local model = members.model
+  if type(model) ~= "string" or model == "" then
+    return reject(handle, 400, "you must provide a model parameter", "invalid_request_error", "missing_model", "model")
+  end
+  for _, field in ipairs(FORBIDDEN_FIELDS) do
+    if members[field] ~= nil then
+      return reject(handle, 400, string.format("the field '%s' is not allowed", field),
+        "invalid_request_error", "forbidden_field", field)
+    end
+  end
+  if not (check_count(handle, members, "max_tokens", FLEET.max_tokens)
+      and check_count(handle, members, "max_completion_tokens", FLEET.max_tokens)
+      and check_count(handle, members, "n", FLEET.max_n)
+      and check_count(handle, members, "best_of", FLEET.max_n)) then
+    return
+  end
+  if not FLEET.models[model] then
+    return reject(handle, 404, string.format("The model '%s' does not exist", model),
+      "invalid_request_error", "model_not_found", "model")
+  end
+  headers:replace("x-fleet-model", model)
+  handle:clearRouteCache()
+end
