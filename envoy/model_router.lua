@@ -221,6 +221,7 @@ function envoy_on_request(handle)
     return reject(handle, 404, string.format("The model '%s' does not exist", model),
       "invalid_request_error", "model_not_found", "model")
   end
-  headers:replace("x-fleet-model", model)
+  -- body() suspended the filter; header handles from before it are no longer valid.
+  handle:headers():replace("x-fleet-model", model)
   handle:clearRouteCache()
 end

@@ -31,7 +31,10 @@ app.command("schema")(schema_cmd.schema)
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # In non-standalone mode click returns a `typer.Exit` code instead of exiting.
+        result = app(standalone_mode=False)
+        if isinstance(result, int) and result:
+            sys.exit(result)
     except ControllerError as exc:
         for line in exc.lines():
             print(f"error: {line}", file=sys.stderr)

@@ -149,15 +149,20 @@ def _best(
         return fitting[0][1]
     lines = []
     for cand in candidates:
-        refs = [gpus[k].ref for k in cand]
-        need = _footprint(model, est, refs)
-        free = ", ".join(
-            f"{gpus[k].ref.label} ({gpus[k].ref.name}, {gpus[k].ref.uuid}) has {gpus[k].free:.2f} GiB free of {gpus[k].usable:.2f} usable"
-            for k in cand
+        lines.append(
+            ", ".join(
+                f"{gpus[k].ref.label} ({gpus[k].ref.name}, {gpus[k].ref.uuid}) has {gpus[k].free:.2f} GiB free of "
+                f"{gpus[k].usable:.2f} usable"
+                for k in cand
+            )
         )
-        lines.append(free)
+    booked = _footprint(model, est, [gpus[k].ref for k in candidates[0]])
+    needed = f"needs {est.total_gib:.2f} GiB per GPU"
+    if abs(booked - est.total_gib) >= 0.005:
+        needed += f" ({booked:.2f} as booked by {model.backend})"
     return (
-        f"needs {_footprint(model, est, [gpus[k].ref for k in candidates[0]]):.2f} GiB per GPU (weights {est.weights_gib:.2f} + KV cache {est.kv_cache_gib:.2f} + overhead {est.overhead_gib:.2f}) and no GPU has room: "
+        f"{needed} (weights {est.weights_gib:.2f} + KV cache {est.kv_cache_gib:.2f} + overhead "
+        f"{est.overhead_gib:.2f}) and no GPU has room: "
         + "; ".join(lines)
         + "; lower context or parallel, quantize, or add a GPU"
     )

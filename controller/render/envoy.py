@@ -64,13 +64,14 @@ def bootstrap(plan: Plan, *, listen: str = "127.0.0.1") -> dict[str, Any]:
                 *(_worker_cluster(plan, w) for w in plan.workers),
             ],
         },
-        "layered_runtime": {
-            "layers": [
+        "overload_manager": {
+            "resource_monitors": [
                 {
-                    "name": "static",
-                    "static_layer": {
-                        # Bound downstream connections so a flood cannot exhaust memory.
-                        "overload.global_downstream_max_connections": 50000,
+                    # Bound downstream connections so a flood cannot exhaust memory.
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": 50000,
                     },
                 }
             ]
@@ -349,7 +350,7 @@ def local_replies() -> dict[str, Any]:
     cases = [
         (["UH", "NR"], 503, "no healthy upstream: every replica of this model is down", "no_healthy_upstream"),
         (["UO"], 503, "the model is at capacity (circuit breaker open); retry shortly", "overloaded"),
-        (["UF", "URX", "UC", "LR"], 502, "the model server failed before answering", "upstream_failure"),
+        (["UF", "URX", "UC", "LR"], 503, "the model server failed before answering; retry shortly", "upstream_failure"),
         (["UT", "SI"], 504, "the model server stopped sending data (stream idle timeout)", "upstream_timeout"),
         (["DPE"], 400, "malformed HTTP request", "bad_request"),
     ]

@@ -111,6 +111,9 @@ def _pydantic_problem(err: ErrorDetails, loc: Locations) -> Problem:
         message = message[len("Value error, ") :]
     if kind == "missing":
         return loc.problem(path, "required; add it")
+    if kind == "string_pattern_mismatch":
+        about = _description_at(Fleet, path) or f"must match {err.get('ctx', {}).get('pattern')}"
+        return loc.problem(path, f"{err['input']!r} is not valid: {about}")
     if kind not in ("value_error", "assertion_error") and "input" in err and _is_scalar(err["input"]):
         message = f"{message} (got {err['input']!r})"
     return loc.problem(path, message)
@@ -120,8 +123,35 @@ def _is_scalar(value: object) -> bool:
     return isinstance(value, (str, int, float, bool)) or value is None
 
 
+def _description_at(model: type[BaseModel], path: PathKey) -> str | None:
+    """The description of the field at ``path`` (from ``Field(description=…)``)."""
+    if not path or not isinstance(path[-1], str):
+        parent_path, name = path[:-1], None
+    else:
+        parent_path, name = path[:-1], path[-1]
+    parent = _unwrap(_annotation_at(model, parent_path))
+    if name is None or not (isinstance(parent, type) and issubclass(parent, BaseModel)):
+        return None
+    info = parent.model_fields.get(name)
+    if info is None:
+        return None
+    if info.description:
+        return info.description
+    for meta in typing.get_args(info.annotation) if typing.get_origin(info.annotation) is typing.Annotated else []:
+        if getattr(meta, "description", None):
+            return str(meta.description)
+    return None
+
+
 def _fields_at(model: type[BaseModel], path: PathKey) -> set[str]:
     """Field names of the model found by following ``path`` from ``model``."""
+    current = _unwrap(_annotation_at(model, path))
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return set(current.model_fields)
+    return set()
+
+
+def _annotation_at(model: type[BaseModel], path: PathKey) -> Any:
     current: Any = model
     for part in path:
         current = _unwrap(current)
@@ -134,11 +164,8 @@ def _fields_at(model: type[BaseModel], path: PathKey) -> set[str]:
         elif typing.get_origin(current) is dict:
             current = typing.get_args(current)[1]
         else:
-            return set()
-    current = _unwrap(current)
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return set(current.model_fields)
-    return set()
+            return None
+    return current
 
 
 def _unwrap(annotation: Any) -> Any:

