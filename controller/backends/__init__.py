@@ -9,6 +9,8 @@ not know backend details themselves.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from controller.plan.models import Estimate, GpuRef, Worker
@@ -32,6 +34,12 @@ class Backend(Protocol):
     def container_env(self, worker: Worker, model: Model) -> dict[str, str]: ...
 
     def healthcheck(self) -> list[str]: ...
+
+    def local_command(
+        self, worker: Worker, model: Model, spec_dir: Path, find: Callable[[str], str]
+    ) -> tuple[list[str], dict[str, str]]:
+        """argv and extra environment to run this worker as a local process (`controller up`)."""
+        ...
 
 
 def get(name: str) -> Backend:

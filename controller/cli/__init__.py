@@ -10,9 +10,15 @@ import sys
 
 import typer
 
+from controller.cli import down as down_cmd
+from controller.cli import keys as keys_cmd
+from controller.cli import logs as logs_cmd
 from controller.cli import plan as plan_cmd
+from controller.cli import process as process_cmd
 from controller.cli import render as render_cmd
 from controller.cli import schema as schema_cmd
+from controller.cli import status as status_cmd
+from controller.cli import up as up_cmd
 from controller.cli import validate as validate_cmd
 from controller.errors import ControllerError
 
@@ -27,6 +33,14 @@ app.command("validate")(validate_cmd.validate)
 app.command("plan")(plan_cmd.plan)
 app.command("render")(render_cmd.render)
 app.command("schema")(schema_cmd.schema)
+app.command("up")(up_cmd.up)
+app.command("down")(down_cmd.down)
+app.command("status")(status_cmd.status)
+app.command("restart")(process_cmd.restart)
+app.command("stop")(process_cmd.stop)
+app.command("start")(process_cmd.start)
+app.command("logs")(logs_cmd.logs)
+app.add_typer(keys_cmd.app, name="keys")
 
 
 def main() -> None:

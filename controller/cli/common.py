@@ -10,11 +10,24 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from controller.local.state import StateDir, default_state_dir
 from controller.plan import Plan, make_plan
 from controller.spec import LoadedSpec, load_spec
 
 SpecArg = Annotated[Path, typer.Argument(help="The fleet spec (fleet.yaml).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")]
+StateOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        help="Folder of the local stack's state (default: $FLEET_STATE_DIR or ~/.local/state/fleet).",
+        show_default=False,
+    ),
+]
+
+
+def state_dir(option: Path | None) -> StateDir:
+    return StateDir(option or default_state_dir())
 
 
 def load(path: Path) -> LoadedSpec:

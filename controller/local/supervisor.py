@@ -1,0 +1,345 @@
+"""The local supervisor: keeps a stack's processes running, one daemon per state folder.
+
+Started detached by `controller up`. It starts each process in its own
+session (so they outlive a crashed supervisor and can be re-adopted),
+restarts crashed ones with exponential backoff, health-checks them, writes
+the process table to `state.json`, and answers `status`, `restart`, `stop`,
+`start` and `down` on a Unix socket. A new supervisor adopts the processes a
+previous one left running when their PID, start time and command match the
+plan, so it never starts duplicates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from controller.local.processes import ProcessSpec, base_env, local_processes
+from controller.local.state import StateDir, is_same_process, start_time
+from controller.plan import make_plan
+from controller.spec import load_spec
+
+TICK_S = 0.2
+HEALTH_INTERVAL_S = 1.0
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 30.0  # a process up this long has its failure count reset
+UNHEALTHY_RESTART_S = 60.0  # alive but failing health checks this long after being healthy: restart
+STOP_GRACE_S = 10.0
+
+
+@dataclass
+class Managed:
+    spec: ProcessSpec
+    pid: int | None = None
+    started: int | None = None  # /proc start time: the PID's identity
+    popen: subprocess.Popen[bytes] | None = None
+    state: str = "pending"  # pending, starting, healthy, unhealthy, backoff, stopped
+    health: str = "unknown"
+    latency_ms: float | None = None
+    restarts: int = 0
+    failures: int = 0
+    last_exit: int | None = None
+    up_since: float | None = None  # wall time
+    next_start: float = 0.0  # monotonic
+    unhealthy_since: float | None = None
+    held: bool = False
+    adopted: bool = False
+    been_healthy: bool = False
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            code = self.popen.poll()
+            if code is not None:
+                self.last_exit = code
+                return False
+            return True
+        return is_same_process(self.pid, self.started)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "kind": self.spec.kind,
+            "pid": self.pid,
+            "started": self.started,
+            "fingerprint": self.spec.fingerprint,
+            "state": self.state,
+            "health": self.health,
+            "latency_ms": self.latency_ms,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "up_since": self.up_since,
+            "held": self.held,
+            "model": self.spec.model,
+            "gpus": self.spec.gpus,
+            "ports": self.spec.ports,
+        }
+
+
+class Supervisor:
+    def __init__(self, state: StateDir, specs: list[ProcessSpec], spec_path: Path) -> None:
+        self.state = state
+        self.spec_path = spec_path
+        self.procs = {s.name: Managed(s) for s in specs}
+        self.lock = threading.RLock()
+        self.stopping = threading.Event()
+        self.http = httpx.Client(timeout=1.0)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def run(self) -> None:
+        self.state.write_json(
+            self.state.supervisor,
+            {
+                "pid": os.getpid(),
+                "started": start_time(os.getpid()),
+                "spec": str(self.spec_path),
+                "since": time.time(),
+            },
+        )
+        self.adopt()
+        server = self.serve_control()
+        health = threading.Thread(target=self.health_loop, name="health", daemon=True)
+        health.start()
+        try:
+            while not self.stopping.is_set():
+                with self.lock:
+                    self.tick()
+                    self.write_table()
+                self.stopping.wait(TICK_S)
+        finally:
+            server.shutdown()
+            server.server_close()
+            with self.lock:
+                for proc in self.procs.values():
+                    self.kill(proc)
+                    proc.state = "stopped"
+                self.write_table()
+            self.state.socket.unlink(missing_ok=True)
+            self.state.supervisor.unlink(missing_ok=True)
+
+    def adopt(self) -> None:
+        """Take over processes a previous supervisor left running; stop stale ones."""
+        table = self.state.read_json(self.state.table) or {}
+        for name, row in (table.get("processes") or {}).items():
+            pid, started = row.get("pid"), row.get("started")
+            if not is_same_process(pid, started):
+                continue
+            proc = self.procs.get(name)
+            if proc is not None and row.get("fingerprint") == proc.spec.fingerprint:
+                proc.pid, proc.started, proc.adopted = pid, started, True
+                proc.restarts = int(row.get("restarts") or 0)
+                proc.up_since = row.get("up_since")
+                proc.state, proc.held = "starting", bool(row.get("held"))
+                log(f"adopted {name} (pid {pid})")
+            else:
+                log(f"stopping {name} (pid {pid}): no longer in the plan or changed")
+                self.kill(Managed(ProcessSpec(name, "worker", []), pid=pid, started=started))
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        for proc in self.procs.values():
+            if proc.held:
+                continue
+            if proc.pid is not None and not proc.alive():
+                self.exited(proc, now)
+            if proc.pid is None and now >= proc.next_start:
+                self.start(proc)
+            elif proc.pid is not None and proc.up_since and time.time() - proc.up_since > STABLE_AFTER_S:
+                proc.failures = 0
+            if (
+                proc.pid is not None
+                and proc.unhealthy_since is not None
+                and proc.been_healthy
+                and now - proc.unhealthy_since > UNHEALTHY_RESTART_S
+            ):
+                log(f"{proc.spec.name}: unhealthy for {UNHEALTHY_RESTART_S:.0f}s, restarting")
+                self.kill(proc)
+                self.exited(proc, now)
+
+    def start(self, proc: Managed) -> None:
+        spec = self.state.log(proc.spec.name)
+        spec.parent.mkdir(parents=True, exist_ok=True)
+        with spec.open("ab") as out:
+            out.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {proc.spec.name}\n".encode())
+            out.flush()
+            try:
+                proc.popen = subprocess.Popen(
+                    proc.spec.argv,
+                    env={**base_env(), **proc.spec.env},
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # own process group; outlives us for re-adoption
+                    close_fds=True,
+                )
+            except OSError as exc:
+                out.write(f"cannot start: {exc}\n".encode())
+                proc.failures += 1
+                proc.state = "backoff"
+                proc.next_start = time.monotonic() + backoff(proc.failures)
+                return
+        proc.pid = proc.popen.pid
+        proc.started = start_time(proc.pid)
+        proc.state, proc.health, proc.up_since = "starting", "unknown", time.time()
+        proc.unhealthy_since, proc.been_healthy = None, False
+
+    def exited(self, proc: Managed, now: float) -> None:
+        ran = time.time() - (proc.up_since or time.time())
+        proc.failures = 1 if ran > STABLE_AFTER_S else proc.failures + 1
+        delay = backoff(proc.failures)
+        log(f"{proc.spec.name} (pid {proc.pid}) exited with {proc.last_exit}; restarting in {delay:.1f}s")
+        proc.pid = proc.started = None
+        proc.popen = None
+        proc.state, proc.health, proc.up_since = "backoff", "down", None
+        proc.next_start = now + delay
+        proc.restarts += 1
+
+    def kill(self, proc: Managed) -> None:
+        """Stop a process and its group: SIGTERM, then SIGKILL after the grace period."""
+        if proc.pid is None or not proc.alive():
+            proc.pid = None
+            return
+        pid = proc.pid
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while time.monotonic() < deadline and proc.alive():
+            time.sleep(0.05)
+        if proc.alive():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            while proc.alive():
+                time.sleep(0.05)
+        proc.pid = proc.started = None
+        proc.popen = None
+
+    # -- health -------------------------------------------------------------------
+
+    def health_loop(self) -> None:
+        while not self.stopping.is_set():
+            with self.lock:
+                targets = [p for p in self.procs.values() if p.pid is not None and p.spec.health_url]
+            for proc in targets:
+                ok, latency = self.probe(str(proc.spec.health_url))
+                with self.lock:
+                    if proc.pid is None:
+                        continue
+                    proc.latency_ms = latency
+                    if ok:
+                        proc.health, proc.state, proc.unhealthy_since = "healthy", "healthy", None
+                        proc.been_healthy = True
+                    else:
+                        proc.health = "unhealthy"
+                        proc.state = "unhealthy" if proc.been_healthy else "starting"
+                        if proc.unhealthy_since is None:
+                            proc.unhealthy_since = time.monotonic()
+            self.stopping.wait(HEALTH_INTERVAL_S)
+
+    def probe(self, url: str) -> tuple[bool, float | None]:
+        began = time.monotonic()
+        try:
+            response = self.http.get(url)
+        except httpx.HTTPError:
+            return False, None
+        return response.status_code == 200, round((time.monotonic() - began) * 1000, 2)
+
+    # -- state and control --------------------------------------------------------
+
+    def write_table(self) -> None:
+        self.state.write_json(
+            self.state.table,
+            {
+                "supervisor": {"pid": os.getpid(), "updated": time.time(), "spec": str(self.spec_path)},
+                "processes": {name: p.row() for name, p in self.procs.items()},
+            },
+        )
+
+    def control(self, request: dict[str, Any]) -> dict[str, Any]:
+        action, target = request.get("action"), request.get("target")
+        if action == "down":
+            self.stopping.set()
+            return {"ok": True, "message": "stopping"}
+        if action == "status":
+            with self.lock:
+                return {"ok": True, "processes": {n: p.row() for n, p in self.procs.items()}}
+        with self.lock:
+            proc = self.procs.get(str(target))
+            if proc is None:
+                return {"ok": False, "message": f"no process {target!r}; known: {', '.join(sorted(self.procs))}"}
+            if action == "restart":
+                self.kill(proc)
+                proc.held, proc.failures, proc.next_start = False, 0, 0.0
+                proc.restarts += 1
+                self.start(proc)
+                return {"ok": True, "message": f"restarted {target} (pid {proc.pid})"}
+            if action == "stop":
+                self.kill(proc)
+                proc.held, proc.state, proc.health = True, "stopped", "down"
+                return {"ok": True, "message": f"stopped {target}; `controller start {target}` brings it back"}
+            if action == "start":
+                proc.held = False
+                if proc.pid is None:
+                    proc.next_start = 0.0
+                    self.start(proc)
+                return {"ok": True, "message": f"started {target} (pid {proc.pid})"}
+        return {"ok": False, "message": f"unknown action {action!r}"}
+
+    def serve_control(self) -> socketserver.ThreadingUnixStreamServer:
+        supervisor = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                try:
+                    request = json.loads(self.rfile.readline(65536) or b"{}")
+                    reply = supervisor.control(request if isinstance(request, dict) else {})
+                except (ValueError, OSError) as exc:
+                    reply = {"ok": False, "message": str(exc)}
+                self.wfile.write(json.dumps(reply).encode() + b"\n")
+
+        self.state.socket.unlink(missing_ok=True)
+        server = socketserver.ThreadingUnixStreamServer(str(self.state.socket), Handler)
+        server.daemon_threads = True
+        os.chmod(self.state.socket, 0o600)
+        threading.Thread(target=server.serve_forever, name="control", daemon=True).start()
+        return server
+
+
+def backoff(failures: int) -> float:
+    return float(min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** max(0, failures - 1)))
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fleet-supervisor")
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--spec", type=Path, required=True)
+    args = parser.parse_args(argv)
+    state = StateDir(args.state_dir)
+    plan = make_plan(load_spec(args.spec))
+    supervisor = Supervisor(state, local_processes(plan, args.spec, state), args.spec)
+    signal.signal(signal.SIGTERM, lambda *_: supervisor.stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: supervisor.stopping.set())
+    log(f"supervisor {os.getpid()} for {args.spec}")
+    supervisor.run()
+    log("supervisor stopped")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
