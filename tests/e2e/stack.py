@@ -1,0 +1,175 @@
+"""A running demo stack for end-to-end tests: real Caddy, gatekeeper, Envoy and llama.cpp on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import yaml
+
+from controller.local.demo import DemoPorts, write_demo
+from controller.local.state import StateDir
+from tests.stubs import free_port, free_port_run
+
+
+def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "controller", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@dataclass
+class Stack:
+    state: StateDir
+    spec: Path
+    base_url: str
+    ca: Path
+    key: str
+    ports: DemoPorts
+    _ssl: ssl.SSLContext | None = field(default=None, repr=False)
+    _clients: dict[str, openai.OpenAI] = field(default_factory=dict, repr=False)
+
+    @property
+    def root(self) -> str:
+        return self.base_url.removesuffix("/v1")
+
+    def ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context(cafile=str(self.ca))
+        return self._ssl
+
+    def http(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(verify=self.ssl_context(), timeout=30, **kwargs)
+
+    def openai(self, key: str | None = None) -> openai.OpenAI:
+        """An SDK client for this stack (one per key, closed when the stack stops)."""
+        key = key or self.key
+        if key not in self._clients:
+            self._clients[key] = openai.OpenAI(
+                base_url=self.base_url, api_key=key, http_client=self.http(), max_retries=0
+            )
+        return self._clients[key]
+
+    def close_clients(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return cli(*args, "--state-dir", str(self.state.root))
+
+    def status(self) -> dict[str, Any]:
+        result = self.ctl("status", "--json")
+        data: dict[str, Any] = json.loads(result.stdout)
+        return data
+
+    def processes(self) -> dict[str, Any]:
+        procs: dict[str, Any] = self.status()["processes"]
+        return procs
+
+    def workers(self, model: str | None = None) -> dict[str, Any]:
+        return {
+            n: p
+            for n, p in self.processes().items()
+            if p["kind"] == "worker" and (model is None or p["model"] == model)
+        }
+
+    def wait_healthy(self, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            procs = self.processes()
+            if (
+                all(p["state"] == "healthy" for p in procs.values())
+                and self.envoy_healthy_endpoints() == self.endpoint_count()
+            ):
+                return procs
+            time.sleep(0.2)
+        raise AssertionError(f"stack not healthy after {timeout}s: {self.processes()}")
+
+    def envoy_admin(self, path: str) -> str:
+        return httpx.get(f"http://127.0.0.1:{self.ports.envoy_admin}{path}", timeout=5).text
+
+    def endpoint_count(self) -> int:
+        # one endpoint per worker in its model's cluster, and one in its own /proxy cluster
+        return 2 * len(self.workers())
+
+    def envoy_healthy_endpoints(self) -> int:
+        return sum(1 for line in self.envoy_admin("/clusters").splitlines() if line.endswith("::health_flags::healthy"))
+
+    def worker_counter(self, name: str, metric: str = "llamacpp:prompt_tokens_total") -> float:
+        port = self.workers()[name]["ports"][0]
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        match = re.search(rf"^{re.escape(metric)} ([0-9.e+]+)$", text, re.M)
+        assert match, f"{metric} not in {name}'s metrics"
+        return float(match.group(1))
+
+    def our_processes(self) -> list[int]:
+        """PIDs on this machine whose command line names this stack's state folder."""
+        marker = str(self.state.root).encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if marker in (entry / "cmdline").read_bytes():
+                        found.append(int(entry.name))
+                except OSError:
+                    continue
+        return sorted(found)
+
+
+def start_stack(tmp: Path) -> Stack:
+    state = StateDir(tmp / "state")
+    ports = DemoPorts(
+        https=free_port(),
+        http=free_port(),
+        envoy=free_port(),
+        envoy_admin=free_port(),
+        gatekeeper=free_port(),
+        caddy_admin=free_port(),
+        workers=free_port_run(3),
+        agent=free_port(),
+    )
+    spec = write_demo(state, ports)
+    result = cli("up", str(spec), "--state-dir", str(state.root), "--json", "--wait", "120")
+    if result.returncode != 0:
+        logs = "\n".join(
+            f"== {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in sorted(state.logs.glob("*.log"))
+        )
+        cli("down", "--state-dir", str(state.root))
+        raise AssertionError(f"controller up failed ({result.returncode}): {result.stderr}\n{logs}")
+    info = json.loads(result.stdout)
+    key = json.loads(cli("keys", "create", "--user", "demo", "--state-dir", str(state.root), "--json").stdout)["key"]
+    stack = Stack(state, spec, info["base_url"], Path(info["ca_cert"]), key, ports)
+    stack.wait_healthy()
+    return stack
+
+
+def stop_stack(stack: Stack) -> None:
+    stack.close_clients()
+    result = stack.ctl("down")
+    assert result.returncode == 0, result.stderr
+    leftovers = stack.our_processes()
+    assert leftovers == [], f"processes left behind after down: {leftovers}"
+
+
+def spec_of(stack: Stack) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(stack.spec.read_text())
+    return data
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
