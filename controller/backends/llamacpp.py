@@ -42,6 +42,7 @@ class LlamaCpp:
         "np": "the spec's parallel",
         "n-gpu-layers": "all layers on the GPU",
         "ngl": "all layers on the GPU",
+        "threads-http": "sized for the gateway's connections",
         "cache-type-k": "the spec's kv_cache_dtype",
         "cache-type-v": "the spec's kv_cache_dtype",
         "alias": "the spec's name",
@@ -56,6 +57,9 @@ class LlamaCpp:
             "parallel": model.parallel,
             "n_gpu_layers": 999 if gpus else 0,
             "cache_type": KV_TYPES[model.kv_cache_dtype],
+            # HTTP threads: the gateway holds up to 2 connections per slot in each of its two
+            # clusters for this worker (model and /proxy); the rest serve health checks and metrics.
+            "http_threads": 4 * model.parallel + 4,
         }
 
     def image(self, fleet: Fleet, worker: Worker) -> str:
@@ -94,6 +98,8 @@ class LlamaCpp:
             s["cache_type"],
             "--cache-type-v",
             s["cache_type"],
+            "--threads-http",
+            str(s["http_threads"]),
             "--metrics",
             "--jinja",  # chat templates as Jinja, so tool/function-call fields work
             "--no-webui",  # the gateway serves only the API

@@ -33,6 +33,8 @@ MIB = 1024 * 1024
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 # Largest `n`/`best_of` a request may ask for: each one is a full generation.
 MAX_N = 8
+# Requests in flight per replica slot: one running, one waiting in the backend's own queue.
+CONNECTIONS_PER_SLOT = 2
 
 
 @renderer("envoy")
@@ -116,6 +118,7 @@ def listener(plan: Plan, listen: str) -> dict[str, Any]:
                             "request_timeout": "0s",  # off: streams may run long
                             "stream_idle_timeout": f"{gw.stream_idle_timeout_s}s",
                             "server_name": "fleet-gateway",
+                            "access_log": [access_log()],
                             "route_config": route_config(plan),
                             "local_reply_config": local_replies(),
                             "http_filters": [
@@ -277,18 +280,25 @@ def _upstream(cluster: str, retries: bool = True) -> dict[str, Any]:
 def _model_cluster(plan: Plan, model: str) -> dict[str, Any]:
     workers = plan.workers_of(model)
     spec = plan.model(model)
-    # Admit what the replicas can serve at once, with a queue of the same size behind it.
-    capacity = max(1, spec.parallel * len(workers))
-    return _cluster(model_cluster(model), workers, capacity)
+    return _cluster(model_cluster(model), workers, spec.parallel)
 
 
 def _worker_cluster(plan: Plan, worker: Worker) -> dict[str, Any]:
-    capacity = plan.model(worker.model).parallel
-    return _cluster(worker_cluster(worker.name), [worker], capacity)
+    return _cluster(worker_cluster(worker.name), [worker], plan.model(worker.model).parallel)
 
 
-def _cluster(name: str, workers: list[Worker], capacity: int) -> dict[str, Any]:
+def _cluster(name: str, workers: list[Worker], slots: int) -> dict[str, Any]:
+    """A health-checked cluster over ``workers``, each serving ``slots`` requests at once.
+
+    Circuit breakers: each replica gets at most CONNECTIONS_PER_SLOT × slots
+    connections (what its HTTP server is sized for, see the llama.cpp
+    adapter's http threads), and the cluster admits that many requests in
+    flight plus as many queued; beyond that Envoy answers 503 "overloaded" at
+    once instead of piling work onto the replicas. Overflow is not a host
+    failure, so it never ejects a host.
+    """
     backend = backends.get(workers[0].backend)
+    per_host = CONNECTIONS_PER_SLOT * slots
     endpoints = [{"endpoint": {"address": _socket(w.address, w.port)}} for w in workers]
     return {
         "name": name,
@@ -301,7 +311,9 @@ def _cluster(name: str, workers: list[Worker], capacity: int) -> dict[str, Any]:
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                 "explicit_http_config": {"http_protocol_options": {}},
-                "common_http_protocol_options": {"idle_timeout": "60s"},
+                # Below the backends' own keep-alive (llama.cpp and uvicorn close idle connections after
+                # 5 s), so Envoy never reuses a connection the worker is closing.
+                "common_http_protocol_options": {"idle_timeout": "4s"},
             }
         },
         "health_checks": [
@@ -321,12 +333,13 @@ def _cluster(name: str, workers: list[Worker], capacity: int) -> dict[str, Any]:
             "thresholds": [
                 {
                     "priority": "DEFAULT",
-                    "max_connections": capacity * 2,
-                    "max_pending_requests": capacity * 2,
-                    "max_requests": capacity * 2,
-                    "max_retries": max(3, capacity),
+                    "max_connections": per_host * len(workers),
+                    "max_pending_requests": per_host * len(workers),
+                    "max_requests": per_host * len(workers),
+                    "max_retries": max(3, per_host),
                 }
-            ]
+            ],
+            "per_host_thresholds": [{"priority": "DEFAULT", "max_connections": per_host}],
         },
         "outlier_detection": {
             # Local-origin failures (connect refused, reset) count apart from
@@ -342,6 +355,31 @@ def _cluster(name: str, workers: list[Worker], capacity: int) -> dict[str, Any]:
             "enforcing_consecutive_local_origin_failure": 100,
         },
         "ignore_health_on_host_removal": True,
+    }
+
+
+def access_log() -> dict[str, Any]:
+    """One line per request on stdout: who, which model, where it went, and Envoy's response flags."""
+    fields = {
+        "time": "%START_TIME%",
+        "method": "%REQ(:METHOD)%",
+        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        "status": "%RESPONSE_CODE%",
+        "flags": "%RESPONSE_FLAGS%",
+        "model": "%REQ(X-FLEET-MODEL)%",
+        "user": "%REQ(X-FLEET-USER)%",
+        "upstream": "%UPSTREAM_HOST%",
+        "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+        "ms": "%DURATION%",
+        "ttfb_ms": "%RESPONSE_DURATION%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+    }
+    return {
+        "name": "envoy.access_loggers.stdout",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+            "log_format": {"json_format": fields},
+        },
     }
 
 

@@ -55,8 +55,9 @@ class Stack:
         """An SDK client for this stack (one per key, closed when the stack stops)."""
         key = key or self.key
         if key not in self._clients:
+            http_client = openai.DefaultHttpxClient(verify=self.ssl_context(), timeout=30)
             self._clients[key] = openai.OpenAI(
-                base_url=self.base_url, api_key=key, http_client=self.http(), max_retries=0
+                base_url=self.base_url, api_key=key, http_client=http_client, max_retries=0
             )
         return self._clients[key]
 

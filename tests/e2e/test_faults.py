@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -11,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from tests.e2e.stack import Stack
 from tests.stubs import wait_until
@@ -32,7 +34,7 @@ def _chat(
 
 
 def test_replica_killed_under_load_no_client_errors(stack: Stack) -> None:
-    victim, survivor = sorted(stack.workers("tiny-chat").items())
+    victim, _survivor = sorted(stack.workers("tiny-chat").items())
     old_pid = victim[1]["pid"]
     errors: list[str] = []
     done = threading.Event()
@@ -105,25 +107,47 @@ def test_only_replica_down_is_fast_503(stack: Stack) -> None:
 
 
 def test_more_requests_than_the_circuit_breaker_allows(stack: Stack) -> None:
-    """tiny-chat: 2 replicas × 2 slots; the breaker admits twice that, the rest get a clear 503."""
+    """tiny-chat: 2 replicas × 2 slots; the breaker bounds what is admitted at once, the rest get a clear 503.
+
+    All requests are released at once by a barrier; each is a long stream that the client reads to its end.
+    """
     results: list[tuple[int, dict[str, Any] | None]] = []
+    started = threading.Barrier(24, timeout=60)
+    body = {
+        "model": "tiny-chat",
+        "messages": [{"role": "user", "content": "go"}],
+        "max_tokens": 3000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    auth = {"Authorization": f"Bearer {stack.key}"}
 
     def one(_: int) -> None:
         with stack.http() as client:
-            reply = _chat(client, stack, max_tokens=600)
-            results.append((reply.status_code, reply.json() if reply.status_code != 200 else None))
+            client.get(f"{stack.root}/")  # connect and handshake first, so the requests themselves race
+            started.wait()
+            with client.stream("POST", f"{stack.base_url}/chat/completions", json=body, headers=auth) as response:
+                data = response.read()  # admitted streams are read to their end
+                results.append((response.status_code, json.loads(data) if response.status_code != 200 else None))
 
     with ThreadPoolExecutor(max_workers=24) as pool:
         list(pool.map(one, range(24)))
     codes = sorted(code for code, _ in results)
     assert set(codes) <= {200, 503}, codes
     overloaded = [body for code, body in results if code == 503]
+    config = yaml.safe_load((stack.state.config / "envoy.yaml").read_text())
+    (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "model_tiny-chat"]
+    limits = cluster["circuit_breakers"]["thresholds"][0]
+    admitted = codes.count(200)
+    assert admitted <= limits["max_requests"] + limits["max_pending_requests"], (
+        f"the breaker admitted too many: {codes}"
+    )
     assert overloaded, f"the breaker never tripped: {codes}"
-    assert all(body and body["error"]["code"] == "overloaded" for body in overloaded), overloaded[:2]
+    assert {body and body["error"]["code"] for body in overloaded} == {"overloaded"}, overloaded
     assert codes.count(200) >= 4
     clusters = stack.envoy_admin("/clusters")
     assert "failed_outlier_check" not in clusters, "no host ejected for the breaker's refusals"
-    stack.wait_healthy(timeout=10)
+    stack.wait_healthy(timeout=30)
 
 
 def test_worker_killed_mid_stream_is_an_error_not_an_end(stack: Stack) -> None:
@@ -138,14 +162,18 @@ def test_worker_killed_mid_stream_is_an_error_not_an_end(stack: Stack) -> None:
         "ignore_eos": True,
         "stream": True,
     }
-    with stack.http() as client, pytest.raises(httpx.HTTPError):
-        with client.stream("POST", url, json=body, headers={"Authorization": f"Bearer {stack.key}"}) as response:
-            assert response.status_code == 200
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line)
-                    if len(events) == 5:
-                        os.kill(worker["pid"], signal.SIGKILL)
+    auth = {"Authorization": f"Bearer {stack.key}"}
+    with (
+        stack.http() as client,
+        pytest.raises(httpx.HTTPError),  # raised while reading the cut stream
+        client.stream("POST", url, json=body, headers=auth) as response,
+    ):
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line)
+                if len(events) == 5:
+                    os.kill(worker["pid"], signal.SIGKILL)
     assert len(events) >= 5
     assert "data: [DONE]" not in events, "a cut stream must not end normally"
     assert not any('"finish_reason":"' in e for e in events[5:]), "no fake finish"

@@ -64,7 +64,13 @@ def test_llamacpp_context_is_per_slot_times_slots(tmp_path: Path) -> None:
         }
     ]
     (worker,) = plan_of(tmp_path, data).workers
-    assert worker.settings == {"ctx_size": 12288, "parallel": 3, "n_gpu_layers": 999, "cache_type": "f16"}
+    assert worker.settings == {
+        "ctx_size": 12288,
+        "parallel": 3,
+        "n_gpu_layers": 999,
+        "cache_type": "f16",
+        "http_threads": 16,
+    }
 
 
 def test_replicas_spread_over_gpus_and_names_are_deterministic(tmp_path: Path) -> None:
