@@ -21,16 +21,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from controller.backends.client import WorkerClient
 from controller.local.processes import ProcessSpec, base_env, local_processes
 from controller.local.state import StateDir, is_same_process, start_time
-from controller.plan import make_plan
-from controller.spec import load_spec
+from controller.plan import Plan, make_plan
+from controller.spec import Model, load_spec
 
 TICK_S = 0.2
 HEALTH_INTERVAL_S = 1.0
@@ -59,6 +61,8 @@ class Managed:
     held: bool = False
     adopted: bool = False
     been_healthy: bool = False
+    prepared: bool = False  # the worker answers to its model's names (pulled, copied, checked)
+    preparing: bool = False
 
     def alive(self) -> bool:
         if self.popen is not None:
@@ -89,10 +93,18 @@ class Managed:
 
 
 class Supervisor:
-    def __init__(self, state: StateDir, specs: list[ProcessSpec], spec_path: Path) -> None:
+    def __init__(
+        self,
+        state: StateDir,
+        specs: list[ProcessSpec],
+        spec_path: Path,
+        preparers: dict[str, Callable[[], list[str]]] | None = None,
+    ) -> None:
         self.state = state
         self.spec_path = spec_path
         self.procs = {s.name: Managed(s) for s in specs}
+        # Run once a worker first answers its health check; it counts as healthy only after.
+        self.preparers = preparers or {}
         self.lock = threading.RLock()
         self.stopping = threading.Event()
         self.http = httpx.Client(timeout=1.0)
@@ -194,7 +206,7 @@ class Supervisor:
         proc.pid = proc.popen.pid
         proc.started = start_time(proc.pid)
         proc.state, proc.health, proc.up_since = "starting", "unknown", time.time()
-        proc.unhealthy_since, proc.been_healthy = None, False
+        proc.unhealthy_since, proc.been_healthy, proc.prepared = None, False, False
 
     def exited(self, proc: Managed, now: float) -> None:
         ran = time.time() - (proc.up_since or time.time())
@@ -238,7 +250,12 @@ class Supervisor:
                     if proc.pid is None:
                         continue
                     proc.latency_ms = latency
-                    if ok:
+                    if ok and not proc.prepared and proc.spec.name in self.preparers:
+                        proc.health = "healthy"
+                        if not proc.preparing:
+                            proc.preparing = True
+                            threading.Thread(target=self.prepare, args=(proc,), daemon=True).start()
+                    elif ok:
                         proc.health, proc.state, proc.unhealthy_since = "healthy", "healthy", None
                         proc.been_healthy = True
                     else:
@@ -247,6 +264,20 @@ class Supervisor:
                         if proc.unhealthy_since is None:
                             proc.unhealthy_since = time.monotonic()
             self.stopping.wait(HEALTH_INTERVAL_S)
+
+    def prepare(self, proc: Managed) -> None:
+        """Make a fresh worker answer to its model's names (e.g. Ollama pull and copy)."""
+        try:
+            for step in self.preparers[proc.spec.name]():
+                log(f"{proc.spec.name}: {step}")
+            with self.lock:
+                proc.prepared = True
+        except Exception as exc:  # logged and retried on the next health check; never fatal to the loop
+            log(f"{proc.spec.name}: preparing failed: {exc}")
+            time.sleep(2)
+        finally:
+            with self.lock:
+                proc.preparing = False
 
     def probe(self, url: str) -> tuple[bool, float | None]:
         began = time.monotonic()
@@ -317,6 +348,17 @@ class Supervisor:
         return server
 
 
+def preparers(plan: Plan) -> dict[str, Callable[[], list[str]]]:
+    def ensure(backend: str, url: str, model: Model) -> Callable[[], list[str]]:
+        def run() -> list[str]:
+            with WorkerClient(backend, url) as client:
+                return client.ensure_model(model)
+
+        return run
+
+    return {w.name: ensure(w.backend, f"http://{w.address}:{w.port}", plan.model(w.model)) for w in plan.workers}
+
+
 def backoff(failures: int) -> float:
     return float(min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** max(0, failures - 1)))
 
@@ -332,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     state = StateDir(args.state_dir)
     plan = make_plan(load_spec(args.spec))
-    supervisor = Supervisor(state, local_processes(plan, args.spec, state), args.spec)
+    supervisor = Supervisor(state, local_processes(plan, args.spec, state), args.spec, preparers(plan))
     signal.signal(signal.SIGTERM, lambda *_: supervisor.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: supervisor.stopping.set())
     log(f"supervisor {os.getpid()} for {args.spec}")

@@ -22,9 +22,14 @@ from controller.local.state import StateDir
 from tests.stubs import free_port, free_port_run
 
 
-def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "controller", *args], capture_output=True, text=True, timeout=timeout, check=False
+        [sys.executable, "-m", "controller", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -128,7 +133,8 @@ class Stack:
         return sorted(found)
 
 
-def start_stack(tmp: Path) -> Stack:
+def start_stack(tmp: Path, customize: Any = None, env: dict[str, str] | None = None) -> Stack:
+    """Bring up the demo fleet on free loopback ports; ``customize(spec_dict)`` may change it first."""
     state = StateDir(tmp / "state")
     ports = DemoPorts(
         https=free_port(),
@@ -141,7 +147,11 @@ def start_stack(tmp: Path) -> Stack:
         agent=free_port(),
     )
     spec = write_demo(state, ports)
-    result = cli("up", str(spec), "--state-dir", str(state.root), "--json", "--wait", "120")
+    if customize is not None:
+        data = yaml.safe_load(spec.read_text())
+        customize(data)
+        spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    result = cli("up", str(spec), "--state-dir", str(state.root), "--json", "--wait", "120", env=env)
     if result.returncode != 0:
         logs = "\n".join(
             f"== {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in sorted(state.logs.glob("*.log"))

@@ -1,0 +1,229 @@
+"""Backend adapters against the programs: command lines, health, model presence, load/unload, metrics.
+
+llama.cpp always runs for real. vLLM (needs a GPU) and Ollama (no
+installable binary here) run for real where installed, otherwise as the
+in-repo doubles in tests/doubles, which follow their documented CLIs and
+APIs; each test prints which one ran.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from controller.backends.client import WorkerClient
+from controller.errors import BackendError
+from controller.local.demo_model import write_demo_model
+from controller.local.processes import base_env, worker_process
+from controller.plan import Plan, make_plan
+from controller.spec import load_spec
+from tests.conftest import ROOT
+from tests.helpers import write_spec
+from tests.stubs import free_port, wait_until
+
+pytestmark = pytest.mark.contract
+GPUS = [{"uuid": f"GPU-00000000-0000-4000-8000-00000000000{i}", "name": "Test GPU", "vram_gib": 80} for i in (1, 2)]
+
+
+def program(name: str, bin_dir: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """The real program if installed, else a shim that runs the double; says which."""
+    real = shutil.which(name, path=os.environ.get("PATH", "").replace(str(bin_dir), ""))
+    if real and os.environ.get("FLEET_FORCE_DOUBLES") != "1":
+        with capsys.disabled():
+            print(f"\n[backends] {name}: the real program at {real}")
+        return "real"
+    shim = bin_dir / name
+    shim.write_text(f'#!/bin/sh\nPYTHONPATH="{ROOT}" exec "{sys.executable}" -m tests.doubles.{name} "$@"\n')
+    shim.chmod(0o755)
+    with capsys.disabled():
+        print(f"\n[backends] {name}: not installed; the double tests/doubles/{name}.py ({shim})")
+    return "double"
+
+
+def model_spec(backend: str, kind: str, tmp: Path) -> dict[str, Any]:
+    if backend == "vllm":
+        source = {"huggingface": os.environ.get("FLEET_VLLM_MODEL", "Qwen/Qwen2.5-0.5B-Instruct")}
+        return {
+            "name": "vl",
+            "aliases": ["vl-alias"],
+            "backend": "vllm",
+            "source": source,
+            "context": 2048,
+            "parallel": 2,
+            "gpus_per_replica": 2,
+            "options": {"enable-sleep-mode": True},
+            "arch": {"layers": 24, "kv_heads": 2, "head_dim": 64, "params_b": 0.5},
+        }
+    if backend == "ollama":
+        return {
+            "name": "ol",
+            "aliases": ["ol-alias"],
+            "backend": "ollama",
+            "source": {"ollama": "qwen2.5:0.5b"},
+            "context": 2048,
+            "parallel": 2,
+            "arch": {"layers": 24, "kv_heads": 2, "head_dim": 64, "params_b": 0.5},
+        }
+    write_demo_model(tmp / "tiny.gguf")
+    return {
+        "name": "lc",
+        "backend": "llamacpp",
+        "device": "cpu",
+        "source": {"gguf": "tiny.gguf"},
+        "context": 512,
+        "options": {"threads": 1},
+    }
+
+
+@pytest.fixture(params=["llamacpp", "vllm", "ollama"])
+def worker(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[tuple[Plan, WorkerClient, subprocess.Popen[bytes]]]:
+    backend: str = request.param
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if backend != "llamacpp":
+        kind = program(backend, bin_dir, capsys)
+        monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    else:
+        kind = "real"
+    data = {
+        "version": 1,
+        "name": "b",
+        "mesh": {"kind": "none"},
+        "hosts": [
+            {
+                "name": "h",
+                "address": "127.0.0.1",
+                "gpus": GPUS,
+                "cpu_workers": 1,
+                "worker_port_base": free_port(),
+                "agent_port": free_port(),
+            }
+        ],
+        "models": [model_spec(backend, kind, tmp_path)],
+        "gateway": {
+            "host": "h",
+            "public_name": "localhost",
+            "tls": {"mode": "internal"},
+            "ports": {
+                "https": free_port(),
+                "http": free_port(),
+                "envoy": free_port(),
+                "envoy_admin": free_port(),
+                "gatekeeper": free_port(),
+                "caddy_admin": free_port(),
+            },
+        },
+    }
+    spec = write_spec(tmp_path / "fleet.yaml", data)
+    plan = make_plan(load_spec(spec))
+    (w,) = plan.workers
+    proc_spec = worker_process(plan, w, spec.parent)
+    log = (tmp_path / "worker.log").open("wb")
+    proc = subprocess.Popen(
+        proc_spec.argv,
+        env={**base_env(), **proc_spec.env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    client = WorkerClient(backend, f"http://127.0.0.1:{w.port}")
+    try:
+        wait_until(lambda: proc.poll() is not None or client.healthy(), 60 if kind == "double" else 600, "healthy")
+        assert proc.poll() is None, (tmp_path / "worker.log").read_text()
+        yield plan, client, proc
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(20)
+        log.close()
+
+
+def test_worker_runs_from_the_planned_command_line(worker: tuple[Plan, WorkerClient, subprocess.Popen[bytes]]) -> None:
+    plan, client, _ = worker
+    (w,) = plan.workers
+    model = plan.model(w.model)
+    assert client.healthy()
+    client.ensure_model(model)
+    assert client.ensure_model(model) == [], "a second ensure does nothing"
+    served = client.served_models()
+    expected = model.served_names if w.backend != "llamacpp" else [model.name]
+    assert all(n in served or f"{n}:latest" in served for n in expected), served
+
+
+def test_chat_and_metrics(worker: tuple[Plan, WorkerClient, subprocess.Popen[bytes]]) -> None:
+    plan, client, _ = worker
+    (w,) = plan.workers
+    model = plan.model(w.model)
+    client.ensure_model(model)
+    before = client.metrics()
+    for name in model.served_names:
+        reply = httpx.post(
+            f"{client.base_url}/v1/chat/completions",
+            timeout=60,
+            json={"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] > 0
+    after = client.metrics()
+    if w.backend == "ollama":
+        assert after == {} and client.queue_depth() is None  # Ollama exports no metrics
+        return
+    assert {"running", "waiting", "prompt_tokens", "generation_tokens"} <= set(after)
+    assert after["prompt_tokens"] > before["prompt_tokens"]
+    assert client.queue_depth() == 0
+
+
+def test_load_and_unload(worker: tuple[Plan, WorkerClient, subprocess.Popen[bytes]]) -> None:
+    plan, client, _ = worker
+    (w,) = plan.workers
+    model = plan.model(w.model)
+    client.ensure_model(model)
+    if w.backend == "llamacpp":
+        with pytest.raises(BackendError, match="cannot load or unload"):
+            client.unload(model)
+        return
+    client.load(model)
+    assert client.loaded(model)
+    client.unload(model)
+    wait_until(lambda: not client.loaded(model), 30, "unloaded")
+    client.load(model)
+    assert client.loaded(model)
+
+
+def test_pinned_to_the_planned_gpus(worker: tuple[Plan, WorkerClient, subprocess.Popen[bytes]]) -> None:
+    plan, _, proc = worker
+    (w,) = plan.workers
+    environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+    expected = ",".join(g.uuid for g in w.gpus)
+    assert f"CUDA_VISIBLE_DEVICES={expected}".encode() in environ
+
+
+def test_bad_flag_fails_like_the_real_program(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A flag vLLM does not know makes `vllm serve` exit non-zero (argparse), real or double."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    kind = program("vllm", bin_dir, capsys)
+    exe = shutil.which("vllm") if kind == "real" else str(bin_dir / "vllm")
+    assert exe
+    started = time.monotonic()
+    result = subprocess.run(
+        [exe, "serve", "m", "--no-such-flag"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**base_env(), "CUDA_VISIBLE_DEVICES": "GPU-x"},
+        check=False,
+    )
+    assert result.returncode != 0 and "no-such-flag" in result.stderr
+    assert time.monotonic() - started < 300

@@ -1,0 +1,160 @@
+"""Shared parts of the backend doubles: a threaded HTTP server and OpenAI-shaped answers.
+
+The doubles stand in for programs that cannot run here (vLLM needs a GPU,
+Ollama has no installable binary). They follow the documented HTTP APIs and
+command lines of the real programs, and answer with fixed text: what is
+under test is our adapters and the gateway around them, not generation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
+from urllib.parse import parse_qs, urlparse
+
+Route = Callable[["Handler"], None]
+WORDS = ["double", "says", "hello", "from", "the", "test", "suite"]
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    routes: ClassVar[dict[tuple[str, str], Route]] = {}
+
+    def log_message(self, *args: object) -> None:
+        return
+
+    @property
+    def path_only(self) -> str:
+        return urlparse(self.path).path
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        return parse_qs(urlparse(self.path).query)
+
+    def body(self) -> Any:
+        length = int(self.headers.get("content-length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        return json.loads(raw) if raw else {}
+
+    def send_json(self, status: int, data: Any) -> None:
+        payload = json.dumps(data).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def send_text(self, status: int, text: str, content_type: str = "text/plain; charset=utf-8") -> None:
+        payload = text.encode()
+        self.send_response(status)
+        self.send_header("content-type", content_type)
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def send_stream(self, events: Iterator[str], content_type: str = "text/event-stream") -> None:
+        self.send_response(200)
+        self.send_header("content-type", content_type)
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for event in events:
+            data = event.encode()
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+
+    def dispatch(self, method: str) -> None:
+        route = self.routes.get((method, self.path_only))
+        if route is None:
+            self.send_json(404, {"detail": "Not Found"})
+            return
+        route(self)
+
+    def do_GET(self) -> None:
+        self.dispatch("GET")
+
+    def do_POST(self) -> None:
+        self.dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self.dispatch("DELETE")
+
+    def do_HEAD(self) -> None:
+        self.dispatch("HEAD")
+
+
+def serve(host: str, port: int, routes: dict[tuple[str, str], Route]) -> None:
+    handler = type("RoutedHandler", (Handler,), {"routes": routes})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    server.serve_forever()
+
+
+def completion_words(max_tokens: int | None) -> list[str]:
+    count = min(max_tokens or 16, 64)
+    return [WORDS[i % len(WORDS)] for i in range(count)]
+
+
+def chat_response(model: str, words: list[str], prompt_tokens: int, owner: str) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": " ".join(words)}, "finish_reason": "length"}
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(words),
+            "total_tokens": prompt_tokens + len(words),
+        },
+        "system_fingerprint": owner,
+    }
+
+
+def chat_stream(model: str, words: list[str], prompt_tokens: int, include_usage: bool) -> Iterator[str]:
+    ident = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    for i, word in enumerate(words):
+        delta = {"role": "assistant", "content": word} if i == 0 else {"content": " " + word}
+        chunk = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+        }
+        yield f"data: {json.dumps(chunk)}\n\n"
+    final = {
+        "id": ident,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}],
+    }
+    yield f"data: {json.dumps(final)}\n\n"
+    if include_usage:
+        usage = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(words),
+                "total_tokens": prompt_tokens + len(words),
+            },
+        }
+        yield f"data: {json.dumps(usage)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    text = json.dumps(body.get("messages") or body.get("prompt") or "")
+    return max(1, len(text) // 4)

