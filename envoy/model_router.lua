@@ -3,13 +3,20 @@
 -- Reads the JSON body of an inference request, checks it, and sets the
 -- x-fleet-model header that the route table matches on, then asks Envoy to
 -- pick the route again. No Python touches the body; responses are never
--- seen here (no envoy_on_response), so streams pass untouched.
+-- only scanned in passing for the usage numbers (never buffered), so streams
+-- flow as they come.
 --
 -- The renderer prepends a table of configuration:
---   FLEET.models           served name -> true
+--   FLEET.models           served name -> the model's canonical name
+--   FLEET.model_order      served names in the spec's order, for /v1/models
+--   FLEET.model_json       served name -> its /v1/models entry (JSON)
+--   FLEET.workers          worker name -> the canonical name of the model it serves
 --   FLEET.max_tokens       largest max_tokens / max_completion_tokens accepted
 --   FLEET.max_n            largest n / best_of accepted
 -- Everything below is static.
+--
+-- Identity comes from the gatekeeper through Caddy: X-Fleet-Models lists the
+-- served names the caller may use ("*" for all). Without it, nothing passes.
 
 local MAX_DEPTH = 64
 local INFERENCE = {
@@ -172,12 +179,41 @@ local function check_count(handle, members, field, limit)
   return true
 end
 
+-- The path's API route and, for /proxy/{worker}/v1/..., the worker.
 local function api_path(path)
   local bare = string.match(path, "^[^?]*")
-  if INFERENCE[bare] then return bare end
-  local rest = string.match(bare, "^/proxy/[%w%-]+(/v1/.*)$")
-  if rest and INFERENCE[rest] then return rest end
-  return nil
+  if INFERENCE[bare] then return bare, nil end
+  local worker, rest = string.match(bare, "^/proxy/([%w%-]+)(/v1/.*)$")
+  if rest and INFERENCE[rest] then return rest, worker end
+  return nil, nil
+end
+
+-- The models a request's identity may use, from the gatekeeper's X-Fleet-Models (via Caddy).
+local function allowed_set(value)
+  local set = {}
+  for name in string.gmatch(value, "[^,]+") do set[name] = true end
+  return set
+end
+
+local function may_use(allowed, name)
+  return allowed["*"] or allowed[name]
+end
+
+local function models_list(handle, allowed, path)
+  local one = string.match(path, "^/v1/models/(.+)$")
+  if one then
+    if not FLEET.models[one] or not may_use(allowed, one) then
+      return reject(handle, 404, string.format("The model '%s' does not exist", one),
+        "invalid_request_error", "model_not_found", "model")
+    end
+    return handle:respond({ [":status"] = "200", ["content-type"] = "application/json" }, FLEET.model_json[one])
+  end
+  local items = {}
+  for _, name in ipairs(FLEET.model_order) do
+    if may_use(allowed, name) then items[#items + 1] = FLEET.model_json[name] end
+  end
+  handle:respond({ [":status"] = "200", ["content-type"] = "application/json" },
+    '{"object":"list","data":[' .. table.concat(items, ",") .. "]}")
 end
 
 function envoy_on_request(handle)
@@ -189,14 +225,27 @@ function envoy_on_request(handle)
   end
   for _, name in ipairs(strip) do headers:remove(name) end
 
+  -- Fail closed: without the gatekeeper's answer (copied by Caddy) nobody gets anything.
+  local identity = headers:get("x-fleet-models")
+  if identity == nil then
+    return reject(handle, 401, "not authenticated", "invalid_request_error", "unauthenticated")
+  end
+  local allowed = allowed_set(identity)
+  local method = headers:get(":method")
   local path = headers:get(":path") or ""
-  if headers:get(":method") ~= "POST" or not api_path(path) then return end
+  local bare = string.match(path, "^[^?]*")
+  if method == "GET" and (bare == "/v1/models" or string.match(bare, "^/v1/models/")) then
+    return models_list(handle, allowed, bare)
+  end
+  local route, worker = api_path(path)
+  if method ~= "POST" or not route then return end
 
   local body = handle:body()
   if body == nil or body:length() == 0 then
     return reject(handle, 400, "the request body must be a JSON object", "invalid_request_error", "invalid_json")
   end
-  local members, reason = parse_object(body:getBytes(0, body:length()))
+  local raw = body:getBytes(0, body:length())
+  local members, reason = parse_object(raw)
   if members == nil then
     return reject(handle, 400, "could not parse the JSON body of your request: " .. reason,
       "invalid_request_error", "invalid_json")
@@ -217,11 +266,81 @@ function envoy_on_request(handle)
       and check_count(handle, members, "best_of", FLEET.max_n)) then
     return
   end
-  if not FLEET.models[model] then
+  local canonical = FLEET.models[model]
+  if not canonical or not may_use(allowed, model) and not may_use(allowed, canonical) then
+    -- A model the caller may not use is reported as missing when they cannot list it either.
+    if canonical and (may_use(allowed, canonical) or next(allowed) ~= nil) then
+      return reject(handle, 403, string.format("you are not allowed to use the model '%s'", model),
+        "invalid_request_error", "model_not_allowed", "model")
+    end
     return reject(handle, 404, string.format("The model '%s' does not exist", model),
       "invalid_request_error", "model_not_found", "model")
   end
+  if worker ~= nil and FLEET.workers[worker] ~= canonical then
+    return reject(handle, 400, string.format("worker '%s' does not serve the model '%s'", worker, model),
+      "invalid_request_error", "wrong_worker", "model")
+  end
+
+  local meta = handle:streamInfo():dynamicMetadata()
+  meta:set("fleet", "model", canonical)
+  -- Usage: ask the backend for it in a stream's last chunk when the client did not.
+  if members.stream == true and members.stream_options == nil then
+    local i = string.find(raw, "{", 1, true)
+    local patched = "{" .. '"stream_options":{"include_usage":true},' .. string.sub(raw, i + 1)
+    handle:body():setBytes(patched)
+    meta:set("fleet", "strip_usage", "1")
+  end
   -- body() suspended the filter; header handles from before it are no longer valid.
-  handle:headers():replace("x-fleet-model", model)
+  local after = handle:headers()
+  after:replace("x-fleet-model", model)
   handle:clearRouteCache()
+end
+
+-- Usage from the response as it passes, without buffering it: look for the
+-- backend's "usage" object in each chunk (with the tail of the previous one,
+-- in case it straddles two), and record the numbers for the access log.
+local TAIL = 512
+
+local function scan_usage(text)
+  local at = nil
+  local from = 1
+  while true do
+    local found = string.find(text, '"usage"%s*:%s*{', from)
+    if not found then break end
+    at, from = found, found + 1
+  end
+  if not at then return nil end
+  local usage = string.sub(text, at, at + 400)
+  local prompt = string.match(usage, '"prompt_tokens"%s*:%s*(%d+)')
+  local completion = string.match(usage, '"completion_tokens"%s*:%s*(%d+)')
+  if prompt == nil then return nil end
+  return prompt, completion or "0"
+end
+
+-- The usage-only event we asked for on the client's behalf, when it sits whole in one chunk.
+local function drop_injected_usage(text)
+  return (string.gsub(text, 'data: {[^\n]-"choices"%s*:%s*%[%s*%][^\n]-"usage"%s*:[^\n]*\n\n', ""))
+end
+
+function envoy_on_response(handle)
+  local meta = handle:streamInfo():dynamicMetadata():get("fleet")
+  if meta == nil or meta.model == nil then return end
+  local strip = meta.strip_usage == "1"
+  local tail = ""
+  local prompt, completion = nil, nil
+  for chunk in handle:bodyChunks() do
+    local text = chunk:getBytes(0, chunk:length())
+    local p, c = scan_usage(tail .. text)
+    if p then prompt, completion = p, c end
+    if strip and p and string.find(text, '"usage"', 1, true) then
+      local kept = drop_injected_usage(text)
+      if #kept ~= #text then chunk:setBytes(kept) end
+    end
+    tail = string.sub(text, -TAIL)
+  end
+  if prompt then
+    local out = handle:streamInfo():dynamicMetadata()
+    out:set("fleet", "prompt_tokens", prompt)
+    out:set("fleet", "completion_tokens", completion)
+  end
 end

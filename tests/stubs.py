@@ -86,6 +86,7 @@ class StubWorker:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length)
                 record = {
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
                     "worker": stub.name,
                     "path": self.path,
                     "headers": {k.lower(): v for k, v in self.headers.items()},
@@ -116,7 +117,16 @@ class StubWorker:
 def running_envoy(envoy: str, config: Path, admin_port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [envoy, "-c", str(config), "--disable-hot-restart", "--log-level", "warn"],
+            [
+                envoy,
+                "-c",
+                str(config),
+                "--disable-hot-restart",
+                "--log-level",
+                "warn",
+                "--file-flush-interval-msec",
+                "200",
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
         )

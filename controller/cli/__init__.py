@@ -19,6 +19,7 @@ from controller.cli import render as render_cmd
 from controller.cli import schema as schema_cmd
 from controller.cli import status as status_cmd
 from controller.cli import up as up_cmd
+from controller.cli import usage as usage_cmd
 from controller.cli import validate as validate_cmd
 from controller.errors import ControllerError
 
@@ -40,6 +41,7 @@ app.command("restart")(process_cmd.restart)
 app.command("stop")(process_cmd.stop)
 app.command("start")(process_cmd.start)
 app.command("logs")(logs_cmd.logs)
+app.command("usage")(usage_cmd.usage)
 app.add_typer(keys_cmd.app, name="keys")
 
 

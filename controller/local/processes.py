@@ -82,6 +82,8 @@ def local_processes(plan: Plan, spec_path: Path, state: StateDir) -> list[Proces
                 str(spec_path.resolve()),
                 "--state-dir",
                 str(state.gatekeeper),
+                "--usage-log",
+                str(state.usage_log),
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -101,6 +103,8 @@ def local_processes(plan: Plan, spec_path: Path, state: StateDir) -> list[Proces
                 "-c",
                 str(state.config / "envoy.yaml"),
                 "--disable-hot-restart",
+                "--file-flush-interval-msec",  # the usage log reaches the ledger within a second
+                "1000",
                 "--log-level",
                 "warn",
             ],

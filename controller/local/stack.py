@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from controller.atomic import write_file
 from controller.errors import ControllerError
 from controller.local.processes import ProcessSpec, local_processes
 from controller.local.state import StateDir, is_same_process, start_time
 from controller.plan import Plan, make_plan
-from controller.render import render_all
+from controller.render import caddy, envoy
 from controller.spec import load_spec
 
 
@@ -70,9 +72,7 @@ def up(spec_path: Path, state: StateDir, wait_s: float, progress: Callable[[dict
         )
     specs = local_processes(plan, spec_path, state)
     check_ports(specs, state)
-    files = render_all(plan, only=["envoy", "caddy"])
-    for rel, text in files.items():
-        write_file(state.config / Path(rel).name, text)
+    write_configs(plan, state)
     write_file(
         state.root / "stack.json",
         json.dumps(
@@ -89,6 +89,14 @@ def up(spec_path: Path, state: StateDir, wait_s: float, progress: Callable[[dict
     spawn_supervisor(spec_path, state)
     wait_healthy(state, wait_s, progress)
     return StackInfo(base_url(plan), state.ca_cert, spec_path, state.root, already_running=False)
+
+
+def write_configs(plan: Plan, state: StateDir) -> None:
+    """The gateway's Envoy and Caddy configs for this stack, with paths inside its state folder."""
+    (caddyfile,) = caddy.render(plan).values()
+    write_file(state.config / "Caddyfile", caddyfile)
+    config = envoy.bootstrap(plan, usage_log=str(state.usage_log))
+    write_file(state.config / "envoy.yaml", yaml.safe_dump(config, sort_keys=False, width=1000))
 
 
 def check_ports(specs: list[ProcessSpec], state: StateDir) -> None:

@@ -69,6 +69,11 @@ class StateDir:
         return self.root / "gatekeeper"
 
     @property
+    def usage_log(self) -> Path:
+        """Envoy's usage log, read by the gatekeeper into the ledger."""
+        return self.gatekeeper / "usage.log"
+
+    @property
     def models(self) -> Path:
         return self.root / "models"
 

@@ -130,8 +130,20 @@ def gateway_containers(plan: Plan) -> list[Container]:
             name="envoy",
             description=f"fleet {fleet.name}: Envoy, model routing and health-checked upstreams",
             image=fleet.images.envoy,
-            args=["-c", "/etc/envoy/envoy.yaml", "--drain-time-s", "60", "--drain-strategy", "immediate"],
-            volumes=[Volume(f"{CONFIG_DIR}/envoy/envoy.yaml", "/etc/envoy/envoy.yaml", read_only=True)],
+            args=[
+                "-c",
+                "/etc/envoy/envoy.yaml",
+                "--drain-time-s",
+                "60",
+                "--drain-strategy",
+                "immediate",
+                "--file-flush-interval-msec",
+                "1000",  # the usage log reaches the ledger within a second
+            ],
+            volumes=[
+                Volume(f"{CONFIG_DIR}/envoy/envoy.yaml", "/etc/envoy/envoy.yaml", read_only=True),
+                Volume("/var/log/fleet", "/var/log/fleet"),  # the usage log, read by the gatekeeper
+            ],
             health=Health(
                 cmd=["CMD", "bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{gw.ports.envoy_admin}"], start_period_s=10
             ),
@@ -144,21 +156,32 @@ def gateway_containers(plan: Plan) -> list[Container]:
             description=f"fleet {fleet.name}: gatekeeper, forward-auth decisions",
             image=fleet.images.gatekeeper,
             args=[
-                "gatekeeper",
+                "fleet-gatekeeper",
+                "--spec",
+                "/etc/fleet/fleet.yaml",
+                "--state-dir",
+                "/var/lib/fleet",
+                "--usage-log",
+                "/var/log/fleet/usage.log",
                 "--host",
                 "127.0.0.1",
                 "--port",
                 str(gw.ports.gatekeeper),
-                "--state-dir",
-                "/var/lib/fleet",
             ],
             volumes=[
                 Volume("fleet-gatekeeper-state", "/var/lib/fleet"),
+                Volume("/var/log/fleet", "/var/log/fleet", read_only=True),
                 Volume(f"{CONFIG_DIR}/fleet.yaml", "/etc/fleet/fleet.yaml", read_only=True),
             ],
             secrets=secrets,
             health=Health(
-                cmd=["CMD", "controller", "gatekeeper-health", "--port", str(gw.ports.gatekeeper)], start_period_s=10
+                cmd=[
+                    "CMD",
+                    "python3",
+                    "-c",
+                    f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{gw.ports.gatekeeper}/healthz', timeout=2)",
+                ],
+                start_period_s=10,
             ),
             host_network=True,
             labels={**labels, "io.fleet.service": "gatekeeper"},

@@ -33,6 +33,8 @@ MIB = 1024 * 1024
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 # Largest `n`/`best_of` a request may ask for: each one is a full generation.
 MAX_N = 8
+# Where Envoy writes the usage log on a gateway host (shared with the gatekeeper).
+USAGE_LOG = "/var/log/fleet/usage.log"
 # Requests in flight per replica slot: one running, one waiting in the backend's own queue.
 CONNECTIONS_PER_SLOT = 2
 
@@ -54,13 +56,13 @@ def worker_cluster(worker: str) -> str:
     return f"worker_{worker}"
 
 
-def bootstrap(plan: Plan, *, listen: str = "127.0.0.1") -> dict[str, Any]:
+def bootstrap(plan: Plan, *, listen: str = "127.0.0.1", usage_log: str = USAGE_LOG) -> dict[str, Any]:
     gw = plan.fleet.gateway
     return {
         "node": {"id": f"fleet-{plan.fleet.name}-gateway", "cluster": f"fleet-{plan.fleet.name}"},
         "admin": {"address": _socket("127.0.0.1", gw.ports.envoy_admin)},
         "static_resources": {
-            "listeners": [listener(plan, listen)],
+            "listeners": [listener(plan, listen, usage_log)],
             "clusters": [
                 *(_model_cluster(plan, m.name) for m in plan.fleet.models),
                 *(_worker_cluster(plan, w) for w in plan.workers),
@@ -81,7 +83,7 @@ def bootstrap(plan: Plan, *, listen: str = "127.0.0.1") -> dict[str, Any]:
     }
 
 
-def listener(plan: Plan, listen: str) -> dict[str, Any]:
+def listener(plan: Plan, listen: str, usage_log: str) -> dict[str, Any]:
     gw = plan.fleet.gateway
     body_limit = int(gw.max_body_mib * MIB)
     return {
@@ -118,7 +120,7 @@ def listener(plan: Plan, listen: str) -> dict[str, Any]:
                             "request_timeout": "0s",  # off: streams may run long
                             "stream_idle_timeout": f"{gw.stream_idle_timeout_s}s",
                             "server_name": "fleet-gateway",
-                            "access_log": [access_log()],
+                            "access_log": [access_log(), usage_log_config(usage_log)],
                             "route_config": route_config(plan),
                             "local_reply_config": local_replies(),
                             "http_filters": [
@@ -146,11 +148,19 @@ def listener(plan: Plan, listen: str) -> dict[str, Any]:
 
 
 def lua_source(plan: Plan) -> str:
-    names = sorted({n for m in plan.fleet.models for n in m.served_names})
-    table = ", ".join(f"[{_lua_string(n)}] = true" for n in names)
+    served = [(n, m.name) for m in plan.fleet.models for n in m.served_names]
+    models = ", ".join(f"[{_lua_string(n)}] = {_lua_string(c)}" for n, c in sorted(served))
+    order = ", ".join(_lua_string(n) for n, _ in served)
+    entries = ", ".join(
+        f"[{_lua_string(n)}] = {_lua_string(json.dumps(_model_object(n), separators=(',', ':')))}" for n, _ in served
+    )
+    workers = ", ".join(f"[{_lua_string(w.name)}] = {_lua_string(w.model)}" for w in plan.workers)
     config = (
         "FLEET = {\n"
-        f"  models = {{ {table} }},\n"
+        f"  models = {{ {models} }},\n"
+        f"  model_order = {{ {order} }},\n"
+        f"  model_json = {{ {entries} }},\n"
+        f"  workers = {{ {workers} }},\n"
         f"  max_tokens = {plan.fleet.gateway.max_request_tokens},\n"
         f"  max_n = {MAX_N},\n"
         "}\n"
@@ -159,21 +169,14 @@ def lua_source(plan: Plan) -> str:
 
 
 def _lua_string(text: str) -> str:
-    # Served names are restricted by the spec to [A-Za-z0-9._:/-]; escape defensively anyway.
-    return '"' + re.sub(r"[^A-Za-z0-9._:/ -]", lambda m: f"\\{ord(m.group(0)):03d}", text) + '"'
+    """A Lua string literal; every byte beyond plain characters as a decimal escape."""
+    plain = set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:/ -")
+    return '"' + "".join(chr(b) if b in plain else f"\\{b:03d}" for b in text.encode()) + '"'
 
 
 def route_config(plan: Plan) -> dict[str, Any]:
-    routes: list[dict[str, Any]] = [_models_list(plan)]
-    for model in plan.fleet.models:
-        for name in model.served_names:
-            routes.append(
-                _direct(
-                    {"path": f"/v1/models/{name}", "headers": [_method("GET")]},
-                    200,
-                    json.dumps(_model_object(name), separators=(",", ":")),
-                )
-            )
+    # GET /v1/models and /v1/models/{name} are answered by the Lua filter, per caller.
+    routes: list[dict[str, Any]] = []
     inference = "^(" + "|".join(re.escape(p) for p in INFERENCE_PATHS) + ")$"
     for model in plan.fleet.models:
         for name in model.served_names:
@@ -224,12 +227,6 @@ def route_config(plan: Plan) -> dict[str, Any]:
         # Identity and routing headers reach workers only as the gatekeeper and the Lua filter set them.
         "request_headers_to_remove": ["x-fleet-api-key"],
     }
-
-
-def _models_list(plan: Plan) -> dict[str, Any]:
-    data = [_model_object(n) for m in plan.fleet.models for n in m.served_names]
-    body = json.dumps({"object": "list", "data": data}, separators=(",", ":"))
-    return _direct({"path": "/v1/models", "headers": [_method("GET")]}, 200, body)
 
 
 def _model_object(name: str) -> dict[str, Any]:
@@ -373,11 +370,48 @@ def access_log() -> dict[str, Any]:
         "ms": "%DURATION%",
         "ttfb_ms": "%RESPONSE_DURATION%",
         "request_id": "%REQ(X-REQUEST-ID)%",
+        "prompt_tokens": "%DYNAMIC_METADATA(fleet:prompt_tokens)%",
+        "completion_tokens": "%DYNAMIC_METADATA(fleet:completion_tokens)%",
     }
     return {
         "name": "envoy.access_loggers.stdout",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+            "log_format": {"json_format": fields},
+        },
+    }
+
+
+def usage_log_config(path: str) -> dict[str, Any]:
+    """The usage ledger's source: one JSON line per inference request, in a file.
+
+    Envoy writes it whether or not the gatekeeper is up; the gatekeeper reads
+    it from a saved offset, so no accepted request's usage is lost to a
+    gatekeeper restart. The numbers are the backend's own `usage`, seen in
+    passing by the Lua filter.
+    """
+    fields = {
+        "time": "%START_TIME(%s.%3f)%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+        "user": "%REQ(X-FLEET-USER)%",
+        "key_id": "%REQ(X-FLEET-KEY-ID)%",
+        "model": "%DYNAMIC_METADATA(fleet:model)%",
+        "status": "%RESPONSE_CODE%",
+        "prompt_tokens": "%DYNAMIC_METADATA(fleet:prompt_tokens)%",
+        "completion_tokens": "%DYNAMIC_METADATA(fleet:completion_tokens)%",
+        "ms": "%DURATION%",
+    }
+    return {
+        "name": "envoy.access_loggers.file",
+        "filter": {
+            "metadata_filter": {
+                "matcher": {"filter": "fleet", "path": [{"key": "model"}], "value": {"present_match": True}},
+                "match_if_key_not_found": False,  # requests the Lua filter did not route are not usage
+            }
+        },
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": path,
             "log_format": {"json_format": fields},
         },
     }

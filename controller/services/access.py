@@ -15,6 +15,8 @@ class Identity:
     groups: tuple[str, ...]
     models: frozenset[str]  # served names (aliases included), or {"*"}
     key_id: str | None = None
+    rpm: int | None = None  # requests per minute; None: unlimited
+    daily_tokens: int | None = None  # prompt + completion tokens per UTC day; None: unlimited
 
     def may_use(self, model: str) -> bool:
         return ALL in self.models or model in self.models
@@ -52,7 +54,14 @@ class Access:
         allowed = self._expand(refs)
         if key_models is not None:
             allowed = self._intersect(allowed, self._expand(key_models))
-        return Identity(spec_user.name, tuple(spec_user.groups), frozenset(allowed), key_id)
+        groups = [self._groups[g] for g in spec_user.groups]
+        rpm = spec_user.rpm if spec_user.rpm is not None else _most_generous([g.rpm for g in groups])
+        daily = (
+            spec_user.daily_tokens
+            if spec_user.daily_tokens is not None
+            else _most_generous([g.daily_tokens for g in groups])
+        )
+        return Identity(spec_user.name, tuple(spec_user.groups), frozenset(allowed), key_id, rpm, daily)
 
     def _expand(self, refs: list[str]) -> set[str]:
         if ALL in refs:
@@ -70,3 +79,10 @@ class Access:
         if ALL in wanted:
             return allowed
         return allowed & wanted
+
+
+def _most_generous(limits: list[int | None]) -> int | None:
+    """A user in several groups gets the most generous limit; a group without one sets none."""
+    if not limits or any(limit is None for limit in limits):
+        return None
+    return max(limit for limit in limits if limit is not None)

