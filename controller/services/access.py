@@ -63,6 +63,28 @@ class Access:
         )
         return Identity(spec_user.name, tuple(spec_user.groups), frozenset(allowed), key_id, rpm, daily)
 
+    def identity_for_login(self, user: str, claimed_groups: list[str]) -> Identity:
+        """An SSO user: the spec's user of that name if any, plus the spec groups the provider says they are in."""
+        spec_user = self._users.get(user)
+        groups = [g for g in claimed_groups if g in self._groups]
+        refs: list[str] = []
+        rpm_limits: list[int | None] = []
+        daily_limits: list[int | None] = []
+        if spec_user is not None:
+            groups = sorted(set(groups) | set(spec_user.groups))
+            refs += spec_user.models
+        for name in groups:
+            refs += self._groups[name].models
+            rpm_limits.append(self._groups[name].rpm)
+            daily_limits.append(self._groups[name].daily_tokens)
+        rpm = spec_user.rpm if spec_user is not None and spec_user.rpm is not None else _most_generous(rpm_limits)
+        daily = (
+            spec_user.daily_tokens
+            if spec_user is not None and spec_user.daily_tokens is not None
+            else _most_generous(daily_limits)
+        )
+        return Identity(user, tuple(sorted(groups)), frozenset(self._expand(refs)), None, rpm, daily)
+
     def _expand(self, refs: list[str]) -> set[str]:
         if ALL in refs:
             return {ALL}

@@ -24,14 +24,19 @@ import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from controller.services.access import Access, Identity
 from controller.services.keystore import KeyStore
 from controller.services.ledger import Entry, Ledger, utc_day
 from controller.services.limits import RateLimiter
+from controller.services.oidc import LOGIN_TTL_S, SESSION_TTL_S, OidcError, OidcSettings, Provider, Sessions
 from controller.spec import load_spec
+from controller.spec.models import Fleet
+
+SESSION_COOKIE = "fleet_session"
+LOGIN_COOKIE = "fleet_login"
 
 # Bound the cache so a flood of distinct keys cannot grow memory without limit.
 CACHE_MAX = 100_000
@@ -114,6 +119,42 @@ class Gatekeeper:
         return spent
 
 
+def public_url(fleet: Fleet) -> str:
+    gw = fleet.gateway
+    return f"https://{gw.public_name}" + ("" if gw.ports.https == 443 else f":{gw.ports.https}")
+
+
+def oidc_settings(fleet: Fleet, spec_dir: Path) -> OidcSettings | None:
+    oidc = fleet.auth.oidc
+    if oidc is None:
+        return None
+    secret_path = spec_dir / oidc.client_secret_file
+    try:
+        secret = secret_path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SystemExit(
+            f"gatekeeper: cannot read auth.oidc.client_secret_file {secret_path}: {exc.strerror}"
+        ) from None
+    base = public_url(fleet)
+    return OidcSettings(
+        oidc.issuer,
+        oidc.client_id,
+        secret,
+        f"{base}/auth/callback",
+        f"{base}/",
+        oidc.scopes,
+        oidc.groups_claim,
+        oidc.audience,
+    )
+
+
+def safe_next(value: str | None) -> str:
+    """Only a path on this site: never an open redirect to somewhere else."""
+    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return "/"
+    return value
+
+
 def presented_key(request: Request) -> str | None:
     """The one credential in the request, or None when there is none or more than one."""
     auth = request.headers.getlist("authorization")
@@ -136,6 +177,9 @@ def seconds_to_utc_midnight(now: float) -> int:
 
 def create_app(spec_path: Path, state_dir: Path, usage_log: Path | None = None) -> FastAPI:
     fleet = load_spec(spec_path).fleet
+    settings = oidc_settings(fleet, spec_path.parent)
+    provider = Provider(settings) if settings else None
+    sessions = Sessions(state_dir / "sessions.db") if settings else None
     keys = KeyStore(state_dir / "keys.db")
     ledger = Ledger(state_dir / "usage.db")
     gate = Gatekeeper(Access(fleet), keys, ledger, cache_ttl_s=min(float(fleet.auth.revocation_delay_s), 5.0))
@@ -171,25 +215,105 @@ def create_app(spec_path: Path, state_dir: Path, usage_log: Path | None = None) 
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.api_route("/auth/check", methods=["GET", "POST", "HEAD"])
-    def check(request: Request) -> Response:
+    def cookie(response: Response, name: str, value: str, max_age: int, path: str = "/") -> None:
+        response.set_cookie(name, value, max_age=max_age, path=path, secure=True, httponly=True, samesite="lax")
+
+    @app.get("/auth/login")
+    def login(next: str | None = None) -> Response:
+        if provider is None or sessions is None:
+            return error(404, "single sign-on is not configured", "not_found")
+        browser, state, nonce, verifier = sessions.begin(safe_next(next))
+        try:
+            target = provider.authorization_url(state, nonce, verifier)
+        except OidcError as exc:
+            return error(503, str(exc), "sso_unavailable", "server_error")
+        response = RedirectResponse(target, status_code=302)
+        cookie(response, LOGIN_COOKIE, browser, LOGIN_TTL_S, path="/auth")
+        return response
+
+    @app.get("/auth/callback")
+    def callback(request: Request, code: str | None = None, state: str | None = None) -> Response:
+        if provider is None or sessions is None:
+            return error(404, "single sign-on is not configured", "not_found")
+        if not code or not state:
+            return error(401, "the sign-in was not completed", "sso_failed")
+        try:
+            nonce, verifier, next_path = sessions.finish(state, request.cookies.get(LOGIN_COOKIE))
+            who = provider.exchange(code, verifier, nonce)
+        except OidcError as exc:
+            metrics.decisions.labels("sso_refused").inc()
+            return error(401, str(exc), "sso_failed")
+        response = RedirectResponse(next_path, status_code=302)
+        cookie(response, SESSION_COOKIE, sessions.create(who), SESSION_TTL_S)
+        response.delete_cookie(LOGIN_COOKIE, path="/auth")
+        return response
+
+    @app.get("/auth/logout")
+    def logout(request: Request) -> Response:
+        if provider is None or sessions is None:
+            return error(404, "single sign-on is not configured", "not_found")
+        session = request.cookies.get(SESSION_COOKIE)
+        if session:
+            sessions.end(session)
+        try:
+            target = provider.end_session_url() or "/"
+        except OidcError:
+            target = "/"
+        response = RedirectResponse(target, status_code=302)
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    def identify(request: Request) -> Identity | Response:
+        """The caller, from an API key, a provider access token or a session cookie; else the refusal."""
         key = presented_key(request)
-        if key is None:
+        if key is not None and key.startswith("sk-"):
+            identity = gate.identify(key) if fleet.auth.api_keys else None
+            if identity is None:
+                metrics.decisions.labels("bad_key").inc()
+                return error(401, "Incorrect API key provided.", "invalid_api_key")
+            return identity
+        if key is not None and provider is not None:
+            try:
+                who = provider.verify_access_token(key)
+            except OidcError:
+                metrics.decisions.labels("bad_token").inc()
+                return error(401, "Invalid access token.", "invalid_token")
+            return gate.access.identity_for_login(who.user, who.groups)
+        if key is not None:
+            metrics.decisions.labels("bad_key").inc()
+            return error(401, "Incorrect API key provided.", "invalid_api_key")
+        session = request.cookies.get(SESSION_COOKIE)
+        found = sessions.get(session) if session and sessions is not None else None
+        if found is None:
             metrics.decisions.labels("no_key").inc()
             return error(
                 401,
                 "You didn't provide an API key, or provided more than one. Send one as 'Authorization: Bearer sk-…'.",
                 "missing_api_key",
             )
+        return gate.access.identity_for_login(found.user, found.groups)
+
+    @app.get("/auth/whoami")
+    def whoami(request: Request) -> Response:
         try:
-            identity = gate.identify(key) if fleet.auth.api_keys else None
-            spent = gate.tokens_today(identity.user) if identity and identity.daily_tokens is not None else 0
+            found = identify(request)
         except Exception:  # the stores failing must close the door, not open it
+            return error(503, "authentication is temporarily unavailable", "auth_unavailable", "server_error")
+        if isinstance(found, Response):
+            return found
+        return JSONResponse({"user": found.user, "groups": list(found.groups), "models": sorted(found.models)})
+
+    @app.api_route("/auth/check", methods=["GET", "POST", "HEAD"])
+    def check(request: Request) -> Response:
+        try:
+            found = identify(request)
+            if isinstance(found, Response):
+                return found
+            identity = found
+            spent = gate.tokens_today(identity.user) if identity.daily_tokens is not None else 0
+        except Exception:  # the stores or the provider failing must close the door, not open it
             metrics.decisions.labels("unavailable").inc()
             return error(503, "authentication is temporarily unavailable", "auth_unavailable", "server_error")
-        if identity is None:
-            metrics.decisions.labels("bad_key").inc()
-            return error(401, "Incorrect API key provided.", "invalid_api_key")
         if identity.daily_tokens is not None and spent >= identity.daily_tokens:
             metrics.decisions.labels("quota").inc()
             return error(
