@@ -25,7 +25,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from controller.services.access import Access, Identity
 from controller.services.keystore import KeyStore
@@ -70,6 +70,12 @@ class Metrics:
             "fleet_usage_requests",
             "Inference requests recorded in the ledger.",
             ["user", "model"],
+            registry=self.registry,
+        )
+        self.decision_seconds = Histogram(
+            "fleet_gatekeeper_decision_seconds",
+            "Time to decide one forward-auth request, inside the gatekeeper.",
+            buckets=(25e-6, 50e-6, 100e-6, 150e-6, 200e-6, 300e-6, 500e-6, 1e-3, 2e-3, 5e-3, 1e-2, 0.1, 1.0),
             registry=self.registry,
         )
         self.ingested = Gauge(
@@ -305,6 +311,13 @@ def create_app(spec_path: Path, state_dir: Path, usage_log: Path | None = None) 
 
     @app.api_route("/auth/check", methods=["GET", "POST", "HEAD"])
     def check(request: Request) -> Response:
+        began = time.perf_counter()
+        try:
+            return decide(request)
+        finally:
+            metrics.decision_seconds.observe(time.perf_counter() - began)
+
+    def decide(request: Request) -> Response:
         try:
             found = identify(request)
             if isinstance(found, Response):
