@@ -173,3 +173,58 @@ def test_slowloris_is_cut_at_the_header_timeout(stack: Stack) -> None:
 def test_everything_still_up(stack: Stack) -> None:
     procs = stack.wait_healthy(timeout=15)
     assert all(p["restarts"] == 0 for p in procs.values()), procs
+
+
+def test_http2_streams_per_connection_are_capped(stack: Stack) -> None:
+    """The front door advertises a bound on concurrent streams per HTTP/2 connection and serves within it."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    context = stack.ssl_context()
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", stack.ports.https), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as conn,
+    ):
+        assert conn.selected_alpn_protocol() == "h2"
+        h2conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+        h2conn.initiate_connection()
+        conn.sendall(h2conn.data_to_send())
+        limit = None
+        deadline = time.monotonic() + 5
+        while limit is None and time.monotonic() < deadline:
+            for event in h2conn.receive_data(conn.recv(65536)):
+                if isinstance(event, h2.events.RemoteSettingsChanged):
+                    changed = event.changed_settings.get(h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS)
+                    if changed is not None:
+                        limit = changed.new_value
+            conn.sendall(h2conn.data_to_send())
+        assert limit is not None and 1 <= limit <= 1000, f"advertised max concurrent streams: {limit}"
+        # Use the connection up to its cap: every stream is answered.
+        streams = []
+        for _ in range(min(limit, 50)):
+            sid = h2conn.get_next_available_stream_id()
+            h2conn.send_headers(
+                sid,
+                [
+                    (":method", "GET"),
+                    (":path", "/v1/models"),
+                    (":scheme", "https"),
+                    (":authority", "localhost"),
+                    ("authorization", f"Bearer {stack.key}"),
+                ],
+                end_stream=True,
+            )
+            streams.append(sid)
+        conn.sendall(h2conn.data_to_send())
+        statuses: dict[int, str] = {}
+        while len(statuses) < len(streams) and time.monotonic() < deadline + 20:
+            for event in h2conn.receive_data(conn.recv(65536)):
+                if isinstance(event, h2.events.ResponseReceived):
+                    statuses[event.stream_id] = dict(event.headers)[b":status"].decode()
+                elif isinstance(event, h2.events.DataReceived):
+                    h2conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            conn.sendall(h2conn.data_to_send())
+        assert sorted(set(statuses.values())) == ["200"] and len(statuses) == len(streams)
