@@ -1,4 +1,4 @@
-"""What a local stack runs: one process per worker, plus Envoy, Caddy and the gatekeeper.
+"""What a local stack runs: one process per worker, plus Envoy, Caddy, the gatekeeper and the host agent.
 
 Built from the same plan a fleet deploy uses. Workers are pinned with
 `CUDA_VISIBLE_DEVICES=<GPU UUID>` (an empty value for CPU workers hides every
@@ -23,7 +23,7 @@ from controller.errors import ControllerError
 from controller.local.state import StateDir
 from controller.plan.models import Plan, Worker
 
-Kind = Literal["worker", "gatekeeper", "envoy", "caddy"]
+Kind = Literal["worker", "gatekeeper", "envoy", "caddy", "agent"]
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,34 @@ def local_processes(plan: Plan, spec_path: Path, state: StateDir) -> list[Proces
             ports=[ports.https, ports.http, ports.caddy_admin],
         )
     )
+    out.append(agent_process(plan, spec_path, state))
     return out
+
+
+def agent_process(plan: Plan, spec_path: Path, state: StateDir) -> ProcessSpec:
+    """The host agent; it reads state.json to tell which GPU process belongs to which worker."""
+    host = plan.gateway_host  # a local stack has one host
+    return ProcessSpec(
+        name="agent",
+        kind="agent",
+        argv=[
+            sys.executable,
+            "-m",
+            "controller.services.agent",
+            "--spec",
+            str(spec_path.resolve()),
+            "--host-name",
+            host.name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(host.agent_port),
+            "--state-dir",
+            str(state.root),
+        ],
+        health_url=f"http://127.0.0.1:{host.agent_port}/healthz",
+        ports=[host.agent_port],
+    )
 
 
 def worker_process(plan: Plan, worker: Worker, spec_dir: Path) -> ProcessSpec:

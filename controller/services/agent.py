@@ -1,0 +1,622 @@
+"""The host agent: GPU telemetry from NVML, and which worker owns which GPU process.
+
+One agent runs on each GPU host (on a workstation, inside `controller up`).
+It knows the workers the plan puts on its host and answers:
+
+    GET /metrics   Prometheus: per GPU (UUID) utilization, memory, power, temperature,
+                   clocks, throttle reasons, ECC errors, process memory; per worker
+                   pinning state, health and health-check latency; NVML up or down
+    GET /status    the same facts as JSON, with reasons
+    GET /healthz   the agent itself answers
+
+Everything is collected when asked (a custom Prometheus collector, no
+background loop), within bounded time: NVML under a timeout, worker health
+checks in parallel with a short timeout. A fact the agent cannot establish
+is absent, never a made-up number.
+
+Which worker owns a GPU process: on a workstation, the local stack's process
+table (state.json) names each worker's PID, and a GPU process belongs to the
+worker whose process it is, descends from, or shares a session with; in
+containers, the PID's cgroup names the container (`fleet-<worker>`, or the
+Quadlet unit `fleet-<worker>.service`), resolved from a container id through
+the Docker Engine API that Docker and podman's compatible socket both serve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from controller import backends
+from controller.errors import ControllerError
+from controller.plan import make_plan
+from controller.plan.models import Worker
+from controller.services.nvml import GpuFacts, Nvml, NvmlReader, NvmlReading, Pynvml
+from controller.spec import load_spec
+from controller.spec.models import Host
+
+PINNING_STATES = ("ok", "wrong_gpu", "not_found")
+HEALTH_TIMEOUT_S = 1.0  # per worker; checks run in parallel, so a scrape waits about this long for all
+HEALTH_PARALLEL = 8
+SNAPSHOT_MAX_AGE_S = 1.0  # /metrics and /status within a second share one round of calls
+ANCESTRY_MAX = 64  # bound the walk up a process tree
+CONTAINER_ID = re.compile(r"(?<![0-9a-f])([0-9a-f]{64})(?![0-9a-f])")
+QUADLET_UNIT = re.compile(r"(?:^|/)fleet-([a-z0-9][a-z0-9-]*)\.service(?:/|$)")
+NAME_CACHE_MAX = 4096  # container ids remembered; bounded so churn cannot grow memory
+NAME_MISS_TTL_S = 30.0  # an id the engine does not know (not its container) is asked again after this
+
+
+# -- which worker owns a PID ------------------------------------------------------
+
+
+class ContainerNames(Protocol):
+    """Container id → container name, or None when unknown."""
+
+    def __call__(self, container_id: str, /) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    ppid: int
+    session: int
+    started: int
+
+
+class ProcFs:
+    """The few /proc facts the agent reads; ``root`` is a folder in tests."""
+
+    def __init__(self, root: Path = Path("/proc")) -> None:
+        self.root = root
+
+    def stat(self, pid: int) -> ProcStat | None:
+        try:
+            text = (self.root / str(pid) / "stat").read_text()
+        except OSError:
+            return None
+        # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+        fields = text[text.rfind(")") + 2 :].split()
+        try:
+            return ProcStat(ppid=int(fields[1]), session=int(fields[3]), started=int(fields[19]))
+        except (IndexError, ValueError):
+            return None
+
+    def cgroup(self, pid: int) -> str | None:
+        try:
+            return (self.root / str(pid) / "cgroup").read_text()
+        except OSError:
+            return None
+
+
+class EngineNames:
+    """Container names from the Docker Engine API over its Unix socket (Docker, or podman's compatible one)."""
+
+    def __init__(self, socket: Path | None = None, timeout_s: float = 1.0) -> None:
+        self.socket = socket
+        self.timeout_s = timeout_s
+        # id → (name or None, monotonic expiry): a name never changes for an id; a miss is asked again later
+        self._cache: dict[str, tuple[str | None, float]] = {}
+
+    def __call__(self, container_id: str, /) -> str | None:
+        now = time.monotonic()
+        hit = self._cache.get(container_id)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        name = self._ask(container_id)
+        if len(self._cache) >= NAME_CACHE_MAX:
+            self._cache.clear()
+        self._cache[container_id] = (name, float("inf") if name else now + NAME_MISS_TTL_S)
+        return name
+
+    def _ask(self, container_id: str) -> str | None:
+        socket_path = self.socket or engine_socket()
+        if socket_path is None:
+            return None
+        connection = UnixHTTPConnection(str(socket_path), self.timeout_s)
+        try:
+            connection.request("GET", f"/containers/{container_id}/json")
+            response = connection.getresponse()
+            if response.status != 200:
+                return None
+            return str(json.loads(response.read()).get("Name") or "").lstrip("/") or None
+        except (OSError, http.client.HTTPException, ValueError, AttributeError):
+            return None
+        finally:
+            connection.close()
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket, as the Docker Engine API is served."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def engine_socket() -> Path | None:
+    """The Docker Engine API socket: $DOCKER_HOST if it is unix://, else Docker's or podman's usual place."""
+    host = os.environ.get("DOCKER_HOST", "")
+    candidates = [Path(host.removeprefix("unix://"))] if host.startswith("unix://") else []
+    candidates += [Path("/var/run/docker.sock"), Path("/run/podman/podman.sock")]
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        candidates.append(Path(runtime) / "podman" / "podman.sock")
+    return next((p for p in candidates if p.is_socket()), None)
+
+
+class ProcessOwners:
+    """Maps GPU PIDs to the planned worker that owns them, or None when no worker does."""
+
+    def __init__(
+        self,
+        workers: Iterable[str],
+        state_dir: Path | None = None,
+        container_names: ContainerNames | None = None,
+        proc: ProcFs | None = None,
+    ) -> None:
+        self.workers = set(workers)
+        self.state_dir = state_dir
+        self.container_names = container_names
+        self.proc = proc or ProcFs()
+
+    def owners(self, pids: Iterable[int]) -> dict[int, str | None]:
+        roots = self.local_roots()
+        return {pid: self.local_owner(pid, roots) or self.container_owner(pid) for pid in pids}
+
+    def local_roots(self) -> dict[int, str]:
+        """Worker PIDs from the local stack's process table, kept only while that very process runs."""
+        if self.state_dir is None:
+            return {}
+        try:
+            table = json.loads((self.state_dir / "state.json").read_text(encoding="utf-8"))
+            rows = table.get("processes") or {}
+        except (OSError, ValueError, AttributeError):
+            return {}
+        if not isinstance(rows, dict):
+            return {}
+        roots: dict[int, str] = {}
+        for name, row in rows.items():
+            if name not in self.workers or not isinstance(row, dict) or row.get("kind") != "worker":
+                continue
+            pid = row.get("pid")
+            stat = self.proc.stat(pid) if isinstance(pid, int) else None
+            if isinstance(pid, int) and stat is not None and stat.started == row.get("started"):  # PIDs are reused
+                roots[pid] = name
+        return roots
+
+    def local_owner(self, pid: int, roots: dict[int, str]) -> str | None:
+        """The worker whose process this is, or whose descendant; the supervisor starts each in its own session."""
+        current = pid
+        for _ in range(ANCESTRY_MAX):
+            if current in roots:
+                return roots[current]
+            stat = self.proc.stat(current)
+            if stat is None:
+                return None
+            if stat.session in roots:
+                return roots[stat.session]
+            if stat.ppid <= 1:
+                return None
+            current = stat.ppid
+        return None
+
+    def container_owner(self, pid: int) -> str | None:
+        text = self.proc.cgroup(pid)
+        if not text:
+            return None
+        ids: list[str] = []
+        for line in text.splitlines():
+            path = line.split(":", 2)[-1]  # hierarchy-ID:controllers:path
+            unit = QUADLET_UNIT.search(path)
+            if unit and unit.group(1) in self.workers:
+                return unit.group(1)
+            found = CONTAINER_ID.findall(path)
+            if found and found[-1] not in ids:  # the innermost id; cgroup v1 repeats it once per controller
+                ids.append(found[-1])
+        names = self.container_names
+        if names is None:
+            return None
+        for container_id in ids:
+            name = names(container_id) or ""
+            if name.startswith("fleet-") and name.removeprefix("fleet-") in self.workers:
+                return name.removeprefix("fleet-")
+        return None
+
+
+# -- one round of facts -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Health:
+    url: str
+    up: bool
+    latency_seconds: float | None  # None when no HTTP answer came back
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Pinning:
+    state: str  # ok, wrong_gpu, not_found, or unknown (no metric: NVML could not tell)
+    reason: str
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    worker: Worker
+    pinning: Pinning
+    health: Health
+    processes: list[tuple[str, int, int | None]]  # (GPU UUID, PID, GPU memory bytes)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    host: str
+    taken: float
+    nvml: NvmlReading
+    owners: dict[int, str | None]
+    workers: list[WorkerView]
+    missing_gpus: list[str]  # planned UUIDs NVML does not show on this host
+
+
+def pinning(worker: Worker, found: list[tuple[str, int, int | None]], reading: NvmlReading) -> Pinning:
+    planned = sorted(g.uuid for g in worker.gpus)
+    wrong = sorted({uuid for uuid, _, _ in found if uuid not in planned})
+    if wrong:
+        return Pinning("wrong_gpu", f"processes on {', '.join(wrong)}; planned: {', '.join(planned) or 'no GPU'}")
+    if found:
+        return Pinning("ok", "processes on planned GPUs only")
+    if not planned:
+        if reading.complete:
+            return Pinning("ok", "no GPU planned and none used")
+        return Pinning("ok", f"no GPU planned (no GPU device given); GPU use not checked: {nvml_problem(reading)}")
+    if not reading.complete:
+        return Pinning("unknown", f"cannot tell: {nvml_problem(reading)}")
+    return Pinning("not_found", "no process of this worker on any GPU")
+
+
+def nvml_problem(reading: NvmlReading) -> str:
+    if not reading.up:
+        return f"NVML down ({reading.reason})"
+    unreadable = reading.errors + [
+        f"GPU {g.index} processes: {g.errors.get('processes', 'not supported')}"
+        for g in reading.gpus or []
+        if g.processes is None
+    ]
+    return "; ".join(unreadable) or "unknown"
+
+
+def health_url(worker: Worker) -> str:
+    host = f"[{worker.address}]" if ":" in worker.address else worker.address
+    return f"http://{host}:{worker.port}{backends.get(worker.backend).health_path}"
+
+
+def probe(http: httpx.Client, url: str) -> Health:
+    began = time.monotonic()
+    try:
+        response = http.get(url)
+    except httpx.HTTPError as exc:
+        return Health(url, False, None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+    latency = time.monotonic() - began
+    ok = response.status_code == 200
+    return Health(url, ok, latency, None if ok else f"HTTP {response.status_code}")
+
+
+class Agent:
+    def __init__(
+        self,
+        host: Host,
+        workers: list[Worker],
+        reader: NvmlReader,
+        owners: ProcessOwners,
+        max_age_s: float = SNAPSHOT_MAX_AGE_S,
+        health_timeout_s: float = HEALTH_TIMEOUT_S,
+    ) -> None:
+        self.host = host
+        self.workers = workers
+        self.reader = reader
+        self.owners = owners
+        self.max_age_s = max_age_s
+        self.http = httpx.Client(timeout=health_timeout_s, trust_env=False)  # mesh and loopback only: no proxies
+        self.pool = ThreadPoolExecutor(max_workers=HEALTH_PARALLEL, thread_name_prefix="health")
+        self._lock = threading.Lock()
+        self._last: Snapshot | None = None
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            if self._last is not None and time.monotonic() - self._last.taken <= self.max_age_s:
+                return self._last
+            self._last = self._collect()
+            return self._last
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.http.close()
+        self.reader.close()
+
+    def _collect(self) -> Snapshot:
+        checks = {w.name: self.pool.submit(probe, self.http, health_url(w)) for w in self.workers}
+        reading = self.reader.read()
+        gpus = reading.gpus or []
+        owners = self.owners.owners(p.pid for g in gpus for p in g.processes or [])
+        views = []
+        for worker in self.workers:
+            found = [
+                (g.uuid, p.pid, p.memory_bytes) for g in gpus for p in g.processes or [] if owners[p.pid] == worker.name
+            ]
+            views.append(WorkerView(worker, pinning(worker, found, reading), checks[worker.name].result(), found))
+        seen = {g.uuid for g in gpus}
+        missing = [g.uuid for g in self.host.gpus if g.uuid not in seen] if reading.up and not reading.errors else []
+        return Snapshot(self.host.name, time.monotonic(), reading, owners, views, missing)
+
+
+# -- Prometheus -------------------------------------------------------------------
+
+GPU_LABELS = ["host", "uuid", "index", "name"]
+GPU_GAUGES = [
+    ("fleet_gpu_utilization_ratio", "utilization_ratio", "Fraction of the last sample period a kernel ran (0..1)."),
+    ("fleet_gpu_memory_used_bytes", "memory_used_bytes", "GPU memory in use."),
+    ("fleet_gpu_memory_total_bytes", "memory_total_bytes", "GPU memory in all."),
+    ("fleet_gpu_power_watts", "power_watts", "Power drawn by the board."),
+    ("fleet_gpu_power_limit_watts", "power_limit_watts", "The power limit in force."),
+    ("fleet_gpu_temperature_celsius", "temperature_celsius", "GPU die temperature."),
+    ("fleet_gpu_sm_clock_hertz", "sm_clock_hertz", "Current SM clock."),
+    ("fleet_gpu_memory_clock_hertz", "memory_clock_hertz", "Current memory clock."),
+]
+
+
+def metric_families(snap: Snapshot) -> list[Metric]:
+    """Every metric of one snapshot; a family with no samples is left out."""
+    gpus = snap.nvml.gpus or []
+    out: list[Metric] = []
+    for metric, attr, doc in GPU_GAUGES:
+        family = GaugeMetricFamily(metric, doc, labels=GPU_LABELS)
+        for gpu in gpus:
+            value = getattr(gpu, attr)
+            if value is not None:
+                family.add_metric(gpu_labels(snap, gpu), float(value))
+        out.append(family)
+    throttle = GaugeMetricFamily(
+        "fleet_gpu_throttle_active",
+        "1 while clocks are held down for this reason (NVML clocks event reasons).",
+        labels=[*GPU_LABELS, "reason"],
+    )
+    ecc = CounterMetricFamily(
+        "fleet_gpu_ecc_errors",
+        "Volatile ECC memory errors since the driver loaded, where ECC is supported and on.",
+        labels=[*GPU_LABELS, "type"],
+    )
+    process_memory = GaugeMetricFamily(
+        "fleet_gpu_process_memory_bytes",
+        "GPU memory of one compute process; worker is empty when no worker owns it.",
+        labels=["uuid", "pid", "worker"],
+    )
+    unmanaged = GaugeMetricFamily(
+        "fleet_gpu_unmanaged_processes", "Compute processes on this GPU that no worker owns.", labels=GPU_LABELS
+    )
+    for gpu in gpus:
+        labels = gpu_labels(snap, gpu)
+        for reason, active in (gpu.throttle or {}).items():
+            throttle.add_metric([*labels, reason], float(active))
+        for kind, count in (gpu.ecc_errors or {}).items():
+            ecc.add_metric([*labels, kind], float(count))
+        if gpu.processes is None:
+            continue
+        for proc in gpu.processes:
+            if proc.memory_bytes is not None:
+                process_memory.add_metric([gpu.uuid, str(proc.pid), snap.owners.get(proc.pid) or ""], proc.memory_bytes)
+        unmanaged.add_metric(labels, float(sum(1 for p in gpu.processes if snap.owners.get(p.pid) is None)))
+    out += [throttle, ecc, process_memory, unmanaged, *worker_families(snap)]
+    nvml_up = GaugeMetricFamily("fleet_agent_nvml_up", "1 when NVML answers on this host.", labels=["host"])
+    nvml_up.add_metric([snap.host], float(snap.nvml.up))
+    out.append(nvml_up)
+    return [family for family in out if family.samples]
+
+
+def worker_families(snap: Snapshot) -> list[Metric]:
+    pin = GaugeMetricFamily(
+        "fleet_worker_pinning",
+        "1 for the worker's GPU pinning state (ok, wrong_gpu, not_found), 0 for the others.",
+        labels=["worker", "model", "state"],
+    )
+    up = GaugeMetricFamily(
+        "fleet_worker_up", "1 when the worker's health endpoint answers 200.", labels=["worker", "model"]
+    )
+    latency = GaugeMetricFamily(
+        "fleet_worker_health_latency_seconds", "Time the worker's health endpoint took to answer.", labels=["worker"]
+    )
+    for view in snap.workers:
+        name, model = view.worker.name, view.worker.model
+        if view.pinning.state in PINNING_STATES:
+            for state in PINNING_STATES:
+                pin.add_metric([name, model, state], float(state == view.pinning.state))
+        up.add_metric([name, model], float(view.health.up))
+        if view.health.latency_seconds is not None:
+            latency.add_metric([name], view.health.latency_seconds)
+    return [pin, up, latency]
+
+
+def gpu_labels(snap: Snapshot, gpu: GpuFacts) -> list[str]:
+    return [snap.host, gpu.uuid, str(gpu.index), gpu.name]
+
+
+class AgentCollector:
+    """Collects on scrape: one snapshot per scrape (shared with /status within SNAPSHOT_MAX_AGE_S)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterable[Metric]:
+        return metric_families(self.agent.snapshot())
+
+
+# -- JSON status ------------------------------------------------------------------
+
+
+def status(snap: Snapshot) -> dict[str, Any]:
+    gpus = snap.nvml.gpus or []
+    planned_on = {
+        g.uuid: [v.worker.name for v in snap.workers if g.uuid in {r.uuid for r in v.worker.gpus}] for g in gpus
+    }
+    return {
+        "host": snap.host,
+        "nvml": {"up": snap.nvml.up, "reason": snap.nvml.reason, "errors": snap.nvml.errors},
+        "gpus": [
+            {
+                "index": g.index,
+                "uuid": g.uuid,
+                "name": g.name,
+                "utilization_ratio": g.utilization_ratio,
+                "memory_used_bytes": g.memory_used_bytes,
+                "memory_total_bytes": g.memory_total_bytes,
+                "power_watts": g.power_watts,
+                "power_limit_watts": g.power_limit_watts,
+                "temperature_celsius": g.temperature_celsius,
+                "sm_clock_hertz": g.sm_clock_hertz,
+                "memory_clock_hertz": g.memory_clock_hertz,
+                "throttle": g.throttle,
+                "ecc_errors": g.ecc_errors,
+                "processes": None
+                if g.processes is None
+                else [
+                    {"pid": p.pid, "memory_bytes": p.memory_bytes, "worker": snap.owners.get(p.pid)}
+                    for p in g.processes
+                ],
+                "unmanaged_processes": None
+                if g.processes is None
+                else sum(1 for p in g.processes if snap.owners.get(p.pid) is None),
+                "planned_workers": planned_on.get(g.uuid, []),
+                "unsupported": sorted(set(g.unsupported)),
+                "errors": g.errors,
+            }
+            for g in gpus
+        ],
+        "missing_gpus": snap.missing_gpus,
+        "workers": [
+            {
+                "name": v.worker.name,
+                "model": v.worker.model,
+                "backend": v.worker.backend,
+                "gpus": [g.uuid for g in v.worker.gpus],
+                "pinning": v.pinning.state,
+                "pinning_reason": v.pinning.reason,
+                "processes": [{"uuid": u, "pid": pid, "memory_bytes": mem} for u, pid, mem in v.processes],
+                "health": {
+                    "url": v.health.url,
+                    "up": v.health.up,
+                    "latency_seconds": v.health.latency_seconds,
+                    "error": v.health.error,
+                },
+            }
+            for v in snap.workers
+        ],
+        "unmanaged": [
+            {"uuid": g.uuid, "index": g.index, "pid": p.pid, "memory_bytes": p.memory_bytes}
+            for g in gpus
+            for p in g.processes or []
+            if snap.owners.get(p.pid) is None
+        ],
+    }
+
+
+# -- the service ------------------------------------------------------------------
+
+
+def build_agent(
+    spec_path: Path,
+    host_name: str,
+    state_dir: Path | None = None,
+    nvml: Nvml | None = None,
+    container_names: ContainerNames | None = None,
+    **options: Any,
+) -> Agent:
+    plan = make_plan(load_spec(spec_path))
+    try:
+        host = plan.host(host_name)
+    except KeyError:
+        known = ", ".join(h.name for h in plan.fleet.hosts or [])
+        raise ControllerError(f"{spec_path}: no host {host_name!r}; hosts: {known}") from None
+    workers = plan.workers_on(host_name)
+    owners = ProcessOwners([w.name for w in workers], state_dir, container_names or EngineNames())
+    return Agent(host, workers, NvmlReader(nvml or Pynvml()), owners, **options)
+
+
+def create_app(agent: Agent) -> FastAPI:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AgentCollector(agent))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        agent.close()
+
+    app = FastAPI(title="fleet agent", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.agent = agent
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/status")
+    def get_status() -> dict[str, Any]:
+        return status(agent.snapshot())
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="fleet-agent", description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--spec", type=Path, required=True)
+    parser.add_argument("--host-name", required=True, help="this host's name in the spec")
+    parser.add_argument("--host", help="address to listen on (default: the host's address in the spec)")
+    parser.add_argument("--port", type=int, help="port to listen on (default: the host's agent_port)")
+    parser.add_argument("--state-dir", type=Path, help="a local stack's state folder: its state.json names worker PIDs")
+    parser.add_argument(
+        "--engine-socket", type=Path, help="Docker Engine API socket (default: $DOCKER_HOST, usual places)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        agent = build_agent(args.spec, args.host_name, args.state_dir, container_names=EngineNames(args.engine_socket))
+    except ControllerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code if exc.exit_code != 1 else 2)
+    address = args.host or str(agent.host.address)
+    port = args.port or agent.host.agent_port
+    uvicorn.run(create_app(agent), host=address, port=port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()
