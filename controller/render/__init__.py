@@ -20,7 +20,7 @@ Files = dict[str, str]
 Renderer = Callable[[Plan], Files]
 
 # Modules that define renderers; imported on first use so each registers itself.
-TARGETS = ("compose", "quadlet", "envoy", "caddy")
+TARGETS = ("compose", "quadlet", "envoy", "caddy", "prometheus", "alertmanager", "grafana")
 
 _REGISTRY: dict[str, Renderer] = {}
 

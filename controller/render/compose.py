@@ -52,6 +52,8 @@ def service(c: Container) -> dict[str, Any]:
         svc["devices"] = list(c.devices)
     if c.host_network:
         svc["network_mode"] = "host"
+    if c.host_pid:
+        svc["pid"] = "host"
     if c.ports:
         svc["ports"] = [f"{_ip(ip)}:{host_port}:{port}" for ip, host_port, port in c.ports]
     if c.volumes:

@@ -10,11 +10,22 @@ from dataclasses import dataclass, field
 
 from controller import backends
 from controller.backends.llamacpp import LlamaCpp
+from controller.errors import RenderError
 from controller.plan.models import Plan, Worker
 
 HF_TOKEN_SECRET = "fleet-hf-token"
 HF_TOKEN_TARGET = "/run/secrets/hf_token"
 CONFIG_DIR = "/etc/fleet"  # where deploy puts each host's rendered files
+
+# The gateway's monitoring services, on loopback only (reach Grafana through an
+# SSH tunnel). Not 9090: that is the gatekeeper's default port.
+PROMETHEUS_PORT = 9091
+ALERTMANAGER_PORT = 9093
+GRAFANA_PORT = 3000
+# Where the agent finds the container engine's API (Docker's or podman's
+# compatible one) to name the container behind a GPU process.
+ENGINE_SOCKET = "/run/podman/podman.sock"
+HOST_ENGINE_SOCKET = {"compose": "/var/run/docker.sock", "quadlet": "/run/podman/podman.sock"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,7 @@ class Container:
     health: Health | None = None
     shm_size: str | None = None
     host_network: bool = False
+    host_pid: bool = False  # sees the host's processes (the agent maps GPU PIDs to containers)
     labels: dict[str, str] = field(default_factory=dict)
     stop_timeout_s: int = 30
 
@@ -65,11 +77,71 @@ CACHE_VOLUMES = {"vllm": "fleet-hf-cache", "ollama": "fleet-ollama", "llamacpp":
 
 
 def host_containers(plan: Plan, host: str) -> list[Container]:
-    """Every container of ``host``: its workers, then the gateway's services if it is the gateway."""
+    """Every container of ``host``: its workers, its agent if it has GPUs, then the gateway's services."""
     out = [worker_container(plan, w) for w in plan.workers_on(host)]
+    if plan.host(host).gpus:
+        out.append(agent_container(plan, host))
     if host == plan.fleet.gateway.host:
         out += gateway_containers(plan)
     return out
+
+
+def agent_container(plan: Plan, host_name: str) -> Container:
+    """The host agent: NVML telemetry for every GPU of the host, and which worker owns which GPU process.
+
+    It sees all the host's GPUs (CDI names, like the workers), listens on the
+    mesh address only (host network, `--host`), and asks the container engine
+    which container a GPU process belongs to. The socket is mounted read-only,
+    which keeps the file from being replaced but does not make the engine's
+    API read-only: the agent only reads from it.
+    """
+    fleet = plan.fleet
+    host = plan.host(host_name)
+    address = str(host.address)
+    url_host = f"[{address}]" if ":" in address else address
+    return Container(
+        name="agent",
+        description=f"fleet {fleet.name}: host agent on {host.name}, GPU telemetry and pinning checks",
+        image=fleet.images.agent,
+        args=[
+            "fleet-agent",
+            "--spec",
+            "/etc/fleet/fleet.yaml",
+            "--host-name",
+            host.name,
+            "--host",
+            address,
+            "--port",
+            str(host.agent_port),
+            "--state-dir",
+            "/var/lib/fleet-agent",
+            "--engine-socket",
+            ENGINE_SOCKET,
+        ],
+        devices=[f"nvidia.com/gpu={g.uuid}" for g in host.gpus],
+        volumes=[
+            Volume("fleet-agent-state", "/var/lib/fleet-agent"),
+            Volume(f"{CONFIG_DIR}/fleet.yaml", "/etc/fleet/fleet.yaml", read_only=True),
+            Volume(HOST_ENGINE_SOCKET[host.runtime], ENGINE_SOCKET, read_only=True),
+        ],
+        health=Health(
+            cmd=[
+                "CMD",
+                "python3",
+                "-c",
+                f"import urllib.request; urllib.request.urlopen('http://{url_host}:{host.agent_port}/healthz', timeout=2)",
+            ],
+            start_period_s=30,
+        ),
+        host_network=True,
+        host_pid=True,  # NVML reports host PIDs; their /proc/<pid>/cgroup names the owning container
+        labels={
+            "io.fleet.fleet": fleet.name,
+            "io.fleet.role": "agent",
+            "io.fleet.service": "agent",
+            "io.fleet.gpus": ",".join(g.uuid for g in host.gpus),
+        },
+    )
 
 
 def worker_container(plan: Plan, worker: Worker) -> Container:
@@ -111,12 +183,16 @@ def worker_container(plan: Plan, worker: Worker) -> Container:
 
 
 def gateway_containers(plan: Plan) -> list[Container]:
-    """Envoy, Caddy and the gatekeeper on the gateway host.
+    """Envoy, Caddy and the gatekeeper on the gateway host, then its monitoring.
 
     They use the host's network: Caddy serves the public ports, Envoy and
     the gatekeeper listen on loopback only (see the rendered configs), and
     Envoy reaches workers over the mesh.
     """
+    return [*_edge_containers(plan), *monitoring_containers(plan)]
+
+
+def _edge_containers(plan: Plan) -> list[Container]:
     fleet = plan.fleet
     gw = fleet.gateway
     labels = {"io.fleet.fleet": fleet.name, "io.fleet.role": "gateway"}
@@ -201,5 +277,109 @@ def gateway_containers(plan: Plan) -> list[Container]:
             ),
             host_network=True,
             labels={**labels, "io.fleet.service": "caddy"},
+        ),
+    ]
+
+
+def check_monitoring_ports(plan: Plan) -> None:
+    """The monitoring services take fixed loopback ports on the gateway host; refuse a clash."""
+    gw = plan.fleet.gateway
+    host = plan.host(gw.host)
+    taken = {port: f"gateway.ports.{key}" for key, port in gw.ports.model_dump().items()}
+    taken[host.agent_port] = f"the agent port of host {host.name}"
+    taken.update({w.port: f"worker {w.name}" for w in plan.workers_on(host.name)})
+    for service, port in (
+        ("Prometheus", PROMETHEUS_PORT),
+        ("Alertmanager", ALERTMANAGER_PORT),
+        ("Grafana", GRAFANA_PORT),
+    ):
+        if port in taken:
+            raise RenderError(
+                f"gateway host {host.name}: {service} needs port {port}, which {taken[port]} takes; move that one"
+            )
+
+
+def monitoring_containers(plan: Plan) -> list[Container]:
+    """Prometheus, Alertmanager and Grafana on the gateway host, on loopback only.
+
+    Each mounts its rendered folder from /etc/fleet read-only (a folder, not a
+    file, so a re-rendered file shows through after an atomic rename) and keeps
+    its data in a named volume.
+    """
+    check_monitoring_ports(plan)
+    fleet = plan.fleet
+    labels = {"io.fleet.fleet": fleet.name, "io.fleet.role": "gateway"}
+    return [
+        Container(
+            name="prometheus",
+            description=f"fleet {fleet.name}: Prometheus, metrics and alert rules",
+            image=fleet.images.prometheus,
+            args=[
+                "--config.file=/etc/prometheus/prometheus.yml",
+                "--storage.tsdb.path=/prometheus",
+                "--storage.tsdb.retention.time=30d",
+                f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}",
+            ],
+            volumes=[
+                Volume(f"{CONFIG_DIR}/prometheus", "/etc/prometheus", read_only=True),
+                Volume("fleet-prometheus-data", "/prometheus"),
+            ],
+            health=Health(
+                cmd=["CMD", "wget", "-q", "-O", "/dev/null", f"http://127.0.0.1:{PROMETHEUS_PORT}/-/ready"],
+                start_period_s=30,
+            ),
+            host_network=True,
+            labels={**labels, "io.fleet.service": "prometheus"},
+        ),
+        Container(
+            name="alertmanager",
+            description=f"fleet {fleet.name}: Alertmanager, routes alerts to the on-call receivers",
+            image=fleet.images.alertmanager,
+            args=[
+                "--config.file=/etc/alertmanager/alertmanager.yml",
+                "--storage.path=/alertmanager",
+                f"--web.listen-address=127.0.0.1:{ALERTMANAGER_PORT}",
+                # One instance: no gossip port (it would listen on every interface).
+                "--cluster.listen-address=",
+            ],
+            volumes=[
+                Volume(f"{CONFIG_DIR}/alertmanager", "/etc/alertmanager", read_only=True),
+                Volume("fleet-alertmanager-data", "/alertmanager"),
+            ],
+            health=Health(
+                cmd=["CMD", "wget", "-q", "-O", "/dev/null", f"http://127.0.0.1:{ALERTMANAGER_PORT}/-/ready"],
+                start_period_s=30,
+            ),
+            host_network=True,
+            labels={**labels, "io.fleet.service": "alertmanager"},
+        ),
+        Container(
+            name="grafana",
+            description=f"fleet {fleet.name}: Grafana, the on-call dashboards",
+            image=fleet.images.grafana,
+            env={
+                "GF_ANALYTICS_CHECK_FOR_PLUGIN_UPDATES": "false",
+                "GF_ANALYTICS_CHECK_FOR_UPDATES": "false",
+                "GF_ANALYTICS_REPORTING_ENABLED": "false",
+                # Loopback only: whoever reaches it has a shell or a tunnel on the gateway host.
+                "GF_AUTH_ANONYMOUS_ENABLED": "true",
+                "GF_AUTH_ANONYMOUS_ORG_ROLE": "Viewer",
+                "GF_NEWS_NEWS_FEED_ENABLED": "false",
+                "GF_PATHS_PROVISIONING": "/etc/grafana/provisioning",
+                "GF_SERVER_HTTP_ADDR": "127.0.0.1",
+                "GF_SERVER_HTTP_PORT": str(GRAFANA_PORT),
+                "GF_USERS_ALLOW_SIGN_UP": "false",
+            },
+            volumes=[
+                Volume(f"{CONFIG_DIR}/grafana/provisioning", "/etc/grafana/provisioning", read_only=True),
+                Volume(f"{CONFIG_DIR}/grafana/dashboards", "/etc/grafana/dashboards", read_only=True),
+                Volume("fleet-grafana-data", "/var/lib/grafana"),
+            ],
+            health=Health(
+                cmd=["CMD", "wget", "-q", "-O", "/dev/null", f"http://127.0.0.1:{GRAFANA_PORT}/api/health"],
+                start_period_s=60,
+            ),
+            host_network=True,
+            labels={**labels, "io.fleet.service": "grafana"},
         ),
     ]

@@ -430,8 +430,23 @@ class Images(StrictModel):
     gatekeeper: str = "localhost/fleet-gatekeeper:0.1.0"
     envoy: str = "docker.io/envoyproxy/envoy:v1.40.0"
     caddy: str = "docker.io/library/caddy:2.11.0"
+    prometheus: str = "docker.io/prom/prometheus:v3.5.0"
+    alertmanager: str = "docker.io/prom/alertmanager:v0.28.1"
+    grafana: str = "docker.io/grafana/grafana:12.1.1"
 
-    @field_validator("vllm", "ollama", "llamacpp", "llamacpp_cpu", "agent", "gatekeeper", "envoy", "caddy")
+    @field_validator(
+        "vllm",
+        "ollama",
+        "llamacpp",
+        "llamacpp_cpu",
+        "agent",
+        "gatekeeper",
+        "envoy",
+        "caddy",
+        "prometheus",
+        "alertmanager",
+        "grafana",
+    )
     @classmethod
     def _pinned(cls, value: str) -> str:
         if not re.match(r"^[a-z0-9.-]+(:[0-9]+)?/[a-z0-9._/-]+(:[A-Za-z0-9._-]+|@sha256:[0-9a-f]{64})$", value):
