@@ -167,14 +167,15 @@ def worker_process(plan: Plan, worker: Worker, spec_dir: Path) -> ProcessSpec:
         kind="worker",
         argv=argv,
         env=env,
-        health_url=f"http://{_host(worker.address)}:{worker.port}{backend.health_path}",
+        health_url=f"http://{url_host(worker.address)}:{worker.port}{backend.health_path}",
         ports=[worker.port],
         model=worker.model,
         gpus=[g.uuid for g in worker.gpus],
     )
 
 
-def _host(address: str) -> str:
+def url_host(address: str) -> str:
+    """An address as it goes in a URL (IPv6 in brackets)."""
     return f"[{address}]" if ":" in address else address
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 from controller.backends.client import WorkerClient
-from controller.local.processes import ProcessSpec, base_env, local_processes
+from controller.local.processes import ProcessSpec, base_env, local_processes, url_host
 from controller.local.state import StateDir, is_same_process, start_time
 from controller.plan import Plan, make_plan
 from controller.spec import Model, load_spec
@@ -356,7 +356,9 @@ def preparers(plan: Plan) -> dict[str, Callable[[], list[str]]]:
 
         return run
 
-    return {w.name: ensure(w.backend, f"http://{w.address}:{w.port}", plan.model(w.model)) for w in plan.workers}
+    return {
+        w.name: ensure(w.backend, f"http://{url_host(w.address)}:{w.port}", plan.model(w.model)) for w in plan.workers
+    }
 
 
 def backoff(failures: int) -> float:
