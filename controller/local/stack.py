@@ -197,13 +197,17 @@ def down(state: StateDir, timeout: float = 60) -> list[str]:
     stopped: list[str] = []
     pid = supervisor_pid(state)
     if pid is not None:
+        started = start_time(pid)
         with contextlib.suppress(ControllerError):
             request(state, "down")
+        # Wait for the process itself, not its files: it removes them just before it exits.
         deadline = time.monotonic() + timeout
-        while supervisor_pid(state) is not None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if supervisor_pid(state) is not None:
+        while start_time(pid) == started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if start_time(pid) == started:
             os.kill(pid, signal.SIGKILL)
+            while start_time(pid) == started:
+                time.sleep(0.05)
         stopped.append(f"supervisor (pid {pid})")
     # Whatever the table still lists as alive (a supervisor killed with -9 leaves orphans): stop it.
     table = state.read_json(state.table) or {}

@@ -121,8 +121,12 @@ def recording() -> list[dict[str, Any]]:
         _record("fleet:model_replicas", _per_model("envoy_cluster_membership_total", fn="")),
         _record(f"fleet:model_requests:rate{w}", _per_model("envoy_cluster_upstream_rq_total")),
         _record(f"fleet:model_responses:rate{w}", _per_model("envoy_cluster_upstream_rq_xx")),
+        # Envoy creates a cluster's 5xx counter at its first 5xx: until then a model that
+        # answers has no error series, so its errors are 0 (not absent) and its ratio reads 0.
         _record(
-            f"fleet:model_errors:rate{w}", _per_model("envoy_cluster_upstream_rq_xx", ', envoy_response_code_class="5"')
+            f"fleet:model_errors:rate{w}",
+            _per_model("envoy_cluster_upstream_rq_xx", ', envoy_response_code_class="5"')
+            + f" or 0 * fleet:model_responses:rate{w}",
         ),
         _record(f"fleet:model_error_ratio:rate{w}", f"fleet:model_errors:rate{w} / fleet:model_responses:rate{w}"),
         _record(
@@ -343,16 +347,34 @@ def alerts(plan: Plan) -> list[Alert]:
             "The driver does not answer the agent: GPU telemetry is missing, often a driver problem.",
             for_="5m",
         ),
-        Alert(
+        certificate_alert(plan),
+    ]
+
+
+def certificate_alert(plan: Plan) -> Alert:
+    """The served certificate near expiry; the gatekeeper exports its expiry, read from the front door.
+
+    ACME and operator-provided certificates live for months, so the spec's
+    threshold in days applies. Caddy's internal CA issues certificates for
+    12 hours and renews them at two thirds of that, so there the alert means
+    "renewal is stuck": less than one hour left.
+    """
+    days = plan.fleet.observability.thresholds.cert_expiry_days
+    remaining = "(min without (job, instance) (fleet_tls_cert_expiry_timestamp_seconds) - time())"
+    if plan.fleet.gateway.tls.mode == "internal":
+        return Alert(
             "FleetTlsCertificateExpiring",
             "warning",
-            # Neither Caddy nor Envoy (no TLS here) exports certificate expiry, so this reads
-            # fleet_tls_cert_expiry_timestamp_seconds, which the gatekeeper or the agent
-            # exports from the served certificate; without it the alert stays silent.
-            "(min without (job, instance) (fleet_tls_cert_expiry_timestamp_seconds) - time()) / 86400 "
-            f"< {t.cert_expiry_days}",
-            f"the TLS certificate expires in less than {t.cert_expiry_days} days",
-            "Caddy renews ACME certificates 30 days ahead; a certificate this close to expiry was not renewed.",
+            f"{remaining} < 3600",
+            "the TLS certificate from Caddy's internal CA expires within the hour",
+            "Caddy renews internal certificates long before this; renewal is stuck (check Caddy's log and storage).",
             for_="10m",
-        ),
-    ]
+        )
+    return Alert(
+        "FleetTlsCertificateExpiring",
+        "warning",
+        f"{remaining} / 86400 < {days}",
+        f"the TLS certificate expires in less than {days} days",
+        "Caddy renews ACME certificates 30 days ahead; a certificate this close to expiry was not renewed.",
+        for_="10m",
+    )

@@ -596,6 +596,16 @@ def create_app(agent: Agent) -> FastAPI:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the agent on the host's address and agent port, reading the real NVML.
+
+    Test seam: when the environment variable ``FLEET_AGENT_NVML`` is set to
+    ``<module>:<callable>``, that callable (called with no arguments) returns
+    the `Nvml` implementation the agent reads instead of the real NVML, e.g.
+    ``FLEET_AGENT_NVML=tests.doubles.nvml:scenario_nvml`` on a machine
+    without a GPU. Unset (the normal case), the agent uses NVML through nvidia-ml-py.
+    """
+    import importlib
+
     import uvicorn
 
     parser = argparse.ArgumentParser(prog="fleet-agent", description=(__doc__ or "").split("\n\n")[0])
@@ -608,8 +618,21 @@ def main(argv: list[str] | None = None) -> None:
         "--engine-socket", type=Path, help="Docker Engine API socket (default: $DOCKER_HOST, usual places)"
     )
     args = parser.parse_args(argv)
+    nvml: Nvml | None = None
+    seam = os.environ.get("FLEET_AGENT_NVML")
+    if seam:
+        module, _, name = seam.partition(":")
+        try:
+            nvml = getattr(importlib.import_module(module), name)()
+        except Exception as exc:  # a wrong seam must say so and stop, never fall back to the real NVML
+            print(
+                f"error: FLEET_AGENT_NVML={seam!r} (<module>:<callable>): {type(exc).__name__}: {exc}", file=sys.stderr
+            )
+            sys.exit(2)
     try:
-        agent = build_agent(args.spec, args.host_name, args.state_dir, container_names=EngineNames(args.engine_socket))
+        agent = build_agent(
+            args.spec, args.host_name, args.state_dir, nvml=nvml, container_names=EngineNames(args.engine_socket)
+        )
     except ControllerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code if exc.exit_code != 1 else 2)

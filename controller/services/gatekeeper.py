@@ -19,13 +19,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import socket
+import ssl
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 from controller.services.access import Access, Identity
 from controller.services.keystore import KeyStore
@@ -86,6 +90,52 @@ class Metrics:
         self.tokens.labels(entry.user, entry.model, "prompt").inc(entry.prompt_tokens)
         self.tokens.labels(entry.user, entry.model, "completion").inc(entry.completion_tokens)
         self.requests.labels(entry.user, entry.model).inc()
+
+
+class CertificateExpiry:
+    """The served certificate's expiry, read from the front door itself (Caddy exports none).
+
+    Fetched at most once a minute, with a short timeout; when the front door
+    cannot be reached the series is absent rather than a made-up number.
+    """
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.name = fleet.gateway.public_name
+        self.port = fleet.gateway.ports.https
+        self.address = "127.0.0.1" if fleet.gateway.bind is None else str(fleet.gateway.bind)
+        self._cached: tuple[float, float | None] = (0.0, None)
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        checked, expiry = self._cached
+        if time.monotonic() - checked > 60:
+            expiry = self._fetch()
+            self._cached = (time.monotonic(), expiry)
+        family = GaugeMetricFamily(
+            "fleet_tls_cert_expiry_timestamp_seconds",
+            "When the certificate the gateway serves expires (unix time).",
+            labels=["domain"],
+        )
+        if expiry is not None:
+            family.add_metric([self.name], expiry)
+        yield family
+
+    def _fetch(self) -> float | None:
+        from cryptography import x509
+
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # we read the dates, we do not trust the certificate for anything
+        try:
+            with (
+                socket.create_connection((self.address, self.port), timeout=2) as raw,
+                context.wrap_socket(raw, server_hostname=self.name) as conn,
+            ):
+                der = conn.getpeercert(binary_form=True)
+        except OSError:
+            return None
+        if not der:
+            return None
+        return x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
 
 
 class Gatekeeper:
@@ -190,6 +240,7 @@ def create_app(spec_path: Path, state_dir: Path, usage_log: Path | None = None) 
     ledger = Ledger(state_dir / "usage.db")
     gate = Gatekeeper(Access(fleet), keys, ledger, cache_ttl_s=min(float(fleet.auth.revocation_delay_s), 5.0))
     metrics = Metrics()
+    metrics.registry.register(CertificateExpiry(fleet))
     app = FastAPI(title="fleet gatekeeper", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gate = gate
     stop = threading.Event()

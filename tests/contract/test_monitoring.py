@@ -309,6 +309,11 @@ def cases(plan: Plan) -> dict[str, Case]:
         labels = {**f.gatekeeper, "domain": plan.fleet.gateway.public_name}
         return [series("fleet_tls_cert_expiry_timestamp_seconds", labels, flat(2700 + days * 86400))]
 
+    # Caddy's internal CA issues 12-hour certificates: there the alert means less than an hour left.
+    internal = plan.fleet.gateway.tls.mode == "internal"
+    cert_firing = cert(0.5 / 24) if internal else cert(t.cert_expiry_days - 1)
+    cert_quiet = cert(2 / 24) if internal else cert(t.cert_expiry_days + 1)
+
     latency = "envoy_cluster_upstream_rq_time_bucket"
     ttft = "vllm:time_to_first_token_seconds_bucket"
     agent = f.agent(f.gpu.host)
@@ -376,11 +381,7 @@ def cases(plan: Plan) -> dict[str, Case]:
             [series("fleet_agent_nvml_up", agent, flat(0))],
             [series("fleet_agent_nvml_up", agent, flat(1))],
         ),
-        "FleetTlsCertificateExpiring": Case(
-            {"domain": plan.fleet.gateway.public_name},
-            cert(t.cert_expiry_days - 1),
-            cert(t.cert_expiry_days + 1),
-        ),
+        "FleetTlsCertificateExpiring": Case({"domain": plan.fleet.gateway.public_name}, cert_firing, cert_quiet),
     }
 
 

@@ -10,12 +10,24 @@ percent; clocks event (throttle) reasons are `nvmlClocksEventReason*`
 bitmasks; ECC queries are NVML_ERROR_NOT_SUPPORTED on a GPU without ECC;
 a GPU that fell off the bus answers NVML_ERROR_GPU_IS_LOST to everything.
 Tests change a `FakeGpu`'s fields between reads to script what NVML says.
+
+In another process (the agent inside a running stack), `scenario_nvml` is
+the agent's `FLEET_AGENT_NVML=tests.doubles.nvml:scenario_nvml` seam: it
+builds the double from the JSON scenario file named by `FLEET_NVML_SCENARIO`
+(written with `write_scenario`) and reads the file again whenever it changes,
+so a test changes GPU facts (throttle reasons, which PIDs run where) while
+the stack runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pynvml
 
@@ -168,3 +180,80 @@ class FakeNvml:
         if call in handle.unsupported:
             raise nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)
         return handle
+
+
+# -- a scenario file, for the agent of a running stack ---------------------------------
+
+SCENARIO_ENV = "FLEET_NVML_SCENARIO"
+
+
+def write_scenario(path: Path, gpus: list[FakeGpu]) -> None:
+    """Write the GPUs as a scenario file, atomically: a reader sees the old file or the new one, never half."""
+    rows = []
+    for gpu in gpus:
+        row = dataclasses.asdict(gpu)
+        row["unsupported"] = sorted(gpu.unsupported)
+        rows.append(row)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps({"gpus": rows}, indent=2), encoding="utf-8")
+    os.replace(partial, path)
+
+
+def read_scenario(path: Path) -> list[FakeGpu]:
+    """The GPUs of a scenario file: ``{"gpus": [{FakeGpu field: value, ...}, ...]}``, in index order."""
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    gpus = []
+    for row in doc["gpus"]:
+        fields: dict[str, Any] = dict(row)
+        if fields.get("ecc") is not None:
+            fields["ecc"] = tuple(fields["ecc"])
+        fields["processes"] = [(int(pid), used) for pid, used in fields.get("processes", [])]
+        fields["unsupported"] = set(fields.get("unsupported", []))
+        gpus.append(FakeGpu(**fields))
+    return gpus
+
+
+class ScenarioNvml(FakeNvml):
+    """A FakeNvml whose GPUs come from a scenario file, read again when the file changes.
+
+    The file is looked at when a round of reading begins (`init`, `device_count`), so one
+    round sees one scenario. A file that cannot be read keeps the last good scenario.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(read_scenario(path))
+        self.path = path
+        self._stamp = self._stat()
+
+    def init(self) -> None:
+        self._reload()
+        super().init()
+
+    def device_count(self) -> int:
+        self._reload()
+        return super().device_count()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _reload(self) -> None:
+        stamp = self._stat()
+        if stamp is None or stamp == self._stamp:
+            return
+        try:
+            self.gpus = read_scenario(self.path)
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # try again on the next round
+        self._stamp = stamp
+
+
+def scenario_nvml() -> ScenarioNvml:
+    """The agent's NVML seam (`FLEET_AGENT_NVML=tests.doubles.nvml:scenario_nvml`): GPUs from $FLEET_NVML_SCENARIO."""
+    path = os.environ.get(SCENARIO_ENV)
+    if not path:
+        raise RuntimeError(f"{SCENARIO_ENV} is not set: it names the JSON scenario file of the NVML double")
+    return ScenarioNvml(Path(path))

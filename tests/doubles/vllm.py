@@ -73,6 +73,22 @@ class State:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.requests = 0
+        self.first_token_s: list[float] = []  # per request, for vllm:time_to_first_token_seconds
+        self.e2e_s: list[float] = []  # per request, for vllm:e2e_request_latency_seconds
+
+
+# vLLM's own bucket bounds for these histograms (seconds).
+BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+
+
+def histogram(name: str, label: str, values: list[float]) -> list[str]:
+    lines = [f"# TYPE {name} histogram"]
+    for bound in BUCKETS:
+        lines.append(f'{name}_bucket{{{label},le="{bound}"}} {sum(1 for v in values if v <= bound)}')
+    lines.append(f'{name}_bucket{{{label},le="+Inf"}} {len(values)}')
+    lines.append(f"{name}_sum{{{label}}} {sum(values)}")
+    lines.append(f"{name}_count{{{label}}} {len(values)}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,12 +153,14 @@ def routes(state: State) -> dict[tuple[str, str], Any]:
                 },
             )
             return
+        began = time.monotonic()
         words = completion_words(body.get("max_tokens") or body.get("max_completion_tokens"))
         tokens = prompt_tokens(body)
         with state.lock:
             state.requests += 1
             state.prompt_tokens += tokens
             state.generation_tokens += len(words)
+        first = time.monotonic() - began
         if body.get("stream"):
             include = bool((body.get("stream_options") or {}).get("include_usage"))
             h.send_stream(chat_stream(body["model"], words, tokens, include))
@@ -152,6 +170,9 @@ def routes(state: State) -> dict[tuple[str, str], Any]:
                 reply["object"] = "text_completion"
                 reply["choices"] = [{"index": 0, "text": " ".join(words), "finish_reason": "length"}]
             h.send_json(200, reply)
+        with state.lock:
+            state.first_token_s.append(first)
+            state.e2e_s.append(time.monotonic() - began)
 
     def metrics(h: Handler) -> None:
         label = f'model_name="{state.names[0]}"'
@@ -168,6 +189,8 @@ def routes(state: State) -> dict[tuple[str, str], Any]:
             f"vllm:generation_tokens_total{{{label}}} {state.generation_tokens}",
             "# TYPE vllm:request_success_total counter",
             f'vllm:request_success_total{{finished_reason="length",{label}}} {state.requests}',
+            *histogram("vllm:time_to_first_token_seconds", label, state.first_token_s),
+            *histogram("vllm:e2e_request_latency_seconds", label, state.e2e_s),
         ]
         h.send_text(200, "\n".join(lines) + "\n", "text/plain; version=0.0.4")
 

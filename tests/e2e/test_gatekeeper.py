@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -219,9 +220,15 @@ def test_daily_quota(stack: Stack) -> None:
 
 
 def test_gatekeeper_metrics(stack: Stack) -> None:
-    text = httpx.get(f"http://127.0.0.1:{stack.ports.gatekeeper}/metrics", timeout=5).text
+    assert post(stack, "/chat/completions", CHAT, {"Authorization": f"Bearer {stack.key}"}).status_code == 200
+    url = f"http://127.0.0.1:{stack.ports.gatekeeper}/metrics"
+    wait_until(lambda: "fleet_tokens_total{" in httpx.get(url, timeout=5).text, 15, "usage counted")
+    text = httpx.get(url, timeout=5).text
     assert 'fleet_gatekeeper_decisions_total{result="allow"}' in text
     assert 'fleet_tokens_total{kind="completion",model="tiny-chat",user="demo"}' in text
+    # The certificate the front door serves (Caddy's internal CA issues short-lived ones).
+    expiry = re.search(r'^fleet_tls_cert_expiry_timestamp_seconds\{domain="localhost"\} ([0-9.e+]+)$', text, re.M)
+    assert expiry is not None and time.time() < float(expiry.group(1)) < time.time() + 400 * 86400
 
 
 def test_gatekeeper_hanging_or_stopped_fails_closed_fast(stack: Stack) -> None:
