@@ -45,6 +45,7 @@ def up(
                 "api_key": key,
                 "already_running": info.already_running,
                 "state_dir": str(state.root),
+                "prometheus_url": info.prometheus_url,
             }
         )
         return
@@ -53,6 +54,8 @@ def up(
         f"base URL:  {info.base_url}",
         f"CA cert:   {info.ca_cert}",
     ]
+    if info.prometheus_url:
+        lines.append(f"metrics:   {info.prometheus_url}  (Prometheus: GPU, model, gateway and usage series; alerts)")
     if key:
         lines += [
             f"API key:   {key}   (user {DEMO_USER}; shown once)",

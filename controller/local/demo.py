@@ -27,6 +27,9 @@ class DemoPorts:
     caddy_admin: int = 18003
     workers: int = 18100
     agent: int = 18400
+    prometheus: int = 18091
+    alertmanager: int = 18093
+    grafana: int = 18300
 
 
 def demo_fleet(ports: DemoPorts) -> dict[str, Any]:
@@ -80,6 +83,9 @@ def demo_fleet(ports: DemoPorts) -> dict[str, Any]:
                 "envoy_admin": ports.envoy_admin,
                 "gatekeeper": ports.gatekeeper,
                 "caddy_admin": ports.caddy_admin,
+                "prometheus": ports.prometheus,
+                "alertmanager": ports.alertmanager,
+                "grafana": ports.grafana,
             },
         },
         "auth": {"api_keys": True, "revocation_delay_s": 2},

@@ -23,7 +23,7 @@ from controller.errors import ControllerError
 from controller.local.state import StateDir
 from controller.plan.models import Plan, Worker
 
-Kind = Literal["worker", "gatekeeper", "envoy", "caddy", "agent"]
+Kind = Literal["worker", "gatekeeper", "envoy", "caddy", "agent", "prometheus", "alertmanager"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,56 @@ def local_processes(plan: Plan, spec_path: Path, state: StateDir) -> list[Proces
         )
     )
     out.append(agent_process(plan, spec_path, state))
+    out += monitoring_processes(plan, state)
+    return out
+
+
+def monitoring_processes(plan: Plan, state: StateDir) -> list[ProcessSpec]:
+    """Prometheus and Alertmanager with the rendered configs, when installed (Debian: prometheus,
+    prometheus-alertmanager); without them the stack runs, unmonitored."""
+    ports = plan.fleet.gateway.ports
+    out: list[ProcessSpec] = []
+    try:
+        prometheus = find_program("prometheus")
+    except ControllerError:
+        return out
+    out.append(
+        ProcessSpec(
+            name="prometheus",
+            kind="prometheus",
+            argv=[
+                prometheus,
+                f"--config.file={state.config / 'prometheus' / 'prometheus.yml'}",
+                f"--storage.tsdb.path={state.root / 'prometheus'}",
+                "--storage.tsdb.retention.time=7d",
+                f"--web.listen-address=127.0.0.1:{ports.prometheus}",
+            ],
+            health_url=f"http://127.0.0.1:{ports.prometheus}/-/ready",
+            ports=[ports.prometheus],
+        )
+    )
+    try:
+        alertmanager = find_program("prometheus-alertmanager")
+    except ControllerError:
+        try:
+            alertmanager = find_program("alertmanager")
+        except ControllerError:
+            return out
+    out.append(
+        ProcessSpec(
+            name="alertmanager",
+            kind="alertmanager",
+            argv=[
+                alertmanager,
+                f"--config.file={state.config / 'alertmanager' / 'alertmanager.yml'}",
+                f"--storage.path={state.root / 'alertmanager'}",
+                f"--web.listen-address=127.0.0.1:{ports.alertmanager}",
+                "--cluster.listen-address=",
+            ],
+            health_url=f"http://127.0.0.1:{ports.alertmanager}/-/ready",
+            ports=[ports.alertmanager],
+        )
+    )
     return out
 
 

@@ -23,7 +23,7 @@ from controller.errors import ControllerError
 from controller.local.processes import ProcessSpec, local_processes
 from controller.local.state import StateDir, is_same_process, start_time
 from controller.plan import Plan, make_plan
-from controller.render import caddy, envoy
+from controller.render import alertmanager, caddy, envoy, prometheus
 from controller.spec import load_spec
 
 
@@ -34,6 +34,7 @@ class StackInfo:
     spec: Path
     state_dir: Path
     already_running: bool
+    prometheus_url: str | None = None
 
 
 def spec_hash(path: Path) -> str:
@@ -65,7 +66,7 @@ def up(spec_path: Path, state: StateDir, wait_s: float, progress: Callable[[dict
     if pid is not None:
         if stack.get("spec") == str(spec_path) and stack.get("spec_hash") == spec_hash(spec_path):
             wait_healthy(state, wait_s, progress)
-            return StackInfo(base_url(plan), state.ca_cert, spec_path, state.root, already_running=True)
+            return StackInfo(base_url(plan), state.ca_cert, spec_path, state.root, True, prometheus_url(plan, state))
         raise ControllerError(
             f"a stack for {stack.get('spec')} is running in {state.root} (supervisor pid {pid}) and its spec "
             "differs; run `controller down` first or use another --state-dir"
@@ -88,7 +89,12 @@ def up(spec_path: Path, state: StateDir, wait_s: float, progress: Callable[[dict
     )
     spawn_supervisor(spec_path, state)
     wait_healthy(state, wait_s, progress)
-    return StackInfo(base_url(plan), state.ca_cert, spec_path, state.root, already_running=False)
+    return StackInfo(base_url(plan), state.ca_cert, spec_path, state.root, False, prometheus_url(plan, state))
+
+
+def prometheus_url(plan: Plan, state: StateDir) -> str | None:
+    table = (state.read_json(state.table) or {}).get("processes") or {}
+    return f"http://127.0.0.1:{plan.fleet.gateway.ports.prometheus}" if "prometheus" in table else None
 
 
 def write_configs(plan: Plan, state: StateDir) -> None:
@@ -97,6 +103,10 @@ def write_configs(plan: Plan, state: StateDir) -> None:
     write_file(state.config / "Caddyfile", caddyfile)
     config = envoy.bootstrap(plan, usage_log=str(state.usage_log))
     write_file(state.config / "envoy.yaml", yaml.safe_dump(config, sort_keys=False, width=1000))
+    # Prometheus (rules beside its config) and Alertmanager, as rendered for the gateway host.
+    for rel, text in {**prometheus.render(plan), **alertmanager.render(plan)}.items():
+        if rel.endswith(".yml"):
+            write_file(state.config / Path(rel).parent.name / Path(rel).name, text)
 
 
 def check_ports(specs: list[ProcessSpec], state: StateDir) -> None:

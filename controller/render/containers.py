@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 from controller import backends
 from controller.backends.llamacpp import LlamaCpp
-from controller.errors import RenderError
 from controller.plan.models import Plan, Worker
 
 HF_TOKEN_SECRET = "fleet-hf-token"
@@ -19,9 +18,6 @@ CONFIG_DIR = "/etc/fleet"  # where deploy puts each host's rendered files
 
 # The gateway's monitoring services, on loopback only (reach Grafana through an
 # SSH tunnel). Not 9090: that is the gatekeeper's default port.
-PROMETHEUS_PORT = 9091
-ALERTMANAGER_PORT = 9093
-GRAFANA_PORT = 3000
 # Where the agent finds the container engine's API (Docker's or podman's
 # compatible one) to name the container behind a GPU process.
 ENGINE_SOCKET = "/run/podman/podman.sock"
@@ -77,9 +73,9 @@ CACHE_VOLUMES = {"vllm": "fleet-hf-cache", "ollama": "fleet-ollama", "llamacpp":
 
 
 def host_containers(plan: Plan, host: str) -> list[Container]:
-    """Every container of ``host``: its workers, its agent if it has GPUs, then the gateway's services."""
+    """Every container of ``host``: its workers, its agent if it has GPUs or workers, then the gateway's services."""
     out = [worker_container(plan, w) for w in plan.workers_on(host)]
-    if plan.host(host).gpus:
+    if plan.host(host).gpus or plan.workers_on(host):
         out.append(agent_container(plan, host))
     if host == plan.fleet.gateway.host:
         out += gateway_containers(plan)
@@ -278,24 +274,6 @@ def _edge_containers(plan: Plan) -> list[Container]:
     ]
 
 
-def check_monitoring_ports(plan: Plan) -> None:
-    """The monitoring services take fixed loopback ports on the gateway host; refuse a clash."""
-    gw = plan.fleet.gateway
-    host = plan.host(gw.host)
-    taken = {port: f"gateway.ports.{key}" for key, port in gw.ports.model_dump().items()}
-    taken[host.agent_port] = f"the agent port of host {host.name}"
-    taken.update({w.port: f"worker {w.name}" for w in plan.workers_on(host.name)})
-    for service, port in (
-        ("Prometheus", PROMETHEUS_PORT),
-        ("Alertmanager", ALERTMANAGER_PORT),
-        ("Grafana", GRAFANA_PORT),
-    ):
-        if port in taken:
-            raise RenderError(
-                f"gateway host {host.name}: {service} needs port {port}, which {taken[port]} takes; move that one"
-            )
-
-
 def wget_health(url: str, start_period_s: int) -> Health:
     """A health check for images that ship busybox wget but no curl (Caddy, Prometheus, Grafana)."""
     return Health(cmd=["CMD", "wget", "-q", "-O", "/dev/null", url], start_period_s=start_period_s)
@@ -308,8 +286,8 @@ def monitoring_containers(plan: Plan) -> list[Container]:
     file, so a re-rendered file shows through after an atomic rename) and keeps
     its data in a named volume.
     """
-    check_monitoring_ports(plan)
     fleet = plan.fleet
+    ports = fleet.gateway.ports  # checked against each other and the host's other ports by the planner
     labels = {"io.fleet.fleet": fleet.name, "io.fleet.role": "gateway"}
     return [
         Container(
@@ -320,13 +298,13 @@ def monitoring_containers(plan: Plan) -> list[Container]:
                 "--config.file=/etc/prometheus/prometheus.yml",
                 "--storage.tsdb.path=/prometheus",
                 "--storage.tsdb.retention.time=30d",
-                f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}",
+                f"--web.listen-address=127.0.0.1:{ports.prometheus}",
             ],
             volumes=[
                 Volume(f"{CONFIG_DIR}/prometheus", "/etc/prometheus", read_only=True),
                 Volume("fleet-prometheus-data", "/prometheus"),
             ],
-            health=wget_health(f"http://127.0.0.1:{PROMETHEUS_PORT}/-/ready", start_period_s=30),
+            health=wget_health(f"http://127.0.0.1:{ports.prometheus}/-/ready", start_period_s=30),
             host_network=True,
             labels={**labels, "io.fleet.service": "prometheus"},
         ),
@@ -337,7 +315,7 @@ def monitoring_containers(plan: Plan) -> list[Container]:
             args=[
                 "--config.file=/etc/alertmanager/alertmanager.yml",
                 "--storage.path=/alertmanager",
-                f"--web.listen-address=127.0.0.1:{ALERTMANAGER_PORT}",
+                f"--web.listen-address=127.0.0.1:{ports.alertmanager}",
                 # One instance: no gossip port (it would listen on every interface).
                 "--cluster.listen-address=",
             ],
@@ -345,7 +323,7 @@ def monitoring_containers(plan: Plan) -> list[Container]:
                 Volume(f"{CONFIG_DIR}/alertmanager", "/etc/alertmanager", read_only=True),
                 Volume("fleet-alertmanager-data", "/alertmanager"),
             ],
-            health=wget_health(f"http://127.0.0.1:{ALERTMANAGER_PORT}/-/ready", start_period_s=30),
+            health=wget_health(f"http://127.0.0.1:{ports.alertmanager}/-/ready", start_period_s=30),
             host_network=True,
             labels={**labels, "io.fleet.service": "alertmanager"},
         ),
@@ -363,7 +341,7 @@ def monitoring_containers(plan: Plan) -> list[Container]:
                 "GF_NEWS_NEWS_FEED_ENABLED": "false",
                 "GF_PATHS_PROVISIONING": "/etc/grafana/provisioning",
                 "GF_SERVER_HTTP_ADDR": "127.0.0.1",
-                "GF_SERVER_HTTP_PORT": str(GRAFANA_PORT),
+                "GF_SERVER_HTTP_PORT": str(ports.grafana),
                 "GF_USERS_ALLOW_SIGN_UP": "false",
             },
             volumes=[
@@ -371,7 +349,7 @@ def monitoring_containers(plan: Plan) -> list[Container]:
                 Volume(f"{CONFIG_DIR}/grafana/dashboards", "/etc/grafana/dashboards", read_only=True),
                 Volume("fleet-grafana-data", "/var/lib/grafana"),
             ],
-            health=wget_health(f"http://127.0.0.1:{GRAFANA_PORT}/api/health", start_period_s=60),
+            health=wget_health(f"http://127.0.0.1:{ports.grafana}/api/health", start_period_s=60),
             host_network=True,
             labels={**labels, "io.fleet.service": "grafana"},
         ),

@@ -22,7 +22,6 @@ import yaml
 from controller.errors import RenderError
 from controller.plan.models import Plan
 from controller.render import ASSETS, Files, renderer
-from controller.render.containers import PROMETHEUS_PORT
 from controller.spec.models import Thresholds
 
 DATASOURCE = {"type": "prometheus", "uid": "fleet-prometheus"}
@@ -39,7 +38,7 @@ HEADER = "# Rendered by `controller render` from the fleet spec; do not edit.\n"
 def render(plan: Plan) -> Files:
     gw = plan.fleet.gateway.host
     out: Files = {
-        f"{gw}/grafana/provisioning/datasources/prometheus.yaml": HEADER + _yaml(datasources()),
+        f"{gw}/grafana/provisioning/datasources/prometheus.yaml": HEADER + _yaml(datasources(plan)),
         f"{gw}/grafana/provisioning/dashboards/fleet.yaml": HEADER + _yaml(providers(plan)),
     }
     for path in sorted((ASSETS / "monitoring" / "dashboards").glob("*.yaml")):
@@ -53,7 +52,7 @@ def _yaml(doc: dict[str, Any]) -> str:
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1000, allow_unicode=True)
 
 
-def datasources() -> dict[str, Any]:
+def datasources(plan: Plan) -> dict[str, Any]:
     return {
         "apiVersion": 1,
         "datasources": [
@@ -62,7 +61,7 @@ def datasources() -> dict[str, Any]:
                 "uid": DATASOURCE["uid"],
                 "type": "prometheus",
                 "access": "proxy",
-                "url": f"http://127.0.0.1:{PROMETHEUS_PORT}",
+                "url": f"http://127.0.0.1:{plan.fleet.gateway.ports.prometheus}",
                 "isDefault": True,
                 "editable": False,
                 "jsonData": {"timeInterval": "15s"},

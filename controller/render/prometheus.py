@@ -23,16 +23,19 @@ import yaml
 from controller import backends
 from controller.plan.models import Plan
 from controller.render import Files, asset, renderer
-from controller.render.containers import ALERTMANAGER_PORT, PROMETHEUS_PORT, check_monitoring_ports
 from controller.render.rules import rules
 
 HEADER = "# Rendered by `controller render` from the fleet spec; do not edit.\n"
 SCRAPE_INTERVAL = "15s"
 
 
+def has_agent(plan: Plan, host: str) -> bool:
+    """A host runs an agent when it has GPUs or workers (CPU workers: health and stray GPU use)."""
+    return bool(plan.host(host).gpus or plan.workers_on(host))
+
+
 @renderer("prometheus")
 def render(plan: Plan) -> Files:
-    check_monitoring_ports(plan)
     folder = f"{plan.fleet.gateway.host}/prometheus"
     return {
         f"{folder}/prometheus.yml": HEADER + dump(config(plan)),
@@ -52,8 +55,8 @@ def target(address: str, port: int) -> str:
 def config(plan: Plan) -> dict[str, Any]:
     gw = plan.fleet.gateway
     jobs = [
-        _job("prometheus", [{"targets": [target("127.0.0.1", PROMETHEUS_PORT)]}]),
-        _job("alertmanager", [{"targets": [target("127.0.0.1", ALERTMANAGER_PORT)]}]),
+        _job("prometheus", [{"targets": [target("127.0.0.1", plan.fleet.gateway.ports.prometheus)]}]),
+        _job("alertmanager", [{"targets": [target("127.0.0.1", plan.fleet.gateway.ports.alertmanager)]}]),
         _job("envoy", [{"targets": [target("127.0.0.1", gw.ports.envoy_admin)]}], metrics_path="/stats/prometheus"),
         _job("gatekeeper", [{"targets": [target("127.0.0.1", gw.ports.gatekeeper)]}]),
         _job("workers", _workers(plan)),
@@ -62,7 +65,7 @@ def config(plan: Plan) -> dict[str, Any]:
             [
                 {"targets": [target(str(h.address), h.agent_port)], "labels": {"host": h.name}}
                 for h in plan.fleet.hosts or []
-                if h.gpus
+                if has_agent(plan, h.name)
             ],
             honor_labels=True,
         ),
@@ -76,7 +79,11 @@ def config(plan: Plan) -> dict[str, Any]:
         },
         # Relative to this file: /etc/prometheus/rules.yml in the container.
         "rule_files": ["rules.yml"],
-        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [target("127.0.0.1", ALERTMANAGER_PORT)]}]}]},
+        "alerting": {
+            "alertmanagers": [
+                {"static_configs": [{"targets": [target("127.0.0.1", plan.fleet.gateway.ports.alertmanager)]}]}
+            ]
+        },
         "scrape_configs": [job for job in jobs if job["static_configs"]],
     }
 

@@ -300,6 +300,9 @@ class GatewayPorts(StrictModel):
     envoy_admin: Annotated[Port, Field(description="Envoy's admin interface, loopback only.")] = 9901
     gatekeeper: Annotated[Port, Field(description="The gatekeeper (forward-auth), loopback only.")] = 9090
     caddy_admin: Annotated[Port, Field(description="Caddy's admin API, loopback only.")] = 2019
+    prometheus: Annotated[Port, Field(description="Prometheus, loopback only.")] = 9091
+    alertmanager: Annotated[Port, Field(description="Alertmanager, loopback only.")] = 9093
+    grafana: Annotated[Port, Field(description="Grafana, loopback only.")] = 3000
 
 
 class Gateway(StrictModel):

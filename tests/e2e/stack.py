@@ -148,6 +148,9 @@ def start_stack(tmp: Path, customize: Any = None, env: dict[str, str] | None = N
         caddy_admin=free_port(),
         workers=free_port_run(3),
         agent=free_port(),
+        prometheus=free_port(),
+        alertmanager=free_port(),
+        grafana=free_port(),
     )
     spec = write_demo(state, ports)
     if customize is not None:

@@ -8,6 +8,7 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.e2e.stack import Stack, pid_alive
@@ -88,3 +89,32 @@ def test_new_supervisor_adopts_running_processes(stack: Stack) -> None:
     new_supervisor = stack.status()["supervisor_pid"]
     assert new_supervisor != supervisor
     assert len(stack.our_processes()) == len(processes_before)
+
+
+def test_prometheus_scrapes_the_stack(stack: Stack) -> None:
+    """The stack's own Prometheus (rendered config) scrapes every part of it, and Alertmanager is up."""
+    procs = stack.processes()
+    assert procs["prometheus"]["state"] == "healthy" and procs["alertmanager"]["state"] == "healthy"
+    base = f"http://127.0.0.1:{stack.ports.prometheus}"
+    stack.openai().models.list()  # at least one decision and one request to count
+
+    def all_up() -> bool:
+        targets = httpx.get(f"{base}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+        return bool(targets) and all(t["health"] == "up" for t in targets)
+
+    wait_until(all_up, 60, "every scrape target up")
+    jobs = {t["labels"]["job"] for t in httpx.get(f"{base}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]}
+    assert {"envoy", "gatekeeper", "workers", "agents", "prometheus", "alertmanager"} <= jobs
+    for series in (
+        "envoy_cluster_membership_healthy",
+        "fleet_gatekeeper_decisions_total",
+        "llamacpp:requests_processing",
+        "fleet_worker_up",
+        "fleet:model_queue_depth",
+    ):
+
+        def present(name: str = series) -> bool:
+            reply = httpx.get(f"{base}/api/v1/query", params={"query": name}, timeout=5).json()
+            return bool(reply["data"]["result"])
+
+        wait_until(present, 60, f"{series} in Prometheus")
