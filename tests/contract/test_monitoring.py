@@ -23,15 +23,9 @@ import yaml
 
 from controller.plan import Plan
 from controller.plan.models import Worker
-from controller.render.containers import (
-    ALERTMANAGER_PORT,
-    ENGINE_SOCKET,
-    GRAFANA_PORT,
-    PROMETHEUS_PORT,
-    Container,
-    host_containers,
-)
+from controller.render.containers import ENGINE_SOCKET, Container, host_containers
 from controller.render.envoy import model_cluster, worker_cluster
+from controller.render.prometheus import has_agent
 from tests.conftest import need_tool, run
 
 pytestmark = pytest.mark.contract
@@ -158,8 +152,11 @@ def test_scrape_targets_cover_the_fleet(rendered: Path, example_plan: Plan) -> N
         assert workers[w.name]["targets"] == [f"{w.address}:{w.port}"]
         assert workers[w.name]["labels"] == {"worker": w.name, "model": w.model, "host": w.host, "backend": w.backend}
     agents = {c["labels"]["host"]: c["targets"] for c in jobs["agents"]["static_configs"]}
-    assert agents == {h.name: [f"{h.address}:{h.agent_port}"] for h in plan.fleet.hosts or [] if h.gpus}
-    assert doc["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == [f"127.0.0.1:{ALERTMANAGER_PORT}"]
+    assert agents == {
+        h.name: [f"{h.address}:{h.agent_port}"] for h in plan.fleet.hosts or [] if has_agent(plan, h.name)
+    }
+    alertmanager = f"127.0.0.1:{plan.fleet.gateway.ports.alertmanager}"
+    assert doc["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == [alertmanager]
 
 
 def test_every_alert_has_severity_summary_and_runbook(rendered: Path, example_plan: Plan) -> None:
@@ -492,7 +489,8 @@ def test_grafana_provisioning(rendered: Path, example_plan: Plan) -> None:
     assert load(base / "dashboards" / "fleet.yaml")["apiVersion"] == 1
     assert provider["type"] == "file" and provider["options"]["path"] == "/etc/grafana/dashboards"
     (source,) = load(base / "datasources" / "prometheus.yaml")["datasources"]
-    assert source["type"] == "prometheus" and source["url"] == f"http://127.0.0.1:{PROMETHEUS_PORT}"
+    prometheus = f"http://127.0.0.1:{example_plan.fleet.gateway.ports.prometheus}"
+    assert source["type"] == "prometheus" and source["url"] == prometheus
     (grafana,) = [c for c in host_containers(example_plan, example_plan.fleet.gateway.host) if c.name == "grafana"]
     mounts = {v.target: v.source for v in grafana.volumes}
     assert mounts["/etc/grafana/dashboards"] == "/etc/fleet/grafana/dashboards"
@@ -539,8 +537,8 @@ def test_monitoring_containers_on_the_gateway(example_plan: Plan) -> None:
     by_name: dict[str, Container] = {c.name: c for c in host_containers(plan, plan.fleet.gateway.host)}
     images = plan.fleet.images
     expected = {
-        "prometheus": (images.prometheus, f"127.0.0.1:{PROMETHEUS_PORT}"),
-        "alertmanager": (images.alertmanager, f"127.0.0.1:{ALERTMANAGER_PORT}"),
+        "prometheus": (images.prometheus, f"127.0.0.1:{plan.fleet.gateway.ports.prometheus}"),
+        "alertmanager": (images.alertmanager, f"127.0.0.1:{plan.fleet.gateway.ports.alertmanager}"),
     }
     for name, (image, listen) in expected.items():
         c = by_name[name]
@@ -550,7 +548,9 @@ def test_monitoring_containers_on_the_gateway(example_plan: Plan) -> None:
     assert "--cluster.listen-address=" in by_name["alertmanager"].args  # no gossip on every interface
     grafana = by_name["grafana"]
     assert grafana.image == images.grafana and grafana.host_network
-    assert grafana.env["GF_SERVER_HTTP_ADDR"] == "127.0.0.1" and grafana.env["GF_SERVER_HTTP_PORT"] == str(GRAFANA_PORT)
+    assert grafana.env["GF_SERVER_HTTP_ADDR"] == "127.0.0.1" and grafana.env["GF_SERVER_HTTP_PORT"] == str(
+        plan.fleet.gateway.ports.grafana
+    )
     assert all(v.read_only for v in grafana.volumes if v.is_bind)
 
 

@@ -192,3 +192,15 @@ def test_cpu_replicas_use_cpu_worker_slots(tmp_path: Path) -> None:
 def test_slug() -> None:
     assert slug("Qwen/Qwen2.5-7B-Instruct") == "qwen-qwen2-5-7b-instruct"
     assert slug("llama3.1:8b") == "llama3-1-8b"
+
+
+def test_monitoring_ports_collide_like_any_other(tmp_path: Path) -> None:
+    data = copy.deepcopy(MINIMAL)
+    data["gateway"]["ports"] = {"https": 8443, "http": 8080, "prometheus": 9090}
+    with pytest.raises(PlanError) as info:
+        plan_of(tmp_path, data)
+    (line,) = info.value.lines()
+    assert (
+        "gateway.ports.prometheus: host ws: port 9090 for gateway prometheus is already taken by gateway gatekeeper"
+        in line
+    )

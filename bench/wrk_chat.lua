@@ -1,0 +1,45 @@
+-- wrk script for bench/gateway.py: POST a small chat completion (keep-alive), count non-2xx answers,
+-- and print one machine-readable line: BENCH_JSON {...}.
+-- Environment: BENCH_KEY (a bearer token; none for the direct path), BENCH_MODEL (default "bench"),
+wrk.method = "POST"
+wrk.body = '{"model":"' .. (os.getenv("BENCH_MODEL") or "bench")
+  .. '","messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
+wrk.headers["Content-Type"] = "application/json"
+local key = os.getenv("BENCH_KEY")
+if key and key ~= "" then
+  wrk.headers["Authorization"] = "Bearer " .. key
+end
+
+-- BENCH_HEADERS: more headers, "Name: value" lines (the Envoy-only hop gets the identity Caddy would copy).
+for name, value in string.gmatch(os.getenv("BENCH_HEADERS") or "", "([^:\n]+):[ ]*([^\n]*)") do
+  wrk.headers[name] = value
+end
+
+local threads = {}
+
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  non2xx = 0
+end
+
+function response(status, headers, body)
+  if status < 200 or status > 299 then
+    non2xx = non2xx + 1
+  end
+end
+
+function done(summary, latency, requests)
+  local bad = 0
+  for _, thread in ipairs(threads) do
+    bad = bad + thread:get("non2xx")
+  end
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_JSON {"requests": %d, "duration_us": %d, "non2xx": %d, "connect_errors": %d, "read_errors": %d, '
+      .. '"write_errors": %d, "timeouts": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, "max_us": %d}\n',
+    summary.requests, summary.duration, bad, e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
