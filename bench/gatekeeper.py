@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import statistics
 import subprocess
@@ -32,6 +30,7 @@ from typing import Any
 import httpx
 import yaml
 
+from bench.report import machine, write_section
 from controller.local.demo import DemoPorts, demo_fleet
 from controller.services.keystore import KeyStore
 from tests.stubs import free_port
@@ -160,20 +159,6 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {platform.system()} {platform.release()}"
-    )
-
-
 def markdown(runs: list[dict[str, Any]]) -> str:
     rows = [
         "| run | clients | requests | rps | decision p50 (ms) | decision p99 (ms) | client p50 (ms) | client p99 (ms) | errors |",
@@ -200,12 +185,7 @@ def markdown(runs: list[dict[str, Any]]) -> str:
 
 
 def write(doc: Path, section: str) -> None:
-    text = doc.read_text() if doc.exists() else "# Performance\n"
-    if MARK_BEGIN in text:
-        text = text[: text.index(MARK_BEGIN)] + section + text[text.index(MARK_END) + len(MARK_END) :]
-    else:
-        text = text.rstrip() + "\n\n## Gatekeeper decision\n\n" + section + "\n"
-    doc.write_text(text)
+    write_section(doc, MARK_BEGIN, MARK_END, section, "Gatekeeper decision")
 
 
 def main() -> None:

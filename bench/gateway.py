@@ -50,6 +50,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from bench.report import machine, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 MARK_BEGIN = "<!-- bench:gateway:begin -->"
 MARK_END = "<!-- bench:gateway:end -->"
@@ -751,16 +753,6 @@ def targets(summary: dict[str, Any], s: Settings) -> list[tuple[str, str, bool |
     return out
 
 
-def machine() -> str:
-    from bench.gatekeeper import machine as describe
-
-    mem = ""
-    with suppress(OSError, ValueError, IndexError):
-        kb = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
-        mem = f", {kb / 2**20:.1f} GiB RAM"
-    return describe() + mem
-
-
 def markdown(data: dict[str, Any], command: str) -> str:
     summary, s = data["summary"], Settings(**data["settings"])
     s.concurrency, s.levels = tuple(s.concurrency), tuple(s.levels)
@@ -883,12 +875,7 @@ def markdown(data: dict[str, Any], command: str) -> str:
 
 
 def write(doc: Path, section: str) -> None:
-    text = doc.read_text() if doc.exists() else "# Performance\n"
-    if MARK_BEGIN in text:
-        text = text[: text.index(MARK_BEGIN)] + section + text[text.index(MARK_END) + len(MARK_END) :]
-    else:
-        text = text.rstrip() + "\n\n## Gateway: direct, chain and LiteLLM\n\n" + section + "\n"
-    doc.write_text(text)
+    write_section(doc, MARK_BEGIN, MARK_END, section, "Gateway: direct, chain and LiteLLM")
 
 
 def main() -> None:
