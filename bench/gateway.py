@@ -104,30 +104,32 @@ def _tree(pid: int, kids: dict[int, list[int]]) -> list[int]:
     return out
 
 
-def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """utime+stime (with every descendant still alive, but for ALONE) of each labelled process."""
+def _per_label(pids: dict[str, int], read: Any) -> dict[str, int]:
+    """Sum ``read(pid)`` over each labelled process and its live descendants (only itself for ALONE)."""
     kids = _children()
-    out: dict[str, float] = {}
+    out: dict[str, int] = {}
     for label, pid in pids.items():
         total = 0
         for p in [pid] if label in ALONE else _tree(pid, kids):
             with suppress(OSError, IndexError):
-                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])
-        out[label] = total / TICKS
+                total += read(p)
+        out[label] = total
     return out
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """utime+stime of each labelled process (with its descendants, but for ALONE)."""
+    return {label: ticks / TICKS for label, ticks in _per_label(pids, _cpu_ticks).items()}
 
 
 def rss_mib(pids: dict[str, int]) -> dict[str, float]:
-    kids = _children()
-    out: dict[str, float] = {}
-    for label, pid in pids.items():
-        total = 0
-        for p in [pid] if label in ALONE else _tree(pid, kids):
-            with suppress(OSError, IndexError):
-                total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * PAGE
-        out[label] = round(total / 2**20, 1)
-    return out
+    pages = _per_label(pids, lambda p: int(Path(f"/proc/{p}/statm").read_text().split()[1]))
+    return {label: round(n * PAGE / 2**20, 1) for label, n in pages.items()}
 
 
 # -- closed loop: wrk ----------------------------------------------------------------------------

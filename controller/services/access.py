@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from controller.spec.models import Fleet
+from controller.spec.models import Fleet, User
 
 ALL = "*"
 
@@ -48,42 +48,33 @@ class Access:
         spec_user = self._users.get(user)
         if spec_user is None:
             return None  # a key of a user removed from the spec grants nothing
-        refs = list(spec_user.models)
-        for group in spec_user.groups:
-            refs += self._groups[group].models
-        allowed = self._expand(refs)
-        if key_models is not None:
-            allowed = self._intersect(allowed, self._expand(key_models))
-        groups = [self._groups[g] for g in spec_user.groups]
-        rpm = spec_user.rpm if spec_user.rpm is not None else _most_generous([g.rpm for g in groups])
-        daily = (
-            spec_user.daily_tokens
-            if spec_user.daily_tokens is not None
-            else _most_generous([g.daily_tokens for g in groups])
-        )
-        return Identity(spec_user.name, tuple(spec_user.groups), frozenset(allowed), key_id, rpm, daily)
+        identity = self._build(user, spec_user, list(spec_user.groups), key_id)
+        if key_models is None:
+            return identity
+        allowed = self._intersect(set(identity.models), self._expand(key_models))
+        return replace(identity, models=frozenset(allowed))
 
     def identity_for_login(self, user: str, claimed_groups: list[str]) -> Identity:
         """An SSO user: the spec's user of that name if any, plus the spec groups the provider says they are in."""
         spec_user = self._users.get(user)
-        groups = [g for g in claimed_groups if g in self._groups]
-        refs: list[str] = []
-        rpm_limits: list[int | None] = []
-        daily_limits: list[int | None] = []
+        groups = {g for g in claimed_groups if g in self._groups}
         if spec_user is not None:
-            groups = sorted(set(groups) | set(spec_user.groups))
-            refs += spec_user.models
+            groups |= set(spec_user.groups)
+        return self._build(user, spec_user, sorted(groups), None)
+
+    def _build(self, user: str, spec_user: User | None, groups: list[str], key_id: str | None) -> Identity:
+        """Models are the user's plus their groups'; a limit set on the user wins over the groups' most generous."""
+        refs = list(spec_user.models) if spec_user is not None else []
         for name in groups:
             refs += self._groups[name].models
-            rpm_limits.append(self._groups[name].rpm)
-            daily_limits.append(self._groups[name].daily_tokens)
-        rpm = spec_user.rpm if spec_user is not None and spec_user.rpm is not None else _most_generous(rpm_limits)
-        daily = (
-            spec_user.daily_tokens
-            if spec_user is not None and spec_user.daily_tokens is not None
-            else _most_generous(daily_limits)
-        )
-        return Identity(user, tuple(sorted(groups)), frozenset(self._expand(refs)), None, rpm, daily)
+        specs = [self._groups[name] for name in groups]
+        rpm = spec_user.rpm if spec_user is not None and spec_user.rpm is not None else None
+        daily = spec_user.daily_tokens if spec_user is not None and spec_user.daily_tokens is not None else None
+        if rpm is None:
+            rpm = _most_generous([g.rpm for g in specs])
+        if daily is None:
+            daily = _most_generous([g.daily_tokens for g in specs])
+        return Identity(user, tuple(groups), frozenset(self._expand(refs)), key_id, rpm, daily)
 
     def _expand(self, refs: list[str]) -> set[str]:
         if ALL in refs:

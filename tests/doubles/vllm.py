@@ -194,19 +194,17 @@ def routes(state: State) -> dict[tuple[str, str], Any]:
         ]
         h.send_text(200, "\n".join(lines) + "\n", "text/plain; version=0.0.4")
 
-    def sleep(h: Handler) -> None:
-        if not state.args.enable_sleep_mode:
-            h.send_json(404, {"detail": "Not Found"})
-            return
-        state.sleeping = True
-        h.send_text(200, "")
+    def set_sleeping(value: bool) -> Any:
+        """POST /sleep and /wake_up exist only with --enable-sleep-mode, as in vLLM."""
 
-    def wake(h: Handler) -> None:
-        if not state.args.enable_sleep_mode:
-            h.send_json(404, {"detail": "Not Found"})
-            return
-        state.sleeping = False
-        h.send_text(200, "")
+        def route(h: Handler) -> None:
+            if not state.args.enable_sleep_mode:
+                h.send_json(404, {"detail": "Not Found"})
+                return
+            state.sleeping = value
+            h.send_text(200, "")
+
+        return route
 
     def is_sleeping(h: Handler) -> None:
         h.send_json(200, {"is_sleeping": state.sleeping})
@@ -217,8 +215,8 @@ def routes(state: State) -> dict[tuple[str, str], Any]:
         ("POST", "/v1/chat/completions"): lambda h: generate(h, chat=True),
         ("POST", "/v1/completions"): lambda h: generate(h, chat=False),
         ("GET", "/metrics"): metrics,
-        ("POST", "/sleep"): sleep,
-        ("POST", "/wake_up"): wake,
+        ("POST", "/sleep"): set_sleeping(True),
+        ("POST", "/wake_up"): set_sleeping(False),
         ("GET", "/is_sleeping"): is_sleeping,
     }
 
