@@ -1,4 +1,4 @@
-"""Benchmark: the gatekeeper's forward-auth decision for a known key, under load.
+"""Benchmark: the gatekeeper's authentication decision for a known key, under load.
 
 Runs the real gatekeeper process (uvicorn) on loopback, drives `GET
 /auth/check` with a valid key from several keep-alive client threads for a

@@ -13,10 +13,20 @@
 --   FLEET.workers          worker name -> the canonical name of the model it serves
 --   FLEET.max_tokens       largest max_tokens / max_completion_tokens accepted
 --   FLEET.max_n            largest n / best_of accepted
+--   FLEET.gatekeeper       the cluster the gatekeeper is reached through
+--   FLEET.auth_timeout_ms  how long to wait for its answer
 -- Everything below is static.
 --
--- Identity comes from the gatekeeper through Caddy: X-Fleet-Models lists the
--- served names the caller may use ("*" for all). Without it, nothing passes.
+-- Identity comes from the gatekeeper: the filter asks it (`GET /auth/check`
+-- with the request's credential headers) and takes X-Fleet-User, -Groups,
+-- -Models (the served names the caller may use, "*" for all) and -Key-Id from
+-- its answer. Without an answer, nothing passes (fail closed). For an API key
+-- the answer says how long it may be reused (X-Fleet-Cache-Ms, which ends when
+-- the gatekeeper's own cached lookup ends, so revocation keeps its bound) and,
+-- for a user with a request rate, how many requests it carries (X-Fleet-Grant,
+-- already taken from the user's bucket). Those answers are kept per worker
+-- thread, so a known key costs no round trip; anything else (provider tokens,
+-- browser sessions, refusals) is asked every time.
 
 local MAX_DEPTH = 64
 local INFERENCE = {
@@ -165,7 +175,9 @@ end
 local function reject(handle, status, message, err_type, code, param)
   local body = '{"error":{"message":' .. json_string(message) .. ',"type":' .. json_string(err_type)
     .. ',"param":' .. (param and json_string(param) or "null") .. ',"code":' .. json_string(code) .. "}}"
-  handle:respond({ [":status"] = tostring(status), ["content-type"] = "application/json" }, body)
+  local headers = { [":status"] = tostring(status), ["content-type"] = "application/json" }
+  if status == 401 then headers["www-authenticate"] = 'Bearer realm="fleet"' end
+  handle:respond(headers, body)
 end
 
 local function check_count(handle, members, field, limit)
@@ -188,7 +200,7 @@ local function api_path(path)
   return nil, nil
 end
 
--- The models a request's identity may use, from the gatekeeper's X-Fleet-Models (via Caddy).
+-- The models a request's identity may use, from the gatekeeper's X-Fleet-Models.
 local function allowed_set(value)
   local set = {}
   for name in string.gmatch(value, "[^,]+") do set[name] = true end
@@ -197,6 +209,75 @@ end
 
 local function may_use(allowed, name)
   return allowed["*"] or allowed[name]
+end
+
+-- Authentication: the gatekeeper's answers, reused while they say they may be.
+local IDENTITY = { "x-fleet-user", "x-fleet-groups", "x-fleet-models", "x-fleet-key-id" }
+local CREDENTIALS = { "authorization", "x-api-key", "cookie" }
+local CACHE_MAX = 10000
+local answers, answer_count = {}, 0 -- credential -> { expires (ms), identity = {...}, allowed, grant }
+
+local function unavailable(handle)
+  reject(handle, 503, "the gateway cannot reach its gatekeeper; retry shortly", "server_error", "service_unavailable")
+end
+
+-- Relay the gatekeeper's refusal as it gave it; anything that is not its answer is a 503.
+local function relay_refusal(handle, reply, body)
+  local status = reply[":status"]
+  local ctype = reply["content-type"] or ""
+  if (status == "401" or status == "403" or status == "429" or status == "503")
+      and string.sub(ctype, 1, 16) == "application/json" and body ~= nil then
+    local out = { [":status"] = status, ["content-type"] = "application/json" }
+    out["retry-after"] = reply["retry-after"]
+    out["www-authenticate"] = reply["www-authenticate"]
+    return handle:respond(out, body)
+  end
+  return unavailable(handle)
+end
+
+-- The caller's identity, from a reused answer or a fresh one; nil when the request was answered.
+local function authenticate(handle, headers)
+  if headers:getNumValues("authorization") > 1 or headers:getNumValues("x-api-key") > 1 then
+    return reject(handle, 401, "You provided more than one API key; send exactly one.", "invalid_request_error",
+      "missing_api_key")
+  end
+  local key = headers:get("authorization") or headers:get("x-api-key")
+  local slot = key and ((headers:get("authorization") or "") .. "\n" .. (headers:get("x-api-key") or ""))
+  local now = handle:timestamp()
+  local hit = slot and answers[slot]
+  if hit and hit.expires > now and (hit.grant == nil or hit.grant > 0) then
+    if hit.grant then hit.grant = hit.grant - 1 end
+    return hit
+  end
+  if key == nil and headers:get("cookie") == nil then
+    return reject(handle, 401,
+      "You didn't provide an API key, or provided more than one. Send one as 'Authorization: Bearer sk-…'.",
+      "invalid_request_error", "missing_api_key")
+  end
+  local ask = { [":method"] = "GET", [":path"] = "/auth/check", [":authority"] = "gatekeeper" }
+  for _, name in ipairs(CREDENTIALS) do ask[name] = headers:get(name) end
+  -- Read the whole body (if any) before asking: body bytes arriving while the filter waits for the
+  -- gatekeeper would be passed on, and the request with them, before the answer. (This suspends the
+  -- filter: `headers` is not valid after it.)
+  handle:body()
+  -- Unreachable, refusing connections or hanging past the timeout: Envoy answers 503/504 itself.
+  local reply, body = handle:httpCall(FLEET.gatekeeper, ask, "", FLEET.auth_timeout_ms)
+  if reply == nil then return unavailable(handle) end
+  if reply[":status"] ~= "200" or reply["x-fleet-models"] == nil then return relay_refusal(handle, reply, body) end
+  local answer = { identity = {}, allowed = allowed_set(reply["x-fleet-models"]) }
+  for _, name in ipairs(IDENTITY) do answer.identity[name] = reply[name] end
+  local reuse_ms = tonumber(reply["x-fleet-cache-ms"] or "")
+  if slot and reuse_ms and reuse_ms > 0 then
+    local grant = tonumber(reply["x-fleet-grant"] or "")
+    answer.expires = handle:timestamp() + reuse_ms
+    answer.grant = grant and grant - 1 -- this request spends the first
+    if answers[slot] == nil then
+      if answer_count >= CACHE_MAX then answers, answer_count = {}, 0 end
+      answer_count = answer_count + 1
+    end
+    answers[slot] = answer
+  end
+  return answer
 end
 
 local function models_list(handle, allowed, path)
@@ -218,19 +299,20 @@ end
 
 function envoy_on_request(handle)
   local headers = handle:headers()
-  -- The routing header and Envoy's control headers are ours to set, never a client's.
+  -- Identity, routing and Envoy's control headers are ours to set, never a client's.
   local strip = {}
   for name, _ in pairs(headers) do
-    if name == "x-fleet-model" or string.sub(name, 1, 8) == "x-envoy-" then strip[#strip + 1] = name end
+    if string.sub(name, 1, 7) == "x-fleet" or string.sub(name, 1, 8) == "x-envoy-" then strip[#strip + 1] = name end
   end
   for _, name in ipairs(strip) do headers:remove(name) end
 
-  -- Fail closed: without the gatekeeper's answer (copied by Caddy) nobody gets anything.
-  local identity = headers:get("x-fleet-models")
-  if identity == nil then
-    return reject(handle, 401, "not authenticated", "invalid_request_error", "unauthenticated")
-  end
-  local allowed = allowed_set(identity)
+  -- Fail closed: without the gatekeeper's answer nobody gets anything.
+  local answer = authenticate(handle, headers)
+  if answer == nil then return end
+  local allowed = answer.allowed
+  -- Asking the gatekeeper suspended the filter: take the headers again.
+  headers = handle:headers()
+  for name, value in pairs(answer.identity) do headers:replace(name, value) end
   local method = headers:get(":method")
   local path = headers:get(":path") or ""
   local bare = string.match(path, "^[^?]*")

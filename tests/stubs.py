@@ -1,13 +1,15 @@
-"""Helpers to run real programs in tests: free ports, an HTTP stub worker, Envoy."""
+"""Helpers to run real programs in tests: free ports, an HTTP stub worker, Envoy, the gatekeeper."""
 
 from __future__ import annotations
 
 import json
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -79,6 +81,7 @@ class StubWorker:
                 if self.path in ("/health", "/api/version"):
                     return self._reply(200, {"status": "ok"})
                 if self.path == "/v1/models":
+                    stub.requests.append({"worker": stub.name, "path": self.path, "method": "GET"})
                     return self._reply(200, {"object": "list", "data": [{"id": stub.name, "object": "model"}]})
                 return self._reply(404, {"error": "not found"})
 
@@ -114,24 +117,12 @@ class StubWorker:
 
 
 @contextmanager
-def running_envoy(envoy: str, config: Path, admin_port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def running_process(cmd: list[str], ready_url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``cmd`` started with its output in ``log``, once ``ready_url`` answers 200; stopped afterwards."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                envoy,
-                "-c",
-                str(config),
-                "--disable-hot-restart",
-                "--log-level",
-                "warn",
-                "--file-flush-interval-msec",
-                "200",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_ready(f"http://127.0.0.1:{admin_port}/ready", proc, log)
+        wait_ready(ready_url, proc, log)
         yield proc
     finally:
         proc.terminate()
@@ -140,6 +131,29 @@ def running_envoy(envoy: str, config: Path, admin_port: int, log: Path) -> Itera
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def running_envoy(envoy: str, config: Path, admin_port: int, log: Path) -> ContextManager[subprocess.Popen[bytes]]:
+    cmd = [
+        envoy,
+        "-c",
+        str(config),
+        "--disable-hot-restart",
+        "--log-level",
+        "warn",
+        "--file-flush-interval-msec",
+        "200",
+    ]
+    return running_process(cmd, f"http://127.0.0.1:{admin_port}/ready", log)
+
+
+def running_gatekeeper(
+    spec: Path, state_dir: Path, port: int, log: Path, usage_log: Path | None = None
+) -> ContextManager[subprocess.Popen[bytes]]:
+    """The real gatekeeper (what `controller up` runs), on loopback."""
+    cmd = [sys.executable, "-m", "controller.services.gatekeeper", "--spec", str(spec), "--state-dir", str(state_dir)]
+    cmd += ["--port", str(port)] + (["--usage-log", str(usage_log)] if usage_log else [])
+    return running_process(cmd, f"http://127.0.0.1:{port}/healthz", log)
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:

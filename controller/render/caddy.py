@@ -1,10 +1,13 @@
 """Caddy: the TLS front door, `<gateway host>/caddy/Caddyfile`.
 
 Text format, so a Jinja template (``caddy/Caddyfile.j2``) with
-StrictUndefined. TLS by ACME, Caddy's internal CA, or given files;
-`forward_auth` to the gatekeeper with identity headers copied back; every
-client-sent identity and `x-envoy-*` header stripped first; no buffering or
-compression, so server-sent events flow as produced.
+StrictUndefined. TLS by ACME, Caddy's internal CA, or given files; every
+client-sent identity and `x-envoy-*` header stripped; `/auth/*` (browser
+login) to the gatekeeper, everything else to Envoy, which authenticates each
+request itself (its Lua filter asks the gatekeeper and reuses an API key's
+answer; see envoy/model_router.lua). No `forward_auth`: a sub-request per
+request cost more than the rest of the chain (docs/performance.md). No
+buffering or compression, so server-sent events flow as produced.
 """
 
 from __future__ import annotations
@@ -14,9 +17,7 @@ import jinja2
 from controller.plan.models import Plan
 from controller.render import ASSETS, Files, renderer
 
-# What the gatekeeper answers with; Caddy copies exactly these to the request.
-IDENTITY_HEADERS = ("X-Fleet-User", "X-Fleet-Groups", "X-Fleet-Models", "X-Fleet-Key-Id")
-# Stripped from every client request before authentication.
+# Stripped from every client request (Envoy strips X-Fleet-* and X-Envoy-* again before authenticating).
 STRIP_HEADERS = (
     "X-Fleet-*",
     "X-Envoy-*",
@@ -50,7 +51,6 @@ def render(plan: Plan) -> Files:
         bind=str(gw.bind) if gw.bind else None,
         headers_timeout_s=gw.request_headers_timeout_s,
         max_body_bytes=int(gw.max_body_mib * 1024 * 1024),
-        identity_headers=IDENTITY_HEADERS,
         strip_headers=STRIP_HEADERS,
     )
     return {f"{gw.host}/caddy/Caddyfile": text}

@@ -225,7 +225,7 @@ def _edge_containers(plan: Plan) -> list[Container]:
         ),
         Container(
             name="gatekeeper",
-            description=f"fleet {fleet.name}: gatekeeper, forward-auth decisions",
+            description=f"fleet {fleet.name}: gatekeeper, authentication decisions",
             image=fleet.images.gatekeeper,
             args=[
                 "fleet-gatekeeper",

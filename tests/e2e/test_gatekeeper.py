@@ -232,21 +232,29 @@ def test_gatekeeper_metrics(stack: Stack) -> None:
 
 
 def test_gatekeeper_hanging_or_stopped_fails_closed_fast(stack: Stack) -> None:
+    """No answer, no access: at once for a key Envoy holds no answer for, within the revocation delay for one it does."""
+    fresh = {"Authorization": f"Bearer {new_key(stack, 'demo')}"}  # never used: nothing cached anywhere
+    known = {"Authorization": f"Bearer {stack.key}"}
+    assert post(stack, "/embeddings", EMBED, known).status_code == 200  # Envoy now holds the answer
     pid = stack.processes()["gatekeeper"]["pid"]
-    headers = {"Authorization": f"Bearer {stack.key}"}
     os.kill(pid, signal.SIGSTOP)  # hanging: accepts connections, never answers
+    hung_at = time.monotonic()
     try:
         began = time.monotonic()
-        reply = post(stack, "/embeddings", EMBED, headers)
-        assert reply.status_code in (401, 503) and time.monotonic() - began < 5
+        reply = post(stack, "/embeddings", EMBED, fresh)
+        assert reply.status_code == 503 and time.monotonic() - began < 5
         assert reply.json()["error"]["code"] == "service_unavailable"
+        wait_until(lambda: post(stack, "/embeddings", EMBED, known).status_code == 503, 15, "the held answer expiring")
+        # revocation delay (2 s in the demo fleet), plus one wait for the hung gatekeeper (2 s), plus slack
+        assert time.monotonic() - hung_at < 2 + 2 + 1.5
     finally:
         os.kill(pid, signal.SIGCONT)
     assert stack.ctl("stop", "gatekeeper").returncode == 0  # stopped: nothing listens
     try:
-        began = time.monotonic()
-        reply = post(stack, "/embeddings", EMBED, headers)
-        assert reply.status_code == 503 and time.monotonic() - began < 3
+        for headers in (fresh, known):
+            began = time.monotonic()
+            reply = post(stack, "/embeddings", EMBED, headers)
+            assert reply.status_code == 503 and time.monotonic() - began < 3
     finally:
         assert stack.ctl("start", "gatekeeper").returncode == 0
     stack.wait_healthy(timeout=30)
