@@ -4,8 +4,8 @@ Paths, all in front of the same stub backend (bench/stub.py: Envoy
 ``direct_response`` for the fixed completion, an asyncio server for streams):
 
 - **direct**: the stub itself;
-- **chain**: a real ``controller up`` stack (Caddy TLS → Envoy, whose Lua
-  filter authenticates with the gatekeeper's answers) whose one model is a ``vllm``
+- **chain**: a real ``controller up`` stack (Envoy terminating TLS, its Lua
+  filter authenticating with the gatekeeper's answers) whose one model is a ``vllm``
   worker; a ``vllm`` shim on the stack's PATH execs the stub with vLLM's CLI,
   so the supervisor starts, health-checks and stops the stub as its worker
   (a fake GPU UUID in the spec, as in tests/e2e/test_other_backends.py). The
@@ -445,8 +445,8 @@ def chain_stack(tmp: Path) -> Iterator[tuple[Target, Target, Any]]:
         others = {"supervisor": _supervisor(stack.state.root), "agent": procs["agent"]["pid"], **stub}
         others = {k: v for k, v in others.items() if v}
         chain = Target("chain", stack.base_url, stack.key, processes=gateway, others=others)
-        # A breakdown, not a client path: Envoy's own listener, plain HTTP, with the same key, so Envoy and its
-        # Lua filter (authentication included) are measured without Caddy and TLS.
+        # A breakdown, not a client path: Envoy's plain-HTTP loopback listener with the same key, so Envoy and
+        # its Lua filter (authentication included) are measured without TLS.
         envoy_only = Target(
             "envoy-only",
             f"http://127.0.0.1:{stack.ports.envoy}/v1",

@@ -306,6 +306,10 @@ function envoy_on_request(handle)
   end
   for _, name in ipairs(strip) do headers:remove(name) end
 
+  -- Browser sign-in pages go to the gatekeeper itself, which decides there (route "gatekeeper-pages").
+  local path = headers:get(":path") or ""
+  if string.sub(path, 1, 6) == "/auth/" then return end
+
   -- Fail closed: without the gatekeeper's answer nobody gets anything.
   local answer = authenticate(handle, headers)
   if answer == nil then return end
@@ -314,7 +318,6 @@ function envoy_on_request(handle)
   headers = handle:headers()
   for name, value in pairs(answer.identity) do headers:replace(name, value) end
   local method = headers:get(":method")
-  local path = headers:get(":path") or ""
   local bare = string.match(path, "^[^?]*")
   if method == "GET" and (bare == "/v1/models" or string.match(bare, "^/v1/models/")) then
     return models_list(handle, allowed, bare)

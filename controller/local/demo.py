@@ -25,6 +25,7 @@ class DemoPorts:
     envoy_admin: int = 18001
     gatekeeper: int = 18002
     caddy_admin: int = 18003
+    caddy_tls: int = 18004
     workers: int = 18100
     agent: int = 18400
     prometheus: int = 18091
@@ -83,6 +84,7 @@ def demo_fleet(ports: DemoPorts) -> dict[str, Any]:
                 "envoy_admin": ports.envoy_admin,
                 "gatekeeper": ports.gatekeeper,
                 "caddy_admin": ports.caddy_admin,
+                "caddy_tls": ports.caddy_tls,
                 "prometheus": ports.prometheus,
                 "alertmanager": ports.alertmanager,
                 "grafana": ports.grafana,

@@ -84,6 +84,10 @@ def local_processes(plan: Plan, spec_path: Path, state: StateDir) -> list[Proces
                 str(state.gatekeeper),
                 "--usage-log",
                 str(state.usage_log),
+                "--tls-dir",  # it publishes the certificate Envoy serves, from Caddy's storage or the spec's files
+                str(state.tls),
+                "--caddy-data",
+                str(state.caddy / "data"),
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -109,7 +113,7 @@ def local_processes(plan: Plan, spec_path: Path, state: StateDir) -> list[Proces
                 "warn",
             ],
             health_url=f"http://127.0.0.1:{ports.envoy_admin}/ready",
-            ports=[ports.envoy, ports.envoy_admin],
+            ports=[ports.https, ports.envoy, ports.envoy_admin],
         )
     )
     out.append(
@@ -123,7 +127,7 @@ def local_processes(plan: Plan, spec_path: Path, state: StateDir) -> list[Proces
                 "HOME": str(state.caddy),
             },
             health_url=f"http://127.0.0.1:{ports.caddy_admin}/config/",
-            ports=[ports.https, ports.http, ports.caddy_admin],
+            ports=[ports.http, ports.caddy_tls, ports.caddy_admin],
         )
     )
     out.append(agent_process(plan, spec_path, state))

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from controller.local.processes import ProcessSpec, local_processes
 from controller.local.state import StateDir, is_same_process, start_time
 from controller.plan import Plan, make_plan
 from controller.render import alertmanager, caddy, envoy, prometheus
+from controller.services.certs import ensure_sds_file, wait_published
 from controller.spec import load_spec
 
 
@@ -66,6 +68,7 @@ def up(spec_path: Path, state: StateDir, wait_s: float, progress: Callable[[dict
     if pid is not None:
         if stack.get("spec") == str(spec_path) and stack.get("spec_hash") == spec_hash(spec_path):
             wait_healthy(state, wait_s, progress)
+            wait_serving(plan, state, wait_s)
             return StackInfo(base_url(plan), state.ca_cert, spec_path, state.root, True, prometheus_url(plan, state))
         raise ControllerError(
             f"a stack for {stack.get('spec')} is running in {state.root} (supervisor pid {pid}) and its spec "
@@ -89,6 +92,7 @@ def up(spec_path: Path, state: StateDir, wait_s: float, progress: Callable[[dict
     )
     spawn_supervisor(spec_path, state)
     wait_healthy(state, wait_s, progress)
+    wait_serving(plan, state, wait_s)
     return StackInfo(base_url(plan), state.ca_cert, spec_path, state.root, False, prometheus_url(plan, state))
 
 
@@ -101,7 +105,8 @@ def write_configs(plan: Plan, state: StateDir) -> None:
     """The gateway's Envoy and Caddy configs for this stack, with paths inside its state folder."""
     (caddyfile,) = caddy.render(plan).values()
     write_file(state.config / "Caddyfile", caddyfile)
-    config = envoy.bootstrap(plan, usage_log=str(state.usage_log))
+    config = envoy.bootstrap(plan, usage_log=str(state.usage_log), tls_dir=str(state.tls))
+    ensure_sds_file(state.tls)  # Envoy starts with it empty; the gatekeeper publishes the certificate into it
     write_file(state.config / "envoy.yaml", yaml.safe_dump(config, sort_keys=False, width=1000))
     # Prometheus (rules beside its config) and Alertmanager, as rendered for the gateway host.
     for rel, text in {**prometheus.render(plan), **alertmanager.render(plan)}.items():
@@ -178,6 +183,36 @@ def wait_healthy(state: StateDir, wait_s: float, progress: Callable[[dict[str, A
                 f"(the stack keeps trying; `controller down` stops it)"
             )
         time.sleep(0.2)
+
+
+def wait_serving(plan: Plan, state: StateDir, wait_s: float) -> None:
+    """Every process is up; now the certificate: published by the gatekeeper, and Envoy's HTTPS port serving it."""
+    gw = plan.fleet.gateway
+    if not wait_published(state.tls, wait_s):
+        where = (
+            "Caddy has not issued one (see `controller logs caddy`)"
+            if gw.tls.mode != "files"
+            else "check tls.cert_file"
+        )
+        raise ControllerError(
+            f"no certificate for {gw.public_name} after {wait_s:.0f}s: {where}; `controller logs gatekeeper` says why"
+        )
+    address = "127.0.0.1" if gw.bind is None else str(gw.bind)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # only: does the port complete a handshake yet
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with (
+                socket.create_connection((address, gw.ports.https), timeout=2) as raw,
+                context.wrap_socket(raw, server_hostname=gw.public_name),
+            ):
+                return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise ControllerError(f"Envoy's HTTPS port {gw.ports.https} does not serve TLS yet: {exc}") from None
+            time.sleep(0.1)
 
 
 def request(state: StateDir, action: str, target: str | None = None, timeout: float = 30) -> dict[str, Any]:

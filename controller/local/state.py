@@ -78,6 +78,11 @@ class StateDir:
         return self.root / "models"
 
     @property
+    def tls(self) -> Path:
+        """The certificate Envoy serves, as the gatekeeper publishes it (an SDS file; private)."""
+        return self.root / "tls"
+
+    @property
     def ca_cert(self) -> Path:
         """The root certificate of Caddy's internal CA; clients trust this file."""
         return self.caddy / "data" / "caddy" / "pki" / "authorities" / "local" / "root.crt"
@@ -86,9 +91,10 @@ class StateDir:
         return self.logs / f"{name}.log"
 
     def create(self) -> None:
-        for folder in (self.root, self.config, self.logs, self.caddy, self.gatekeeper, self.models):
+        for folder in (self.root, self.config, self.logs, self.caddy, self.gatekeeper, self.models, self.tls):
             folder.mkdir(parents=True, exist_ok=True)
         os.chmod(self.gatekeeper, 0o700)
+        os.chmod(self.tls, 0o700)
 
     def read_json(self, path: Path) -> dict[str, Any] | None:
         try:

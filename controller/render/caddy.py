@@ -1,13 +1,14 @@
-"""Caddy: the TLS front door, `<gateway host>/caddy/Caddyfile`.
+"""Caddy: the certificate's keeper, `<gateway host>/caddy/Caddyfile`.
 
 Text format, so a Jinja template (``caddy/Caddyfile.j2``) with
-StrictUndefined. TLS by ACME, Caddy's internal CA, or given files; every
-client-sent identity and `x-envoy-*` header stripped; `/auth/*` (browser
-login) to the gatekeeper, everything else to Envoy, which authenticates each
-request itself (its Lua filter asks the gatekeeper and reuses an API key's
-answer; see envoy/model_router.lua). No `forward_auth`: a sub-request per
-request cost more than the rest of the chain (docs/performance.md). No
-buffering or compression, so server-sent events flow as produced.
+StrictUndefined. Caddy obtains and renews the certificate for the public
+name (ACME with the HTTP challenge, or its internal CA) on a loopback-only
+site, and serves the public HTTP port: ACME challenges and a redirect to
+HTTPS. Envoy terminates TLS on the public HTTPS port with that certificate
+(published to it by the gatekeeper, see controller/services/certs.py), so
+no API request passes through Caddy: in the request path Caddy cost more
+CPU than everything else together (docs/performance.md). In `files` mode
+there is nothing to obtain, and Caddy only redirects.
 """
 
 from __future__ import annotations
@@ -16,23 +17,6 @@ import jinja2
 
 from controller.plan.models import Plan
 from controller.render import ASSETS, Files, renderer
-
-# Stripped from every client request (Envoy strips X-Fleet-* and X-Envoy-* again before authenticating).
-STRIP_HEADERS = (
-    "X-Fleet-*",
-    "X-Envoy-*",
-    "Remote-User",
-    "Remote-Groups",
-    "Remote-Email",
-    "Remote-Name",
-    "X-Forwarded-User",
-    "X-Forwarded-Email",
-    "X-Forwarded-Groups",
-    "X-Forwarded-Preferred-Username",
-    "X-Auth-Request-*",
-    "X-Authentik-*",
-    "X-Remote-User",
-)
 
 
 @renderer("caddy")
@@ -50,7 +34,10 @@ def render(plan: Plan) -> Files:
         public_name=gw.public_name,
         bind=str(gw.bind) if gw.bind else None,
         headers_timeout_s=gw.request_headers_timeout_s,
-        max_body_bytes=int(gw.max_body_mib * 1024 * 1024),
-        strip_headers=STRIP_HEADERS,
     )
     return {f"{gw.host}/caddy/Caddyfile": text}
+
+
+def certificate_dir(data_dir: str) -> str:
+    """Where Caddy keeps what it issues, under its data folder (XDG_DATA_HOME, /data in its image)."""
+    return f"{data_dir}/caddy/certificates"

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from controller import backends
 from controller.backends.llamacpp import LlamaCpp
 from controller.plan.models import Plan, Worker
+from controller.render.envoy import TLS_DIR
+from controller.spec.models import Fleet
 
 HF_TOKEN_SECRET = "fleet-hf-token"
 HF_TOKEN_TARGET = "/run/secrets/hf_token"
@@ -181,9 +183,13 @@ def worker_container(plan: Plan, worker: Worker) -> Container:
 def gateway_containers(plan: Plan) -> list[Container]:
     """Envoy, Caddy and the gatekeeper on the gateway host, then its monitoring.
 
-    They use the host's network: Caddy serves the public ports, Envoy and
-    the gatekeeper listen on loopback only (see the rendered configs), and
-    Envoy reaches workers over the mesh.
+    They use the host's network: Envoy serves the public HTTPS port with the
+    certificate the gatekeeper publishes into the shared `fleet-tls` volume
+    (from Caddy's storage, or the spec's files); Caddy serves the public HTTP
+    port (ACME challenges, redirect) and keeps the certificate; the
+    gatekeeper listens on loopback only; Envoy reaches workers over the mesh.
+    Until the gatekeeper has written the TLS folder's SDS file Envoy exits,
+    and its restart policy brings it back a moment later.
     """
     return [*_edge_containers(plan), *monitoring_containers(plan)]
 
@@ -200,7 +206,7 @@ def _edge_containers(plan: Plan) -> list[Container]:
     return [
         Container(
             name="envoy",
-            description=f"fleet {fleet.name}: Envoy, model routing and health-checked upstreams",
+            description=f"fleet {fleet.name}: Envoy, TLS front door, authentication, model routing",
             image=fleet.images.envoy,
             args=[
                 "-c",
@@ -215,6 +221,7 @@ def _edge_containers(plan: Plan) -> list[Container]:
             volumes=[
                 Volume(f"{CONFIG_DIR}/envoy/envoy.yaml", "/etc/envoy/envoy.yaml", read_only=True),
                 Volume("/var/log/fleet", "/var/log/fleet"),  # the usage log, read by the gatekeeper
+                Volume("fleet-tls", TLS_DIR, read_only=True),  # the certificate, as the gatekeeper publishes it
             ],
             health=Health(
                 cmd=["CMD", "bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{gw.ports.envoy_admin}"], start_period_s=10
@@ -235,6 +242,10 @@ def _edge_containers(plan: Plan) -> list[Container]:
                 "/var/lib/fleet",
                 "--usage-log",
                 "/var/log/fleet/usage.log",
+                "--tls-dir",
+                TLS_DIR,
+                "--caddy-data",
+                "/caddy-data",
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -244,6 +255,9 @@ def _edge_containers(plan: Plan) -> list[Container]:
                 Volume("fleet-gatekeeper-state", "/var/lib/fleet"),
                 Volume("/var/log/fleet", "/var/log/fleet", read_only=True),
                 Volume(f"{CONFIG_DIR}/fleet.yaml", "/etc/fleet/fleet.yaml", read_only=True),
+                Volume("fleet-tls", TLS_DIR),
+                Volume("fleet-caddy-data", "/caddy-data", read_only=True),
+                *_tls_files(fleet),
             ],
             secrets=secrets,
             health=Health(
@@ -260,7 +274,7 @@ def _edge_containers(plan: Plan) -> list[Container]:
         ),
         Container(
             name="caddy",
-            description=f"fleet {fleet.name}: Caddy, TLS front door",
+            description=f"fleet {fleet.name}: Caddy, the certificate (ACME) and the HTTP port",
             image=fleet.images.caddy,
             args=["caddy", "run", "--config", "/etc/caddy/Caddyfile", "--adapter", "caddyfile"],
             volumes=[
@@ -272,6 +286,14 @@ def _edge_containers(plan: Plan) -> list[Container]:
             labels={**labels, "io.fleet.service": "caddy"},
         ),
     ]
+
+
+def _tls_files(fleet: Fleet) -> list[Volume]:
+    """`files` mode: the operator's certificate and key, for the gatekeeper to publish to Envoy."""
+    tls = fleet.gateway.tls
+    if tls.mode != "files" or tls.cert_file is None or tls.key_file is None:
+        return []
+    return [Volume(tls.cert_file, tls.cert_file, read_only=True), Volume(tls.key_file, tls.key_file, read_only=True)]
 
 
 def wget_health(url: str, start_period_s: int) -> Health:

@@ -38,9 +38,14 @@ INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 MAX_N = 8
 # Where Envoy writes the usage log on a gateway host (shared with the gatekeeper).
 USAGE_LOG = "/var/log/fleet/usage.log"
+# Where Envoy finds the certificate it serves on a gateway host: an SDS file the gatekeeper publishes
+# (controller/services/certs.py).
+TLS_DIR = "/etc/fleet/tls"
 # Requests in flight per replica slot: one running, one waiting in the backend's own queue.
 CONNECTIONS_PER_SLOT = 2
 GATEKEEPER_CLUSTER = "gatekeeper"
+# The caller's credentials never leave the gateway for a worker (workers sit on the mesh, unauthenticated).
+CREDENTIALS = ["authorization", "x-api-key", "cookie"]
 # How long the Lua filter waits for the gatekeeper before answering 503.
 AUTH_TIMEOUT_MS = 2000
 
@@ -62,13 +67,17 @@ def worker_cluster(worker: str) -> str:
     return f"worker_{worker}"
 
 
-def bootstrap(plan: Plan, *, listen: str = "127.0.0.1", usage_log: str = USAGE_LOG) -> dict[str, Any]:
+def bootstrap(plan: Plan, *, usage_log: str = USAGE_LOG, tls_dir: str = TLS_DIR) -> dict[str, Any]:
     gw = plan.fleet.gateway
+    public = str(gw.bind) if gw.bind is not None else "0.0.0.0"
     return {
         "node": {"id": f"fleet-{plan.fleet.name}-gateway", "cluster": f"fleet-{plan.fleet.name}"},
         "admin": {"address": _socket("127.0.0.1", gw.ports.envoy_admin)},
         "static_resources": {
-            "listeners": [listener(plan, listen, usage_log)],
+            "listeners": [
+                listener(plan, "public", public, gw.ports.https, usage_log, tls_dir),
+                listener(plan, "api", "127.0.0.1", gw.ports.envoy, usage_log),
+            ],
             "clusters": [
                 _gatekeeper_cluster(gw.ports.gatekeeper),
                 *(_model_cluster(plan, m.name) for m in plan.fleet.models),
@@ -90,22 +99,33 @@ def bootstrap(plan: Plan, *, listen: str = "127.0.0.1", usage_log: str = USAGE_L
     }
 
 
-def listener(plan: Plan, listen: str, usage_log: str) -> dict[str, Any]:
+def listener(
+    plan: Plan, name: str, address: str, port: int, usage_log: str, tls_dir: str | None = None
+) -> dict[str, Any]:
+    """One HTTP listener; with ``tls_dir``, TLS with the certificate published there (file SDS).
+
+    The public listener (TLS, the clients' port) and the loopback one (plain
+    HTTP, for diagnostics and benchmarks) run the same filters and routes.
+    """
     gw = plan.fleet.gateway
     body_limit = int(gw.max_body_mib * MIB)
+    chain: dict[str, Any] = {}
+    if tls_dir is not None:
+        chain["transport_socket"] = _downstream_tls(tls_dir)
     return {
-        "name": "api",
-        "address": _socket(listen, gw.ports.envoy),
+        "name": name,
+        "address": _socket(address, port),
         # The Lua filter buffers the request body; past this Envoy answers 413.
         "per_connection_buffer_limit_bytes": body_limit,
         "filter_chains": [
             {
+                **chain,
                 "filters": [
                     {
                         "name": "envoy.filters.network.http_connection_manager",
                         "typed_config": {
                             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                            "stat_prefix": "api",
+                            "stat_prefix": name,
                             "codec_type": "AUTO",
                             "use_remote_address": True,
                             "internal_address_config": {"cidr_ranges": []},  # no client is "internal"
@@ -148,9 +168,34 @@ def listener(plan: Plan, listen: str, usage_log: str) -> dict[str, Any]:
                             ],
                         },
                     }
-                ]
+                ],
             }
         ],
+    }
+
+
+def _downstream_tls(tls_dir: str) -> dict[str, Any]:
+    """TLS 1.2+ with the certificate from ``<tls_dir>/sds.yaml``, reloaded when a new one is moved in."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "common_tls_context": {
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                "tls_certificate_sds_secret_configs": [
+                    {
+                        "name": "public",
+                        "sds_config": {
+                            "path_config_source": {
+                                "path": f"{tls_dir}/sds.yaml",
+                                "watched_directory": {"path": tls_dir},
+                            }
+                        },
+                    }
+                ],
+            },
+        },
     }
 
 
@@ -197,6 +242,7 @@ def route_config(plan: Plan) -> dict[str, Any]:
                         "headers": [_method("POST"), {"name": "x-fleet-model", "string_match": {"exact": name}}],
                     },
                     "route": _upstream(model_cluster(model.name)),
+                    "request_headers_to_remove": CREDENTIALS,
                 }
             )
     for worker in plan.workers:
@@ -210,6 +256,7 @@ def route_config(plan: Plan) -> dict[str, Any]:
                     **_upstream(worker_cluster(worker.name), retries=False),
                     "regex_rewrite": {"pattern": {"regex": "^" + re.escape(prefix)}, "substitution": ""},
                 },
+                "request_headers_to_remove": CREDENTIALS,
             }
         )
         routes.append(
@@ -217,8 +264,18 @@ def route_config(plan: Plan) -> dict[str, Any]:
                 "name": f"proxy-models:{worker.name}",
                 "match": {"path": f"{prefix}/v1/models", "headers": [_method("GET")]},
                 "route": {**_upstream(worker_cluster(worker.name), retries=False), "prefix_rewrite": "/v1/models"},
+                "request_headers_to_remove": CREDENTIALS,
             }
         )
+    # Browser sign-in (OIDC) and the gatekeeper's own pages; its decision endpoint is Envoy's alone.
+    routes.append(_direct({"path": "/auth/check"}, 404, _error_json("Not found", "invalid_request_error", "not_found")))
+    routes.append(
+        {
+            "name": "gatekeeper-pages",
+            "match": {"prefix": "/auth/"},
+            "route": {"cluster": GATEKEEPER_CLUSTER, "timeout": "10s"},
+        }
+    )
     routes.append(
         _direct(
             {"prefix": "/"},
@@ -233,9 +290,8 @@ def route_config(plan: Plan) -> dict[str, Any]:
     return {
         "name": "api",
         "virtual_hosts": [{"name": "api", "domains": ["*"], "routes": routes}],
-        # Identity and routing headers reach workers only as the gatekeeper and the Lua filter set them;
-        # the caller's credentials never leave the gateway (workers sit on the mesh, unauthenticated).
-        "request_headers_to_remove": ["x-fleet-api-key", "authorization", "x-api-key", "cookie"],
+        # Identity and routing headers reach workers only as the gatekeeper and the Lua filter set them.
+        "request_headers_to_remove": ["x-fleet-api-key"],
     }
 
 

@@ -19,7 +19,9 @@ access tokens and browser sessions are decided on every request.
 Per decision it also enforces the user's request rate (429 + Retry-After)
 and daily token quota (429 until the next UTC day); a reused answer is
 checked against the quota again when it expires. A background thread reads
-Envoy's usage log into the ledger.
+Envoy's usage log into the ledger; another (with ``--tls-dir``) publishes
+the certificate Envoy serves, from Caddy's storage or the spec's files
+(controller/services/certs.py).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 
 from controller.services.access import Access, Identity
+from controller.services.certs import Publisher, Source
 from controller.services.keystore import KeyStore
 from controller.services.ledger import Entry, Ledger, utc_day
 from controller.services.limits import RateLimiter
@@ -244,8 +247,26 @@ def seconds_to_utc_midnight(now: float) -> int:
     return int(86400 - now % 86400) + 1
 
 
-def create_app(spec_path: Path, state_dir: Path, usage_log: Path | None = None) -> FastAPI:
+def cert_source(fleet: Fleet, spec_dir: Path, caddy_data: Path | None) -> Source:
+    """Where the certificate Envoy serves comes from: the operator's files, or what Caddy issued."""
+    tls = fleet.gateway.tls
+    if tls.mode == "files" and tls.cert_file is not None and tls.key_file is not None:
+        return Source(cert_file=spec_dir / tls.cert_file, key_file=spec_dir / tls.key_file)
+    if caddy_data is None:
+        raise SystemExit(f"gatekeeper: tls mode {tls.mode!r} needs --caddy-data (Caddy's data folder)")
+    return Source(caddy_data=caddy_data, name=fleet.gateway.public_name)
+
+
+def create_app(
+    spec_path: Path,
+    state_dir: Path,
+    usage_log: Path | None = None,
+    tls_dir: Path | None = None,
+    caddy_data: Path | None = None,
+) -> FastAPI:
+    """The gatekeeper; with ``tls_dir`` it also publishes the certificate Envoy serves there."""
     fleet = load_spec(spec_path).fleet
+    publisher = Publisher(cert_source(fleet, spec_path.parent, caddy_data), tls_dir) if tls_dir else None
     settings = oidc_settings(fleet, spec_path.parent)
     provider = Provider(settings) if settings else None
     sessions = Sessions(state_dir / "sessions.db") if settings else None
@@ -270,8 +291,12 @@ def create_app(spec_path: Path, state_dir: Path, usage_log: Path | None = None) 
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if usage_log is not None:
             threading.Thread(target=ingest_loop, name="ingest", daemon=True).start()
+        if publisher is not None:
+            publisher.start()
         yield
         stop.set()
+        if publisher is not None:
+            publisher.stop()
 
     app = FastAPI(title="fleet gatekeeper", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.gate = gate
@@ -434,10 +459,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spec", type=Path, required=True)
     parser.add_argument("--state-dir", type=Path, required=True, help="holds keys.db and usage.db")
     parser.add_argument("--usage-log", type=Path, help="Envoy's usage log to read into the ledger")
+    parser.add_argument("--tls-dir", type=Path, help="publish the certificate Envoy serves here (its SDS folder)")
+    parser.add_argument("--caddy-data", type=Path, help="Caddy's data folder: where it keeps what it issued")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
-    app = create_app(args.spec, args.state_dir, args.usage_log)
+    app = create_app(args.spec, args.state_dir, args.usage_log, args.tls_dir, args.caddy_data)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

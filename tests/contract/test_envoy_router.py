@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
+import socket
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +20,16 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from cryptography import x509
 
 from controller.plan import Plan, make_plan
 from controller.render.envoy import bootstrap
+from controller.services.certs import Source, ensure_sds_file, publish
 from controller.services.keystore import KeyStore
 from controller.spec import load_spec
 from tests.conftest import need_tool
 from tests.e2e.stack import envoy_healthy
-from tests.helpers import MINIMAL, write_spec
+from tests.helpers import MINIMAL, self_signed, write_spec
 from tests.stubs import StubWorker, free_port, free_port_run, running_envoy, running_gatekeeper, wait_until
 
 pytestmark = pytest.mark.contract
@@ -40,6 +44,7 @@ class Gateway:
     usage_log: Path
     keys: dict[str, str]  # user → an API key of theirs
     gatekeeper_metrics: str
+    tls_dir: Path
 
 
 def _spec(base: int) -> dict:  # type: ignore[type-arg]
@@ -90,7 +95,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     spec_path = write_spec(tmp / "fleet.yaml", _spec(free_port_run(3)))
     plan = make_plan(load_spec(spec_path))
     config = tmp / "envoy.yaml"
-    config.write_text(yaml.safe_dump(bootstrap(plan, usage_log=str(tmp / "usage.log")), sort_keys=False))
+    config.write_text(
+        yaml.safe_dump(bootstrap(plan, usage_log=str(tmp / "usage.log"), tls_dir=str(tmp / "tls")), sort_keys=False)
+    )
+    ensure_sds_file(tmp / "tls")
     state = tmp / "gatekeeper"
     state.mkdir()
     store = KeyStore(state / "keys.db")
@@ -106,7 +114,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         ):
             wait_until(lambda: _healthy(admin) == len(plan.workers) * 2, 20, "every endpoint healthy")
             metrics = f"http://127.0.0.1:{ports.gatekeeper}/metrics"
-            yield Gateway(f"http://127.0.0.1:{ports.envoy}", admin, plan, stubs, tmp / "usage.log", keys, metrics)
+            url = f"http://127.0.0.1:{ports.envoy}"
+            yield Gateway(url, admin, plan, stubs, tmp / "usage.log", keys, metrics, tmp / "tls")
     finally:
         for stub in stubs.values():
             stub.stop()
@@ -380,3 +389,42 @@ def test_usage_log_records_the_backends_numbers(gateway: Gateway) -> None:
     assert (entry["model"], entry["user"], entry["key_id"]) == ("alpha", "tester", key_id)
     assert (entry["prompt_tokens"], entry["completion_tokens"], entry["status"]) == ("3", "5", 200)
     assert all(json.loads(raw)["model"] for raw in gateway.usage_log.read_text().splitlines()), "only inference"
+
+
+def _served_serial(port: int) -> int | None:
+    """The serial number of the certificate Envoy's public port presents, or None without a handshake."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=2) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as conn,
+        ):
+            der = conn.getpeercert(binary_form=True)
+    except OSError:
+        return None
+    return x509.load_der_x509_certificate(der).serial_number if der else None
+
+
+def test_public_port_serves_the_published_certificate_and_its_renewal(gateway: Gateway, tmp_path: Path) -> None:
+    """Envoy terminates TLS with the certificate published into its SDS folder, and takes a renewal live."""
+    port = gateway.plan.fleet.gateway.ports.https
+    assert _served_serial(port) is None  # nothing published yet: no handshake, no plain-text fallback
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder in (first, second):
+        folder.mkdir()
+        chain, key = self_signed("localhost")
+        (folder / "cert.pem").write_bytes(chain)
+        (folder / "key.pem").write_bytes(key)
+    assert publish(Source(first / "cert.pem", first / "key.pem"), gateway.tls_dir)
+    wait_until(lambda: _served_serial(port) is not None, 10, "the first certificate served")
+    url = f"https://localhost:{port}/v1/models"
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(first / "cert.pem")), timeout=5) as client:
+        assert client.get(url, headers=as_user(gateway, "tester")).status_code == 200
+        assert publish(Source(second / "cert.pem", second / "key.pem"), gateway.tls_dir)
+        serial = x509.load_pem_x509_certificate((second / "cert.pem").read_bytes()).serial_number
+        wait_until(lambda: _served_serial(port) == serial, 10, "the renewed certificate served")
+        # The connection opened before the renewal carries on with its session.
+        assert client.get(url, headers=as_user(gateway, "tester")).status_code == 200
+    assert not publish(Source(second / "cert.pem", second / "key.pem"), gateway.tls_dir)  # unchanged: not rewritten

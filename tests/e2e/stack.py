@@ -146,6 +146,7 @@ def start_stack(tmp: Path, customize: Any = None, env: dict[str, str] | None = N
         envoy_admin=free_port(),
         gatekeeper=free_port(),
         caddy_admin=free_port(),
+        caddy_tls=free_port(),
         workers=free_port_run(3),
         agent=free_port(),
         prometheus=free_port(),

