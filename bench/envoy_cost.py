@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from bench.gateway import GPU, MODEL, Target, wrk
+from bench.report import machine, write_section
 from controller.plan import make_plan
 from controller.render.envoy import bootstrap, model_cluster
 from controller.services.certs import ensure_sds_file
@@ -40,32 +41,36 @@ from tests.stubs import free_port, running_envoy, running_gatekeeper, running_pr
 Config = dict[str, Any]
 
 
-def _hcm(config: Config) -> Config:
-    hcm: Config = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    return hcm
+def _hcms(config: Config) -> list[Config]:
+    """The HTTP connection manager of every listener (the TLS one and the plain one share filters and routes)."""
+    return [
+        listener["filter_chains"][0]["filters"][0]["typed_config"]
+        for listener in config["static_resources"]["listeners"]
+    ]
 
 
 def drop_stdout_log(config: Config) -> None:
-    logs = _hcm(config)["access_log"]
-    logs[:] = [log for log in logs if log["name"] != "envoy.access_loggers.stdout"]
+    for hcm in _hcms(config):
+        hcm["access_log"] = [log for log in hcm["access_log"] if log["name"] != "envoy.access_loggers.stdout"]
 
 
 def drop_usage_log(config: Config) -> None:
-    logs = _hcm(config)["access_log"]
-    logs[:] = [log for log in logs if log["name"] != "envoy.access_loggers.file"]
+    for hcm in _hcms(config):
+        hcm["access_log"] = [log for log in hcm["access_log"] if log["name"] != "envoy.access_loggers.file"]
 
 
 def drop_response_hook(config: Config) -> None:
-    lua = _hcm(config)["http_filters"][0]["typed_config"]["default_source_code"]
-    source: str = lua["inline_string"]
-    lua["inline_string"] = source.replace("function envoy_on_response(handle)", "local function unused(handle)")
+    for hcm in _hcms(config):
+        lua = hcm["http_filters"][0]["typed_config"]["default_source_code"]
+        source: str = lua["inline_string"]
+        lua["inline_string"] = source.replace("function envoy_on_response(handle)", "local function unused(handle)")
 
 
 def drop_lua(config: Config) -> None:
-    hcm = _hcm(config)
-    hcm["http_filters"] = hcm["http_filters"][1:]
-    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
-    routes.insert(0, {"match": {"prefix": "/v1/chat/completions"}, "route": {"cluster": model_cluster(MODEL)}})
+    for hcm in _hcms(config):
+        hcm["http_filters"] = hcm["http_filters"][1:]
+        routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+        routes.insert(0, {"match": {"prefix": "/v1/chat/completions"}, "route": {"cluster": model_cluster(MODEL)}})
 
 
 VARIANTS: dict[str, Callable[[Config], None] | None] = {
@@ -140,21 +145,49 @@ def _envoy() -> str:
     return found.stdout.strip()
 
 
+def markdown(rows: list[dict[str, Any]], command: str) -> str:
+    base = rows[0]["cpu_us_per_req"]["envoy"]
+    lines = [
+        "<!-- bench:envoy-cost:begin -->",
+        f"Machine: {machine()}. Command: `{command}`. One wrk run per variant (keep-alive, one thread), "
+        "against Envoy's plain-HTTP loopback listener with a valid API key; the gatekeeper's answer is reused, "
+        "so it is asked about once per Envoy worker thread.",
+        "",
+        "| variant | req/s | Envoy CPU µs/req | against rendered | p50 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cpu = row["cpu_us_per_req"]["envoy"]
+        lines.append(
+            f"| {row['variant']} | {row['rps']:.0f} | {cpu:.0f} | {cpu - base:+.0f} | {row['p50_ms']:.2f} "
+            f"| {row['p99_ms']:.2f} | {row['errors']} |"
+        )
+    lines.append("<!-- bench:envoy-cost:end -->")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.envoy_cost", description=__doc__)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--write", type=Path, help="update the Envoy-cost section of this Markdown file")
     args = parser.parse_args()
     rows = run(args.seconds, args.connections)
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print("| variant | req/s | Envoy µs/req | p50 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        cpu = row["cpu_us_per_req"]["envoy"]
-        print(f"| {row['variant']} | {row['rps']} | {cpu} | {row['p50_ms']} | {row['p99_ms']} | {row['errors']} |")
+    command = f"python -m bench.envoy_cost --seconds {args.seconds:g} --connections {args.connections}"
+    text = markdown(rows, command + (f" --write {args.write}" if args.write else ""))
+    print(text)
+    if args.write:
+        write_section(
+            args.write,
+            "<!-- bench:envoy-cost:begin -->",
+            "<!-- bench:envoy-cost:end -->",
+            text,
+            "Where Envoy's time goes",
+        )
 
 
 if __name__ == "__main__":

@@ -368,6 +368,7 @@ function envoy_on_request(handle)
 
   local meta = handle:streamInfo():dynamicMetadata()
   meta:set("fleet", "model", canonical)
+  if members.stream == true then meta:set("fleet", "stream", "1") end
   -- Usage: ask the backend for it in a stream's last chunk when the client did not.
   if members.stream == true and members.stream_options == nil then
     local i = string.find(raw, "{", 1, true)
@@ -409,19 +410,27 @@ end
 
 function envoy_on_response(handle)
   local meta = handle:streamInfo():dynamicMetadata():get("fleet")
-  if meta == nil or meta.model == nil then return end
+  -- Whole JSON responses are read natively (json_to_metadata, next in the chain): streams only here.
+  if meta == nil or meta.stream ~= "1" then return end
   local strip = meta.strip_usage == "1"
-  local tail = ""
   local prompt, completion = nil, nil
+  -- Most chunks of a stream hold no usage: a plain search decides, and only a chunk with
+  -- '"usage"' in it (or across its border with the previous one, or right after one whose
+  -- numbers were cut off) is scanned with the previous chunk's tail in front.
+  local prev, pending = "", false
   for chunk in handle:bodyChunks() do
     local text = chunk:getBytes(0, chunk:length())
-    local p, c = scan_usage(tail .. text)
-    if p then prompt, completion = p, c end
-    if strip and p and string.find(text, '"usage"', 1, true) then
-      local kept = drop_injected_usage(text)
-      if #kept ~= #text then chunk:setBytes(kept) end
+    if pending or string.find(text, '"usage"', 1, true)
+        or string.find(string.sub(prev, -8) .. string.sub(text, 1, 8), '"usage"', 1, true) then
+      local p, c = scan_usage(string.sub(prev, -TAIL) .. text)
+      pending = p == nil
+      if p then prompt, completion = p, c end
+      if strip and p and string.find(text, '"usage"', 1, true) then
+        local kept = drop_injected_usage(text)
+        if #kept ~= #text then chunk:setBytes(kept) end
+      end
     end
-    tail = string.sub(text, -TAIL)
+    prev = text
   end
   if prompt then
     local out = handle:streamInfo():dynamicMetadata()

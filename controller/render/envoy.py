@@ -158,6 +158,7 @@ def listener(
                                         "default_source_code": {"inline_string": lua_source(plan)},
                                     },
                                 },
+                                usage_from_json(),
                                 {
                                     "name": "envoy.filters.http.router",
                                     "typed_config": {
@@ -171,6 +172,28 @@ def listener(
                 ],
             }
         ],
+    }
+
+
+def usage_from_json() -> dict[str, Any]:
+    """The usage numbers of a whole JSON response, read natively (streams are read by the Lua filter)."""
+    rules = [
+        {
+            "selectors": [{"key": "usage"}, {"key": field}],
+            "on_present": {"metadata_namespace": "fleet", "key": field, "type": "STRING"},
+        }
+        for field in ("prompt_tokens", "completion_tokens")
+    ]
+    return {
+        "name": "envoy.filters.http.json_to_metadata",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+            "response_rules": {
+                "rules": rules,
+                # Compared whole, parameters included: vLLM sends the first, llama.cpp and Ollama the second.
+                "allow_content_types": ["application/json", "application/json; charset=utf-8"],
+            },
+        },
     }
 
 
@@ -451,7 +474,8 @@ def _gatekeeper_cluster(port: int) -> dict[str, Any]:
 
 
 def access_log() -> dict[str, Any]:
-    """One line per request on stdout: who, which model, where it went, and Envoy's response flags."""
+    """One line per request on stdout (but successful inference requests, in the usage log instead): who, which
+    model, where it went, and Envoy's response flags."""
     fields = {
         "time": "%START_TIME%",
         "method": "%REQ(:METHOD)%",
@@ -470,6 +494,27 @@ def access_log() -> dict[str, Any]:
     }
     return {
         "name": "envoy.access_loggers.stdout",
+        # Successful inference requests are in the usage log already (user, model, status, tokens, time);
+        # here: everything else, and every failure with Envoy's flags and the upstream it tried.
+        "filter": {
+            "or_filter": {
+                "filters": [
+                    {
+                        "status_code_filter": {
+                            "comparison": {
+                                "op": "GE",
+                                "value": {"default_value": 400, "runtime_key": "fleet.log_status"},
+                            }
+                        }
+                    },
+                    {  # not routed to a model (the Lua filter sets x-fleet-model when it routes): not in the usage log
+                        "header_filter": {
+                            "header": {"name": "x-fleet-model", "present_match": True, "invert_match": True}
+                        }
+                    },
+                ]
+            }
+        },
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
             "log_format": {"json_format": fields},

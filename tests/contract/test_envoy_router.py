@@ -428,3 +428,15 @@ def test_public_port_serves_the_published_certificate_and_its_renewal(gateway: G
         # The connection opened before the renewal carries on with its session.
         assert client.get(url, headers=as_user(gateway, "tester")).status_code == 200
     assert not publish(Source(second / "cert.pem", second / "key.pem"), gateway.tls_dir)  # unchanged: not rewritten
+
+
+def test_access_log_has_what_the_usage_log_does_not(gateway: Gateway) -> None:
+    """Envoy's own log: every failure and every request that is not inference; not each successful inference."""
+    log = gateway.usage_log.parent / "envoy.log"
+    ok, failed, listing = "log-ok-0001", "log-failed-0001", "log-models-0001"
+    assert chat(gateway, {"model": "alpha"}, extra={"x-request-id": ok}).status_code == 200
+    assert chat(gateway, {"model": "gamma"}, extra={"x-request-id": failed}).status_code == 404
+    assert get(gateway, "/v1/models", extra={"x-request-id": listing}).status_code == 200
+    wait_until(lambda: failed in log.read_text() and listing in log.read_text(), 10, "the access log lines")
+    wait_until(lambda: ok in gateway.usage_log.read_text(), 10, "the usage line")
+    assert ok not in log.read_text()
