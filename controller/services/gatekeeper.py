@@ -101,10 +101,18 @@ class Metrics:
             "fleet_ledger_last_ingest_timestamp_seconds", "When the usage log was last read.", registry=self.registry
         )
 
-    def record(self, entry: Entry) -> None:
-        self.tokens.labels(entry.user, entry.model, "prompt").inc(entry.prompt_tokens)
-        self.tokens.labels(entry.user, entry.model, "completion").inc(entry.completion_tokens)
-        self.requests.labels(entry.user, entry.model).inc()
+    def record(self, entries: list[Entry]) -> None:
+        """Count a batch of new ledger entries: one counter update per user and model, not per request."""
+        totals: dict[tuple[str, str], list[int]] = {}
+        for entry in entries:
+            total = totals.setdefault((entry.user, entry.model), [0, 0, 0])
+            total[0] += entry.prompt_tokens
+            total[1] += entry.completion_tokens
+            total[2] += 1
+        for (user, model), (prompt, completion, requests) in totals.items():
+            self.tokens.labels(user, model, "prompt").inc(prompt)
+            self.tokens.labels(user, model, "completion").inc(completion)
+            self.requests.labels(user, model).inc(requests)
 
 
 class CertificateExpiry:
@@ -281,7 +289,9 @@ def create_app(
         assert usage_log is not None
         while not stop.is_set():
             try:
-                ledger.ingest(usage_log, metrics.record)
+                batch: list[Entry] = []
+                ledger.ingest(usage_log, batch.append)
+                metrics.record(batch)
                 metrics.ingested.set(time.time())
             except Exception as exc:  # the next round retries; a bad round must not stop the loop
                 print(f"usage ingest failed: {exc}", flush=True)
