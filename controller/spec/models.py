@@ -324,7 +324,7 @@ class Gateway(StrictModel):
     ports: GatewayPorts = GatewayPorts()
     bind: Annotated[
         ipaddress.IPv4Address | ipaddress.IPv6Address | None,
-        Field(description="Address Caddy listens on; omit for all interfaces."),
+        Field(description="Address the public ports listen on (Envoy's HTTPS, Caddy's HTTP); omit for all interfaces."),
     ] = None
     max_body_mib: Annotated[
         float, Field(gt=0, le=512, description="Largest request body accepted, in MiB (413 beyond).")

@@ -201,6 +201,18 @@ def test_body_over_limit_413(stack: Stack) -> None:
     assert _error(reply, 413)["code"] == "payload_too_large"
 
 
+def test_http_port_redirects_to_https_and_the_sign_in_decision_endpoint_is_hidden(stack: Stack) -> None:
+    """Caddy's HTTP port only redirects (to Envoy's HTTPS port); Envoy never exposes the gatekeeper's /auth/check."""
+    reply = httpx.get(f"http://localhost:{stack.ports.http}/v1/models?x=1", timeout=10)
+    assert reply.status_code == 308
+    assert reply.headers["location"] == f"https://localhost:{stack.ports.https}/v1/models?x=1"
+    with stack.http() as client:
+        hidden = client.get(
+            stack.base_url.removesuffix("/v1") + "/auth/check", headers={"Authorization": f"Bearer {stack.key}"}
+        )
+    assert hidden.status_code == 404 and "x-fleet-user" not in hidden.headers
+
+
 def test_everything_still_up_after_bad_requests(stack: Stack) -> None:
     procs = stack.wait_healthy(timeout=10)
     assert all(p["restarts"] == 0 for p in procs.values()), procs
