@@ -79,7 +79,6 @@ class Target:
     stream_model: str = MODEL
     processes: dict[str, int] = field(default_factory=dict)  # label → PID (with its children): its cost
     others: dict[str, int] = field(default_factory=dict)  # processes shown but not in the request path
-    headers: dict[str, str] = field(default_factory=dict)  # sent with every request
 
 
 # -- processes: CPU and memory ---------------------------------------------------------------------
@@ -138,8 +137,7 @@ def rss_mib(pids: dict[str, int]) -> dict[str, float]:
 def wrk(target: Target, connections: int, seconds: float) -> dict[str, Any]:
     watched = {**target.processes, **target.others}
     before = cpu_seconds(watched)
-    extra = "".join(f"{k}: {v}\n" for k, v in target.headers.items())
-    env = {**os.environ, "BENCH_KEY": target.key, "BENCH_MODEL": MODEL, "BENCH_HEADERS": extra}
+    env = {**os.environ, "BENCH_KEY": target.key, "BENCH_MODEL": MODEL}
     result = subprocess.run(
         [
             "wrk",
@@ -207,7 +205,6 @@ class Conn:
     def send(self, target: Target, path: str, body: dict[str, Any], extra: str = "") -> None:
         data = json.dumps(body).encode()
         auth = f"Authorization: Bearer {target.key}\r\n" if target.key else ""
-        auth += "".join(f"{k}: {v}\r\n" for k, v in target.headers.items())
         host = urlsplit(target.url).netloc
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{auth}{extra}"

@@ -1,6 +1,6 @@
 -- wrk script for bench/gateway.py: POST a small chat completion (keep-alive), count non-2xx answers,
 -- and print one machine-readable line: BENCH_JSON {...}.
--- Environment: BENCH_KEY (a bearer token; none for the direct path), BENCH_MODEL (default "bench"),
+-- Environment: BENCH_KEY (a bearer token; none for the direct path), BENCH_MODEL (default "bench").
 wrk.method = "POST"
 wrk.body = '{"model":"' .. (os.getenv("BENCH_MODEL") or "bench")
   .. '","messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
@@ -8,11 +8,6 @@ wrk.headers["Content-Type"] = "application/json"
 local key = os.getenv("BENCH_KEY")
 if key and key ~= "" then
   wrk.headers["Authorization"] = "Bearer " .. key
-end
-
--- BENCH_HEADERS: more headers, "Name: value" lines (the Envoy-only hop gets the identity Caddy would copy).
-for name, value in string.gmatch(os.getenv("BENCH_HEADERS") or "", "([^:\n]+):[ ]*([^\n]*)") do
-  wrk.headers[name] = value
 end
 
 local threads = {}

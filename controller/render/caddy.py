@@ -36,8 +36,3 @@ def render(plan: Plan) -> Files:
         headers_timeout_s=gw.request_headers_timeout_s,
     )
     return {f"{gw.host}/caddy/Caddyfile": text}
-
-
-def certificate_dir(data_dir: str) -> str:
-    """Where Caddy keeps what it issues, under its data folder (XDG_DATA_HOME, /data in its image)."""
-    return f"{data_dir}/caddy/certificates"
