@@ -241,8 +241,9 @@ local function authenticate(handle, headers)
     return reject(handle, 401, "You provided more than one API key; send exactly one.", "invalid_request_error",
       "missing_api_key")
   end
-  local key = headers:get("authorization") or headers:get("x-api-key")
-  local slot = key and ((headers:get("authorization") or "") .. "\n" .. (headers:get("x-api-key") or ""))
+  local authorization, api_key = headers:get("authorization"), headers:get("x-api-key")
+  local key = authorization or api_key
+  local slot = key and ((authorization or "") .. "\n" .. (api_key or ""))
   local now = handle:timestamp()
   local hit = slot and answers[slot]
   if hit and hit.expires > now and (hit.grant == nil or hit.grant > 0) then
