@@ -59,16 +59,21 @@ def drop_usage_log(config: Config) -> None:
         hcm["access_log"] = [log for log in hcm["access_log"] if log["name"] != "envoy.access_loggers.file"]
 
 
+def _lua(hcm: Config) -> Config:
+    found: list[Config] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.lua"]
+    return found[0]
+
+
 def drop_response_hook(config: Config) -> None:
     for hcm in _hcms(config):
-        lua = hcm["http_filters"][0]["typed_config"]["default_source_code"]
+        lua = _lua(hcm)["typed_config"]["default_source_code"]
         source: str = lua["inline_string"]
         lua["inline_string"] = source.replace("function envoy_on_response(handle)", "local function unused(handle)")
 
 
 def drop_lua(config: Config) -> None:
     for hcm in _hcms(config):
-        hcm["http_filters"] = hcm["http_filters"][1:]
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if f is not _lua(hcm)]
         routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
         routes.insert(0, {"match": {"prefix": "/v1/chat/completions"}, "route": {"cluster": model_cluster(MODEL)}})
 

@@ -300,12 +300,7 @@ end
 
 function envoy_on_request(handle)
   local headers = handle:headers()
-  -- Identity, routing and Envoy's control headers are ours to set, never a client's.
-  local strip = {}
-  for name, _ in pairs(headers) do
-    if string.sub(name, 1, 7) == "x-fleet" or string.sub(name, 1, 8) == "x-envoy-" then strip[#strip + 1] = name end
-  end
-  for _, name in ipairs(strip) do headers:remove(name) end
+  -- A client's x-fleet-* and x-envoy-* headers are gone already (the header_mutation filter before this one).
 
   -- Browser sign-in pages go to the gatekeeper itself, which decides there (route "gatekeeper-pages").
   local path = headers:get(":path") or ""

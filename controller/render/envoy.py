@@ -151,6 +151,7 @@ def listener(
                             "route_config": route_config(plan),
                             "local_reply_config": local_replies(),
                             "http_filters": [
+                                strip_client_headers(),
                                 {
                                     "name": "envoy.filters.http.lua",
                                     "typed_config": {
@@ -172,6 +173,26 @@ def listener(
                 ],
             }
         ],
+    }
+
+
+def strip_client_headers() -> dict[str, Any]:
+    """Every client-sent x-fleet-* and x-envoy-* header removed before anything reads them.
+
+    Natively, by prefix: identity and routing headers are the gatekeeper's and the Lua filter's to set, and
+    a client's x-envoy-* control headers (retries, timeouts) must not steer Envoy. (A Lua loop over the
+    headers did the same for ~14 µs per request; see bench/envoy_cost.py.)
+    """
+    return {
+        "name": "envoy.filters.http.header_mutation",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {
+                "request_mutations": [
+                    {"remove_on_match": {"key_matcher": {"prefix": prefix}}} for prefix in ("x-fleet-", "x-envoy-")
+                ]
+            },
+        },
     }
 
 
