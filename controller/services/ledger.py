@@ -11,6 +11,7 @@ count a request twice. A rotated or truncated log is read from its start.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -58,8 +59,13 @@ class Entry:
     completion_tokens: int
 
 
+@functools.lru_cache(maxsize=4)
+def _day_of(days_since_epoch: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(days_since_epoch * 86400))
+
+
 def utc_day(ts: float) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+    return _day_of(int(ts // 86400))
 
 
 class Ledger:
@@ -103,10 +109,10 @@ class Ledger:
                     self._db.execute("COMMIT")
                     return 0, False
                 entries = [e for e in (_parse(line) for line in data[: end + 1].splitlines()) if e is not None]
-                added = 0
-                for e in entries:
-                    cur = self._db.execute(
-                        "INSERT OR IGNORE INTO usage VALUES (?,?,?,?,?,?,?,?,?)",
+                new = self._unseen(entries)
+                self._db.executemany(
+                    "INSERT INTO usage VALUES (?,?,?,?,?,?,?,?,?)",
+                    [
                         (
                             e.request_id,
                             e.ts,
@@ -117,12 +123,14 @@ class Ledger:
                             e.status,
                             e.prompt_tokens,
                             e.completion_tokens,
-                        ),
-                    )
-                    if cur.rowcount == 1:
-                        added += 1
-                        if on_entry is not None:
-                            on_entry(e)
+                        )
+                        for e in new
+                    ],
+                )
+                added = len(new)
+                if on_entry is not None:
+                    for e in new:
+                        on_entry(e)
                 self._db.execute(
                     "INSERT INTO source (path, inode, offset) VALUES (?,?,?) "
                     "ON CONFLICT(path) DO UPDATE SET inode = excluded.inode, offset = excluded.offset",
@@ -133,6 +141,23 @@ class Ledger:
                 self._db.execute("ROLLBACK")
                 raise
         return added, len(data) == BATCH_BYTES
+
+    def _unseen(self, entries: list[Entry]) -> list[Entry]:
+        """``entries`` less those already recorded (a log read again after a crash) or repeated in the batch."""
+        seen: set[str] = set()
+        ids = [e.request_id for e in entries]
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            seen.update(
+                row[0] for row in self._db.execute(f"SELECT request_id FROM usage WHERE request_id IN ({marks})", chunk)
+            )
+        out = []
+        for e in entries:
+            if e.request_id not in seen:
+                seen.add(e.request_id)
+                out.append(e)
+        return out
 
     def tokens_on(self, user: str, day: str) -> int:
         with self._lock:
