@@ -446,12 +446,10 @@ def chain_stack(tmp: Path) -> Iterator[tuple[Target, Target, Any]]:
         try:
             stack = start_stack(home, customize, env=env)
             break
-        except AssertionError as exc:
-            if attempt == 2 or "already taken" not in str(exc):
-                raise
-        except BaseException:  # stopped while starting: the supervisor may be up already
+        except BaseException as exc:  # not healthy, or stopped while starting: the supervisor may be up already
             cli("down", "--state-dir", str(home / "state"))
-            raise
+            if attempt == 2 or not isinstance(exc, AssertionError) or "already taken" not in str(exc):
+                raise
     tmp = home
     try:
         procs = stack.processes()
