@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from controller.local.processes import ProcessSpec, local_processes
 from controller.local.state import StateDir, is_same_process, start_time
 from controller.plan import Plan, make_plan
 from controller.render import alertmanager, caddy, envoy, prometheus
-from controller.services.certs import ensure_sds_file, wait_published
+from controller.services.certs import ensure_sds_file, served_certificate, wait_published
 from controller.spec import load_spec
 
 
@@ -198,21 +197,11 @@ def wait_serving(plan: Plan, state: StateDir, wait_s: float) -> None:
             f"no certificate for {gw.public_name} after {wait_s:.0f}s: {where}; `controller logs gatekeeper` says why"
         )
     address = "127.0.0.1" if gw.bind is None else str(gw.bind)
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # only: does the port complete a handshake yet
     deadline = time.monotonic() + 10
-    while True:
-        try:
-            with (
-                socket.create_connection((address, gw.ports.https), timeout=2) as raw,
-                context.wrap_socket(raw, server_hostname=gw.public_name),
-            ):
-                return
-        except OSError as exc:
-            if time.monotonic() > deadline:
-                raise ControllerError(f"Envoy's HTTPS port {gw.ports.https} does not serve TLS yet: {exc}") from None
-            time.sleep(0.1)
+    while served_certificate(address, gw.ports.https, gw.public_name) is None:
+        if time.monotonic() > deadline:
+            raise ControllerError(f"Envoy's HTTPS port {gw.ports.https} does not complete a TLS handshake yet")
+        time.sleep(0.1)
 
 
 def request(state: StateDir, action: str, target: str | None = None, timeout: float = 30) -> dict[str, Any]:

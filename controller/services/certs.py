@@ -17,6 +17,8 @@ good certificate stays in place and the reason is logged.
 from __future__ import annotations
 
 import hashlib
+import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -160,6 +162,25 @@ class Publisher:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def served_certificate(address: str, port: int, name: str, timeout_s: float = 2) -> x509.Certificate | None:
+    """The certificate a TLS port presents for ``name``, or None when it completes no handshake.
+
+    Read, never trusted: no verification, for expiry checks and readiness only.
+    """
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((address, port), timeout=timeout_s) as raw,
+            context.wrap_socket(raw, server_hostname=name) as conn,
+        ):
+            der = conn.getpeercert(binary_form=True)
+    except OSError:
+        return None
+    return x509.load_der_x509_certificate(der) if der else None
 
 
 def wait_published(tls_dir: Path, timeout_s: float) -> bool:

@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import socket
-import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -43,7 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 
 from controller.services.access import Access, Identity
-from controller.services.certs import Publisher, Source
+from controller.services.certs import Publisher, Source, served_certificate
 from controller.services.keystore import KeyStore
 from controller.services.ledger import Entry, Ledger, utc_day
 from controller.services.limits import RateLimiter
@@ -143,22 +141,8 @@ class CertificateExpiry:
         yield family
 
     def _fetch(self) -> float | None:
-        from cryptography import x509
-
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE  # we read the dates, we do not trust the certificate for anything
-        try:
-            with (
-                socket.create_connection((self.address, self.port), timeout=2) as raw,
-                context.wrap_socket(raw, server_hostname=self.name) as conn,
-            ):
-                der = conn.getpeercert(binary_form=True)
-        except OSError:
-            return None
-        if not der:
-            return None
-        return x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
+        cert = served_certificate(self.address, self.port, self.name)
+        return None if cert is None else cert.not_valid_after_utc.timestamp()
 
 
 class Gatekeeper:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from cryptography import x509
 
 from controller.plan import Plan, make_plan
 from controller.render.envoy import bootstrap
-from controller.services.certs import Source, ensure_sds_file, publish
+from controller.services.certs import Source, ensure_sds_file, publish, served_certificate
 from controller.services.keystore import KeyStore
 from controller.spec import load_spec
 from tests.conftest import need_tool
@@ -393,18 +392,8 @@ def test_usage_log_records_the_backends_numbers(gateway: Gateway) -> None:
 
 def _served_serial(port: int) -> int | None:
     """The serial number of the certificate Envoy's public port presents, or None without a handshake."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    try:
-        with (
-            socket.create_connection(("127.0.0.1", port), timeout=2) as raw,
-            context.wrap_socket(raw, server_hostname="localhost") as conn,
-        ):
-            der = conn.getpeercert(binary_form=True)
-    except OSError:
-        return None
-    return x509.load_der_x509_certificate(der).serial_number if der else None
+    cert = served_certificate("127.0.0.1", port, "localhost")
+    return None if cert is None else cert.serial_number
 
 
 def test_public_port_serves_the_published_certificate_and_its_renewal(gateway: Gateway, tmp_path: Path) -> None:
