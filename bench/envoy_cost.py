@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from bench.gateway import GPU, MODEL, Target, wrk
+from bench.gateway import MODEL, STUB_GPU, STUB_MODEL, Target, wrk
 from bench.report import machine, write_section
 from controller.plan import make_plan
 from controller.render.envoy import bootstrap, model_cluster
@@ -90,17 +90,8 @@ VARIANTS: dict[str, Callable[[Config], None] | None] = {
 def spec(tmp: Path, stub_port: int) -> Path:
     data = copy.deepcopy(MINIMAL)
     host = data["hosts"][0]
-    host.update(gpus=[{"uuid": GPU, "name": "Bench GPU", "vram_gib": 80}], worker_port_base=stub_port)
-    data["models"] = [
-        {
-            "name": MODEL,
-            "backend": "vllm",
-            "source": {"huggingface": "bench/stub"},
-            "context": 2048,
-            "parallel": 1024,
-            "arch": {"layers": 1, "kv_heads": 1, "head_dim": 8, "params_b": 0.001},
-        }
-    ]
+    host.update(gpus=[dict(STUB_GPU)], worker_port_base=stub_port)
+    data["models"] = [dict(STUB_MODEL)]
     data["gateway"]["ports"] = {
         name: free_port() for name in ("https", "http", "envoy", "envoy_admin", "gatekeeper", "caddy_admin")
     }

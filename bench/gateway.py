@@ -59,6 +59,17 @@ LITELLM = ROOT / "bench" / ".venv-litellm" / "bin" / "litellm"
 WRK_SCRIPT = ROOT / "bench" / "wrk_chat.lua"
 MODEL = "bench"
 GPU = "GPU-00000000-0000-4000-8000-0000000000b1"
+# The stub as the fleet's one model: a vLLM worker on a fake GPU. Envoy's circuit breakers allow
+# 2 × parallel connections: room for c=256 and 512 streams.
+STUB_MODEL = {
+    "name": MODEL,
+    "backend": "vllm",
+    "source": {"huggingface": "bench/stub"},
+    "context": 2048,
+    "parallel": 1024,
+    "arch": {"layers": 1, "kv_heads": 1, "head_dim": 8, "params_b": 0.001},
+}
+STUB_GPU = {"uuid": GPU, "name": "Bench GPU", "vram_gib": 80}
 STALL_S = 0.200
 GATEWAY = ("caddy", "envoy", "gatekeeper")  # the chain's processes in the request path
 ALONE = ("supervisor",)  # the parent of every stack process: counted without its children
@@ -428,17 +439,8 @@ def chain_stack(tmp: Path) -> Iterator[tuple[Target, Target, Any]]:
     shim.chmod(0o755)
 
     def customize(data: dict[str, Any]) -> None:
-        data["hosts"][0]["gpus"] = [{"uuid": GPU, "name": "Bench GPU", "vram_gib": 80}]
-        data["models"] = [
-            {
-                "name": MODEL,
-                "backend": "vllm",
-                "source": {"huggingface": "bench/stub"},
-                "context": 2048,
-                "parallel": 1024,  # Envoy's circuit breakers allow 2 × parallel connections: room for c=256 and 512 streams
-                "arch": {"layers": 1, "kv_heads": 1, "head_dim": 8, "params_b": 0.001},
-            }
-        ]
+        data["hosts"][0]["gpus"] = [dict(STUB_GPU)]
+        data["models"] = [dict(STUB_MODEL)]
 
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     for attempt in range(3):  # free ports are picked one by one and may collide: try again with others

