@@ -128,7 +128,13 @@ def listener(
                             "stat_prefix": name,
                             "codec_type": "AUTO",
                             "use_remote_address": True,
-                            "internal_address_config": {"cidr_ranges": []},  # no client is "internal"
+                            # No client is "internal", so Envoy always makes its own x-request-id (the ledger's
+                            # key: a client that chose its own could have its requests counted once) and strips
+                            # internal-only headers. Not an empty list: Envoy 1.40 treats that as "all internal".
+                            "internal_address_config": {
+                                "cidr_ranges": [{"address_prefix": "255.255.255.255", "prefix_len": 32}]
+                            },
+                            "always_set_request_id_in_response": True,  # as OpenAI's API: x-request-id on every answer
                             "normalize_path": True,
                             "merge_slashes": True,
                             "path_with_escaped_slashes_action": "REJECT_REQUEST",

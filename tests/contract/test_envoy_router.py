@@ -370,24 +370,46 @@ def test_only_replica_down_is_fast_503(gateway: Gateway) -> None:
     assert chat(gateway, {"model": "alpha"}).status_code == 200  # other models unaffected
 
 
-def test_usage_log_records_the_backends_numbers(gateway: Gateway) -> None:
-    marker = "usage-check-0001"
-    assert chat(gateway, {"model": "org/alpha:1"}, extra={"x-request-id": marker}).status_code == 200
+def usage_line(gw: Gateway, request_id: str) -> dict[str, Any]:
+    """The usage-log line of one request, once Envoy has flushed it."""
 
-    def line() -> dict[str, Any] | None:
-        for raw in gateway.usage_log.read_text().splitlines() if gateway.usage_log.exists() else []:
+    def find() -> dict[str, Any] | None:
+        for raw in gw.usage_log.read_text().splitlines() if gw.usage_log.exists() else []:
             entry = json.loads(raw)
-            if entry["request_id"] == marker:
+            if entry["request_id"] == request_id:
                 return entry  # type: ignore[no-any-return]
         return None
 
-    wait_until(lambda: line() is not None, 10, "the usage line")  # Envoy flushes its file log periodically
-    entry = line()
+    wait_until(lambda: find() is not None, 10, f"the usage line of {request_id}")  # Envoy flushes periodically
+    entry = find()
     assert entry is not None
+    return entry
+
+
+def test_usage_log_records_the_backends_numbers(gateway: Gateway) -> None:
+    response = chat(gateway, {"model": "org/alpha:1"})
+    assert response.status_code == 200
+    request_id = response.headers["x-request-id"]  # on every answer, as OpenAI's API does
+    assert response.json()["headers"]["x-request-id"] == request_id  # the one the worker saw
+    entry = usage_line(gateway, request_id)
     key_id = gateway.keys["tester"].split("-")[2]
     assert (entry["model"], entry["user"], entry["key_id"]) == ("alpha", "tester", key_id)
     assert (entry["prompt_tokens"], entry["completion_tokens"], entry["status"]) == ("3", "5", 200)
     assert all(json.loads(raw)["model"] for raw in gateway.usage_log.read_text().splitlines()), "only inference"
+
+
+def test_a_client_cannot_choose_its_request_id(gateway: Gateway) -> None:
+    """The ledger counts each request id once: one a client could repeat would make its requests free."""
+    chosen = "same-id-every-time"
+    ids = []
+    for _ in range(2):
+        response = chat(gateway, {"model": "alpha"}, extra={"x-request-id": chosen})
+        assert response.status_code == 200
+        ids.append(response.headers["x-request-id"])
+        assert response.json()["headers"]["x-request-id"] == ids[-1]
+    assert chosen not in ids and ids[0] != ids[1]
+    assert [usage_line(gateway, rid)["request_id"] for rid in ids] == ids
+    assert chosen not in gateway.usage_log.read_text()
 
 
 def _served_serial(port: int) -> int | None:
@@ -422,10 +444,9 @@ def test_public_port_serves_the_published_certificate_and_its_renewal(gateway: G
 def test_access_log_has_what_the_usage_log_does_not(gateway: Gateway) -> None:
     """Envoy's own log: every failure and every request that is not inference; not each successful inference."""
     log = gateway.usage_log.parent / "envoy.log"
-    ok, failed, listing = "log-ok-0001", "log-failed-0001", "log-models-0001"
-    assert chat(gateway, {"model": "alpha"}, extra={"x-request-id": ok}).status_code == 200
-    assert chat(gateway, {"model": "gamma"}, extra={"x-request-id": failed}).status_code == 404
-    assert get(gateway, "/v1/models", extra={"x-request-id": listing}).status_code == 200
+    answers = [chat(gateway, {"model": "alpha"}), chat(gateway, {"model": "gamma"}), get(gateway, "/v1/models")]
+    assert [a.status_code for a in answers] == [200, 404, 200]
+    ok, failed, listing = (a.headers["x-request-id"] for a in answers)
     wait_until(lambda: failed in log.read_text() and listing in log.read_text(), 10, "the access log lines")
     wait_until(lambda: ok in gateway.usage_log.read_text(), 10, "the usage line")
     assert ok not in log.read_text()
