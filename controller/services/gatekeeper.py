@@ -38,12 +38,12 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from controller.services.access import Access, Identity
 from controller.services.certs import Publisher, Source, served_certificate
 from controller.services.keystore import KeyStore
-from controller.services.ledger import Entry, Ledger, utc_day
+from controller.services.ledger import Ledger, utc_day
 from controller.services.limits import RateLimiter
 from controller.services.oidc import LOGIN_TTL_S, SESSION_TTL_S, OidcError, OidcSettings, Provider, Sessions
 from controller.spec import load_spec
@@ -55,6 +55,9 @@ LOGIN_COOKIE = "fleet_login"
 # Bound the cache so a flood of distinct keys cannot grow memory without limit.
 CACHE_MAX = 100_000
 INGEST_INTERVAL_S = 0.5
+# Between two slices of usage lines (controller/services/ledger.py: SLICE_LINES), so reading the log never
+# holds a core for long: Envoy's worker, the backend and the clients share the same cores.
+INGEST_PAUSE_S = 0.002
 
 
 def error(
@@ -77,18 +80,6 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
-        self.tokens = Counter(
-            "fleet_tokens",
-            "Tokens used, from the backends' own usage numbers.",
-            ["user", "model", "kind"],
-            registry=self.registry,
-        )
-        self.requests = Counter(
-            "fleet_usage_requests",
-            "Inference requests recorded in the ledger.",
-            ["user", "model"],
-            registry=self.registry,
-        )
         self.decision_seconds = Histogram(
             "fleet_gatekeeper_decision_seconds",
             "Time to decide one authentication request, inside the gatekeeper.",
@@ -99,18 +90,30 @@ class Metrics:
             "fleet_ledger_last_ingest_timestamp_seconds", "When the usage log was last read.", registry=self.registry
         )
 
-    def record(self, entries: list[Entry]) -> None:
-        """Count a batch of new ledger entries: one counter update per user and model, not per request."""
-        totals: dict[tuple[str, str], list[int]] = {}
-        for entry in entries:
-            total = totals.setdefault((entry.user, entry.model), [0, 0, 0])
-            total[0] += entry.prompt_tokens
-            total[1] += entry.completion_tokens
-            total[2] += 1
-        for (user, model), (prompt, completion, requests) in totals.items():
-            self.tokens.labels(user, model, "prompt").inc(prompt)
-            self.tokens.labels(user, model, "completion").inc(completion)
-            self.requests.labels(user, model).inc(requests)
+
+class UsageTotals:
+    """Tokens and requests per user and model, read from the ledger's totals at each scrape.
+
+    The totals are kept by SQLite as rows are recorded, so these counters survive a gatekeeper
+    restart and never count a request twice.
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        tokens = CounterMetricFamily(
+            "fleet_tokens", "Tokens used, from the backends' own usage numbers.", labels=["user", "model", "kind"]
+        )
+        requests = CounterMetricFamily(
+            "fleet_usage_requests", "Inference requests recorded in the ledger.", labels=["user", "model"]
+        )
+        for total in self.ledger.totals():
+            tokens.add_metric([total.user, total.model, "prompt"], total.prompt_tokens)
+            tokens.add_metric([total.user, total.model, "completion"], total.completion_tokens)
+            requests.add_metric([total.user, total.model], total.requests)
+        yield tokens
+        yield requests
 
 
 class CertificateExpiry:
@@ -267,15 +270,14 @@ def create_app(
     gate = Gatekeeper(Access(fleet), keys, ledger, cache_ttl_s=min(float(fleet.auth.revocation_delay_s), 5.0))
     metrics = Metrics()
     metrics.registry.register(CertificateExpiry(fleet))
+    metrics.registry.register(UsageTotals(ledger))
     stop = threading.Event()
 
     def ingest_loop() -> None:
         assert usage_log is not None
         while not stop.is_set():
             try:
-                batch: list[Entry] = []
-                ledger.ingest(usage_log, batch.append)
-                metrics.record(batch)
+                ledger.ingest(usage_log, pause=lambda: stop.wait(INGEST_PAUSE_S))
                 metrics.ingested.set(time.time())
             except Exception as exc:  # the next round retries; a bad round must not stop the loop
                 print(f"usage ingest failed: {exc}", flush=True)

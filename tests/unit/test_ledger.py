@@ -1,11 +1,13 @@
-"""The usage ledger: each request counted once, whatever is read twice; torn lines wait for their end."""
+"""The usage ledger: each request counted once, whatever is read twice; torn lines wait for their end;
+totals per user, day and model kept by SQLite, also for a ledger written before they existed."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
-from controller.services.ledger import Entry, Ledger, utc_day
+from controller.services.ledger import SLICE_LINES, Ledger, Total, utc_day
 
 
 def line(request_id: str, user: str = "me", prompt: int = 3, completion: int = 5, ts: float = 1795600000.0) -> str:
@@ -27,18 +29,18 @@ def test_each_request_counts_once_even_when_the_log_is_read_again(tmp_path: Path
     log = tmp_path / "usage.log"
     log.write_text(line("a") + line("b") + line("a"))  # "a" twice: a retried write
     ledger = Ledger(tmp_path / "usage.db")
-    seen: list[Entry] = []
-    assert ledger.ingest(log, seen.append) == 2
-    assert [e.request_id for e in seen] == ["a", "b"]
+    assert ledger.ingest(log) == 2
     day = utc_day(1795600000.0)
     assert ledger.tokens_on("me", day) == 16
+    assert ledger.totals() == [Total("me", "tiny-chat", 2, 6, 10)]
     # The saved offset lost (as after a crash between the insert and its commit elsewhere): read from 0 again.
     ledger._db.execute("DELETE FROM source")
     with log.open("a") as out:
         out.write(line("c", completion=7))
-    assert ledger.ingest(log, seen.append) == 1
-    assert [e.request_id for e in seen] == ["a", "b", "c"]
+    assert ledger.ingest(log) == 1
     assert ledger.tokens_on("me", day) == 26
+    assert ledger.totals() == [Total("me", "tiny-chat", 3, 9, 17)]
+    assert [row["requests"] for row in ledger.summary(0, ["user"])] == [3]
     ledger.close()
 
 
@@ -58,3 +60,49 @@ def test_utc_day_turns_at_midnight_utc() -> None:
     midnight = 1795651200.0  # 2026-11-26T00:00:00Z
     assert utc_day(midnight - 0.001) == "2026-11-25"
     assert utc_day(midnight) == "2026-11-26"
+
+
+def test_a_long_log_is_recorded_in_slices_with_pauses_between(tmp_path: Path) -> None:
+    log = tmp_path / "usage.log"
+    count = 3 * SLICE_LINES + 5
+    days = [1795600000.0, 1795600000.0 + 86400]  # two UTC days, two users
+    log.write_text("".join(line(f"r{i}", user=f"u{i % 2}", ts=days[i % 2]) for i in range(count)))
+    ledger = Ledger(tmp_path / "usage.db")
+    pauses: list[int] = []
+    assert ledger.ingest(log, pause=lambda: pauses.append(1)) == count
+    assert len(pauses) == 3  # between the four slices, none after the last
+    u0 = len(range(0, count, 2))
+    assert ledger.tokens_on("u0", utc_day(days[0])) == 8 * u0
+    assert ledger.tokens_on("u0", utc_day(days[1])) == 0
+    assert ledger.tokens_on("u1", utc_day(days[1])) == 8 * (count - u0)
+    assert ledger.totals() == [
+        Total("u0", "tiny-chat", u0, 3 * u0, 5 * u0),
+        Total("u1", "tiny-chat", count - u0, 3 * (count - u0), 5 * (count - u0)),
+    ]
+    ledger.close()
+
+
+def test_a_ledger_from_before_the_totals_gets_them_from_its_rows(tmp_path: Path) -> None:
+    """An older usage.db (per-request rows, no totals table): opened, it gains the totals from those rows."""
+    path = tmp_path / "usage.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        """
+        CREATE TABLE usage (request_id TEXT PRIMARY KEY, ts REAL NOT NULL, day TEXT NOT NULL, user TEXT NOT NULL,
+            key_id TEXT, model TEXT NOT NULL, status INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL);
+        CREATE INDEX usage_user_day ON usage (user, day);
+        CREATE TABLE source (path TEXT PRIMARY KEY, inode INTEGER NOT NULL, offset INTEGER NOT NULL);
+        INSERT INTO usage VALUES ('old1', 1795600000.0, '2026-11-25', 'me', NULL, 'tiny-chat', 200, 10, 20);
+        INSERT INTO usage VALUES ('old2', 1795600001.0, '2026-11-25', 'me', NULL, 'tiny-chat', 200, 1, 2);
+        """
+    )
+    old.close()
+    ledger = Ledger(path)
+    assert ledger.tokens_on("me", "2026-11-25") == 33
+    log = tmp_path / "usage.log"
+    log.write_text(line("old1") + line("new1"))  # old1 again: ignored, and not added to the totals
+    assert ledger.ingest(log) == 1
+    assert ledger.totals() == [Total("me", "tiny-chat", 3, 14, 27)]
+    ledger.close()
+    assert Ledger(path).totals() == [Total("me", "tiny-chat", 3, 14, 27)]  # opened again: not filled twice
