@@ -7,6 +7,9 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
+
+from controller.services import ledger as ledger_module
 from controller.services.ledger import SLICE_LINES, Ledger, Total, utc_day
 
 
@@ -79,6 +82,23 @@ def test_a_long_log_is_recorded_in_slices_with_pauses_between(tmp_path: Path) ->
         Total("u0", "tiny-chat", u0, 3 * u0, 5 * u0),
         Total("u1", "tiny-chat", count - u0, 3 * (count - u0), 5 * (count - u0)),
     ]
+    ledger.close()
+
+
+def test_a_reader_that_fell_behind_catches_up_without_pauses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tmp_path / "usage.log"
+    lines = [line(f"b{i}") for i in range(4 * SLICE_LINES)]
+    log.write_text("".join(lines))
+    # The log holds more than a batch: that batch is read without pauses; the rest, under a batch, with them.
+    monkeypatch.setattr(ledger_module, "BATCH_BYTES", len("".join(lines[: 3 * SLICE_LINES])))
+    ledger = Ledger(tmp_path / "usage.db")
+    pauses: list[int] = []
+    assert ledger.ingest(log, pause=lambda: pauses.append(1)) == len(lines)
+    assert pauses == []  # the first batch: 3 slices, behind, so none; the second: one slice, nothing between
+    with log.open("a") as out:
+        out.write("".join(line(f"c{i}") for i in range(2 * SLICE_LINES)))
+    assert ledger.ingest(log, pause=lambda: pauses.append(1)) == 2 * SLICE_LINES
+    assert pauses == [1]  # under a batch: paced
     ledger.close()
 
 
