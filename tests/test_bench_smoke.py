@@ -56,3 +56,13 @@ def test_envoy_cost_benchmark_runs() -> None:
     rows = {row["variant"]: row for row in found}
     assert set(rows) == {"rendered", "no-stdout-log", "no-usage-log", "no-response-hook", "no-lua"}
     assert all(row["requests"] > 0 and row["errors"] == 0 for row in rows.values()), rows
+
+
+def test_ledger_benchmark_runs() -> None:
+    """Both ways of reading the usage log record every line; paced reading pauses between slices."""
+    rows = {
+        row["variant"]: row for row in run_json("bench.ledger", "--lines", "300", "--runs", "1", "--json", timeout=120)
+    }
+    assert set(rows) == {"paced", "unpaced"}
+    assert rows["paced"]["bursts"] == 5 and rows["unpaced"]["bursts"] == 1  # 300 lines: 5 slices of up to 64
+    assert all(row["cpu_us_per_line"] > 0 and row["longest_burst_ms"] > 0 for row in rows.values())

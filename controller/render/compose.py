@@ -71,6 +71,8 @@ def service(c: Container) -> dict[str, Any]:
             "retries": h.retries,
             "start_period": f"{h.start_period_s}s",
         }
+    if c.after:
+        svc["depends_on"] = {name: {"condition": "service_healthy"} for name in c.after}
     svc["restart"] = "unless-stopped"
     svc["stop_grace_period"] = f"{c.stop_timeout_s}s"
     svc["labels"] = dict(c.labels)

@@ -63,6 +63,9 @@ class Container:
     host_pid: bool = False  # sees the host's processes (the agent maps GPU PIDs to containers)
     labels: dict[str, str] = field(default_factory=dict)
     stop_timeout_s: int = 30
+    # Containers of the same host this one starts after (once they are healthy, where the format can say so).
+    # Not a hard dependency: it keeps running when they stop.
+    after: list[str] = field(default_factory=list)
 
     @property
     def container_name(self) -> str:
@@ -188,8 +191,8 @@ def gateway_containers(plan: Plan) -> list[Container]:
     (from Caddy's storage, or the spec's files); Caddy serves the public HTTP
     port (ACME challenges, redirect) and keeps the certificate; the
     gatekeeper listens on loopback only; Envoy reaches workers over the mesh.
-    Until the gatekeeper has written the TLS folder's SDS file Envoy exits,
-    and its restart policy brings it back a moment later.
+    Envoy starts once the gatekeeper is healthy, which it reports only after
+    writing the (possibly still empty) SDS file Envoy's TLS listener watches.
     """
     return [*_edge_containers(plan), *monitoring_containers(plan)]
 
@@ -229,6 +232,8 @@ def _edge_containers(plan: Plan) -> list[Container]:
             host_network=True,
             labels={**labels, "io.fleet.service": "envoy"},
             stop_timeout_s=70,
+            # The gatekeeper writes the certificate file Envoy's TLS listener watches before it reports healthy.
+            after=["gatekeeper"],
         ),
         Container(
             name="gatekeeper",

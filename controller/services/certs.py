@@ -150,12 +150,12 @@ class Publisher:
                 self._last_error = str(exc)
 
     def run(self) -> None:
-        ensure_sds_file(self.tls_dir)
         while not self._stop.is_set():
             self.check()
             self._stop.wait(self.interval_s if self.published.is_set() else 0.5)
 
     def start(self) -> Publisher:
+        ensure_sds_file(self.tls_dir)  # before the gatekeeper answers its health check: Envoy starts after that
         threading.Thread(target=self.run, name="certs", daemon=True).start()
         return self
 

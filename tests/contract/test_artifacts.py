@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import configparser
+
 import json
 import re
 from pathlib import Path
@@ -107,6 +109,24 @@ def test_compose_pins_each_worker_to_exactly_its_gpus(rendered: Path, example_pl
         assert not any(
             "TOKEN=" in e or "SECRET=" in e for e in (f"{k}={v}" for k, v in svc.get("environment", {}).items())
         )
+
+
+def test_envoy_starts_after_the_gatekeeper(rendered: Path, example_plan: Plan) -> None:
+    """Envoy's TLS listener watches a file the gatekeeper creates before it is healthy: start Envoy after it,
+    without tying Envoy's life to it (Envoy answers 503 while the gatekeeper is down: fail closed)."""
+    gateway = example_plan.fleet.gateway.host
+    runtime = example_plan.host(gateway).runtime
+    if runtime == "compose":
+        services = yaml.safe_load((rendered / gateway / "compose.yaml").read_text())["services"]
+        assert services["envoy"]["depends_on"] == {"gatekeeper": {"condition": "service_healthy"}}
+        assert "depends_on" not in services["gatekeeper"]
+    else:
+        unit = configparser.ConfigParser(strict=False, interpolation=None)
+        unit.optionxform = str  # type: ignore[assignment,method-assign]
+        unit.read_string((rendered / gateway / "quadlet" / "fleet-envoy.container").read_text())
+        assert "fleet-gatekeeper.service" in unit["Unit"]["After"].split()
+        assert "fleet-gatekeeper.service" in unit["Unit"]["Wants"].split()
+        assert "Requires" not in unit["Unit"] and "BindsTo" not in unit["Unit"]
 
 
 # -- Quadlet ------------------------------------------------------------------------

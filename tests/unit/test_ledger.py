@@ -73,7 +73,7 @@ def test_a_long_log_is_recorded_in_slices_with_pauses_between(tmp_path: Path) ->
     ledger = Ledger(tmp_path / "usage.db")
     pauses: list[int] = []
     assert ledger.ingest(log, pause=lambda: pauses.append(1)) == count
-    assert len(pauses) == 3  # between the four slices, none after the last
+    assert len(pauses) == 4  # between the four slices, and before the commit
     u0 = len(range(0, count, 2))
     assert ledger.tokens_on("u0", utc_day(days[0])) == 8 * u0
     assert ledger.tokens_on("u0", utc_day(days[1])) == 0
@@ -87,18 +87,17 @@ def test_a_long_log_is_recorded_in_slices_with_pauses_between(tmp_path: Path) ->
 
 def test_a_reader_that_fell_behind_catches_up_without_pauses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     log = tmp_path / "usage.log"
-    lines = [line(f"b{i}") for i in range(4 * SLICE_LINES)]
+    lines = [line(f"b{i:04d}") for i in range(4 * SLICE_LINES)]  # all of one length
     log.write_text("".join(lines))
-    # The log holds more than a batch: that batch is read without pauses; the rest, under a batch, with them.
-    monkeypatch.setattr(ledger_module, "BATCH_BYTES", len("".join(lines[: 3 * SLICE_LINES])))
+    # Read in batches of two slices; more than three slices waiting counts as behind.
+    monkeypatch.setattr(ledger_module, "BATCH_BYTES", len("".join(lines[: 2 * SLICE_LINES])))
+    monkeypatch.setattr(ledger_module, "BEHIND_BYTES", len("".join(lines[: 3 * SLICE_LINES])))
     ledger = Ledger(tmp_path / "usage.db")
     pauses: list[int] = []
     assert ledger.ingest(log, pause=lambda: pauses.append(1)) == len(lines)
-    assert pauses == []  # the first batch: 3 slices, behind, so none; the second: one slice, nothing between
-    with log.open("a") as out:
-        out.write("".join(line(f"c{i}") for i in range(2 * SLICE_LINES)))
-    assert ledger.ingest(log, pause=lambda: pauses.append(1)) == 2 * SLICE_LINES
-    assert pauses == [1]  # under a batch: paced
+    # The first batch (four slices waiting: behind) unpaced; the second (two waiting) paced: between its
+    # slices, before its commit, and after it (it was a whole batch, so there may be more).
+    assert len(pauses) == 3
     ledger.close()
 
 
@@ -124,5 +123,15 @@ def test_a_ledger_from_before_the_totals_gets_them_from_its_rows(tmp_path: Path)
     log.write_text(line("old1") + line("new1"))  # old1 again: ignored, and not added to the totals
     assert ledger.ingest(log) == 1
     assert ledger.totals() == [Total("me", "tiny-chat", 3, 14, 27)]
+    assert ledger.summary(0, ["user", "day"]) == [
+        {
+            "user": "me",
+            "day": "2026-11-25",
+            "requests": 3,
+            "prompt_tokens": 14,
+            "completion_tokens": 27,
+            "total_tokens": 41,
+        }
+    ]
     ledger.close()
     assert Ledger(path).totals() == [Total("me", "tiny-chat", 3, 14, 27)]  # opened again: not filled twice
