@@ -12,7 +12,12 @@ shaped like Envoy's (controller/render/envoy.py: usage_log_config):
 "Longest burst" is the longest stretch of CPU between two pauses (for
 ``unpaced``, the whole read), timed with the thread's own CPU clock.
 
-    python -m bench.ledger [--lines 20000] [--runs 3] [--json] [--write docs/performance.md]
+With ``--grow-to N`` it also fills one ledger in bulk reads of 200,000 lines
+up to N rows, and after each, times a paced read of 1,300 lines (what the
+gatekeeper reads every half second at ~2,600 requests/s): does the cost
+grow with the ledger?
+
+    python -m bench.ledger [--lines 20000] [--runs 3] [--grow-to 1000000] [--json] [--write docs/performance.md]
 """
 
 from __future__ import annotations
@@ -53,25 +58,31 @@ def usage_lines(count: int) -> bytes:
     )
 
 
+def timed_read(ledger: Ledger, log: Path, paced: bool) -> tuple[int, float, list[float]]:
+    """Requests added, the reading thread's CPU seconds, and its bursts of CPU between pauses."""
+    bursts: list[float] = []
+    mark = time.thread_time()
+
+    def pause() -> None:
+        nonlocal mark
+        bursts.append(time.thread_time() - mark)
+        time.sleep(INGEST_PAUSE_S)
+        mark = time.thread_time()
+
+    began = time.thread_time()
+    added = ledger.ingest(log, pause=pause if paced else None)
+    bursts.append(time.thread_time() - mark)
+    return added, time.thread_time() - began, bursts
+
+
 def measure(lines: int, paced: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "usage.log"
         log.write_bytes(usage_lines(lines))
         ledger = Ledger(Path(tmp) / "usage.db")
-        bursts: list[float] = []
-        mark = [time.thread_time()]
-
-        def pause() -> None:
-            now = time.thread_time()
-            bursts.append(now - mark[0])
-            time.sleep(INGEST_PAUSE_S)
-            mark[0] = time.thread_time()
-
-        began_wall, began_cpu = time.perf_counter(), time.thread_time()
-        added = ledger.ingest(log, pause=pause if paced else None)
-        cpu = time.thread_time() - began_cpu
-        bursts.append(time.thread_time() - mark[0])
-        wall = time.perf_counter() - began_wall
+        began = time.perf_counter()
+        added, cpu, bursts = timed_read(ledger, log, paced)
+        wall = time.perf_counter() - began
         ledger.close()
     assert added == lines, (added, lines)
     return {
@@ -83,6 +94,31 @@ def measure(lines: int, paced: bool) -> dict[str, Any]:
         "wall_s": round(wall, 3),
         "lines_per_s": round(lines / wall),
     }
+
+
+def growth(rows: int, step: int = 200_000, read: int = 1_300) -> list[dict[str, Any]]:
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "usage.log"
+        ledger = Ledger(Path(tmp) / "usage.db")
+        recorded = 0
+        while recorded < rows:
+            with log.open("ab") as handle:
+                handle.write(usage_lines(min(step, rows - recorded)))
+            recorded += ledger.ingest(log)
+            with log.open("ab") as handle:
+                handle.write(usage_lines(read))
+            added, cpu, bursts = timed_read(ledger, log, paced=True)
+            recorded += added
+            out.append(
+                {
+                    "rows": recorded,
+                    "cpu_us_per_line": round(cpu / read * 1e6, 2),
+                    "longest_burst_ms": round(max(bursts) * 1e3, 3),
+                }
+            )
+        ledger.close()
+    return out
 
 
 def run(lines: int, runs: int) -> list[dict[str, Any]]:
@@ -107,7 +143,7 @@ def run(lines: int, runs: int) -> list[dict[str, Any]]:
     return out
 
 
-def markdown(rows: list[dict[str, Any]], command: str) -> str:
+def markdown(rows: list[dict[str, Any]], grown: list[dict[str, Any]], command: str) -> str:
     out = [
         "<!-- bench:ledger:begin -->",
         f"Machine: {machine()}. Command: `{command}`. {rows[0]['lines']:,} usage lines shaped like Envoy's, "
@@ -122,6 +158,15 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
             f"| {row['variant']} | {row['cpu_us_per_line']} | {row['longest_burst_ms']} | {row['bursts']} "
             f"| {row['lines_per_s']:,} |"
         )
+    if grown:
+        out += [
+            "",
+            "As the ledger grows (bulk reads of 200,000 lines, each followed by a paced read of 1,300):",
+            "",
+            "| rows in the ledger | CPU µs per line | longest burst ms |",
+            "|---|---|---|",
+        ]
+        out += [f"| {g['rows']:,} | {g['cpu_us_per_line']} | {g['longest_burst_ms']} |" for g in grown]
     out.append("<!-- bench:ledger:end -->")
     return "\n".join(out)
 
@@ -130,15 +175,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.ledger", description=__doc__)
     parser.add_argument("--lines", type=int, default=20_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--grow-to", type=int, default=0, help="also time reads as one ledger grows to N rows")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write", type=Path, help="update the ledger section of this Markdown file")
     args = parser.parse_args()
     rows = run(args.lines, args.runs)
+    grown = growth(args.grow_to) if args.grow_to else []
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"reads": rows, "growth": grown}, indent=2))
         return
     command = f"python -m bench.ledger --lines {args.lines} --runs {args.runs}"
-    text = markdown(rows, command + (f" --write {args.write}" if args.write else ""))
+    command += f" --grow-to {args.grow_to}" if args.grow_to else ""
+    text = markdown(rows, grown, command + (f" --write {args.write}" if args.write else ""))
     print(text)
     if args.write:
         write_section(

@@ -60,10 +60,10 @@ def test_envoy_cost_benchmark_runs() -> None:
 
 def test_ledger_benchmark_runs() -> None:
     """Both ways of reading the usage log record every line; paced reading pauses between slices."""
-    rows = {
-        row["variant"]: row for row in run_json("bench.ledger", "--lines", "300", "--runs", "1", "--json", timeout=120)
-    }
+    found = run_json("bench.ledger", "--lines", "300", "--runs", "1", "--grow-to", "2000", "--json", timeout=120)
+    rows = {row["variant"]: row for row in found["reads"]}
     assert set(rows) == {"paced", "unpaced"}
     # 300 lines: 5 slices of up to 64, and the commit on its own
     assert rows["paced"]["bursts"] == 6 and rows["unpaced"]["bursts"] == 1
     assert all(row["cpu_us_per_line"] > 0 and row["longest_burst_ms"] > 0 for row in rows.values())
+    assert [g["rows"] for g in found["growth"]] == [2000 + 1300]  # one bulk read, then one paced read
