@@ -3,10 +3,12 @@
 Envoy writes one JSON line per inference request (see
 ``controller.render.envoy.usage_log_config``) with the backend's own usage
 numbers. The ledger reads that file from a saved offset; each batch of lines
-and the new offset are committed in one SQLite transaction, and a request id
-is recorded at most once. So a gatekeeper restart loses nothing (Envoy kept
-writing), and two readers (the gatekeeper and `controller usage`) never
-count a request twice. A rotated or truncated log is read from its start.
+and the new offset are committed in one SQLite transaction, and a request
+(its start time and Envoy's id for it) is recorded at most once. So a
+gatekeeper restart loses nothing (Envoy kept writing), and two readers (the
+gatekeeper and `controller usage`) never count a request twice. A rotated or
+truncated log is read from its start. SQLite itself keeps the totals per
+user, day and model that quotas and counters read.
 """
 
 from __future__ import annotations
