@@ -28,7 +28,7 @@ from controller.plan import Plan, make_plan
 from controller.spec import load_spec
 from tests.conftest import ROOT
 from tests.helpers import write_spec
-from tests.stubs import free_port, wait_until
+from tests.stubs import free_ports, wait_until
 
 pytestmark = pytest.mark.contract
 GPUS = [{"uuid": f"GPU-00000000-0000-4000-8000-00000000000{i}", "name": "Test GPU", "vram_gib": 80} for i in (1, 2)]
@@ -96,6 +96,7 @@ def worker(
         monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     else:
         kind = "real"
+    ports = free_ports(8)  # the worker, the agent, then the gateway's
     data = {
         "version": 1,
         "name": "b",
@@ -106,8 +107,8 @@ def worker(
                 "address": "127.0.0.1",
                 "gpus": GPUS,
                 "cpu_workers": 1,
-                "worker_port_base": free_port(),
-                "agent_port": free_port(),
+                "worker_port_base": ports[0],
+                "agent_port": ports[1],
             }
         ],
         "models": [model_spec(backend, kind, tmp_path)],
@@ -115,14 +116,9 @@ def worker(
             "host": "h",
             "public_name": "localhost",
             "tls": {"mode": "internal"},
-            "ports": {
-                "https": free_port(),
-                "http": free_port(),
-                "envoy": free_port(),
-                "envoy_admin": free_port(),
-                "gatekeeper": free_port(),
-                "caddy_admin": free_port(),
-            },
+            "ports": dict(
+                zip(("https", "http", "envoy", "envoy_admin", "gatekeeper", "caddy_admin"), ports[2:], strict=True)
+            ),
         },
     }
     spec = write_spec(tmp_path / "fleet.yaml", data)

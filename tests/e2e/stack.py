@@ -22,7 +22,7 @@ import yaml
 from controller.local.demo import DemoPorts, write_demo
 from controller.local.state import StateDir
 from tests.conftest import need_tool
-from tests.stubs import free_port, free_port_run
+from tests.stubs import free_port_run, free_ports
 
 
 def cli(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -139,19 +139,23 @@ class Stack:
 def start_stack(tmp: Path, customize: Any = None, env: dict[str, str] | None = None) -> Stack:
     """Bring up the demo fleet on free loopback ports; ``customize(spec_dict)`` may change it first."""
     state = StateDir(tmp / "state")
+    workers = free_port_run(3)
+    https, http, envoy, envoy_admin, gatekeeper, caddy_admin, caddy_tls, agent, prometheus, alertmanager, grafana = (
+        free_ports(11, exclude=range(workers, workers + 3))
+    )
     ports = DemoPorts(
-        https=free_port(),
-        http=free_port(),
-        envoy=free_port(),
-        envoy_admin=free_port(),
-        gatekeeper=free_port(),
-        caddy_admin=free_port(),
-        caddy_tls=free_port(),
-        workers=free_port_run(3),
-        agent=free_port(),
-        prometheus=free_port(),
-        alertmanager=free_port(),
-        grafana=free_port(),
+        https=https,
+        http=http,
+        envoy=envoy,
+        envoy_admin=envoy_admin,
+        gatekeeper=gatekeeper,
+        caddy_admin=caddy_admin,
+        caddy_tls=caddy_tls,
+        workers=workers,
+        agent=agent,
+        prometheus=prometheus,
+        alertmanager=alertmanager,
+        grafana=grafana,
     )
     spec = write_demo(state, ports)
     if customize is not None:

