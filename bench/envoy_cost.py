@@ -36,7 +36,7 @@ from controller.services.certs import ensure_sds_file
 from controller.services.keystore import KeyStore
 from controller.spec import load_spec
 from tests.helpers import MINIMAL, write_spec
-from tests.stubs import free_port, free_ports, running_envoy, running_gatekeeper, running_process
+from tests.stubs import free_port, gateway_ports, running_envoy, running_gatekeeper, running_process
 
 Config = dict[str, Any]
 
@@ -92,8 +92,7 @@ def spec(tmp: Path, stub_port: int) -> Path:
     host = data["hosts"][0]
     host.update(gpus=[dict(STUB_GPU)], worker_port_base=stub_port)
     data["models"] = [dict(STUB_MODEL)]
-    names = ("https", "http", "envoy", "envoy_admin", "gatekeeper", "caddy_admin")
-    data["gateway"]["ports"] = dict(zip(names, free_ports(len(names), exclude=[stub_port]), strict=True))
+    data["gateway"]["ports"] = gateway_ports(exclude=[stub_port])
     return write_spec(tmp / "fleet.yaml", data)
 
 

@@ -44,6 +44,12 @@ def free_ports(count: int, exclude: Iterable[int] = ()) -> list[int]:
             s.close()
 
 
+def gateway_ports(exclude: Iterable[int] = ()) -> dict[str, int]:
+    """Free ports for a spec's gateway.ports: those a contract test starts (the rest keep their defaults)."""
+    names = ("https", "http", "envoy", "envoy_admin", "gatekeeper", "caddy_admin")
+    return dict(zip(names, free_ports(len(names), exclude), strict=True))
+
+
 def free_port_run(count: int) -> int:
     """A base port with ``count`` consecutive free ports after it."""
     for _ in range(200):

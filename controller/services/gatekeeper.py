@@ -55,8 +55,8 @@ LOGIN_COOKIE = "fleet_login"
 # Bound the cache so a flood of distinct keys cannot grow memory without limit.
 CACHE_MAX = 100_000
 INGEST_INTERVAL_S = 0.5
-# Between two slices of usage lines (controller/services/ledger.py: SLICE_LINES), so reading the log never
-# holds a core for long: Envoy's worker, the backend and the clients share the same cores.
+# The pause between slices of usage lines, and around each commit (controller/services/ledger.py), so
+# reading the log never holds a core for long: Envoy's worker, the backend and the clients share the cores.
 INGEST_PAUSE_S = 0.002
 
 

@@ -28,7 +28,7 @@ from controller.plan import Plan, make_plan
 from controller.spec import load_spec
 from tests.conftest import ROOT
 from tests.helpers import write_spec
-from tests.stubs import free_ports, wait_until
+from tests.stubs import free_ports, gateway_ports, wait_until
 
 pytestmark = pytest.mark.contract
 GPUS = [{"uuid": f"GPU-00000000-0000-4000-8000-00000000000{i}", "name": "Test GPU", "vram_gib": 80} for i in (1, 2)]
@@ -96,7 +96,7 @@ def worker(
         monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     else:
         kind = "real"
-    ports = free_ports(8)  # the worker, the agent, then the gateway's
+    ports = free_ports(2)  # the worker and the agent
     data = {
         "version": 1,
         "name": "b",
@@ -116,9 +116,7 @@ def worker(
             "host": "h",
             "public_name": "localhost",
             "tls": {"mode": "internal"},
-            "ports": dict(
-                zip(("https", "http", "envoy", "envoy_admin", "gatekeeper", "caddy_admin"), ports[2:], strict=True)
-            ),
+            "ports": gateway_ports(exclude=ports),
         },
     }
     spec = write_spec(tmp_path / "fleet.yaml", data)

@@ -29,7 +29,15 @@ from controller.spec import load_spec
 from tests.conftest import need_tool
 from tests.e2e.stack import envoy_healthy
 from tests.helpers import MINIMAL, self_signed, write_spec
-from tests.stubs import StubWorker, free_port_run, free_ports, running_envoy, running_gatekeeper, wait_until
+from tests.stubs import (
+    StubWorker,
+    free_port_run,
+    free_ports,
+    gateway_ports,
+    running_envoy,
+    running_gatekeeper,
+    wait_until,
+)
 
 pytestmark = pytest.mark.contract
 
@@ -49,7 +57,7 @@ class Gateway:
 def _spec(base: int) -> dict:  # type: ignore[type-arg]
     data = copy.deepcopy(MINIMAL)
     host = data["hosts"][0]
-    agent, *gateway = free_ports(7, exclude=range(base, base + 3))
+    (agent,) = free_ports(1, exclude=range(base, base + 3))
     host.update(gpus=[], cpu_workers=3, worker_port_base=base, agent_port=agent)
     arch = {"layers": 2, "kv_heads": 2, "head_dim": 16, "params_b": 0.001}
     data["users"] = [{"name": "tester", "models": ["*"]}, {"name": "kid", "models": ["beta"]}]
@@ -76,7 +84,7 @@ def _spec(base: int) -> dict:  # type: ignore[type-arg]
     data["gateway"].update(
         max_body_mib=0.0625,
         max_request_tokens=1000,
-        ports=dict(zip(("https", "http", "envoy", "envoy_admin", "gatekeeper", "caddy_admin"), gateway, strict=True)),
+        ports=gateway_ports(exclude=[*range(base, base + 3), agent]),
     )
     return data
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -140,23 +141,9 @@ def start_stack(tmp: Path, customize: Any = None, env: dict[str, str] | None = N
     """Bring up the demo fleet on free loopback ports; ``customize(spec_dict)`` may change it first."""
     state = StateDir(tmp / "state")
     workers = free_port_run(3)
-    https, http, envoy, envoy_admin, gatekeeper, caddy_admin, caddy_tls, agent, prometheus, alertmanager, grafana = (
-        free_ports(11, exclude=range(workers, workers + 3))
-    )
-    ports = DemoPorts(
-        https=https,
-        http=http,
-        envoy=envoy,
-        envoy_admin=envoy_admin,
-        gatekeeper=gatekeeper,
-        caddy_admin=caddy_admin,
-        caddy_tls=caddy_tls,
-        workers=workers,
-        agent=agent,
-        prometheus=prometheus,
-        alertmanager=alertmanager,
-        grafana=grafana,
-    )
+    names = [f.name for f in dataclasses.fields(DemoPorts) if f.name != "workers"]
+    singles = free_ports(len(names), exclude=range(workers, workers + 3))
+    ports = DemoPorts(workers=workers, **dict(zip(names, singles, strict=True)))
     spec = write_demo(state, ports)
     if customize is not None:
         data = yaml.safe_load(spec.read_text())
