@@ -2,9 +2,20 @@
 
 Authorization code flow with PKCE (required) and nonce, RS256-signed ID
 tokens, JWT access tokens (RFC 9068) whose audience is configurable,
-discovery, JWKS, an end-session endpoint, and a plain username/password
-login form. Authorization codes are single-use. Users and their groups come
-from the command line, so each test states who exists.
+discovery, JWKS, an end-session endpoint, a token introspection endpoint
+(RFC 7662) for opaque tokens, and a plain username/password login form.
+Authorization codes are single-use. Users and their groups come from the
+command line, so each test states who exists.
+
+Like Keycloak, any registered client may introspect any token: the answer
+says which client it was issued to (`client_id`, `aud`), and the relying
+party must refuse another client's token itself.
+
+With --allow-mint (tests only), POST /test/mint signs any JWT claims,
+POST /test/opaque issues an opaque token for a user and client,
+POST /test/revoke revokes one, GET /test/introspections counts the
+introspection requests, and POST /test/introspection-fault makes the
+endpoint fail (500, a body that is not JSON, or an answer too slow to wait for).
 
     python -m tests.oidc_provider --port 9000 --client-id fleet --client-secret s3cret \
         --redirect-uri https://localhost:8443/auth/callback --audience fleet \
@@ -21,9 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from authlib.integrations.flask_oauth2 import AuthorizationServer
-from authlib.oauth2.rfc6749 import ClientMixin, grants
+from authlib.oauth2.rfc6749 import ClientMixin, TokenMixin, grants
 from authlib.oauth2.rfc6749.models import AuthorizationCodeMixin
 from authlib.oauth2.rfc7636 import CodeChallenge
+from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 from authlib.oauth2.rfc9068 import JWTBearerTokenGenerator
 from authlib.oidc.core import UserInfo
 from authlib.oidc.core import grants as oidc_grants
@@ -104,6 +116,37 @@ class Code(AuthorizationCodeMixin):  # type: ignore[misc]
         return None
 
 
+@dataclass
+class OpaqueToken(TokenMixin):  # type: ignore[misc]
+    """An opaque access token: a random string that only this provider can explain."""
+
+    user: User
+    client_id: str
+    audience: list[str]
+    expires_at: float
+    issued_at: float = field(default_factory=time.time)
+    revoked: bool = False
+
+    def check_client(self, client: Client) -> bool:
+        return bool(client.get_client_id() == self.client_id)
+
+    def get_scope(self) -> str:
+        return "openid profile groups"
+
+    def get_expires_in(self) -> int:
+        return int(self.expires_at - self.issued_at)
+
+    def is_expired(self) -> bool:
+        return self.expires_at <= time.time()
+
+    def is_revoked(self) -> bool:
+        return self.revoked
+
+
+# How long a "slow" introspection answer takes: longer than the gatekeeper waits.
+SLOW_ANSWER_S = 4.0
+
+
 def create_app(args: argparse.Namespace) -> Flask:
     issuer = args.issuer or f"http://127.0.0.1:{args.port}"
     key = RSAKey.generate_key(2048, parameters={"kid": "test-key-1", "use": "sig", "alg": "RS256"})
@@ -116,6 +159,8 @@ def create_app(args: argparse.Namespace) -> Flask:
     client = Client(args.client_id, args.client_secret, args.redirect_uri)
     codes: dict[str, Code] = {}
     nonces: set[str] = set()
+    opaque: dict[str, OpaqueToken] = {}
+    introspect_state: dict[str, Any] = {"fault": "none", "requests": 0}
 
     class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[misc]
         TOKEN_ENDPOINT_AUTH_METHODS: ClassVar[list[str]] = ["client_secret_basic", "client_secret_post"]
@@ -176,12 +221,35 @@ def create_app(args: argparse.Namespace) -> Flask:
         def get_audiences(self, client: Client, user: User, scope: str) -> str:
             return str(args.audience or client.get_client_id())
 
+    class Introspection(IntrospectionEndpoint):  # type: ignore[misc]
+        def query_token(self, token_string: str, token_type_hint: str | None) -> OpaqueToken | None:
+            return opaque.get(token_string)
+
+        def check_permission(self, token: OpaqueToken, client: Client, request: Any) -> bool:
+            return True  # any client may ask (as in Keycloak); the answer says whose token it is
+
+        def introspect_token(self, token: OpaqueToken) -> dict[str, Any]:
+            return {
+                "active": True,
+                "client_id": token.client_id,
+                "token_type": "Bearer",
+                "username": token.user.id,
+                "sub": f"uid-{token.user.id}",  # not the name: the gateway must read `username`
+                "aud": token.audience,
+                "iss": issuer,
+                "scope": token.get_scope(),
+                "exp": token.expires_at,
+                "iat": token.issued_at,
+                "groups": token.user.groups,
+            }
+
     app = Flask(__name__)
     server = AuthorizationServer(
         app, query_client=lambda cid: client if cid == client.client_id else None, save_token=lambda token, req: None
     )
     server.register_grant(AuthorizationCodeGrant, [OpenIDCode(require_nonce=True), CodeChallenge(required=True)])
     server.register_token_generator("default", AccessTokens(issuer=issuer))
+    server.register_endpoint(Introspection)
 
     @app.get("/.well-known/openid-configuration")
     def discovery() -> Response:
@@ -191,6 +259,8 @@ def create_app(args: argparse.Namespace) -> Flask:
                 "authorization_endpoint": f"{issuer}/authorize",
                 "token_endpoint": f"{issuer}/token",
                 "jwks_uri": f"{issuer}/jwks",
+                "introspection_endpoint": f"{issuer}/introspect",
+                "introspection_endpoint_auth_methods_supported": ["client_secret_basic"],
                 "end_session_endpoint": f"{issuer}/logout",
                 "response_types_supported": ["code"],
                 "subject_types_supported": ["public"],
@@ -225,6 +295,18 @@ def create_app(args: argparse.Namespace) -> Flask:
     def token() -> Any:
         return server.create_token_response()
 
+    @app.post("/introspect")
+    def introspect() -> Any:
+        introspect_state["requests"] = int(introspect_state["requests"]) + 1
+        fault = introspect_state["fault"]
+        if fault == "500":
+            return Response("internal error", 500)
+        if fault == "garbage":
+            return Response("<html>not json", 200, content_type="application/json")
+        if fault == "slow":
+            time.sleep(SLOW_ANSWER_S)
+        return server.create_endpoint_response("introspection")
+
     @app.get("/logout")
     def logout() -> Any:
         target = request.args.get("post_logout_redirect_uri")
@@ -244,6 +326,43 @@ def create_app(args: argparse.Namespace) -> Flask:
             claims = request.get_json(force=True)
             return jsonify({"token": jwt.encode({"alg": "RS256", "kid": "test-key-1"}, claims, key)})
 
+        @app.post("/test/opaque")
+        def issue_opaque() -> Any:
+            """An opaque token for {"user", "client_id"?, "aud"?, "expires_in"? (seconds, may be negative)}."""
+            want = request.get_json(force=True)
+            user = users.get(want.get("user", ""))
+            if user is None:
+                return Response("no such user", 400)
+            found = OpaqueToken(
+                user,
+                want.get("client_id", client.client_id),
+                [aud] if isinstance(aud := want.get("aud", []), str) else list(aud),
+                time.time() + float(want.get("expires_in", 300)),
+            )
+            token = secrets.token_urlsafe(32)
+            opaque[token] = found
+            return jsonify({"token": token, "exp": found.expires_at})
+
+        @app.post("/test/revoke")
+        def revoke_opaque() -> Any:
+            found = opaque.get(request.get_json(force=True).get("token", ""))
+            if found is None:
+                return Response("no such token", 404)
+            found.revoked = True
+            return jsonify({"revoked": True})
+
+        @app.get("/test/introspections")
+        def introspections() -> Response:
+            return jsonify({"requests": introspect_state["requests"]})
+
+        @app.post("/test/introspection-fault")
+        def introspection_fault() -> Any:
+            fault = request.get_json(force=True).get("fault")
+            if fault not in ("none", "500", "garbage", "slow"):
+                return Response("fault: none, 500, garbage or slow", 400)
+            introspect_state["fault"] = fault
+            return jsonify({"fault": fault})
+
     return app
 
 
@@ -256,7 +375,7 @@ def main() -> None:
     parser.add_argument("--redirect-uri", action="append", required=True)
     parser.add_argument("--audience")
     parser.add_argument("--user", action="append", default=[], help="name:password:group1,group2")
-    parser.add_argument("--allow-mint", action="store_true", help="tests only: POST /test/mint signs any claims")
+    parser.add_argument("--allow-mint", action="store_true", help="tests only: the /test/ endpoints")
     args = parser.parse_args()
     create_app(args).run(host="127.0.0.1", port=args.port, threaded=True)
 

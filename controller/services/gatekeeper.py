@@ -14,7 +14,9 @@ own cached lookup of the key ends, so a revoked key stops working within the
 spec's revocation delay however many caches sit in between; `X-Fleet-Grant`
 is how many requests it carries when the user has a request rate, taken
 from the user's bucket up front so the rate can never be exceeded. Provider
-access tokens and browser sessions are decided on every request.
+access tokens and browser sessions are decided on every request (an opaque
+token's introspection answer is kept here, at most the revocation delay; a
+provider that cannot be asked is a 503).
 
 Per decision it also enforces the user's request rate (429 + Retry-After)
 and daily token quota (429 until the next UTC day); a reused answer is
@@ -45,7 +47,15 @@ from controller.services.certs import Publisher, Source, served_certificate
 from controller.services.keystore import KeyStore
 from controller.services.ledger import Ledger, utc_day
 from controller.services.limits import RateLimiter
-from controller.services.oidc import LOGIN_TTL_S, SESSION_TTL_S, OidcError, OidcSettings, Provider, Sessions
+from controller.services.oidc import (
+    LOGIN_TTL_S,
+    SESSION_TTL_S,
+    OidcError,
+    OidcSettings,
+    OidcUnavailable,
+    Provider,
+    Sessions,
+)
 from controller.spec import load_spec
 from controller.spec.models import Fleet
 
@@ -212,6 +222,9 @@ def oidc_settings(fleet: Fleet, spec_dir: Path) -> OidcSettings | None:
         oidc.scopes,
         oidc.groups_claim,
         oidc.audience,
+        introspection=oidc.introspection,
+        introspection_endpoint=oidc.introspection_endpoint,
+        cache_s=float(fleet.auth.revocation_delay_s),
     )
 
 
@@ -373,6 +386,9 @@ def create_app(
         if key is not None and provider is not None:
             try:
                 who = provider.verify_access_token(key)
+            except OidcUnavailable:  # the provider could not be asked: fail closed, and not as a bad token
+                metrics.decisions.labels("unavailable").inc()
+                return error(503, "authentication is temporarily unavailable", "auth_unavailable", "server_error")
             except OidcError:
                 metrics.decisions.labels("bad_token").inc()
                 return error(401, "Invalid access token.", "invalid_token")

@@ -9,6 +9,14 @@ against the provider's JWKS (fetched again when a token names an unknown
 `none`, never HMAC (a token "signed" with the provider's public key as an
 HMAC secret is refused) — and the key comes only from our JWKS, never from
 a token's own `jwk`/`jku` header. Issuer, audience and expiry are checked.
+
+Tokens that are not JWTs (opaque tokens, such as Authentik's API tokens) are
+asked about at the provider's introspection endpoint (RFC 7662) as this
+client (`client_secret_basic`); see `Provider._accept` for what is
+accepted. Each answer, yes or no, is kept by the token's hash for at most
+the revocation delay and never past the token's expiry. A provider that
+cannot be asked raises OidcUnavailable: the gatekeeper answers 503 (fail
+closed), not 401, so a client does not take it for a bad token.
 """
 
 from __future__ import annotations
@@ -16,16 +24,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import secrets
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlencode
 
 import httpx
+from authlib.oauth2.auth import ClientAuth
+from authlib.oauth2.rfc7009 import prepare_revoke_token_request
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
@@ -36,10 +47,21 @@ JWKS_REFRESH_MIN_S = 5.0
 LEEWAY_S = 30
 LOGIN_TTL_S = 600
 SESSION_TTL_S = 12 * 3600
+# Under Envoy's wait for the gatekeeper (2 s), so a slow provider gets our own 503.
+INTROSPECTION_TIMEOUT_S = 1.5
+INTROSPECTION_CACHE_MAX = 10_000
+# Longer opaque tokens are refused without asking the provider.
+OPAQUE_TOKEN_MAX = 4096
+# `token_type` (RFC 7662) and Keycloak's `typ`, when present, must name an access token.
+ACCESS_TOKEN_TYPES = {"bearer", "access_token"}
 
 
 class OidcError(Exception):
     """A login or token that must not be accepted; the message is safe to show."""
+
+
+class OidcUnavailable(OidcError):
+    """The provider could not be asked, or gave no usable answer: fail closed, and not as a bad token."""
 
 
 @dataclass(frozen=True)
@@ -52,12 +74,39 @@ class OidcSettings:
     scopes: list[str]
     groups_claim: str
     audience: str | None
+    introspection: bool = True
+    introspection_endpoint: str | None = None  # None: the discovery document's
+    cache_s: float = 5.0  # auth.revocation_delay_s: the longest an introspection answer is kept
 
 
 @dataclass(frozen=True)
 class Login:
     user: str
     groups: list[str]
+
+
+class AnswerCache:
+    """Introspection answers by the token's hash, each until its deadline (time.monotonic()).
+
+    A refusal is kept as its message. Cleared when full, like the gatekeeper's
+    cache of keys, so a flood of distinct tokens cannot grow memory without limit.
+    """
+
+    def __init__(self, max_entries: int = INTROSPECTION_CACHE_MAX) -> None:
+        self.max_entries = max_entries
+        self._answers: dict[bytes, tuple[float, Login | str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    def get(self, token: str, now: float) -> Login | str | None:
+        hit = self._answers.get(_hash(token))
+        return hit[1] if hit is not None and hit[0] > now else None
+
+    def put(self, token: str, answer: Login | str, until: float) -> None:
+        if len(self._answers) >= self.max_entries:
+            self._answers.clear()
+        self._answers[_hash(token)] = (until, answer)
 
 
 class Provider:
@@ -68,6 +117,7 @@ class Provider:
         self._keys: KeySet | None = None
         self._keys_at = 0.0
         self._lock = threading.Lock()
+        self.answers = AnswerCache()
 
     # -- discovery and keys ----------------------------------------------------------
 
@@ -77,9 +127,9 @@ class Provider:
             try:
                 data = self.http.get(url).raise_for_status().json()
             except (httpx.HTTPError, ValueError) as exc:
-                raise OidcError(f"cannot read the provider's discovery document: {exc}") from None
-            if data.get("issuer") != self.settings.issuer:
-                raise OidcError("the provider's discovery document names another issuer")
+                raise OidcUnavailable(f"cannot read the provider's discovery document: {exc}") from None
+            if not isinstance(data, dict) or data.get("issuer") != self.settings.issuer:
+                raise OidcUnavailable("the provider's discovery document names another issuer")
             self._discovery = data
         return self._discovery
 
@@ -91,7 +141,7 @@ class Provider:
                     data = self.http.get(self.discovery()["jwks_uri"]).raise_for_status().json()
                     self._keys = KeySet.import_key_set(data)
                 except (httpx.HTTPError, ValueError, KeyError, JoseError) as exc:
-                    raise OidcError(f"cannot read the provider's keys: {exc}") from None
+                    raise OidcUnavailable(f"cannot read the provider's keys: {exc}") from None
                 self._keys_at = time.monotonic()
             return self._keys
 
@@ -147,9 +197,89 @@ class Provider:
     # -- tokens ------------------------------------------------------------------------
 
     def verify_access_token(self, token: str) -> Login:
+        if self.settings.introspection and not _is_jwt(token):
+            return self.introspect(token)
         if self.settings.audience is None:
             raise OidcError("provider access tokens are not accepted: auth.oidc.audience is not set")
         return self.login(self.verify(token, audience=self.settings.audience))
+
+    def introspect(self, token: str) -> Login:
+        """An opaque token, as the provider's introspection endpoint describes it; answers are cached."""
+        if len(token) > OPAQUE_TOKEN_MAX:
+            raise OidcError("token too long")
+        now = time.monotonic()
+        answer = self.answers.get(token, now)
+        if answer is None:
+            claims = self._introspection(token)
+            answer = self._judge(claims)
+            keep_s = self._keep_s(claims)
+            if keep_s > 0:
+                self.answers.put(token, answer, now + keep_s)
+        if isinstance(answer, str):
+            raise OidcError(answer)
+        return answer
+
+    def _introspection(self, token: str) -> dict[str, Any]:
+        """The provider's RFC 7662 answer, asked as this client; OidcUnavailable when there is none."""
+        url = self._introspection_url()
+        # The same form as a revocation request (token, token_type_hint), as authlib's own client sends it.
+        body, headers = prepare_revoke_token_request(token, "access_token")
+        client = ClientAuth(self.settings.client_id, self.settings.client_secret, "client_secret_basic")
+        _, headers, body = client.prepare("POST", url, headers, body)
+        try:
+            response = self.http.post(url, content=body, headers=headers, timeout=INTROSPECTION_TIMEOUT_S)
+            data = response.raise_for_status().json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise OidcUnavailable(f"the provider's introspection endpoint failed: {type(exc).__name__}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("active"), bool):
+            raise OidcUnavailable("the provider's introspection answer is not RFC 7662")
+        return data
+
+    def _introspection_url(self) -> str:
+        url = self.settings.introspection_endpoint or self.discovery().get("introspection_endpoint")
+        if not isinstance(url, str) or not url:
+            raise OidcError("opaque tokens are not accepted: the provider names no introspection endpoint")
+        return url
+
+    def _judge(self, claims: dict[str, Any]) -> Login | str:
+        """The login for an introspection answer, or why it is refused."""
+        try:
+            return self._accept(claims)
+        except OidcError as exc:
+            return str(exc)
+
+    def _accept(self, claims: dict[str, Any]) -> Login:
+        """Active, not expired, an access token of our issuer, for this gateway (`_for_us`)."""
+        if claims.get("active") is not True:
+            raise OidcError("the provider says this token is not active")
+        exp = claims.get("exp")
+        if exp is not None and (not _is_number(exp) or exp <= time.time()):
+            raise OidcError("the token has expired")
+        for field in ("token_type", "typ"):
+            kind = claims.get(field)
+            if kind is not None and str(kind).lower() not in ACCESS_TOKEN_TYPES:
+                raise OidcError("not an access token")
+        if claims.get("iss", self.settings.issuer) != self.settings.issuer:
+            raise OidcError("the token names another issuer")
+        if not self._for_us(claims):
+            raise OidcError("the token was issued to another client")
+        return self.login({**claims, "preferred_username": claims.get("preferred_username") or claims.get("username")})
+
+    def _for_us(self, claims: dict[str, Any]) -> bool:
+        """The token's `aud` or `client_id` names auth.oidc.audience or auth.oidc.client_id."""
+        aud = claims.get("aud")
+        named = {a for a in (aud if isinstance(aud, list) else [aud]) if isinstance(a, str)}
+        if isinstance(claims.get("client_id"), str):
+            named.add(claims["client_id"])
+        allowed = {self.settings.client_id} | ({self.settings.audience} if self.settings.audience else set())
+        return bool(named & allowed)
+
+    def _keep_s(self, claims: dict[str, Any]) -> float:
+        """How long an answer may be kept: the revocation delay, and never past the token's expiry."""
+        exp = claims.get("exp")
+        if _is_number(exp):
+            return min(self.settings.cache_s, float(exp) - time.time())
+        return self.settings.cache_s
 
     def verify(self, token: str, audience: str) -> dict[str, Any]:
         header = _header(token)
@@ -194,6 +324,20 @@ def _header(token: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise OidcError("not a JWT")
     return data
+
+
+def _is_jwt(token: str) -> bool:
+    """Three dot-separated segments, the first a JOSE header: a JWS. Anything else is an opaque token."""
+    if token.count(".") != 2:
+        return False
+    try:
+        return "alg" in _header(token)
+    except OidcError:
+        return False
+
+
+def _is_number(value: Any) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _has_kid(keys: KeySet, kid: str) -> bool:

@@ -343,11 +343,15 @@ class Gateway(StrictModel):
 # -- auth ---------------------------------------------------------------------------
 
 
+# https anywhere, or http on loopback (the tests' own provider).
+HTTPS_OR_LOOPBACK_URL = r"^https://[^\s/$.?#].[^\s]*$|^http://(127\.0\.0\.1|localhost)(:[0-9]+)?(/[^\s]*)?$"
+
+
 class Oidc(StrictModel):
     issuer: Annotated[
         str,
         Field(
-            pattern=r"^https://[^\s/$.?#].[^\s]*$|^http://(127\.0\.0\.1|localhost)(:[0-9]+)?(/[^\s]*)?$",
+            pattern=HTTPS_OR_LOOPBACK_URL,
             description="Issuer URL; https, or http on loopback for tests.",
         ),
     ]
@@ -362,6 +366,26 @@ class Oidc(StrictModel):
         str | None, Field(description="Expected `aud` of provider access tokens presented by API clients.")
     ] = None
     scopes: Annotated[list[str], Field(min_length=1)] = ["openid", "profile", "email", "groups"]
+    introspection: Annotated[
+        bool,
+        Field(
+            description="Accept opaque (non-JWT) provider tokens, such as Authentik's API tokens, through the"
+            " provider's token introspection endpoint (RFC 7662), asked as `client_id` with `client_secret_basic`."
+            " A token passes only when the provider says it is active, its `exp` has not passed, its `token_type`"
+            " (if any) is an access token, and its `aud` or `client_id` names `audience` or `client_id`; its user"
+            " and groups are read as from SSO (`preferred_username`, else `username`, `email`, `sub`;"
+            " `groups_claim`). Each answer, yes or no, is kept at most `auth.revocation_delay_s` and never past"
+            " the token's `exp`. An unreachable or failing endpoint is a 503 (fail closed)."
+        ),
+    ] = True
+    introspection_endpoint: Annotated[
+        str | None,
+        Field(
+            pattern=HTTPS_OR_LOOPBACK_URL,
+            description="The introspection endpoint, when it is not the discovery document's"
+            " `introspection_endpoint`; https, or http on loopback for tests.",
+        ),
+    ] = None
 
 
 class Auth(StrictModel):

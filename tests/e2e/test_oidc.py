@@ -329,3 +329,123 @@ def test_embedded_jwk_is_not_trusted(sso: Sso) -> None:
 def test_garbage_bearer_tokens_are_401(sso: Sso) -> None:
     for token in ("a.b.c", "not-a-jwt", "eyJhbGciOiJSUzI1NiJ9." + "A" * 5000 + ".x"):
         assert api(sso, token).status_code == 401
+
+
+# -- opaque provider tokens, through the provider's introspection endpoint -------------------
+
+REVOCATION_DELAY_S = 2  # the demo fleet's auth.revocation_delay_s
+
+
+def opaque(sso: Sso, user: str = "alice", **fields: Any) -> tuple[str, float]:
+    """An opaque token the test provider issued, and its expiry (unix time)."""
+    reply = httpx.post(f"{sso.issuer}/test/opaque", json={"user": user, **fields}, timeout=5)
+    assert reply.status_code == 200, reply.text
+    return str(reply.json()["token"]), float(reply.json()["exp"])
+
+
+def call(sso: Sso, token: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
+    with sso.stack.http() as client:
+        headers = {"Authorization": f"Bearer {token}"}
+        if body is None:
+            return client.get(f"{sso.stack.root}{path}", headers=headers)
+        return client.post(f"{sso.stack.root}{path}", headers=headers, json=body)
+
+
+def introspections(sso: Sso) -> int:
+    return int(httpx.get(f"{sso.issuer}/test/introspections", timeout=5).json()["requests"])
+
+
+def fault(sso: Sso, kind: str) -> None:
+    reply = httpx.post(f"{sso.issuer}/test/introspection-fault", json={"fault": kind}, timeout=5)
+    assert reply.status_code == 200, reply.text
+
+
+CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+EMBED = {"model": "tiny-embed", "input": "x"}
+
+
+def test_opaque_token_gives_the_users_groups_rights(sso: Sso) -> None:
+    token, _ = opaque(sso, "alice")
+    who = call(sso, token, "/auth/whoami")
+    assert who.status_code == 200, who.text
+    # The provider's answer names the user by `username` (its `sub` is an opaque id): as at SSO login.
+    assert who.json() == {"user": "alice", "groups": ["family"], "models": ["tiny", "tiny-chat"]}
+    assert call(sso, token, "/v1/chat/completions", CHAT).status_code == 200
+    embed = call(sso, token, "/v1/embeddings", EMBED)
+    assert embed.status_code == 403 and embed.json()["error"]["code"] == "model_not_allowed"
+
+
+def test_opaque_token_of_another_group(sso: Sso) -> None:
+    token, _ = opaque(sso, "bob")
+    assert call(sso, token, "/v1/embeddings", EMBED).status_code == 200
+    chat = call(sso, token, "/v1/chat/completions", CHAT)
+    assert chat.status_code == 403 and chat.json()["error"]["code"] == "model_not_allowed"
+
+
+def test_introspection_answers_are_cached(sso: Sso) -> None:
+    token, _ = opaque(sso)
+    before = introspections(sso)
+    for _ in range(5):
+        assert call(sso, token, "/v1/models").status_code == 200
+    asked = introspections(sso) - before
+    assert 1 <= asked <= 2, f"{asked} introspections for 5 requests well within the revocation delay"
+
+
+def test_unknown_opaque_token_is_401(sso: Sso) -> None:
+    reply = call(sso, secrets.token_urlsafe(32), "/v1/models")
+    assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_token"
+
+
+def test_revoked_opaque_token_stops_within_the_revocation_delay(sso: Sso) -> None:
+    token, _ = opaque(sso)
+    assert call(sso, token, "/v1/models").status_code == 200  # now cached as active
+    reply = httpx.post(f"{sso.issuer}/test/revoke", json={"token": token}, timeout=5)
+    assert reply.status_code == 200
+    revoked_at = time.monotonic()
+    wait_until(lambda: call(sso, token, "/v1/models").status_code == 401, 10, "revocation")
+    delay = time.monotonic() - revoked_at
+    assert delay <= REVOCATION_DELAY_S + 0.5, f"revocation took {delay:.2f}s, stated bound {REVOCATION_DELAY_S}s"
+
+
+def test_expired_opaque_token_is_401(sso: Sso) -> None:
+    token, _ = opaque(sso, expires_in=-5)
+    assert call(sso, token, "/v1/models").status_code == 401
+
+
+def test_a_cached_answer_ends_with_the_token(sso: Sso) -> None:
+    # Expiring well inside the revocation delay: an answer kept for the whole delay would outlive it by ~1 s.
+    token, exp = opaque(sso, expires_in=1.0)
+    assert call(sso, token, "/v1/models").status_code == 200
+    wait_until(lambda: call(sso, token, "/v1/models").status_code == 401, 10, "expiry")
+    late = time.time() - exp
+    assert late <= 0.5, f"the token still worked {late:.2f}s after it expired"
+
+
+@pytest.mark.parametrize(
+    ("fields", "status"),
+    [
+        ({"client_id": "other-app"}, 401),
+        ({"client_id": "other-app", "aud": ["other-api"]}, 401),
+        ({"client_id": "other-app", "aud": [AUDIENCE]}, 200),  # another client's token, meant for this gateway
+    ],
+    ids=["other-client", "other-client-and-audience", "other-client-for-our-audience"],
+)
+def test_another_clients_token(sso: Sso, fields: dict[str, Any], status: int) -> None:
+    token, _ = opaque(sso, **fields)
+    assert call(sso, token, "/v1/models").status_code == status
+
+
+@pytest.mark.parametrize("kind", ["500", "garbage", "slow"])
+def test_introspection_failing_is_503_never_200(sso: Sso, kind: str) -> None:
+    token, _ = opaque(sso)  # fresh: no answer is cached for it
+    fault(sso, kind)
+    try:
+        began = time.monotonic()
+        reply = call(sso, token, "/v1/models")
+        took = time.monotonic() - began
+    finally:
+        fault(sso, "none")
+    assert reply.status_code == 503, reply.text
+    assert reply.json()["error"]["code"] == "auth_unavailable" and "WWW-Authenticate" not in reply.headers
+    assert took < 3, f"the refusal took {took:.2f}s"
+    assert call(sso, token, "/v1/models").status_code == 200  # the failure was not kept as a refusal
