@@ -9,6 +9,7 @@ concurrency. Each variant is the rendered config with one thing removed:
 - ``no-stdout-log``: without the per-request access log on stdout;
 - ``no-usage-log``: without the usage log file;
 - ``no-response-hook``: without the Lua response hook (usage numbers);
+- ``no-worker-secret``: without the credential injector that adds the worker secret upstream;
 - ``no-lua``: without the Lua filter (a fixed route: no auth, no checks), Envoy's floor.
 
     python -m bench.envoy_cost [--seconds 5] [--connections 64] [--json]
@@ -32,6 +33,7 @@ from bench.gateway import MODEL, STUB_GPU, STUB_MODEL, Target, wrk
 from bench.report import machine, write_section
 from controller.plan import make_plan
 from controller.render.envoy import bootstrap, model_cluster
+from controller.secrets import ensure_worker_secret
 from controller.services.certs import ensure_sds_file
 from controller.services.keystore import KeyStore
 from controller.spec import load_spec
@@ -78,11 +80,20 @@ def drop_lua(config: Config) -> None:
         routes.insert(0, {"match": {"prefix": "/v1/chat/completions"}, "route": {"cluster": model_cluster(MODEL)}})
 
 
+def drop_worker_secret(config: Config) -> None:
+    """The worker clusters without their upstream filters (the worker secret's credential injector)."""
+    for cluster in config["static_resources"]["clusters"]:
+        options = cluster.get("typed_extension_protocol_options", {}).values()
+        for option in options:
+            option.pop("http_filters", None)
+
+
 VARIANTS: dict[str, Callable[[Config], None] | None] = {
     "rendered": None,
     "no-stdout-log": drop_stdout_log,
     "no-usage-log": drop_usage_log,
     "no-response-hook": drop_response_hook,
+    "no-worker-secret": drop_worker_secret,
     "no-lua": drop_lua,
 }
 
@@ -107,13 +118,17 @@ def run(seconds: float, connections: int) -> list[dict[str, Any]]:
     store.close()
     stub_cmd = [sys.executable, "-m", "bench.stub", "serve", "--port", str(stub_port)]
     ensure_sds_file(tmp / "tls")  # the TLS listener waits for a certificate; this measures the plain one
+    secrets = tmp / "secrets"
+    ensure_worker_secret(secrets)  # Envoy adds it to every request to the (stub) worker, as in production
     rows = []
     with (
         running_process(stub_cmd, f"http://127.0.0.1:{stub_port}/health", tmp / "stub.log"),
         running_gatekeeper(spec_path, tmp, ports.gatekeeper, tmp / "gatekeeper.log") as gatekeeper,
     ):
         for name, change in VARIANTS.items():
-            config = bootstrap(plan, usage_log=str(tmp / f"usage-{name}.log"), tls_dir=str(tmp / "tls"))
+            config = bootstrap(
+                plan, usage_log=str(tmp / f"usage-{name}.log"), tls_dir=str(tmp / "tls"), secrets_dir=str(secrets)
+            )
             if change is not None:
                 change(config)
             path = tmp / f"envoy-{name}.yaml"

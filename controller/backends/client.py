@@ -44,11 +44,13 @@ PULL_TIMEOUT_S = 3600.0
 
 
 class WorkerClient:
-    def __init__(self, backend: str, base_url: str, timeout: float = 5.0) -> None:
+    def __init__(self, backend: str, base_url: str, timeout: float = 5.0, key: str | None = None) -> None:
+        """``key``: the worker secret (controller/secrets.py), which llama.cpp and vLLM workers require."""
         self.backend = backend
         self.adapter = backends.get(backend)
         self.base_url = base_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
 
     def close(self) -> None:
         self.http.close()

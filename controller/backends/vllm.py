@@ -10,11 +10,12 @@ instance may take: weights, activations and KV cache), `--max-model-len`,
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from controller.backends import option_args
+from controller.backends import env_from_file, option_args
 from controller.plan.models import Estimate, GpuRef, Worker
 from controller.spec.models import Fleet, Model
 
@@ -38,7 +39,7 @@ class VLLM:
         "quantization": "the spec's quantization",
         "kv-cache-dtype": "the spec's kv_cache_dtype",
         "revision": "the spec's source.revision",
-        "api-key": "the gateway authenticates; workers sit on the mesh",
+        "api-key": "the worker secret, set from a file as VLLM_API_KEY",
         "download-dir": "the model cache volume",
     }
 
@@ -58,8 +59,12 @@ class VLLM:
     def image(self, fleet: Fleet, worker: Worker) -> str:
         return fleet.images.vllm
 
-    def container_args(self, worker: Worker, model: Model) -> list[str]:
+    def container_args(self, worker: Worker, model: Model, key_file: str) -> list[str]:
         return [str(model.source.huggingface), *self.serve_flags(worker, model, "0.0.0.0", self.container_port)]
+
+    def container_entrypoint(self, key_file: str) -> list[str]:
+        # The image's entrypoint is `vllm serve`; vLLM reads its key from the environment only.
+        return env_from_file("python3", "VLLM_API_KEY", key_file, ["vllm", "serve"])
 
     def serve_flags(self, worker: Worker, model: Model, host: str, port: int) -> list[str]:
         s = worker.settings
@@ -93,11 +98,13 @@ class VLLM:
         return {"HF_HOME": self.cache_dir, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
     def local_command(
-        self, worker: Worker, model: Model, spec_dir: Path, find: Callable[[str], str]
+        self, worker: Worker, model: Model, spec_dir: Path, find: Callable[[str], str], key_file: Path
     ) -> tuple[list[str], dict[str, str]]:
         argv = [find("vllm"), "serve", str(model.source.huggingface)]
         argv += self.serve_flags(worker, model, worker.address, worker.port)
-        return argv, {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        # /v1/* then needs the worker secret; /health, /metrics and the rest stay open (as in vLLM).
+        wrapped = env_from_file(sys.executable, "VLLM_API_KEY", str(key_file), argv)
+        return wrapped, {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
     def healthcheck(self) -> list[str]:
         return ["CMD", "curl", "-fsS", f"http://127.0.0.1:{self.container_port}{self.health_path}"]

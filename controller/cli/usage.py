@@ -20,7 +20,11 @@ def usage(
     state_opt: StateOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show usage. Reads Envoy's latest usage lines first, so it is current even if the gatekeeper is down."""
+    """Show usage. Reads Envoy's latest usage lines first, so it is current even if the gatekeeper is down.
+
+    Requests whose backend never sent its numbers (the client left mid-stream, the backend was killed)
+    are counted from what the gateway saw and shown as estimated.
+    """
     state = state_dir(state_opt)
     groups = [g.strip() for g in by.split(",") if g.strip()]
     unknown = [g for g in groups if g not in GROUPS]
@@ -36,10 +40,9 @@ def usage(
         emit_json(rows)
         return
     table = Table(title=f"usage, last {since}", title_justify="left")
-    for col in [*groups, "requests", "prompt tokens", "completion tokens", "total"]:
-        table.add_column(
-            col, justify="right" if col in ("requests", "prompt tokens", "completion tokens", "total") else "left"
-        )
+    numbers = ("requests", "prompt tokens", "completion tokens", "total", "estimated")
+    for col in [*groups, *numbers]:
+        table.add_column(col, justify="right" if col in numbers else "left")
     for row in rows:
         table.add_row(
             *(str(row[g] or "-") for g in groups),
@@ -47,5 +50,17 @@ def usage(
             str(row["prompt_tokens"]),
             str(row["completion_tokens"]),
             str(row["total_tokens"]),
+            _estimated(row),
         )
     console().print(table)
+    if any(row["estimated_requests"] for row in rows):
+        console().print(
+            "estimated: requests whose backend numbers never came (the client left, the backend stopped, or it "
+            "sends none), counted from what the gateway saw, never less than was generated; see README, Usage"
+        )
+
+
+def _estimated(row: dict[str, int]) -> str:
+    if not row["estimated_requests"]:
+        return "-"
+    return f"{row['estimated_tokens']} tokens in {row['estimated_requests']}"

@@ -22,6 +22,7 @@ from controller import backends
 from controller.errors import ControllerError
 from controller.local.state import StateDir
 from controller.plan.models import Plan, Worker
+from controller.secrets import KEY_FILE
 
 Kind = Literal["worker", "gatekeeper", "envoy", "caddy", "agent", "prometheus", "alertmanager"]
 
@@ -97,7 +98,7 @@ def local_processes(plan: Plan, spec_path: Path, state: StateDir) -> list[Proces
             ports=[ports.gatekeeper],
         )
     ]
-    out += [worker_process(plan, w, spec_path.parent) for w in plan.workers]
+    out += [worker_process(plan, w, spec_path.parent, state.secrets / KEY_FILE) for w in plan.workers]
     out.append(
         ProcessSpec(
             name="envoy",
@@ -210,10 +211,10 @@ def agent_process(plan: Plan, spec_path: Path, state: StateDir) -> ProcessSpec:
     )
 
 
-def worker_process(plan: Plan, worker: Worker, spec_dir: Path) -> ProcessSpec:
+def worker_process(plan: Plan, worker: Worker, spec_dir: Path, key_file: Path) -> ProcessSpec:
     model = plan.model(worker.model)
     backend = backends.get(worker.backend)
-    argv, env = backend.local_command(worker, model, spec_dir, find_program)
+    argv, env = backend.local_command(worker, model, spec_dir, find_program, key_file)
     # Pin to exactly the planned GPUs by UUID; an empty value hides every GPU from CPU workers.
     env["CUDA_VISIBLE_DEVICES"] = ",".join(g.uuid for g in worker.gpus)
     return ProcessSpec(

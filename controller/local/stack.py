@@ -24,6 +24,7 @@ from controller.local.processes import ProcessSpec, local_processes
 from controller.local.state import StateDir, is_same_process, start_time
 from controller.plan import Plan, make_plan
 from controller.render import alertmanager, caddy, envoy, prometheus
+from controller.secrets import KEY_FILE, ensure_worker_secret
 from controller.services.certs import ensure_sds_file, served_certificate, wait_published
 from controller.spec import load_spec
 
@@ -104,13 +105,19 @@ def write_configs(plan: Plan, state: StateDir) -> None:
     """The gateway's Envoy and Caddy configs for this stack, with paths inside its state folder."""
     (caddyfile,) = caddy.render(plan).values()
     write_file(state.config / "Caddyfile", caddyfile)
-    config = envoy.bootstrap(plan, usage_log=str(state.usage_log), tls_dir=str(state.tls))
+    ensure_worker_secret(state.secrets)  # once: workers started earlier keep theirs
+    config = envoy.bootstrap(
+        plan, usage_log=str(state.usage_log), tls_dir=str(state.tls), secrets_dir=str(state.secrets)
+    )
     ensure_sds_file(state.tls)  # Envoy starts with it empty; the gatekeeper publishes the certificate into it
     write_file(state.config / "envoy.yaml", yaml.safe_dump(config, sort_keys=False, width=1000))
     # Prometheus (rules beside its config) and Alertmanager, as rendered for the gateway host.
     for rel, text in {**prometheus.render(plan), **alertmanager.render(plan)}.items():
         if rel.endswith(".yml"):
             write_file(state.config / Path(rel).parent.name / Path(rel).name, text)
+    # Prometheus scrapes the workers with the stack's own worker secret.
+    scrape = prometheus.config(plan, worker_key_file=str(state.secrets / KEY_FILE))
+    write_file(state.config / "prometheus" / "prometheus.yml", prometheus.HEADER + prometheus.dump(scrape))
 
 
 def check_ports(specs: list[ProcessSpec], state: StateDir) -> None:

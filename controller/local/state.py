@@ -11,6 +11,7 @@ stacks can run side by side:
     logs/<name>.log   one log per process
     caddy/            Caddy's data: the internal CA and certificates
     gatekeeper/       the key store (mode 0600)
+    secrets/          the worker secret, for the workers and Envoy (mode 0600)
     models/           the demo model
 
 A PID alone is not an identity (PIDs are reused); a process is "ours" when
@@ -83,6 +84,11 @@ class StateDir:
         return self.root / "tls"
 
     @property
+    def secrets(self) -> Path:
+        """The worker secret: workers require it, Envoy sends it (controller/secrets.py; private)."""
+        return self.root / "secrets"
+
+    @property
     def ca_cert(self) -> Path:
         """The root certificate of Caddy's internal CA; clients trust this file."""
         return self.caddy / "data" / "caddy" / "pki" / "authorities" / "local" / "root.crt"
@@ -95,6 +101,8 @@ class StateDir:
             folder.mkdir(parents=True, exist_ok=True)
         os.chmod(self.gatekeeper, 0o700)
         os.chmod(self.tls, 0o700)
+        self.secrets.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.secrets, 0o700)
 
     def read_json(self, path: Path) -> dict[str, Any] | None:
         try:

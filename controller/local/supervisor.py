@@ -32,6 +32,7 @@ from controller.backends.client import WorkerClient
 from controller.local.processes import ProcessSpec, base_env, local_processes, url_host
 from controller.local.state import StateDir, is_same_process, start_time
 from controller.plan import Plan, make_plan
+from controller.secrets import KEY_FILE, read_worker_key
 from controller.spec import Model, load_spec
 
 TICK_S = 0.2
@@ -348,10 +349,10 @@ class Supervisor:
         return server
 
 
-def preparers(plan: Plan) -> dict[str, Callable[[], list[str]]]:
+def preparers(plan: Plan, key_file: Path) -> dict[str, Callable[[], list[str]]]:
     def ensure(backend: str, url: str, model: Model) -> Callable[[], list[str]]:
         def run() -> list[str]:
-            with WorkerClient(backend, url) as client:
+            with WorkerClient(backend, url, key=read_worker_key(key_file.parent)) as client:
                 return client.ensure_model(model)
 
         return run
@@ -376,7 +377,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     state = StateDir(args.state_dir)
     plan = make_plan(load_spec(args.spec))
-    supervisor = Supervisor(state, local_processes(plan, args.spec, state), args.spec, preparers(plan))
+    supervisor = Supervisor(
+        state, local_processes(plan, args.spec, state), args.spec, preparers(plan, state.secrets / KEY_FILE)
+    )
     signal.signal(signal.SIGTERM, lambda *_: supervisor.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: supervisor.stopping.set())
     log(f"supervisor {os.getpid()} for {args.spec}")

@@ -44,6 +44,8 @@ def project(plan: Plan, host: str, containers: list[Container]) -> dict[str, Any
 
 def service(c: Container) -> dict[str, Any]:
     svc: dict[str, Any] = {"image": c.image, "container_name": c.container_name}
+    if c.entrypoint:
+        svc["entrypoint"] = list(c.entrypoint)
     if c.args:
         svc["command"] = list(c.args)
     if c.env:

@@ -11,10 +11,15 @@ from dataclasses import dataclass, field
 from controller import backends
 from controller.backends.llamacpp import LlamaCpp
 from controller.plan.models import Plan, Worker
-from controller.render.envoy import TLS_DIR
+from controller.render.envoy import SECRETS_DIR, TLS_DIR
+from controller.secrets import KEY_FILE
 from controller.spec.models import Fleet
 
 HF_TOKEN_SECRET = "fleet-hf-token"
+# The worker secret (controller/secrets.py), which deploy puts in each host's secrets folder: workers require
+# it, Prometheus sends it when it scrapes them, Envoy adds it to every request it sends them.
+SECRETS_HOST_DIR = "/etc/fleet/secrets"
+WORKER_KEY = ("fleet-worker-key", f"{SECRETS_HOST_DIR}/{KEY_FILE}", "/run/secrets/worker_key")
 HF_TOKEN_TARGET = "/run/secrets/hf_token"
 CONFIG_DIR = "/etc/fleet"  # where deploy puts each host's rendered files
 
@@ -52,6 +57,7 @@ class Container:
     description: str
     image: str
     args: list[str] = field(default_factory=list)
+    entrypoint: list[str] = field(default_factory=list)  # empty: the image's own
     env: dict[str, str] = field(default_factory=dict)
     devices: list[str] = field(default_factory=list)  # CDI names
     ports: list[tuple[str, int, int]] = field(default_factory=list)  # host ip, host port, container port
@@ -151,7 +157,8 @@ def worker_container(plan: Plan, worker: Worker) -> Container:
     backend = backends.get(worker.backend)
     env = dict(backend.container_env(worker, model))
     volumes = [Volume(CACHE_VOLUMES[worker.backend], backend.cache_dir)]
-    secrets: list[tuple[str, str, str]] = []
+    # Ollama has no authentication of its own, so nothing to give it.
+    secrets: list[tuple[str, str, str]] = [] if worker.backend == "ollama" else [WORKER_KEY]
     if worker.backend == "llamacpp":
         assert isinstance(backend, LlamaCpp)
         _, mount = backend.model_location(model)
@@ -166,7 +173,8 @@ def worker_container(plan: Plan, worker: Worker) -> Container:
         name=worker.name,
         description=f"fleet {fleet.name}: {worker.backend} worker for {worker.model} on {gpus}",
         image=backend.image(fleet, worker),
-        args=backend.container_args(worker, model),
+        args=backend.container_args(worker, model, WORKER_KEY[2]),
+        entrypoint=backend.container_entrypoint(WORKER_KEY[2]),
         env=dict(sorted(env.items())),
         devices=[g.cdi for g in worker.gpus],
         ports=[(worker.address, worker.port, backend.container_port)],
@@ -225,6 +233,7 @@ def _edge_containers(plan: Plan) -> list[Container]:
                 Volume(f"{CONFIG_DIR}/envoy/envoy.yaml", "/etc/envoy/envoy.yaml", read_only=True),
                 Volume("/var/log/fleet", "/var/log/fleet"),  # the usage log, read by the gatekeeper
                 Volume("fleet-tls", TLS_DIR, read_only=True),  # the certificate, as the gatekeeper publishes it
+                Volume(SECRETS_HOST_DIR, SECRETS_DIR, read_only=True),  # the worker secret (an SDS file), watched
             ],
             health=Health(
                 cmd=["CMD", "bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{gw.ports.envoy_admin}"], start_period_s=10
@@ -331,6 +340,7 @@ def monitoring_containers(plan: Plan) -> list[Container]:
                 Volume(f"{CONFIG_DIR}/prometheus", "/etc/prometheus", read_only=True),
                 Volume("fleet-prometheus-data", "/prometheus"),
             ],
+            secrets=[WORKER_KEY],  # it scrapes the workers, which answer no one without the worker secret
             health=wget_health(f"http://127.0.0.1:{ports.prometheus}/-/ready", start_period_s=30),
             host_network=True,
             labels={**labels, "io.fleet.service": "prometheus"},

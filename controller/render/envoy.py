@@ -31,6 +31,7 @@ from controller import backends
 from controller.plan import slug
 from controller.plan.models import Plan, Worker
 from controller.render import Files, asset, renderer
+from controller.secrets import SDS_FILE, SDS_NAME
 
 MIB = 1024 * 1024
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -41,10 +42,12 @@ USAGE_LOG = "/var/log/fleet/usage.log"
 # Where Envoy finds the certificate it serves on a gateway host: an SDS file the gatekeeper publishes
 # (controller/services/certs.py).
 TLS_DIR = "/etc/fleet/tls"
+# Where Envoy finds the worker secret it adds to every request to a worker (controller/secrets.py).
+SECRETS_DIR = "/etc/fleet/secrets"
 # Requests in flight per replica slot: one running, one waiting in the backend's own queue.
 CONNECTIONS_PER_SLOT = 2
 GATEKEEPER_CLUSTER = "gatekeeper"
-# The caller's credentials never leave the gateway for a worker (workers sit on the mesh, unauthenticated).
+# The caller's credentials never leave the gateway for a worker (which gets the worker secret instead).
 CREDENTIALS = ["authorization", "x-api-key", "cookie"]
 # How long the Lua filter waits for the gatekeeper before answering 503.
 AUTH_TIMEOUT_MS = 2000
@@ -67,7 +70,9 @@ def worker_cluster(worker: str) -> str:
     return f"worker_{worker}"
 
 
-def bootstrap(plan: Plan, *, usage_log: str = USAGE_LOG, tls_dir: str = TLS_DIR) -> dict[str, Any]:
+def bootstrap(
+    plan: Plan, *, usage_log: str = USAGE_LOG, tls_dir: str = TLS_DIR, secrets_dir: str = SECRETS_DIR
+) -> dict[str, Any]:
     gw = plan.fleet.gateway
     public = str(gw.bind) if gw.bind is not None else "0.0.0.0"
     return {
@@ -80,8 +85,8 @@ def bootstrap(plan: Plan, *, usage_log: str = USAGE_LOG, tls_dir: str = TLS_DIR)
             ],
             "clusters": [
                 _gatekeeper_cluster(gw.ports.gatekeeper),
-                *(_model_cluster(plan, m.name) for m in plan.fleet.models),
-                *(_worker_cluster(plan, w) for w in plan.workers),
+                *(_model_cluster(plan, m.name, secrets_dir) for m in plan.fleet.models),
+                *(_worker_cluster(plan, w, secrets_dir) for w in plan.workers),
             ],
         },
         "overload_manager": {
@@ -257,12 +262,14 @@ def lua_source(plan: Plan) -> str:
         f"[{_lua_string(n)}] = {_lua_string(json.dumps(_model_object(n), separators=(',', ':')))}" for n, _ in served
     )
     workers = ", ".join(f"[{_lua_string(w.name)}] = {_lua_string(w.model)}" for w in plan.workers)
+    contexts = ", ".join(f"[{_lua_string(m.name)}] = {m.context}" for m in plan.fleet.models)
     config = (
         "FLEET = {\n"
         f"  models = {{ {models} }},\n"
         f"  model_order = {{ {order} }},\n"
         f"  model_json = {{ {entries} }},\n"
         f"  workers = {{ {workers} }},\n"
+        f"  context = {{ {contexts} }},\n"
         f"  max_tokens = {plan.fleet.gateway.max_request_tokens},\n"
         f"  max_n = {MAX_N},\n"
         f"  gatekeeper = {_lua_string(GATEKEEPER_CLUSTER)},\n"
@@ -317,8 +324,9 @@ def route_config(plan: Plan) -> dict[str, Any]:
                 "request_headers_to_remove": CREDENTIALS,
             }
         )
-    # Browser sign-in (OIDC) and the gatekeeper's own pages; its decision endpoint is Envoy's alone.
-    routes.append(_direct({"path": "/auth/check"}, 404, _error_json("Not found", "invalid_request_error", "not_found")))
+    # Browser sign-in (OIDC) and the gatekeeper's own pages; its decision endpoints are Envoy's alone.
+    for internal in ("/auth/check", "/auth/reserve"):
+        routes.append(_direct({"path": internal}, 404, _error_json("Not found", "invalid_request_error", "not_found")))
     routes.append(
         {
             "name": "gatekeeper-pages",
@@ -390,17 +398,57 @@ def _upstream(cluster: str, retries: bool = True) -> dict[str, Any]:
     return route
 
 
-def _model_cluster(plan: Plan, model: str) -> dict[str, Any]:
+def _model_cluster(plan: Plan, model: str, secrets_dir: str) -> dict[str, Any]:
     workers = plan.workers_of(model)
     spec = plan.model(model)
-    return _cluster(model_cluster(model), workers, spec.parallel)
+    return _cluster(model_cluster(model), workers, spec.parallel, secrets_dir)
 
 
-def _worker_cluster(plan: Plan, worker: Worker) -> dict[str, Any]:
-    return _cluster(worker_cluster(worker.name), [worker], plan.model(worker.model).parallel)
+def _worker_cluster(plan: Plan, worker: Worker, secrets_dir: str) -> dict[str, Any]:
+    return _cluster(worker_cluster(worker.name), [worker], plan.model(worker.model).parallel, secrets_dir)
 
 
-def _cluster(name: str, workers: list[Worker], slots: int) -> dict[str, Any]:
+def worker_credential(secrets_dir: str) -> list[dict[str, Any]]:
+    """The cluster's upstream filters: the worker secret as `Authorization`, then the codec.
+
+    Upstream, so it runs after the route has removed the client's credentials, on every attempt (retries
+    included). The secret comes from a file-SDS document (controller/secrets.py), never from this config;
+    health checks need none (the backends' health routes are open).
+    """
+    return [
+        {
+            "name": "envoy.filters.http.credential_injector",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
+                "overwrite": True,
+                "credential": {
+                    "name": "envoy.http.injected_credentials.generic",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.http.injected_credentials.generic.v3.Generic",
+                        "credential": {
+                            "name": SDS_NAME,
+                            "sds_config": {
+                                "path_config_source": {
+                                    "path": f"{secrets_dir}/{SDS_FILE}",
+                                    "watched_directory": {"path": secrets_dir},
+                                }
+                            },
+                        },
+                        "header": "Authorization",
+                    },
+                },
+            },
+        },
+        {
+            "name": "envoy.filters.http.upstream_codec",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"
+            },
+        },
+    ]
+
+
+def _cluster(name: str, workers: list[Worker], slots: int, secrets_dir: str) -> dict[str, Any]:
     """A health-checked cluster over ``workers``, each serving ``slots`` requests at once.
 
     Circuit breakers: each replica gets at most CONNECTIONS_PER_SLOT × slots
@@ -427,6 +475,7 @@ def _cluster(name: str, workers: list[Worker], slots: int) -> dict[str, Any]:
                 # Below the backends' own keep-alive (llama.cpp and uvicorn close idle connections after
                 # 5 s), so Envoy never reuses a connection the worker is closing.
                 "common_http_protocol_options": {"idle_timeout": "4s"},
+                "http_filters": worker_credential(secrets_dir),
             }
         },
         "health_checks": [
@@ -555,7 +604,8 @@ def usage_log_config(path: str) -> dict[str, Any]:
     Envoy writes it whether or not the gatekeeper is up; the gatekeeper reads
     it from a saved offset, so no accepted request's usage is lost to a
     gatekeeper restart. The numbers are the backend's own `usage`, seen in
-    passing by the Lua filter.
+    passing by the Lua filter; where they never came, the ledger estimates
+    them from the rest of the line.
     """
     fields = {
         "time": "%START_TIME(%s.%3f)%",
@@ -567,6 +617,14 @@ def usage_log_config(path: str) -> dict[str, Any]:
         "prompt_tokens": "%DYNAMIC_METADATA(fleet:prompt_tokens)%",
         "completion_tokens": "%DYNAMIC_METADATA(fleet:completion_tokens)%",
         "ms": "%DURATION%",
+        # For a request whose backend numbers never came (see controller.services.ledger.metered): whether it
+        # reached a backend, how it ended, and the bounds the gateway knows.
+        "upstream": "%UPSTREAM_HOST%",
+        "flags": "%RESPONSE_FLAGS%",
+        "stream": "%DYNAMIC_METADATA(fleet:stream)%",
+        "seen_tokens": "%DYNAMIC_METADATA(fleet:seen_tokens)%",
+        "bytes_in": "%BYTES_RECEIVED%",
+        "completion_cap": "%DYNAMIC_METADATA(fleet:completion_cap)%",
     }
     return {
         "name": "envoy.access_loggers.file",

@@ -34,6 +34,10 @@ def has_agent(plan: Plan, host: str) -> bool:
     return bool(plan.host(host).gpus or plan.workers_on(host))
 
 
+# The worker secret on the gateway host, as the Prometheus container sees it (mounted from the host's secrets).
+WORKER_KEY_FILE = "/run/secrets/worker_key"
+
+
 @renderer("prometheus")
 def render(plan: Plan) -> Files:
     folder = f"{plan.fleet.gateway.host}/prometheus"
@@ -52,14 +56,15 @@ def target(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-def config(plan: Plan) -> dict[str, Any]:
+def config(plan: Plan, worker_key_file: str = WORKER_KEY_FILE) -> dict[str, Any]:
+    """Prometheus's config; ``worker_key_file`` holds the worker secret (workers answer no one without it)."""
     gw = plan.fleet.gateway
     jobs = [
         _job("prometheus", [{"targets": [target("127.0.0.1", plan.fleet.gateway.ports.prometheus)]}]),
         _job("alertmanager", [{"targets": [target("127.0.0.1", plan.fleet.gateway.ports.alertmanager)]}]),
         _job("envoy", [{"targets": [target("127.0.0.1", gw.ports.envoy_admin)]}], metrics_path="/stats/prometheus"),
         _job("gatekeeper", [{"targets": [target("127.0.0.1", gw.ports.gatekeeper)]}]),
-        _job("workers", _workers(plan)),
+        {**_job("workers", _workers(plan)), "authorization": {"type": "Bearer", "credentials_file": worker_key_file}},
         _job(
             "agents",
             [

@@ -68,6 +68,9 @@ INGEST_INTERVAL_S = 0.5
 # The pause between slices of usage lines, and around each commit (controller/services/ledger.py), so
 # reading the log never holds a core for long: Envoy's worker, the backend and the clients share the cores.
 INGEST_PAUSE_S = 0.002
+# When a request does not fit beside the user's requests in flight (but would alone): retry after about
+# as long as those take to be recorded.
+RESERVE_RETRY_S = 2
 
 
 def error(
@@ -456,10 +459,47 @@ def create_app(
                     headers={"Retry-After": str(max(1, math.ceil(wait)))},
                 )
             headers["X-Fleet-Grant"] = str(granted)
+        if identity.daily_tokens is not None:  # each request then books its most (see /auth/reserve)
+            headers["X-Fleet-Daily-Tokens"] = str(identity.daily_tokens)
         if reuse_s > 0:
             headers["X-Fleet-Cache-Ms"] = str(int(reuse_s * 1000))
         metrics.decisions.labels("allow").inc()
         return Response(status_code=200, headers=headers)
+
+    @app.post("/auth/reserve")
+    def reserve(request: Request) -> Response:
+        """Book the most a request of a user with a daily quota can cost, or refuse it (429).
+
+        Asked by Envoy only (the route is closed to clients), after it has authenticated the request:
+        X-Fleet-User and X-Fleet-Daily-Tokens are the identity this process gave it, X-Fleet-Reserve
+        the request's bound (body bytes + its completion cap), X-Request-Id Envoy's id for it. The
+        booking is dropped when the request's usage is recorded.
+        """
+        try:
+            user = request.headers["x-fleet-user"]
+            limit = int(request.headers["x-fleet-daily-tokens"])
+            tokens = int(request.headers["x-fleet-reserve"])
+            request_id = request.headers["x-request-id"]
+        except (KeyError, ValueError):
+            return error(
+                400, "a reservation needs X-Fleet-User, -Daily-Tokens, -Reserve and X-Request-Id", "bad_request"
+            )
+        try:
+            room = ledger.reserve(request_id, user, tokens, limit, time.time())
+        except Exception:  # the ledger failing must close the door, not open it
+            metrics.decisions.labels("unavailable").inc()
+            return error(503, "authentication is temporarily unavailable", "auth_unavailable", "server_error")
+        if room is None:
+            return Response(status_code=200)
+        metrics.decisions.labels("quota").inc()
+        return error(
+            429,
+            f"daily token quota of {limit}: this request may use up to {tokens} tokens (its body's bytes and "
+            f"its max_tokens, or the model's context without one) and {room} remain with the requests in flight "
+            "counted; lower max_tokens, wait for those requests, or wait for 00:00 UTC",
+            "quota_exceeded",
+            headers={"Retry-After": str(RESERVE_RETRY_S if room > 0 else seconds_to_utc_midnight(time.time()))},
+        )
 
     return app
 

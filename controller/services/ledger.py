@@ -39,9 +39,25 @@ CREATE TABLE usage (
     status INTEGER NOT NULL,
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
+    estimated INTEGER NOT NULL DEFAULT 0,  -- 1: the backend's numbers never came (see metered)
     PRIMARY KEY (ts, request_id)
 ) WITHOUT ROWID
 """
+# Tokens booked by requests in flight of users with a daily quota: a request books the most it can cost
+# before it is sent (envoy/model_router.lua asks the gatekeeper), and its booking is dropped in the same
+# transaction that records its usage, so a user's spent + booked tokens never under-count what is running.
+RESERVATIONS = """
+CREATE TABLE IF NOT EXISTS reservations (
+    request_id TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    booked REAL NOT NULL
+) WITHOUT ROWID
+"""
+RESERVATIONS_BY_USER = "CREATE INDEX IF NOT EXISTS reservations_user ON reservations (user)"
+# A booking whose request never reached the usage log (Envoy killed mid-request) is dropped after this
+# long; until then it only holds back its own user.
+RESERVATION_MAX_AGE_S = 3600.0
 SOURCE = """
 CREATE TABLE IF NOT EXISTS source (
     path TEXT PRIMARY KEY,
@@ -76,7 +92,7 @@ CREATE TRIGGER IF NOT EXISTS usage_daily AFTER INSERT ON usage BEGIN
         completion_tokens = completion_tokens + excluded.completion_tokens;
 END
 """
-COLUMNS = "request_id, ts, day, user, key_id, model, status, prompt_tokens, completion_tokens"
+COLUMNS = "request_id, ts, day, user, key_id, model, status, prompt_tokens, completion_tokens, estimated"
 # Read at most this much per transaction (about 1,300 requests), so reading it and committing it are short.
 BATCH_BYTES = 256 * 1024
 # More than this waiting (about 20,000 requests): a paced reader has fallen behind, and catches up unpaced.
@@ -85,7 +101,7 @@ BEHIND_BYTES = 4 * 1024 * 1024
 # paces itself (the gatekeeper) never holds a core long enough to delay the requests it shares cores with.
 SLICE_LINES = 64
 GROUPS = {"user": "user", "model": "model", "key": "key_id", "day": "day"}
-Row = tuple[str, float, str, str, str | None, str, int, int, int]
+Row = tuple[str, float, str, str, str | None, str, int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -154,11 +170,16 @@ class Ledger:
         if usage is not None and "WITHOUT ROWID" not in usage.upper():  # keyed by request id alone
             self._db.execute("ALTER TABLE usage RENAME TO usage_v1")  # its indexes and trigger go with it
             self._db.execute(USAGE)
-            self._db.execute(f"INSERT OR IGNORE INTO usage ({COLUMNS}) SELECT {COLUMNS} FROM usage_v1")
+            v1 = COLUMNS.removesuffix(", estimated")  # v1 had only the backends' own numbers
+            self._db.execute(f"INSERT OR IGNORE INTO usage ({v1}) SELECT {v1} FROM usage_v1")
             self._db.execute("DROP TABLE usage_v1")
         elif usage is None:
             self._db.execute(USAGE)
+        elif "estimated" not in usage:  # written before estimates were recorded: every row was the backend's
+            self._db.execute("ALTER TABLE usage ADD COLUMN estimated INTEGER NOT NULL DEFAULT 0")
         self._db.execute(SOURCE)
+        self._db.execute(RESERVATIONS)
+        self._db.execute(RESERVATIONS_BY_USER)
         if sql_of("daily") is None:
             self._db.execute(DAILY)
             self._db.execute(FILL_DAILY)
@@ -209,8 +230,9 @@ class Ledger:
                     rows = _rows(lines[start : start + SLICE_LINES])
                     # A request already recorded (the log read again) or repeated is ignored, and fires no trigger.
                     added += self._db.executemany(
-                        f"INSERT OR IGNORE INTO usage ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", rows
+                        f"INSERT OR IGNORE INTO usage ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", rows
                     ).rowcount
+                    self._db.executemany("DELETE FROM reservations WHERE request_id = ?", [(r[0],) for r in rows])
                 self._db.execute(
                     "INSERT INTO source (path, inode, offset) VALUES (?,?,?) "
                     "ON CONFLICT(path) DO UPDATE SET inode = excluded.inode, offset = excluded.offset",
@@ -223,6 +245,46 @@ class Ledger:
                 self._db.execute("ROLLBACK")
                 raise
         return added, len(data) == BATCH_BYTES, behind
+
+    def reserve(self, request_id: str, user: str, tokens: int, limit: int, now: float) -> int | None:
+        """Book ``tokens`` for a request of ``user``, whose daily quota is ``limit``; None when booked, else
+        how many tokens the quota still has room for (today's usage and the bookings of requests in flight
+        taken off).
+
+        One transaction reads both and books, and recording a request's usage drops its booking in the
+        transaction that adds the usage, so concurrent requests together never pass the quota.
+        """
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM reservations WHERE booked < ?", (now - RESERVATION_MAX_AGE_S,))
+                (spent,) = self._db.execute(
+                    "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM daily WHERE user = ? AND day = ?",
+                    (user, utc_day(now)),
+                ).fetchone()
+                (held,) = self._db.execute(
+                    "SELECT COALESCE(SUM(tokens), 0) FROM reservations WHERE user = ?", (user,)
+                ).fetchone()
+                room = limit - int(spent) - int(held)
+                if tokens > room:
+                    self._db.execute("COMMIT")
+                    return max(room, 0)
+                self._db.execute(
+                    "INSERT OR REPLACE INTO reservations VALUES (?, ?, ?, ?)", (request_id, user, tokens, now)
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return None
+
+    def booked(self, user: str) -> int:
+        """Tokens booked by ``user``'s requests in flight."""
+        with self._read_lock:
+            row = self._reader.execute(
+                "SELECT COALESCE(SUM(tokens), 0) FROM reservations WHERE user = ?", (user,)
+            ).fetchone()
+        return int(row[0])
 
     def tokens_on(self, user: str, day: str) -> int:
         with self._read_lock:
@@ -243,14 +305,15 @@ class Ledger:
 
     def summary(self, since: float, by: list[str]) -> list[dict[str, Any]]:
         columns = [GROUPS[b] for b in by]
-        select = ", ".join([*columns, "COUNT(*)", "SUM(prompt_tokens)", "SUM(completion_tokens)"])
+        estimated = "SUM(estimated), SUM(CASE WHEN estimated THEN prompt_tokens + completion_tokens ELSE 0 END)"
+        select = ", ".join([*columns, "COUNT(*)", "SUM(prompt_tokens)", "SUM(completion_tokens)", estimated])
         group = f"GROUP BY {', '.join(columns)} ORDER BY {', '.join(columns)}" if columns else ""
         with self._read_lock:
             rows = self._reader.execute(f"SELECT {select} FROM usage WHERE ts >= ? {group}", (since,)).fetchall()
         out = []
         for row in rows:
             item = {name: row[i] for i, name in enumerate(by)}
-            requests, prompt, completion = row[len(by) :]
+            requests, prompt, completion, estimated_requests, estimated_tokens = row[len(by) :]
             if requests == 0:
                 continue
             item.update(
@@ -258,6 +321,8 @@ class Ledger:
                 prompt_tokens=prompt or 0,
                 completion_tokens=completion or 0,
                 total_tokens=(prompt or 0) + (completion or 0),
+                estimated_requests=estimated_requests or 0,
+                estimated_tokens=estimated_tokens or 0,
             )
             out.append(item)
         return out
@@ -282,6 +347,7 @@ def _rows(lines: list[bytes]) -> list[Row]:
                 continue
             ts = float(raw["time"])
             key_id = raw.get("key_id")
+            prompt, completion, estimated = metered(raw)
             rows.append(
                 (
                     str(rid),
@@ -291,10 +357,48 @@ def _rows(lines: list[bytes]) -> list[Row]:
                     str(key_id) if key_id else None,
                     str(model),
                     int(raw.get("status") or 0),
-                    int(raw.get("prompt_tokens") or 0),
-                    int(raw.get("completion_tokens") or 0),
+                    prompt,
+                    completion,
+                    int(estimated),
                 )
             )
         except (KeyError, ValueError, TypeError, AttributeError):
             continue
     return rows
+
+
+def metered(line: dict[str, Any]) -> tuple[int, int, bool]:
+    """(prompt tokens, completion tokens, estimated) for one usage-log line.
+
+    The backend's own numbers when they came. When they never did (the client went away, the backend
+    was killed mid-answer, or it sends none) but the request reached a backend, an estimate that does
+    not under-count, marked as such:
+
+    - prompt: the request body's size in bytes. Every prompt token costs at least one byte of the JSON
+      it came in, and the JSON around each message (``{"role":"user","content":""}``, 28 bytes) is
+      longer than what a chat template adds per message;
+    - completion, for a stream: what the gateway saw pass (``seen_tokens``): the bytes of the generated
+      text, since every token adds at least one (several tokens may come in one event), or the number of
+      events where that is more. An upper bound: for English text about four times the tokens;
+    - completion, for a whole answer that never came: the most the request could make (its largest
+      token limit for each choice, at most the model's context), since none of it was seen.
+
+    A request no backend received, or one a backend refused with an error, cost nothing.
+    """
+    prompt = line.get("prompt_tokens")
+    if prompt not in (None, "", "-"):
+        return int(prompt), int(line.get("completion_tokens") or 0), False
+    if line.get("upstream") in (None, "", "-"):  # never sent (or a line written before estimates existed)
+        return 0, 0, False
+    status = int(line.get("status") or 0)
+    cut = status == 0 or "DC" in str(line.get("flags") or "").split(",")  # the client went away
+    stream = line.get("stream") == "1"
+    seen = int(line.get("seen_tokens") or 0)
+    if not cut and status >= 400 and seen == 0:  # the backend refused it
+        return 0, 0, False
+    bound = int(line.get("bytes_in") or 0)
+    if stream:
+        return bound, seen, True
+    if status < 300 or cut:
+        return bound, int(line.get("completion_cap") or 0), True
+    return 0, 0, False

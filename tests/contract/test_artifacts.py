@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from controller.plan import Plan
-from controller.render.envoy import TLS_DIR, USAGE_LOG
+from controller.render.envoy import SECRETS_DIR, TLS_DIR, USAGE_LOG
+from controller.secrets import ensure_worker_secret
 from controller.services.certs import sds_document
 from tests.conftest import ROOT, need_tool, run
 from tests.helpers import self_signed
@@ -30,11 +31,13 @@ def test_envoy_validate(rendered: Path, tmp_path: Path) -> None:
     # Validation opens the usage log and the TLS folder's SDS file; point them at a folder that exists here
     # (the only changes), holding an SDS file with a certificate as the gatekeeper would publish it.
     text = config.read_text()
-    assert USAGE_LOG in text and TLS_DIR in text
+    assert USAGE_LOG in text and TLS_DIR in text and SECRETS_DIR in text
     tls = tmp_path / "tls"
     tls.mkdir()
     (tls / "sds.yaml").write_text(sds_document(*self_signed("localhost")))
-    config.write_text(text.replace(USAGE_LOG, str(tmp_path / "usage.log")).replace(TLS_DIR, str(tls)))
+    ensure_worker_secret(tmp_path / "secrets")  # as deploy puts it on the gateway host
+    text = text.replace(USAGE_LOG, str(tmp_path / "usage.log")).replace(TLS_DIR, str(tls))
+    config.write_text(text.replace(SECRETS_DIR, str(tmp_path / "secrets")))
     result = run([envoy, "--mode", "validate", "-c", str(config), "--log-level", "warn"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout + result.stderr

@@ -23,6 +23,7 @@ from cryptography import x509
 
 from controller.plan import Plan, make_plan
 from controller.render.envoy import bootstrap
+from controller.secrets import ensure_worker_secret, read_worker_key
 from controller.services.certs import Source, ensure_sds_file, publish, served_certificate
 from controller.services.keystore import KeyStore
 from controller.spec import load_spec
@@ -96,9 +97,11 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     spec_path = write_spec(tmp / "fleet.yaml", _spec(free_port_run(3)))
     plan = make_plan(load_spec(spec_path))
     config = tmp / "envoy.yaml"
-    config.write_text(
-        yaml.safe_dump(bootstrap(plan, usage_log=str(tmp / "usage.log"), tls_dir=str(tmp / "tls")), sort_keys=False)
+    ensure_worker_secret(tmp / "secrets")
+    rendered = bootstrap(
+        plan, usage_log=str(tmp / "usage.log"), tls_dir=str(tmp / "tls"), secrets_dir=str(tmp / "secrets")
     )
+    config.write_text(yaml.safe_dump(rendered, sort_keys=False))
     ensure_sds_file(tmp / "tls")
     state = tmp / "gatekeeper"
     state.mkdir()
@@ -216,9 +219,15 @@ def test_spoofed_identity_headers_grant_nothing(gateway: Gateway) -> None:
     assert seen["x-fleet-user"] == "kid" and seen["x-fleet-models"] == "beta" and "x-fleet-grant" not in seen
 
 
-def test_credentials_never_reach_a_worker(gateway: Gateway) -> None:
-    seen = chat(gateway, {"model": "beta"}, extra={"cookie": "fleet_session=x"}).json()["headers"]
-    assert not {"authorization", "x-api-key", "cookie"} & set(seen)
+def test_credentials_never_reach_a_worker_the_worker_secret_does(gateway: Gateway) -> None:
+    """The caller's key, cookie or token stays at the gateway; the worker sees only the worker secret."""
+    secret = read_worker_key(gateway.usage_log.parent / "secrets")
+    (beta,) = gateway.plan.workers_of("beta")
+    for path in ("/v1/chat/completions", f"/proxy/{beta.name}/v1/chat/completions"):
+        for user, extra in ((None, {"x-api-key": gateway.keys["tester"]}), ("tester", {"cookie": "fleet_session=x"})):
+            seen = chat(gateway, {"model": "beta"}, path, user=user, extra=extra).json()["headers"]
+            assert seen["authorization"] == f"Bearer {secret}", path
+            assert not {"x-api-key", "cookie"} & set(seen), path
 
 
 def test_no_or_bad_credential_is_401_everywhere(gateway: Gateway) -> None:
@@ -271,11 +280,48 @@ def test_proxy_refuses_a_model_the_worker_does_not_serve(gateway: Gateway) -> No
     )
 
 
-def test_stream_asks_the_backend_for_usage(gateway: Gateway) -> None:
-    reply = chat(gateway, {"model": "beta", "stream": True}).json()
-    assert reply["body"]["stream_options"] == {"include_usage": True}
-    own = chat(gateway, {"model": "beta", "stream": True, "stream_options": {"include_usage": False}}).json()
-    assert own["body"]["stream_options"] == {"include_usage": False}  # the client's own choice stands
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # no stream_options at all
+        {"stream_options": {"include_usage": False}},
+        {"stream_options": {}},
+        {"stream_options": None},
+        {"stream_options": {"include_usage": "yes"}},
+        {"stream_options": {"include_usage": False, "continuous_usage_stats": False}},
+    ],
+    ids=["absent", "false", "empty", "null", "not-a-bool", "false-and-more"],
+)
+def test_a_stream_always_asks_the_backend_for_usage(gateway: Gateway, options: dict[str, Any]) -> None:
+    """Whatever the client sends, the backend is asked for its numbers; the rest of the body arrives unchanged."""
+    body = {"model": "beta", "stream": True, "messages": [{"role": "user", "content": "hi \u00e9"}], **options}
+    seen = chat(gateway, body).json()["body"]
+    assert seen["stream_options"] == {"include_usage": True}
+    assert {k: v for k, v in seen.items() if k != "stream_options"} == {
+        k: v for k, v in body.items() if k != "stream_options"
+    }
+
+
+def test_a_client_that_asks_for_usage_keeps_its_own_options(gateway: Gateway) -> None:
+    own = {"include_usage": True, "continuous_usage_stats": True}
+    seen = chat(gateway, {"model": "beta", "stream": True, "stream_options": own}).json()["body"]
+    assert seen["stream_options"] == own
+
+
+def test_repeated_member_names_are_refused(gateway: Gateway) -> None:
+    """Parsers differ on which of two equal names wins; a body read one way here and another by the backend
+    could dodge the metering ("stream" twice) or a limit ("max_tokens" twice)."""
+    for raw in (
+        b'{"model":"beta","stream":true,"stream_options":{"include_usage":true},"stream_options":{"include_usage":false}}',
+        b'{"model":"beta","stream":false,"stream":true}',
+        b'{"model":"beta","max_tokens":1,"max_tokens":100000}',
+    ):
+        response = chat(gateway, raw)
+        assert_openai_error(response, 400, "invalid_json")
+        assert "more than once" in response.json()["error"]["message"]
+    # Inside stream_options a repeated name is not refused, but the gateway's own options replace them.
+    raw = b'{"model":"beta","stream":true,"stream_options":{"include_usage":true,"include_usage":false}}'
+    assert chat(gateway, raw).json()["body"]["stream_options"] == {"include_usage": True}
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,8 @@ from controller.plan import Plan
 from controller.plan.models import Worker
 from controller.render.containers import ENGINE_SOCKET, Container, host_containers
 from controller.render.envoy import model_cluster, worker_cluster
-from controller.render.prometheus import has_agent
+from controller.render.prometheus import WORKER_KEY_FILE, has_agent
+from controller.secrets import ensure_worker_secret
 from tests.conftest import need_tool, run
 
 pytestmark = pytest.mark.contract
@@ -126,10 +127,16 @@ def promtool_parses(promtool: str, exprs: list[str], folder: Path) -> None:
 # -- Prometheus ----------------------------------------------------------------------
 
 
-def test_promtool_check_config_and_rules(rendered: Path, example_plan: Plan) -> None:
+def test_promtool_check_config_and_rules(rendered: Path, example_plan: Plan, tmp_path: Path) -> None:
     promtool = need_tool("promtool", PROMTOOL_HINT)
     folder = gateway(rendered, example_plan) / "prometheus"
-    result = run([promtool, "check", "config", str(folder / "prometheus.yml")])
+    # promtool opens the worker secret's file; point it at one that exists here (the only change).
+    config = folder / "prometheus.yml"
+    text = config.read_text()
+    assert f"credentials_file: {WORKER_KEY_FILE}" in text
+    key_file = ensure_worker_secret(tmp_path / "secrets")
+    config.write_text(text.replace(WORKER_KEY_FILE, str(key_file)))
+    result = run([promtool, "check", "config", str(config)])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 rule files found" in result.stdout + result.stderr  # rules.yml resolved beside the config
     result = run([promtool, "check", "rules", str(folder / "rules.yml")])

@@ -6,7 +6,8 @@ unknown ones as vLLM's argparse does) and HTTP API: `/health`, `/v1/models`
 (with `stream_options.include_usage`), `/metrics` with `vllm:*` series
 labelled by `model_name`, and sleep mode (`/sleep`, `/wake_up`,
 `/is_sleeping`, with `--enable-sleep-mode`). Like vLLM it exits when
-CUDA_VISIBLE_DEVICES names fewer GPUs than the tensor-parallel size.
+CUDA_VISIBLE_DEVICES names fewer GPUs than the tensor-parallel size. With
+`--api-key` or `VLLM_API_KEY` every `/v1` route needs that bearer key.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--quantization", choices=["awq", "gptq", "fp8", "bitsandbytes", "gguf"])
     s.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"], default="auto")
     s.add_argument("--enable-sleep-mode", action="store_true")
+    s.add_argument("--api-key")  # as vLLM: else VLLM_API_KEY
     for flag in PASSTHROUGH_BOOL:
         s.add_argument(flag, action="store_true")
     for flag in PASSTHROUGH_VALUE:
@@ -103,7 +105,26 @@ def main(argv: list[str] | None = None) -> None:
         )
     state = State(args)
     print(f"INFO vllm double: serving {state.names} on {args.host}:{args.port} devices={devices}", flush=True)
-    serve(args.host, args.port, routes(state))
+    key = args.api_key or os.environ.get("VLLM_API_KEY")
+    serve(args.host, args.port, guarded(routes(state), key))
+
+
+def guarded(table: dict[tuple[str, str], Any], key: str | None) -> dict[tuple[str, str], Any]:
+    """vLLM's API-key check (--api-key or VLLM_API_KEY): every /v1 route needs `Authorization: Bearer <key>`,
+    else 401 {"error": "Unauthorized"}; /health, /metrics and the rest stay open."""
+    if not key:
+        return table
+
+    def check(route: Any) -> Any:
+        def run(h: Handler) -> None:
+            if h.headers.get("authorization") != f"Bearer {key}":
+                h.send_json(401, {"error": "Unauthorized"})
+                return
+            route(h)
+
+        return run
+
+    return {(m, p): check(r) if p.startswith("/v1") else r for (m, p), r in table.items()}
 
 
 def routes(state: State) -> dict[tuple[str, str], Any]:

@@ -22,6 +22,7 @@ import yaml
 
 from controller.local.demo import DemoPorts, write_demo
 from controller.local.state import StateDir
+from controller.secrets import read_worker_key
 from tests.conftest import need_tool
 from tests.stubs import free_port_run, free_ports
 
@@ -118,10 +119,14 @@ class Stack:
 
     def worker_counter(self, name: str, metric: str = "llamacpp:prompt_tokens_total") -> float:
         port = self.workers()[name]["ports"][0]
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers=self.worker_auth(), timeout=5).text
         match = re.search(rf"^{re.escape(metric)} ([0-9.e+]+)$", text, re.M)
         assert match, f"{metric} not in {name}'s metrics"
         return float(match.group(1))
+
+    def worker_auth(self) -> dict[str, str]:
+        """The header Envoy adds for the workers (they answer nothing else but their health route)."""
+        return {"Authorization": f"Bearer {read_worker_key(self.state.secrets)}"}
 
     def our_processes(self) -> list[int]:
         """PIDs on this machine whose command line names this stack's state folder."""

@@ -82,7 +82,9 @@ def test_tool_fields_pass_through_untouched(stack: Stack) -> None:
     }
     via_gateway = stack.openai().chat.completions.create(**body)
     (worker,) = list(stack.workers("tiny-chat").values())[:1]
-    direct = httpx.post(f"http://127.0.0.1:{worker['ports'][0]}/v1/chat/completions", json=body, timeout=30).json()
+    direct = httpx.post(
+        f"http://127.0.0.1:{worker['ports'][0]}/v1/chat/completions", json=body, headers=stack.worker_auth(), timeout=30
+    ).json()
     assert via_gateway.usage is not None
     assert via_gateway.usage.prompt_tokens == direct["usage"]["prompt_tokens"]
     without_tools = stack.openai().chat.completions.create(

@@ -26,7 +26,7 @@ def add_users(data: dict[str, Any]) -> None:
     data["users"] += [
         {"name": "kid", "groups": ["kids"]},
         {"name": "slow", "models": ["*"], "rpm": 3},
-        {"name": "thrifty", "models": ["*"], "daily_tokens": 40},
+        {"name": "thrifty", "models": ["*"], "daily_tokens": 300},
     ]
 
 
@@ -208,7 +208,9 @@ def test_usage_shows_what_responses_reported_streams_included(stack: Stack) -> N
 def test_daily_quota(stack: Stack) -> None:
     key = new_key(stack, "thrifty")
     headers = {"Authorization": f"Bearer {key}"}
-    assert post(stack, "/chat/completions", {**CHAT, "max_tokens": 30, "ignore_eos": True}, headers).status_code == 200
+    # Most of the 300 tokens. A request books its most before it is sent (its body's bytes, about 100, and its
+    # max_tokens), so the next few are refused as soon as what they could cost no longer fits.
+    assert post(stack, "/chat/completions", {**CHAT, "max_tokens": 180, "ignore_eos": True}, headers).status_code == 200
     wait_until(lambda: usage_of(stack, "thrifty")["requests"] >= 1, 15, "usage recorded")
 
     def refused() -> bool:

@@ -39,6 +39,7 @@ import yaml
 from controller.plan import Plan, make_plan
 from controller.render import grafana as grafana_render
 from controller.render import prometheus as prometheus_render
+from controller.secrets import KEY_FILE
 from controller.services.nvml import REASON_HW_THERMAL, REASON_SW_THERMAL
 from controller.spec import load_spec
 from tests.conftest import ROOT, need_tool
@@ -141,11 +142,14 @@ class Prometheus:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else "(no log)"
 
 
-def prometheus_config(plan: Plan, port: int, folder: Path) -> Path:
+def prometheus_config(plan: Plan, port: int, folder: Path, key_file: Path) -> Path:
     """The rendered prometheus.yml and rules.yml of the plan, rewritten for this machine and for speed; the config."""
     files = prometheus_render.render(plan)
     gw = plan.fleet.gateway.host
     config = yaml.safe_load(files[f"{gw}/prometheus/prometheus.yml"])
+    # The stack's worker secret, where the rendered file names the one deploy puts on the gateway host.
+    assert config == prometheus_render.config(plan)
+    config = prometheus_render.config(plan, worker_key_file=str(key_file))
     rules = yaml.safe_load(files[f"{gw}/prometheus/rules.yml"])
     # Fast: a 1 s scrape and evaluation interval, and every alert fires at once. The real
     # intervals and `for:` durations are checked by `promtool test rules` in the contract tests.
@@ -168,10 +172,10 @@ def prometheus_config(plan: Plan, port: int, folder: Path) -> Path:
     return path
 
 
-def start_prometheus(plan: Plan, folder: Path) -> Prometheus:
+def start_prometheus(plan: Plan, folder: Path, key_file: Path) -> Prometheus:
     binary = need_tool("prometheus", "install Debian's prometheus package (scripts/bootstrap does)")
     port = free_port()
-    config = prometheus_config(plan, port, folder)
+    config = prometheus_config(plan, port, folder, key_file)
     log = folder / "prometheus.log"
     argv = [
         "timeout",
@@ -287,7 +291,7 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Watched]:
         wait_pinned(stack, worker, "ok")
         send_traffic(stack)  # before Prometheus: every counter and histogram exists at its first scrape
         plan = make_plan(load_spec(stack.spec))
-        prometheus = start_prometheus(plan, tmp)
+        prometheus = start_prometheus(plan, tmp, stack.state.secrets / KEY_FILE)
         wait_for("every scrape target up", READY_TIMEOUT_S, lambda: targets_down(prometheus))
         watched = Watched(
             stack=stack,

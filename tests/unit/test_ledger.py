@@ -131,7 +131,106 @@ def test_a_ledger_from_before_the_totals_gets_them_from_its_rows(tmp_path: Path)
             "prompt_tokens": 14,
             "completion_tokens": 27,
             "total_tokens": 41,
+            "estimated_requests": 0,
+            "estimated_tokens": 0,
         }
     ]
     ledger.close()
     assert Ledger(path).totals() == [Total("me", "tiny-chat", 3, 14, 27)]  # opened again: not filled twice
+
+
+def cut_line(request_id: str, **fields: object) -> str:
+    """A usage line without the backend's numbers, as Envoy writes it for a request that ended early."""
+    entry: dict[str, object] = {
+        "time": "1795600000.000",
+        "request_id": request_id,
+        "user": "me",
+        "key_id": None,
+        "model": "tiny-chat",
+        "status": 200,
+        "prompt_tokens": None,
+        "completion_tokens": None,
+        "ms": 40,
+        "upstream": "127.0.0.1:9000",
+        "flags": "-",
+        "stream": None,
+        "seen_tokens": None,
+        "bytes_in": 120,
+        "completion_cap": "64",
+    }
+    entry.update(fields)
+    return json.dumps(entry) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        # A stream cut by the client: the prompt bound and what passed.
+        ({"stream": "1", "seen_tokens": "7", "flags": "DC"}, (120, 7, True)),
+        # A stream whose backend sent no usage, or was killed mid-stream.
+        ({"stream": "1", "seen_tokens": "3", "flags": "UPE"}, (120, 3, True)),
+        # A whole answer the client did not wait for: the most it could make.
+        ({"status": 0, "flags": "DC"}, (120, 64, True)),
+        # A whole answer that came without usage.
+        ({}, (120, 64, True)),
+        # Never reached a backend (no healthy upstream), or refused by it: nothing was generated.
+        ({"upstream": None, "status": 503, "flags": "UH"}, (0, 0, False)),
+        ({"status": 400}, (0, 0, False)),
+        ({"stream": "1", "status": 400}, (0, 0, False)),
+        # The backend's own numbers always win.
+        ({"prompt_tokens": "9", "completion_tokens": "2", "stream": "1", "seen_tokens": "40"}, (9, 2, False)),
+    ],
+)
+def test_a_request_without_the_backends_numbers_is_estimated_not_free(
+    tmp_path: Path, fields: dict[str, object], expected: tuple[int, int, bool]
+) -> None:
+    assert ledger_module.metered(json.loads(cut_line("r", **fields))) == expected
+    log = tmp_path / "usage.log"
+    log.write_text(cut_line("r", **fields))
+    ledger = Ledger(tmp_path / "usage.db")
+    assert ledger.ingest(log) == 1
+    (row,) = ledger.summary(0, ["user"])
+    prompt, completion, estimated = expected
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, completion)
+    assert (row["estimated_requests"], row["estimated_tokens"]) == (int(estimated), (prompt + completion) * estimated)
+    ledger.close()
+
+
+def test_bookings_keep_requests_in_flight_within_the_quota(tmp_path: Path) -> None:
+    """What is booked plus what is recorded never passes the limit; recording a request drops its booking."""
+    ledger = Ledger(tmp_path / "usage.db")
+    now = 1795600000.0
+    assert ledger.reserve("a", "me", 60, 100, now) is None
+    assert ledger.reserve("b", "me", 50, 100, now) == 40  # refused: 40 left beside "a"
+    assert ledger.reserve("b", "you", 50, 100, now) is None  # another user's quota is their own
+    assert ledger.reserve("c", "me", 40, 100, now) is None
+    assert ledger.booked("me") == 100
+    log = tmp_path / "usage.log"
+    log.write_text(line("a", prompt=3, completion=5, ts=now))  # "a" used 8 of its 60
+    assert ledger.ingest(log) == 1
+    assert ledger.booked("me") == 40
+    assert ledger.reserve("d", "me", 52, 100, now) is None  # 8 spent + 40 booked + 52 = 100
+    assert ledger.reserve("e", "me", 1, 100, now) == 0
+    # A booking whose request never shows up is dropped after RESERVATION_MAX_AGE_S.
+    later = now + ledger_module.RESERVATION_MAX_AGE_S + 1
+    assert ledger.reserve("f", "me", 92, 100, later) is None  # yesterday's 8 no longer count either
+    ledger.close()
+
+
+def test_a_ledger_from_before_estimates_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "usage.db"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE usage (request_id TEXT NOT NULL, ts REAL NOT NULL, day TEXT NOT NULL, user TEXT NOT NULL, "
+        "key_id TEXT, model TEXT NOT NULL, status INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL, "
+        "completion_tokens INTEGER NOT NULL, PRIMARY KEY (ts, request_id)) WITHOUT ROWID"
+    )
+    old.execute(
+        "INSERT INTO usage VALUES ('a', 1795600000.0, ?, 'me', NULL, 'tiny-chat', 200, 3, 5)", (utc_day(1795600000.0),)
+    )
+    old.commit()
+    old.close()
+    ledger = Ledger(path)
+    (row,) = ledger.summary(0, ["user"])
+    assert (row["requests"], row["total_tokens"], row["estimated_requests"]) == (1, 8, 0)
+    ledger.close()
