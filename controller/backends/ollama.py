@@ -49,13 +49,15 @@ class Ollama:
         return fleet.images.ollama
 
     def container_args(self, worker: Worker, model: Model, key_file: str) -> list[str]:
-        return ["serve"]  # Ollama has no authentication of its own (see README, "Workers only answer the gateway")
+        # Ollama has no authentication of its own: its guard requires the worker secret (controller/render/guard.py).
+        return ["serve"]
 
     def container_entrypoint(self, key_file: str) -> list[str]:
         return []
 
     def container_env(self, worker: Worker, model: Model) -> dict[str, str]:
-        return self.serve_env(worker, model, f"0.0.0.0:{self.container_port}")
+        # Loopback of the guard's network namespace, which the container joins: reachable only through the guard.
+        return self.serve_env(worker, model, f"127.0.0.1:{self.container_port}")
 
     def serve_env(self, worker: Worker, model: Model, bind: str) -> dict[str, str]:
         s = worker.settings
@@ -75,6 +77,8 @@ class Ollama:
     def local_command(
         self, worker: Worker, model: Model, spec_dir: Path, find: Callable[[str], str], key_file: Path
     ) -> tuple[list[str], dict[str, str]]:
+        # On the planned address; `controller up` moves it to a loopback port of its own behind its guard
+        # (controller/local/processes.py, worker_process).
         return [find("ollama"), "serve"], self.serve_env(worker, model, f"{worker.address}:{worker.port}")
 
     def healthcheck(self) -> list[str]:

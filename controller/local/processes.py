@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Literal
 
 from controller import backends
+from controller.atomic import write_file
 from controller.errors import ControllerError
 from controller.local.state import StateDir
 from controller.plan.models import Plan, Worker
+from controller.render import guard
 from controller.secrets import KEY_FILE
 
-Kind = Literal["worker", "gatekeeper", "envoy", "caddy", "agent", "prometheus", "alertmanager"]
+Kind = Literal["worker", "guard", "gatekeeper", "envoy", "caddy", "agent", "prometheus", "alertmanager"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ def find_program(name: str) -> str:
 def local_processes(plan: Plan, spec_path: Path, state: StateDir) -> list[ProcessSpec]:
     gw = plan.fleet.gateway
     ports = gw.ports
+    caddy_front = gw.front == "caddy"
     out = [
         ProcessSpec(
             name="gatekeeper",
@@ -98,7 +101,7 @@ def local_processes(plan: Plan, spec_path: Path, state: StateDir) -> list[Proces
             ports=[ports.gatekeeper],
         )
     ]
-    out += [worker_process(plan, w, spec_path.parent, state.secrets / KEY_FILE) for w in plan.workers]
+    out += [p for w in plan.workers for p in worker_processes(plan, w, spec_path.parent, state)]
     out.append(
         ProcessSpec(
             name="envoy",
@@ -114,7 +117,8 @@ def local_processes(plan: Plan, spec_path: Path, state: StateDir) -> list[Proces
                 "warn",
             ],
             health_url=f"http://127.0.0.1:{ports.envoy_admin}/ready",
-            ports=[ports.https, ports.envoy, ports.envoy_admin],
+            # Behind Caddy (gateway.front: caddy) Envoy takes requests on a Unix socket, not the public port.
+            ports=[ports.envoy, ports.envoy_admin] if caddy_front else [ports.https, ports.envoy, ports.envoy_admin],
         )
     )
     out.append(
@@ -128,7 +132,7 @@ def local_processes(plan: Plan, spec_path: Path, state: StateDir) -> list[Proces
                 "HOME": str(state.caddy),
             },
             health_url=f"http://127.0.0.1:{ports.caddy_admin}/config/",
-            ports=[ports.http, ports.caddy_tls, ports.caddy_admin],
+            ports=[ports.http, ports.https if caddy_front else ports.caddy_tls, ports.caddy_admin],
         )
     )
     out.append(agent_process(plan, spec_path, state))
@@ -211,10 +215,28 @@ def agent_process(plan: Plan, spec_path: Path, state: StateDir) -> ProcessSpec:
     )
 
 
+def worker_processes(plan: Plan, worker: Worker, spec_dir: Path, state: StateDir) -> list[ProcessSpec]:
+    """The worker's process, after its guard's where it has one (Ollama: see `guard_process`)."""
+    process = worker_process(plan, worker, spec_dir, state.secrets / KEY_FILE)
+    return [guard_process(plan, worker, state), process] if guard.guarded(worker) else [process]
+
+
 def worker_process(plan: Plan, worker: Worker, spec_dir: Path, key_file: Path) -> ProcessSpec:
+    """The inference server of one worker, requiring the worker secret in ``key_file``.
+
+    Ollama, which cannot require it, runs behind its guard (`guard_process`), which takes the planned port:
+    Ollama itself listens on a loopback port of its own (`upstream_port`). That port is still reachable by any
+    local user of this machine, since without root there is no network namespace to hide it in; everything in
+    the stack (Envoy, the agent, the supervisor) uses the planned port, through the guard. In containers Ollama
+    is reachable only through its guard (controller/render/guard.py).
+    """
     model = plan.model(worker.model)
     backend = backends.get(worker.backend)
     argv, env = backend.local_command(worker, model, spec_dir, find_program, key_file)
+    ports = [worker.port]
+    if guard.guarded(worker):
+        ports = [upstream_port(plan, worker)]
+        env["OLLAMA_HOST"] = f"127.0.0.1:{ports[0]}"
     # Pin to exactly the planned GPUs by UUID; an empty value hides every GPU from CPU workers.
     env["CUDA_VISIBLE_DEVICES"] = ",".join(g.uuid for g in worker.gpus)
     return ProcessSpec(
@@ -222,10 +244,81 @@ def worker_process(plan: Plan, worker: Worker, spec_dir: Path, key_file: Path) -
         kind="worker",
         argv=argv,
         env=env,
+        # The planned port: a guarded worker is healthy only when it answers through its guard, as Envoy sees it.
         health_url=f"http://{url_host(worker.address)}:{worker.port}{backend.health_path}",
-        ports=[worker.port],
+        ports=ports,
         model=worker.model,
         gpus=[g.uuid for g in worker.gpus],
+    )
+
+
+# Ollama's own port behind its guard on a workstation: the worker's port plus this, or the next one the plan leaves
+# free on the host.
+UPSTREAM_OFFSET = 10000
+
+
+def upstream_port(plan: Plan, worker: Worker) -> int:
+    """The loopback port a guarded worker listens on itself, behind its guard on the planned port.
+
+    Derived from the plan, not picked at random, so a supervisor that adopts a running stack builds the same
+    command lines; `controller up` checks that it is free like every other port of the stack.
+    """
+    host = plan.host(worker.host)
+    taken = {w.port for w in plan.workers_on(host.name)} | {host.agent_port}
+    if host.name == plan.fleet.gateway.host:
+        taken |= {int(p) for p in plan.fleet.gateway.ports.model_dump().values()}
+    chosen: dict[str, int] = {}
+    for w in plan.workers_on(host.name):
+        if not guard.guarded(w):
+            continue
+        port = w.port + UPSTREAM_OFFSET
+        while True:
+            port = 1024 + (port - 1024) % (65536 - 1024)  # past 65535: around to the first unprivileged port
+            if port not in taken:
+                break
+            port += 1
+        taken.add(port)
+        chosen[w.name] = port
+    return chosen[worker.name]
+
+
+def guard_process(plan: Plan, worker: Worker, state: StateDir) -> ProcessSpec:
+    """The guard of a worker that has no authentication of its own (Ollama), on the worker's planned port.
+
+    Caddy with the Caddyfile of controller/render/guard.py: it lets through to Ollama's own loopback port
+    (`upstream_port`) only requests that carry the worker secret, which it reads from the stack's secrets folder
+    when a request arrives, and strips it; the health route stays open. Its Caddyfile follows from the plan and
+    the state folder and is written here; its hash is in the guard's environment, so a supervisor never adopts a
+    guard running another one. The guard's health URL is its own liveness route: the worker's (the planned port,
+    through the guard) is the worker process's, so the worker counts as healthy only when both answer, as Envoy
+    sees them, and a stopped worker (`controller stop`) leaves a healthy guard in front of nothing.
+    """
+    key_file = state.secrets / KEY_FILE
+    text = guard.caddyfile(
+        plan,
+        worker,
+        bind=worker.address,
+        port=worker.port,
+        upstream=f"127.0.0.1:{upstream_port(plan, worker)}",
+        key_file=str(key_file.absolute()),
+    )
+    config = state.config / guard.config_path(worker)
+    if not config.is_file() or config.read_text(encoding="utf-8") != text:
+        write_file(config, text)
+    home = state.caddy / "guard" / worker.name  # Caddy's own data (it keeps no certificate here)
+    return ProcessSpec(
+        name=guard.guard_name(worker),
+        kind="guard",
+        argv=[find_program("caddy"), "run", "--config", str(config), "--adapter", "caddyfile"],
+        env={
+            "HOME": str(home),
+            "XDG_DATA_HOME": str(home / "data"),
+            "XDG_CONFIG_HOME": str(home / "config"),
+            "FLEET_GUARD_CONFIG_SHA256": hashlib.sha256(text.encode()).hexdigest()[:16],
+        },
+        health_url=f"http://{url_host(worker.address)}:{worker.port}{guard.GUARD_HEALTH_PATH}",
+        ports=[worker.port],
+        model=worker.model,
     )
 
 

@@ -103,11 +103,14 @@ def prometheus_url(plan: Plan, state: StateDir) -> str | None:
 
 def write_configs(plan: Plan, state: StateDir) -> None:
     """The gateway's Envoy and Caddy configs for this stack, with paths inside its state folder."""
-    (caddyfile,) = caddy.render(plan).values()
-    write_file(state.config / "Caddyfile", caddyfile)
+    write_file(state.config / "Caddyfile", caddy.caddyfile(plan, front_socket=str(state.front_socket)))
     ensure_worker_secret(state.secrets)  # once: workers started earlier keep theirs
     config = envoy.bootstrap(
-        plan, usage_log=str(state.usage_log), tls_dir=str(state.tls), secrets_dir=str(state.secrets)
+        plan,
+        usage_log=str(state.usage_log),
+        tls_dir=str(state.tls),
+        secrets_dir=str(state.secrets),
+        front_socket=str(state.front_socket),
     )
     ensure_sds_file(state.tls)  # Envoy starts with it empty; the gatekeeper publishes the certificate into it
     write_file(state.config / "envoy.yaml", yaml.safe_dump(config, sort_keys=False, width=1000))

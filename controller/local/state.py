@@ -12,6 +12,7 @@ stacks can run side by side:
     caddy/            Caddy's data: the internal CA and certificates
     gatekeeper/       the key store (mode 0600)
     secrets/          the worker secret, for the workers and Envoy (mode 0600)
+    run/              Envoy's socket behind Caddy (gateway.front: caddy; private)
     models/           the demo model
 
 A PID alone is not an identity (PIDs are reused); a process is "ours" when
@@ -89,6 +90,11 @@ class StateDir:
         return self.root / "secrets"
 
     @property
+    def front_socket(self) -> Path:
+        """Behind Caddy (gateway.front: caddy): the Unix socket Envoy takes Caddy's requests on (private)."""
+        return self.root / "run" / "envoy-front.sock"
+
+    @property
     def ca_cert(self) -> Path:
         """The root certificate of Caddy's internal CA; clients trust this file."""
         return self.caddy / "data" / "caddy" / "pki" / "authorities" / "local" / "root.crt"
@@ -101,8 +107,9 @@ class StateDir:
             folder.mkdir(parents=True, exist_ok=True)
         os.chmod(self.gatekeeper, 0o700)
         os.chmod(self.tls, 0o700)
-        self.secrets.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(self.secrets, 0o700)
+        for private in (self.secrets, self.front_socket.parent):
+            private.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(private, 0o700)
 
     def read_json(self, path: Path) -> dict[str, Any] | None:
         try:

@@ -9,6 +9,10 @@ HTTPS. Envoy terminates TLS on the public HTTPS port with that certificate
 no API request passes through Caddy: in the request path Caddy cost more
 CPU than everything else together (docs/performance.md). In `files` mode
 there is nothing to obtain, and Caddy only redirects.
+
+With ``gateway.front: caddy`` Caddy is the front door instead: it serves the
+HTTPS port, asks the gatekeeper about every request (``forward_auth``) and
+hands what it allows to Envoy over a private Unix socket (see the template).
 """
 
 from __future__ import annotations
@@ -17,10 +21,28 @@ import jinja2
 
 from controller.plan.models import Plan
 from controller.render import ASSETS, Files, renderer
+from controller.render.envoy import AUTH_TIMEOUT_MS, FRONT_SOCKET, MIB
+
+# What the gatekeeper's answer says about the caller, copied onto the request in `front: caddy`.
+IDENTITY_HEADERS = ["X-Fleet-User", "X-Fleet-Groups", "X-Fleet-Models", "X-Fleet-Key-Id", "X-Fleet-Daily-Tokens"]
+# Identity headers of other proxies and SSO outposts: a client's never reach anything behind the gateway.
+FOREIGN_IDENTITY_HEADERS = [
+    "Remote-User",
+    "Remote-Groups",
+    "Remote-Email",
+    "Remote-Name",
+    "X-Forwarded-User",
+    "X-Authentik-*",
+]
 
 
 @renderer("caddy")
 def render(plan: Plan) -> Files:
+    gw = plan.fleet.gateway
+    return {f"{gw.host}/caddy/Caddyfile": caddyfile(plan)}
+
+
+def caddyfile(plan: Plan, front_socket: str = FRONT_SOCKET) -> str:
     gw = plan.fleet.gateway
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(ASSETS / "caddy"),
@@ -28,11 +50,16 @@ def render(plan: Plan) -> Files:
         keep_trailing_newline=True,
         autoescape=False,
     )
-    text = env.get_template("Caddyfile.j2").render(
+    return env.get_template("Caddyfile.j2").render(
+        front=gw.front,
         ports=gw.ports,
         tls=gw.tls,
         public_name=gw.public_name,
         bind=str(gw.bind) if gw.bind else None,
         headers_timeout_s=gw.request_headers_timeout_s,
+        max_body_bytes=int(gw.max_body_mib * MIB),
+        front_socket=front_socket,
+        auth_timeout_s=AUTH_TIMEOUT_MS / 1000,
+        identity=IDENTITY_HEADERS,
+        foreign_identity=FOREIGN_IDENTITY_HEADERS,
     )
-    return {f"{gw.host}/caddy/Caddyfile": text}

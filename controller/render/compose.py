@@ -13,7 +13,7 @@ import yaml
 
 from controller.plan.models import Plan
 from controller.render import Files, renderer
-from controller.render.containers import Container, host_containers
+from controller.render.containers import Container, host_containers, host_files
 
 HEADER = "# Rendered by `controller render` from the fleet spec; do not edit.\n"
 
@@ -27,6 +27,7 @@ def render(plan: Plan) -> Files:
         containers = host_containers(plan, host.name)
         if containers:
             out[f"{host.name}/compose.yaml"] = HEADER + dump(project(plan, host.name, containers))
+            out.update(host_files(plan, host.name))
     return out
 
 
@@ -54,6 +55,8 @@ def service(c: Container) -> dict[str, Any]:
         svc["devices"] = list(c.devices)
     if c.host_network:
         svc["network_mode"] = "host"
+    if c.network_of:
+        svc["network_mode"] = f"service:{c.network_of}"
     if c.host_pid:
         svc["pid"] = "host"
     if c.ports:
@@ -73,8 +76,12 @@ def service(c: Container) -> dict[str, Any]:
             "retries": h.retries,
             "start_period": f"{h.start_period_s}s",
         }
-    if c.after:
-        svc["depends_on"] = {name: {"condition": "service_healthy"} for name in c.after}
+    depends_on: dict[str, Any] = {name: {"condition": "service_healthy"} for name in c.after}
+    if c.network_of:
+        # Its network namespace: started first; when Compose restarts it, this one is restarted to join the new one.
+        depends_on[c.network_of] = {"condition": "service_started", "restart": True}
+    if depends_on:
+        svc["depends_on"] = depends_on
     svc["restart"] = "unless-stopped"
     svc["stop_grace_period"] = f"{c.stop_timeout_s}s"
     svc["labels"] = dict(c.labels)

@@ -6,12 +6,14 @@ formats, so the two outputs cannot drift apart in what they run.
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass, field
 
 from controller import backends
 from controller.backends.llamacpp import LlamaCpp
 from controller.plan.models import Plan, Worker
-from controller.render.envoy import SECRETS_DIR, TLS_DIR
+from controller.render import guard
+from controller.render.envoy import FRONT_SOCKET, SECRETS_DIR, TLS_DIR
 from controller.secrets import KEY_FILE
 from controller.spec.models import Fleet
 
@@ -72,6 +74,10 @@ class Container:
     # Containers of the same host this one starts after (once they are healthy, where the format can say so).
     # Not a hard dependency: it keeps running when they stop.
     after: list[str] = field(default_factory=list)
+    # The container of the same host whose network namespace this one joins (an Ollama worker, its guard's:
+    # controller/render/guard.py). It publishes no port of its own, starts after that one and is stopped and
+    # restarted with it (a restarted namespace owner has a new namespace, which this one must join again).
+    network_of: str | None = None
 
     @property
     def container_name(self) -> str:
@@ -85,7 +91,7 @@ CACHE_VOLUMES = {"vllm": "fleet-hf-cache", "ollama": "fleet-ollama", "llamacpp":
 
 def host_containers(plan: Plan, host: str) -> list[Container]:
     """Every container of ``host``: its workers, its agent if it has GPUs or workers, then the gateway's services."""
-    out = [worker_container(plan, w) for w in plan.workers_on(host)]
+    out = [c for w in plan.workers_on(host) for c in worker_containers(plan, w)]
     if plan.host(host).gpus or plan.workers_on(host):
         out.append(agent_container(plan, host))
     if host == plan.fleet.gateway.host:
@@ -151,14 +157,28 @@ def agent_container(plan: Plan, host_name: str) -> Container:
     )
 
 
+def worker_containers(plan: Plan, worker: Worker) -> list[Container]:
+    """The worker's container, after its guard's where it has one (Ollama: controller/render/guard.py)."""
+    if guard.guarded(worker):
+        return [guard_container(plan, worker), worker_container(plan, worker)]
+    return [worker_container(plan, worker)]
+
+
 def worker_container(plan: Plan, worker: Worker) -> Container:
+    """The inference server of one worker, publishing the worker's planned address and port.
+
+    A guarded worker (Ollama, which has no authentication of its own) publishes nothing: it joins its guard's
+    network namespace and listens on loopback there, so only the guard, which publishes the planned address and
+    port and lets through only the gateway's requests, can reach it.
+    """
     fleet = plan.fleet
     model = plan.model(worker.model)
     backend = backends.get(worker.backend)
+    guarded = guard.guarded(worker)
     env = dict(backend.container_env(worker, model))
     volumes = [Volume(CACHE_VOLUMES[worker.backend], backend.cache_dir)]
-    # Ollama has no authentication of its own, so nothing to give it.
-    secrets: list[tuple[str, str, str]] = [] if worker.backend == "ollama" else [WORKER_KEY]
+    # A guarded worker checks no secret itself: its guard does.
+    secrets: list[tuple[str, str, str]] = [] if guarded else [WORKER_KEY]
     if worker.backend == "llamacpp":
         assert isinstance(backend, LlamaCpp)
         _, mount = backend.model_location(model)
@@ -171,24 +191,58 @@ def worker_container(plan: Plan, worker: Worker) -> Container:
     gpus = ", ".join(f"{g.label} {g.uuid}" for g in worker.gpus) or "cpu"
     return Container(
         name=worker.name,
-        description=f"fleet {fleet.name}: {worker.backend} worker for {worker.model} on {gpus}",
+        description=f"fleet {fleet.name}: {worker.backend} worker for {worker.model} on {gpus}"
+        + (f", reached only through fleet-{guard.guard_name(worker)}" if guarded else ""),
         image=backend.image(fleet, worker),
         args=backend.container_args(worker, model, WORKER_KEY[2]),
         entrypoint=backend.container_entrypoint(WORKER_KEY[2]),
         env=dict(sorted(env.items())),
         devices=[g.cdi for g in worker.gpus],
-        ports=[(worker.address, worker.port, backend.container_port)],
+        ports=[] if guarded else [(worker.address, worker.port, backend.container_port)],
         volumes=volumes,
         secrets=secrets,
         health=health,
         shm_size="8g" if worker.backend == "vllm" else None,
-        labels={
-            "io.fleet.fleet": fleet.name,
-            "io.fleet.worker": worker.name,
-            "io.fleet.model": worker.model,
-            "io.fleet.gpus": ",".join(g.uuid for g in worker.gpus),
-        },
+        labels=worker_labels(plan, worker),
+        network_of=guard.guard_name(worker) if guarded else None,
     )
+
+
+def worker_labels(plan: Plan, worker: Worker) -> dict[str, str]:
+    return {
+        "io.fleet.fleet": plan.fleet.name,
+        "io.fleet.worker": worker.name,
+        "io.fleet.model": worker.model,
+        "io.fleet.gpus": ",".join(g.uuid for g in worker.gpus),
+    }
+
+
+def guard_container(plan: Plan, worker: Worker) -> Container:
+    """The guard of a worker whose backend has no authentication (Ollama): Caddy with the worker secret.
+
+    It owns the network namespace the worker's container joins, publishes the worker's planned address and port
+    (as the worker itself would), and passes only requests carrying the worker secret (mounted here, read by
+    Caddy at each request) to the worker on loopback; see controller/render/guard.py. Its health check is its
+    own liveness; the worker's health (its route through the guard, which Envoy and the agent check) and the
+    worker container's own check say whether the worker serves.
+    """
+    fleet = plan.fleet
+    return Container(
+        name=guard.guard_name(worker),
+        description=f"fleet {fleet.name}: guard of {worker.backend} worker {worker.name}, lets only the gateway in",
+        image=fleet.images.caddy,
+        args=["caddy", "run", "--config", "/etc/caddy/Caddyfile", "--adapter", "caddyfile"],
+        ports=[(worker.address, worker.port, guard.GUARD_PORT)],
+        volumes=[Volume(f"{CONFIG_DIR}/{guard.config_path(worker)}", "/etc/caddy/Caddyfile", read_only=True)],
+        secrets=[WORKER_KEY],
+        health=wget_health(f"http://127.0.0.1:{guard.GUARD_PORT}{guard.GUARD_HEALTH_PATH}", start_period_s=10),
+        labels={**worker_labels(plan, worker), "io.fleet.role": "guard"},
+    )
+
+
+def host_files(plan: Plan, host: str) -> dict[str, str]:
+    """Files the containers of ``host`` mount besides the spec: its guards' Caddyfiles."""
+    return guard.host_files(plan, host, key_file=WORKER_KEY[2])
 
 
 def gateway_containers(plan: Plan) -> list[Container]:
@@ -234,6 +288,7 @@ def _edge_containers(plan: Plan) -> list[Container]:
                 Volume("/var/log/fleet", "/var/log/fleet"),  # the usage log, read by the gatekeeper
                 Volume("fleet-tls", TLS_DIR, read_only=True),  # the certificate, as the gatekeeper publishes it
                 Volume(SECRETS_HOST_DIR, SECRETS_DIR, read_only=True),  # the worker secret (an SDS file), watched
+                *_front_socket(fleet),
             ],
             health=Health(
                 cmd=["CMD", "bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{gw.ports.envoy_admin}"], start_period_s=10
@@ -288,18 +343,32 @@ def _edge_containers(plan: Plan) -> list[Container]:
         ),
         Container(
             name="caddy",
-            description=f"fleet {fleet.name}: Caddy, the certificate (ACME) and the HTTP port",
+            description=f"fleet {fleet.name}: Caddy, "
+            + (
+                "the front door: TLS, the gatekeeper's check, the HTTP port"
+                if gw.front == "caddy"
+                else "the certificate (ACME) and the HTTP port"
+            ),
             image=fleet.images.caddy,
             args=["caddy", "run", "--config", "/etc/caddy/Caddyfile", "--adapter", "caddyfile"],
             volumes=[
                 Volume(f"{CONFIG_DIR}/caddy/Caddyfile", "/etc/caddy/Caddyfile", read_only=True),
                 Volume("fleet-caddy-data", "/data"),
+                *_front_socket(fleet),
+                *(_tls_files(fleet) if fleet.gateway.front == "caddy" else []),  # it serves the certificate itself
             ],
             health=wget_health(f"http://127.0.0.1:{gw.ports.caddy_admin}/config/", start_period_s=10),
             host_network=True,
             labels={**labels, "io.fleet.service": "caddy"},
         ),
     ]
+
+
+def _front_socket(fleet: Fleet) -> list[Volume]:
+    """`front: caddy`: the folder of Envoy's Unix socket, shared by Envoy (which makes it, mode 0600) and Caddy."""
+    if fleet.gateway.front != "caddy":
+        return []
+    return [Volume("fleet-front", posixpath.dirname(FRONT_SOCKET))]
 
 
 def _tls_files(fleet: Fleet) -> list[Volume]:

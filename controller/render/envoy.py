@@ -42,6 +42,8 @@ USAGE_LOG = "/var/log/fleet/usage.log"
 # Where Envoy finds the certificate it serves on a gateway host: an SDS file the gatekeeper publishes
 # (controller/services/certs.py).
 TLS_DIR = "/etc/fleet/tls"
+# Behind Caddy (gateway.front: caddy): the Unix socket Envoy takes Caddy's requests on, in a folder the two share.
+FRONT_SOCKET = "/run/fleet/envoy-front.sock"
 # Where Envoy finds the worker secret it adds to every request to a worker (controller/secrets.py).
 SECRETS_DIR = "/etc/fleet/secrets"
 # Requests in flight per replica slot: one running, one waiting in the backend's own queue.
@@ -71,18 +73,24 @@ def worker_cluster(worker: str) -> str:
 
 
 def bootstrap(
-    plan: Plan, *, usage_log: str = USAGE_LOG, tls_dir: str = TLS_DIR, secrets_dir: str = SECRETS_DIR
+    plan: Plan,
+    *,
+    usage_log: str = USAGE_LOG,
+    tls_dir: str = TLS_DIR,
+    secrets_dir: str = SECRETS_DIR,
+    front_socket: str = FRONT_SOCKET,
 ) -> dict[str, Any]:
     gw = plan.fleet.gateway
     public = str(gw.bind) if gw.bind is not None else "0.0.0.0"
+    if gw.front == "caddy":  # Caddy serves the public port and asks the gatekeeper; it hands requests over here
+        front = listener(plan, "front", front_socket, 0, usage_log, trusted=True)
+    else:
+        front = listener(plan, "public", public, gw.ports.https, usage_log, tls_dir)
     return {
         "node": {"id": f"fleet-{plan.fleet.name}-gateway", "cluster": f"fleet-{plan.fleet.name}"},
         "admin": {"address": _socket("127.0.0.1", gw.ports.envoy_admin)},
         "static_resources": {
-            "listeners": [
-                listener(plan, "public", public, gw.ports.https, usage_log, tls_dir),
-                listener(plan, "api", "127.0.0.1", gw.ports.envoy, usage_log),
-            ],
+            "listeners": [front, listener(plan, "api", "127.0.0.1", gw.ports.envoy, usage_log)],
             "clusters": [
                 _gatekeeper_cluster(gw.ports.gatekeeper),
                 *(_model_cluster(plan, m.name, secrets_dir) for m in plan.fleet.models),
@@ -105,12 +113,22 @@ def bootstrap(
 
 
 def listener(
-    plan: Plan, name: str, address: str, port: int, usage_log: str, tls_dir: str | None = None
+    plan: Plan,
+    name: str,
+    address: str,
+    port: int,
+    usage_log: str,
+    tls_dir: str | None = None,
+    *,
+    trusted: bool = False,
 ) -> dict[str, Any]:
     """One HTTP listener; with ``tls_dir``, TLS with the certificate published there (file SDS).
 
     The public listener (TLS, the clients' port) and the loopback one (plain
     HTTP, for diagnostics and benchmarks) run the same filters and routes.
+    ``trusted``: the listener behind Caddy (``gateway.front: caddy``), on a
+    Unix socket only Caddy can open (mode 0600, ``address`` its path), whose
+    requests carry the identity Caddy copied from the gatekeeper's answer.
     """
     gw = plan.fleet.gateway
     body_limit = int(gw.max_body_mib * MIB)
@@ -119,7 +137,7 @@ def listener(
         chain["transport_socket"] = _downstream_tls(tls_dir)
     return {
         "name": name,
-        "address": _socket(address, port),
+        "address": {"pipe": {"path": address, "mode": 0o600}} if trusted else _socket(address, port),
         # The Lua filter buffers the request body; past this Envoy answers 413.
         "per_connection_buffer_limit_bytes": body_limit,
         "filter_chains": [
@@ -162,12 +180,12 @@ def listener(
                             "route_config": route_config(plan),
                             "local_reply_config": local_replies(),
                             "http_filters": [
-                                strip_client_headers(),
+                                strip_client_headers(trusted),
                                 {
                                     "name": "envoy.filters.http.lua",
                                     "typed_config": {
                                         "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-                                        "default_source_code": {"inline_string": lua_source(plan)},
+                                        "default_source_code": {"inline_string": lua_source(plan, trusted)},
                                     },
                                 },
                                 usage_from_json(),
@@ -187,21 +205,21 @@ def listener(
     }
 
 
-def strip_client_headers() -> dict[str, Any]:
+def strip_client_headers(trusted: bool = False) -> dict[str, Any]:
     """Every client-sent x-fleet-* and x-envoy-* header removed before anything reads them.
 
     Natively, by prefix: identity and routing headers are the gatekeeper's and the Lua filter's to set, and
     a client's x-envoy-* control headers (retries, timeouts) must not steer Envoy. (A Lua loop over the
-    headers did the same for ~14 µs per request; see bench/envoy_cost.py.)
+    headers did the same for ~14 µs per request; see bench/envoy_cost.py.) Behind Caddy (``trusted``) the
+    x-fleet-* identity headers are the gatekeeper's answer, copied by Caddy after it removed the client's.
     """
+    prefixes = ("x-envoy-",) if trusted else ("x-fleet-", "x-envoy-")
     return {
         "name": "envoy.filters.http.header_mutation",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
             "mutations": {
-                "request_mutations": [
-                    {"remove_on_match": {"key_matcher": {"prefix": prefix}}} for prefix in ("x-fleet-", "x-envoy-")
-                ]
+                "request_mutations": [{"remove_on_match": {"key_matcher": {"prefix": prefix}}} for prefix in prefixes]
             },
         },
     }
@@ -254,7 +272,7 @@ def _downstream_tls(tls_dir: str) -> dict[str, Any]:
     }
 
 
-def lua_source(plan: Plan) -> str:
+def lua_source(plan: Plan, trusted: bool = False) -> str:
     served = [(n, m.name) for m in plan.fleet.models for n in m.served_names]
     models = ", ".join(f"[{_lua_string(n)}] = {_lua_string(c)}" for n, c in sorted(served))
     order = ", ".join(_lua_string(n) for n, _ in served)
@@ -274,6 +292,7 @@ def lua_source(plan: Plan) -> str:
         f"  max_n = {MAX_N},\n"
         f"  gatekeeper = {_lua_string(GATEKEEPER_CLUSTER)},\n"
         f"  auth_timeout_ms = {AUTH_TIMEOUT_MS},\n"
+        f"  trusted = {'true' if trusted else 'false'},\n"
         "}\n"
     )
     return config + asset("envoy", "model_router.lua").read_text(encoding="utf-8")

@@ -11,7 +11,7 @@ import jinja2
 
 from controller.plan.models import Plan
 from controller.render import ASSETS, Files, renderer
-from controller.render.containers import host_containers
+from controller.render.containers import host_containers, host_files
 
 _SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.,:/=@+%")
 
@@ -63,4 +63,5 @@ def render(plan: Plan) -> Files:
             out[f"{host.name}/quadlet/{c.container_name}.container"] = container_t.render(c=c)
         for name in sorted({v.source for c in containers for v in c.volumes if not v.is_bind}):
             out[f"{host.name}/quadlet/{name}.volume"] = volume_t.render(name=name, fleet=plan.fleet.name)
+        out.update(host_files(plan, host.name))
     return out

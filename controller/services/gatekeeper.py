@@ -433,6 +433,8 @@ def create_app(
             found, reuse_s = identify_for_reuse(request)
             if isinstance(found, Response):
                 return found
+            if request.headers.get("x-fleet-front") == "caddy":
+                reuse_s = 0.0  # Caddy's forward_auth asks for every request and keeps no answer
             identity = found
             spent = gate.tokens_today(identity.user) if identity.daily_tokens is not None else 0
         except Exception:  # the stores or the provider failing must close the door, not open it

@@ -321,6 +321,17 @@ class Gateway(StrictModel):
         ),
     ]
     tls: Tls
+    front: Annotated[
+        Literal["envoy", "caddy"],
+        Field(
+            description="Who terminates TLS and asks the gatekeeper. `envoy` (the default, and the faster): Envoy"
+            " serves the public HTTPS port and its Lua filter asks the gatekeeper, reusing an API key's answer"
+            " within the revocation delay. `caddy`: Caddy serves the public HTTPS port with its own certificate and"
+            " asks the gatekeeper on every request (`forward_auth`), then hands the request to Envoy over a"
+            " private Unix socket; Envoy routes, limits and meters as in `envoy` mode. For operators who keep"
+            " Caddy as their front door; it costs more CPU per request (docs/performance.md)."
+        ),
+    ] = "envoy"
     ports: GatewayPorts = GatewayPorts()
     bind: Annotated[
         ipaddress.IPv4Address | ipaddress.IPv6Address | None,
@@ -338,6 +349,17 @@ class Gateway(StrictModel):
     max_request_tokens: Annotated[
         int, Field(ge=1, le=10_000_000, description="Largest `max_tokens` a request may ask for.")
     ] = 32768
+
+    @model_validator(mode="after")
+    def _caddy_front_files(self) -> Gateway:
+        tls = self.tls
+        if self.front == "caddy" and tls.mode == "files":
+            for name, path in (("cert_file", tls.cert_file), ("key_file", tls.key_file)):
+                if path is not None and not str(path).startswith("/"):
+                    raise ValueError(
+                        f"front 'caddy' serves tls.{name} itself: give it as an absolute path, not {path!r}"
+                    )
+        return self
 
 
 # -- auth ---------------------------------------------------------------------------

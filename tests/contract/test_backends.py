@@ -8,6 +8,7 @@ APIs; each test prints which one ran.
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import subprocess
@@ -23,8 +24,10 @@ import pytest
 from controller.backends.client import WorkerClient
 from controller.errors import BackendError
 from controller.local.demo_model import write_demo_model
-from controller.local.processes import base_env, worker_process
+from controller.local.processes import base_env, worker_processes
+from controller.local.state import StateDir
 from controller.plan import Plan, make_plan
+from controller.render import guard
 from controller.secrets import ensure_worker_secret, read_worker_key
 from controller.spec import load_spec
 from tests.conftest import ROOT
@@ -85,10 +88,14 @@ def model_spec(backend: str, kind: str, tmp: Path) -> dict[str, Any]:
     }
 
 
+Running = tuple[Plan, WorkerClient, subprocess.Popen[bytes]]
+
+
 @pytest.fixture(params=["llamacpp", "vllm", "ollama"])
-def worker(
+def started(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> Iterator[tuple[Plan, WorkerClient, subprocess.Popen[bytes]]]:
+) -> Iterator[tuple[Plan, WorkerClient, dict[str, subprocess.Popen[bytes]]]]:
+    """The worker's processes as `controller up` plans them (Ollama: its guard too), by name."""
     backend: str = request.param
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -123,29 +130,48 @@ def worker(
     spec = write_spec(tmp_path / "fleet.yaml", data)
     plan = make_plan(load_spec(spec))
     (w,) = plan.workers
-    key_file = ensure_worker_secret(tmp_path / "secrets")
-    proc_spec = worker_process(plan, w, spec.parent, key_file)
-    log = (tmp_path / "worker.log").open("wb")
-    proc = subprocess.Popen(
-        proc_spec.argv,
-        env={**base_env(), **proc_spec.env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    state = StateDir(tmp_path / "stack")
+    key_file = ensure_worker_secret(state.secrets)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    logs = []
     client = WorkerClient(backend, f"http://127.0.0.1:{w.port}", key=read_worker_key(key_file.parent))
     try:
-        wait_until(lambda: proc.poll() is not None or client.healthy(), 60 if kind == "double" else 600, "healthy")
-        assert proc.poll() is None, (tmp_path / "worker.log").read_text()
-        yield plan, client, proc
+        for proc_spec in worker_processes(plan, w, spec.parent, state):
+            log = (tmp_path / f"{proc_spec.name}.log").open("wb")
+            logs.append(log)
+            procs[proc_spec.name] = subprocess.Popen(
+                proc_spec.argv,
+                env={**base_env(), **proc_spec.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+        def gone() -> bool:
+            return any(p.poll() is not None for p in procs.values())
+
+        wait_until(lambda: gone() or client.healthy(), 60 if kind == "double" else 600, "healthy")
+        assert not gone(), "\n".join((tmp_path / f"{n}.log").read_text() for n in procs)
+        yield plan, client, procs
     finally:
         client.close()
-        proc.terminate()
-        proc.wait(20)
-        log.close()
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            proc.wait(20)
+        for log in logs:
+            log.close()
 
 
-def test_worker_runs_from_the_planned_command_line(worker: tuple[Plan, WorkerClient, subprocess.Popen[bytes]]) -> None:
+@pytest.fixture
+def worker(started: tuple[Plan, WorkerClient, dict[str, subprocess.Popen[bytes]]]) -> Running:
+    """The planned worker's own process (not its guard's), with a client that sends the worker secret."""
+    plan, client, procs = started
+    (w,) = plan.workers
+    return plan, client, procs[w.name]
+
+
+def test_worker_runs_from_the_planned_command_line(worker: Running) -> None:
     plan, client, _ = worker
     (w,) = plan.workers
     model = plan.model(w.model)
@@ -157,7 +183,7 @@ def test_worker_runs_from_the_planned_command_line(worker: tuple[Plan, WorkerCli
     assert all(n in served or f"{n}:latest" in served for n in expected), served
 
 
-def test_chat_and_metrics(worker: tuple[Plan, WorkerClient, subprocess.Popen[bytes]]) -> None:
+def test_chat_and_metrics(worker: Running) -> None:
     plan, client, _ = worker
     (w,) = plan.workers
     model = plan.model(w.model)
@@ -180,27 +206,80 @@ def test_chat_and_metrics(worker: tuple[Plan, WorkerClient, subprocess.Popen[byt
     assert client.queue_depth() == 0
 
 
-def test_a_request_without_the_worker_secret_is_refused(
-    worker: tuple[Plan, WorkerClient, subprocess.Popen[bytes]],
-) -> None:
-    """Workers answer only the gateway: without the secret (or with another), the worker itself refuses."""
+def test_a_request_without_the_worker_secret_is_refused(worker: Running) -> None:
+    """Workers answer only the gateway: without the secret (or with another), the worker itself refuses, on its
+    planned port; for Ollama, which has no authentication, its guard does."""
     plan, client, _ = worker
     (w,) = plan.workers
-    if w.backend == "ollama":
-        pytest.skip("Ollama has no authentication of its own; its worker is not guarded yet (issue 11, part 2)")
     body = {"model": plan.model(w.model).name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    for headers in ({}, {"Authorization": "Bearer not-the-secret"}):
+    client.ensure_model(plan.model(w.model))
+    secret = client.http.headers["authorization"].removeprefix("Bearer ")
+    wrong: list[dict[str, str]] = [{}, {"Authorization": "Bearer not-the-secret"}]
+    if w.backend == "ollama":  # the guard takes exactly what Envoy sends (llama-server also reads x-api-key)
+        wrong += [{"Authorization": secret}, {"x-api-key": secret}, {"Authorization": f"Basic {secret}"}]
+    for headers in wrong:
         reply = httpx.post(f"{client.base_url}/v1/chat/completions", json=body, headers=headers, timeout=30)
         assert reply.status_code == 401, (headers, reply.text)
+        if w.backend == "ollama":
+            assert reply.json()["error"]["code"] == "invalid_api_key", reply.text
     assert client.http.post("/v1/chat/completions", json=body, timeout=60).status_code == 200
     assert client.healthy()  # health stays open: Envoy's checks and the agent carry no secret
 
 
-def test_the_worker_secret_is_in_no_command_line(worker: tuple[Plan, WorkerClient, subprocess.Popen[bytes]]) -> None:
-    _, client, proc = worker
+def test_the_ollama_guard_passes_only_the_gateway_and_only_what_it_asked(
+    started: tuple[Plan, WorkerClient, dict[str, subprocess.Popen[bytes]]], tmp_path: Path
+) -> None:
+    """Ollama's guard, the real Caddy: Ollama's admin routes are refused without the secret too, the health route
+    opens only that route, Ollama gets a Host it accepts (the gateway sends the public name) and no secret, and
+    the guard's own liveness answers without reaching Ollama."""
+    plan, client, procs = started
+    (w,) = plan.workers
+    if w.backend != "ollama":
+        assert list(procs) == [w.name]  # llama-server and vLLM check the secret themselves: no guard
+        return
+    assert list(procs) == [guard.guard_name(w), w.name]
+    base = client.base_url
+    for method, path in (("POST", "/api/pull"), ("POST", "/api/copy"), ("DELETE", "/api/delete"), ("GET", "/api/tags")):
+        assert httpx.request(method, f"{base}{path}", json={"model": "x"}, timeout=10).status_code == 401, path
+    assert httpx.post(f"{base}/api/version", timeout=10).status_code == 401  # only GET/HEAD of the health route
+    # Paths that Caddy cleans before matching: into the health route, Ollama gets exactly that route; out of it, a 401.
+    assert raw_get(base, "/api/tags/../version") == (200, client.http.get("/api/version").content)
+    assert raw_get(base, "/api/version/../tags")[0] == 401
+    assert raw_get(base, "/api/version?name=x")[0] == 200
+    reply = client.http.get("/api/tags", headers={"Host": "llm.example.org"})
+    assert reply.status_code == 200, reply.text  # the guard gives Ollama its own loopback Host
+    assert httpx.get(f"{base}{guard.GUARD_HEALTH_PATH}", timeout=10).status_code == 200
+    procs[w.name].terminate()
+    procs[w.name].wait(20)
+    assert httpx.get(f"{base}{guard.GUARD_HEALTH_PATH}", timeout=10).status_code == 200  # the guard's own
+    assert not client.healthy()  # the worker's health is Ollama's, through the guard
+    assert client.http.get("/api/tags").status_code == 502
     secret = client.http.headers["authorization"].removeprefix("Bearer ")
-    for pid in [proc.pid, *_children(proc.pid)]:
-        assert secret.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    for name in procs:
+        assert secret not in (tmp_path / f"{name}.log").read_text(errors="replace")
+    assert secret not in (tmp_path / "stack" / "config" / guard.config_path(w)).read_text()
+
+
+def test_the_worker_secret_is_in_no_command_line(
+    started: tuple[Plan, WorkerClient, dict[str, subprocess.Popen[bytes]]],
+) -> None:
+    _, client, procs = started
+    secret = client.http.headers["authorization"].removeprefix("Bearer ")
+    for proc in procs.values():
+        for pid in [proc.pid, *_children(proc.pid)]:
+            assert secret.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def raw_get(base: str, path: str) -> tuple[int, bytes]:
+    """A GET with the path exactly as given (HTTP clients remove dot segments before sending)."""
+    url = httpx.URL(base)
+    connection = http.client.HTTPConnection(str(url.host), url.port, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
 
 
 def _children(pid: int) -> list[int]:
@@ -210,7 +289,7 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def test_load_and_unload(worker: tuple[Plan, WorkerClient, subprocess.Popen[bytes]]) -> None:
+def test_load_and_unload(worker: Running) -> None:
     plan, client, _ = worker
     (w,) = plan.workers
     model = plan.model(w.model)
@@ -227,7 +306,7 @@ def test_load_and_unload(worker: tuple[Plan, WorkerClient, subprocess.Popen[byte
     assert client.loaded(model)
 
 
-def test_pinned_to_the_planned_gpus(worker: tuple[Plan, WorkerClient, subprocess.Popen[bytes]]) -> None:
+def test_pinned_to_the_planned_gpus(worker: Running) -> None:
     plan, _, proc = worker
     (w,) = plan.workers
     environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")

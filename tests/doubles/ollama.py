@@ -7,14 +7,17 @@ object with `"stream": false`), `POST /api/copy`, `DELETE /api/delete`,
 load (-1) or unload (0), and the OpenAI-compatible `/v1/models` and
 `/v1/chat/completions` (a model that is not present is a 404 "try pulling it
 first"). Its "registry" serves any `name[:tag]` made of lower-case letters,
-digits and `.-_`.
+digits and `.-_`. Bound to a loopback address it refuses (403) a `Host` that
+is not local, as Ollama does against DNS rebinding (its allowed-hosts check).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -47,7 +50,46 @@ def main() -> None:
     print(
         f"ollama double {VERSION} listening on {host}:{port} ctx={state.context} parallel={state.parallel}", flush=True
     )
-    serve(host or "127.0.0.1", int(port), routes(state))
+    bind = host or "127.0.0.1"
+    table = routes(state)
+    if _is_loopback(bind):
+        table = {key: _local_hosts_only(route) for key, route in table.items()}
+    serve(bind, int(port), table)
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
+def allowed_host(header: str) -> bool:
+    """Ollama's allowed-hosts check for a server bound to loopback: a local IP or name, else 403."""
+    name = header
+    if header.startswith("["):
+        name = header[1 : header.find("]")]
+    elif header.count(":") == 1:
+        name = header.split(":", 1)[0]
+    try:
+        ip = ipaddress.ip_address(name)
+        return ip.is_loopback or ip.is_private or ip.is_unspecified
+    except ValueError:
+        pass
+    name = name.lower()
+    return name in ("", "localhost", socket.gethostname().lower()) or name.endswith(
+        (".localhost", ".local", ".internal")
+    )
+
+
+def _local_hosts_only(route: Any) -> Any:
+    def checked(h: Handler) -> None:
+        if not allowed_host(h.headers.get("host", "")):
+            h.send_text(403, "")
+            return
+        route(h)
+
+    return checked
 
 
 def routes(state: State) -> dict[tuple[str, str], Any]:

@@ -142,6 +142,10 @@ class Stack:
         return sorted(found)
 
 
+# The front door the end-to-end stacks run with (gateway.front): scripts/check runs the tier once with each.
+FRONT = os.environ.get("FLEET_TEST_FRONT", "envoy")
+
+
 def start_stack(tmp: Path, customize: Any = None, env: dict[str, str] | None = None) -> Stack:
     """Bring up the demo fleet on free loopback ports; ``customize(spec_dict)`` may change it first."""
     state = StateDir(tmp / "state")
@@ -150,10 +154,11 @@ def start_stack(tmp: Path, customize: Any = None, env: dict[str, str] | None = N
     singles = free_ports(len(names), exclude=range(workers, workers + 3))
     ports = DemoPorts(workers=workers, **dict(zip(names, singles, strict=True)))
     spec = write_demo(state, ports)
+    data = yaml.safe_load(spec.read_text())
+    data["gateway"]["front"] = FRONT
     if customize is not None:
-        data = yaml.safe_load(spec.read_text())
         customize(data)
-        spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
     result = cli("up", str(spec), "--state-dir", str(state.root), "--json", "--wait", "120", env=env)
     if result.returncode != 0:
         logs = "\n".join(

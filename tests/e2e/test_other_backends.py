@@ -12,8 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from controller.plan import make_plan
+from controller.secrets import read_worker_key
+from controller.spec import load_spec
 from tests.conftest import ROOT, need_tool
 from tests.e2e.stack import Stack, start_stack, stop_stack
 
@@ -82,3 +86,39 @@ def test_vllm_worker_pinned_to_its_gpu(mixed: Stack) -> None:
 def test_ollama_model_was_pulled_and_named_by_the_supervisor(mixed: Stack) -> None:
     log = mixed.state.log("supervisor").read_text()
     assert "pulled qwen2.5:0.5b" in log and "copied qwen2.5:0.5b to ol-alias" in log
+
+
+def test_the_ollama_worker_answers_only_the_gateway(mixed: Stack) -> None:
+    """Ollama has no authentication of its own: its guard (Caddy) holds the worker's planned port. A direct call
+    there is refused (401), even with a valid API key; with the worker secret, as Envoy sends it, it is served;
+    the health route stays open; through the gateway, answers and streams come as from any worker."""
+    (w,) = [w for w in make_plan(load_spec(mixed.spec)).workers if w.model == "ol"]
+    procs = mixed.processes()
+    guard = procs[f"{w.name}-guard"]
+    assert guard["kind"] == "guard" and guard["state"] == "healthy" and guard["ports"] == [w.port]
+    assert procs[w.name]["kind"] == "worker" and procs[w.name]["ports"] != [w.port]  # Ollama: a port of its own
+    url = f"http://127.0.0.1:{w.port}"
+    body = {"model": "ol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    for headers in (
+        {},
+        {"Authorization": f"Bearer {mixed.key}"},
+        {"x-api-key": mixed.key},
+        {"Authorization": "Bearer x"},
+    ):
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+        assert reply.status_code == 401, (headers, reply.text)
+        assert reply.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.post(f"{url}/api/pull", json={"model": "evil:latest"}, timeout=30).status_code == 401
+    assert httpx.get(f"{url}/api/version", timeout=10).status_code == 200  # Envoy's health check carries no secret
+    direct = httpx.post(f"{url}/v1/chat/completions", json=body, headers=mixed.worker_auth(), timeout=30)
+    assert direct.status_code == 200, direct.text
+    client = mixed.openai()
+    chunks = list(
+        client.chat.completions.create(
+            model="ol", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    secret = read_worker_key(mixed.state.secrets)
+    assert secret.encode() not in Path(f"/proc/{guard['pid']}/cmdline").read_bytes()
+    assert secret not in mixed.state.log(f"{w.name}-guard").read_text(errors="replace")

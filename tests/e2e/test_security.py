@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import select
 import socket
 import ssl
+import stat
 import statistics
 import time
 from collections.abc import Iterator
@@ -13,13 +15,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.stack import Stack, running_stack
+from tests.e2e.stack import FRONT, Stack, running_stack
 
 pytestmark = pytest.mark.e2e
 
 
 def fast_header_timeout(data: dict[str, Any]) -> None:
     data["gateway"]["request_headers_timeout_s"] = 2
+    data["users"].append({"name": "kid", "models": ["tiny-embed"]})  # someone with less than everything
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +226,24 @@ def test_http2_streams_per_connection_are_capped(stack: Stack) -> None:
                     h2conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             conn.sendall(h2conn.data_to_send())
         assert sorted(set(statuses.values())) == ["200"] and len(statuses) == len(streams)
+
+
+def test_behind_caddy_only_caddy_reaches_envoy(stack: Stack) -> None:
+    """`front: caddy`: Envoy trusts the identity on its socket, so only Caddy may open it (mode 0600, private
+    folder), and a client's own identity headers never get through Caddy (they are removed before the check)."""
+    if FRONT != "caddy":
+        pytest.skip("this pass runs gateway.front: envoy, which has no socket behind Caddy (the caddy pass runs it)")
+    sock = stack.state.front_socket
+    assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    kid = stack.ctl("keys", "create", "--user", "kid", "--json")
+    assert kid.returncode == 0, kid.stderr
+    headers = {
+        "Authorization": f"Bearer {json.loads(kid.stdout)['key']}",
+        "X-Fleet-Models": "*",
+        "X-Fleet-User": "demo",
+        "Remote-User": "demo",
+    }
+    with stack.http() as client:
+        listed = client.get(f"{stack.base_url}/models", headers=headers).json()
+    assert [m["id"] for m in listed["data"]] == ["tiny-embed"], "the gatekeeper's answer, not the client's headers"

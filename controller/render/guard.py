@@ -1,0 +1,98 @@
+"""The guard in front of every Ollama worker: a Caddy that lets through only the gateway's requests.
+
+Ollama has no authentication of its own, so its worker cannot refuse a
+request that did not come through the gateway. Instead, Ollama listens on
+loopback only and a Caddy (the guard) answers on the worker's planned
+address and port: it requires the worker secret (controller/secrets.py) that
+Envoy adds to every request it sends a worker, strips it, and passes the
+request on unbuffered; anything else is a 401 in the OpenAI error shape,
+except the health route Envoy checks, which stays open as for the other
+backends. Caddy reads the secret from its file when a request arrives (the
+`{file.*}` placeholder), so the rendered Caddyfile names only the file.
+
+- In containers (Compose, Quadlet) the Ollama container shares the guard
+  container's network namespace and publishes no port: its loopback address
+  is reachable only from inside that namespace, so only through the guard.
+- On a workstation (`controller up`) both are plain processes, and Ollama's
+  own loopback port (see controller/local/processes.py) is still reachable
+  by any local user: without root there is no network namespace to put it
+  in. The guard protects the planned port, which Envoy and everything else
+  in the stack uses.
+
+One Jinja template (``caddy/worker-guard.Caddyfile.j2``, StrictUndefined)
+serves both; containers mount `<host>/guard/<worker>.Caddyfile` from the
+host's /etc/fleet.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jinja2
+
+from controller import backends
+from controller.backends.ollama import Ollama
+from controller.errors import RenderError
+from controller.plan.models import Plan, Worker
+from controller.render import ASSETS, Files
+
+# Inside the shared network namespace of a containerized worker: the guard's port (published as the worker's
+# planned address and port) and Ollama's own, on loopback.
+GUARD_PORT = 8080
+UPSTREAM = f"127.0.0.1:{Ollama.container_port}"
+# The guard's own liveness (the supervisor and the container engine ask it), answered by Caddy itself: the
+# worker's health route goes through to Ollama, and a guard whose Ollama is stopped (`controller stop`) is
+# still a healthy guard.
+GUARD_HEALTH_PATH = "/fleet-guard/healthz"
+# A path that goes into a Caddy placeholder and a quoted Caddyfile token: nothing that would end either.
+_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/+@ -]*$")
+
+
+def guarded(worker: Worker) -> bool:
+    """Whether the worker runs behind a guard: its backend cannot require the worker secret itself."""
+    return worker.backend == "ollama"
+
+
+def guard_name(worker: Worker) -> str:
+    """The guard's name: its container's (`fleet-<name>`) and its process's in `controller status`."""
+    return f"{worker.name}-guard"
+
+
+def config_path(worker: Worker) -> str:
+    """The guard's Caddyfile, relative to a host's rendered folder (and to /etc/fleet on the host)."""
+    return f"guard/{worker.name}.Caddyfile"
+
+
+def caddyfile(plan: Plan, worker: Worker, *, bind: str | None, port: int, upstream: str, key_file: str) -> str:
+    """The guard's Caddyfile: listen on ``bind``:``port`` (all addresses without ``bind``), pass to ``upstream``,
+    and let through only requests with the worker secret read from ``key_file`` at run time."""
+    if not _SAFE_PATH.match(key_file):
+        raise RenderError(
+            f"worker secret path {key_file!r}: use an absolute path of letters, digits, spaces and ./_-+@ only"
+        )
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(ASSETS / "caddy"),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    return env.get_template("worker-guard.Caddyfile.j2").render(
+        worker=worker.name,
+        bind=bind,
+        port=port,
+        upstream=upstream,
+        key_file=key_file,
+        health_path=backends.get(worker.backend).health_path,
+        guard_health_path=GUARD_HEALTH_PATH,
+        headers_timeout_s=plan.fleet.gateway.request_headers_timeout_s,
+    )
+
+
+def host_files(plan: Plan, host: str, key_file: str) -> Files:
+    """The guards' Caddyfiles of ``host``'s containerized workers (``key_file``: the secret's path inside the
+    guard container)."""
+    return {
+        f"{host}/{config_path(w)}": caddyfile(plan, w, bind=None, port=GUARD_PORT, upstream=UPSTREAM, key_file=key_file)
+        for w in plan.workers_on(host)
+        if guarded(w)
+    }
