@@ -260,9 +260,11 @@ end
 -- (forward_auth) and copied onto the request after removing every client-sent x-fleet-* header; only
 -- Caddy can reach this listener (a Unix socket of mode 0600). No identity: nothing passes.
 local function trusted_identity(handle, headers)
+  -- Caddy copies only what the answer had, and the answer had a user only when it was a yes; an empty
+  -- model list (a user the spec gives nothing) does not survive the copy, and means none.
   local models, user = headers:get("x-fleet-models"), headers:get("x-fleet-user")
-  if models == nil or user == nil then return unavailable(handle) end
-  local answer = { identity = {}, allowed = allowed_set(models), daily = headers:get("x-fleet-daily-tokens") }
+  if user == nil then return unavailable(handle) end
+  local answer = { identity = {}, allowed = allowed_set(models or ""), daily = headers:get("x-fleet-daily-tokens") }
   for _, name in ipairs(IDENTITY) do answer.identity[name] = headers:get(name) end
   headers:remove("x-fleet-daily-tokens")
   return answer

@@ -17,11 +17,14 @@ hands what it allows to Envoy over a private Unix socket (see the template).
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import jinja2
 
 from controller.plan.models import Plan
 from controller.render import ASSETS, Files, renderer
 from controller.render.envoy import AUTH_TIMEOUT_MS, FRONT_SOCKET, MIB
+from controller.spec.models import ForwardAuth
 
 # What the gatekeeper's answer says about the caller, copied onto the request in `front: caddy`.
 IDENTITY_HEADERS = ["X-Fleet-User", "X-Fleet-Groups", "X-Fleet-Models", "X-Fleet-Key-Id", "X-Fleet-Daily-Tokens"]
@@ -60,6 +63,19 @@ def caddyfile(plan: Plan, front_socket: str = FRONT_SOCKET) -> str:
         max_body_bytes=int(gw.max_body_mib * MIB),
         front_socket=front_socket,
         auth_timeout_s=AUTH_TIMEOUT_MS / 1000,
+        outpost=_outpost(gw.forward_auth),
         identity=IDENTITY_HEADERS,
         foreign_identity=FOREIGN_IDENTITY_HEADERS,
     )
+
+
+def _outpost(auth: ForwardAuth | None) -> dict[str, str] | None:
+    """The outpost as `forward_auth` takes it: the upstream (scheme, host, port) and the URI asked there."""
+    if auth is None:
+        return None
+    url = urlsplit(auth.url)
+    upstream = f"{url.scheme}://{url.netloc}" if url.scheme == "https" else url.netloc
+    uri = url.path or "/"
+    if url.query:
+        uri += f"?{url.query}"
+    return {"upstream": upstream, "uri": uri, "user_header": auth.user_header, "groups_header": auth.groups_header}

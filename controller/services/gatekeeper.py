@@ -385,6 +385,19 @@ def create_app(
             return identity, valid_s
         return identify_other(request, key), 0.0
 
+    def outpost_login(request: Request) -> Identity | None:
+        """`front: caddy` with `forward_auth`: the user and groups the operator's SSO outpost named, as Caddy
+        copied them from its answer (after removing any a client sent: Caddy strips every X-Fleet-* first)."""
+        sso = fleet.gateway.forward_auth
+        if sso is None or request.headers.get("x-fleet-front") != "caddy":
+            return None
+        user = (request.headers.get("x-fleet-sso-user") or "").strip()
+        if not user:
+            return None
+        raw = request.headers.get("x-fleet-sso-groups") or ""
+        groups = [g.strip() for g in raw.split(sso.groups_separator) if g.strip()]
+        return gate.access.identity_for_login(user, groups)
+
     def identify_other(request: Request, key: str | None) -> Identity | Response:
         if key is not None and provider is not None:
             try:
@@ -399,6 +412,9 @@ def create_app(
         if key is not None:
             metrics.decisions.labels("bad_key").inc()
             return error(401, "Incorrect API key provided.", "invalid_api_key")
+        outpost = outpost_login(request)
+        if outpost is not None:
+            return outpost
         session = request.cookies.get(SESSION_COOKIE)
         found = sessions.get(session) if session and sessions is not None else None
         if found is None:

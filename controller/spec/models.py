@@ -311,6 +311,31 @@ class GatewayPorts(StrictModel):
     grafana: Annotated[Port, Field(description="Grafana, loopback only.")] = 3000
 
 
+class ForwardAuth(StrictModel):
+    """An SSO outpost that already guards the operator's sites (Authelia, Authentik, oauth2-proxy), asked by
+    Caddy about browser requests (no API key) in `front: caddy`; its identity headers name the user."""
+
+    url: Annotated[
+        str,
+        Field(
+            pattern=r"^https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/?&=%+\-]*)?$",
+            description="The outpost's forward-auth endpoint, e.g. Authelia's"
+            " `http://127.0.0.1:9091/api/authz/forward-auth` or Authentik's"
+            " `http://outpost:9000/outpost.goauthentik.io/auth/caddy`. A 2xx answer lets the request on; anything"
+            " else (a redirect to the login page, 401) goes back to the browser as it is.",
+        ),
+    ]
+    user_header: Annotated[
+        str, Field(pattern=r"^[A-Za-z0-9-]{1,64}$", description="The answer's header naming the user.")
+    ] = "Remote-User"
+    groups_header: Annotated[
+        str, Field(pattern=r"^[A-Za-z0-9-]{1,64}$", description="The answer's header listing the user's groups.")
+    ] = "Remote-Groups"
+    groups_separator: Annotated[
+        str, Field(pattern=r"^[,;| ]$", description="What separates the groups in `groups_header`.")
+    ] = ","
+
+
 class Gateway(StrictModel):
     host: Annotated[str, Field(description="The host that runs Envoy, Caddy and the gatekeeper.")]
     public_name: Annotated[
@@ -332,6 +357,14 @@ class Gateway(StrictModel):
             " Caddy as their front door; it costs more CPU per request (docs/performance.md)."
         ),
     ] = "envoy"
+    forward_auth: Annotated[
+        ForwardAuth | None,
+        Field(
+            description="With `front: caddy`: an existing SSO outpost that decides who a browser (a request with"
+            " no API key) is; the gatekeeper maps its user and groups as it maps SSO logins. API keys and provider"
+            " tokens go to the gatekeeper as always."
+        ),
+    ] = None
     ports: GatewayPorts = GatewayPorts()
     bind: Annotated[
         ipaddress.IPv4Address | ipaddress.IPv6Address | None,
@@ -352,6 +385,8 @@ class Gateway(StrictModel):
 
     @model_validator(mode="after")
     def _caddy_front_files(self) -> Gateway:
+        if self.forward_auth is not None and self.front != "caddy":
+            raise ValueError("`forward_auth` needs front 'caddy' (Caddy asks the outpost); set `front: caddy`")
         tls = self.tls
         if self.front == "caddy" and tls.mode == "files":
             for name, path in (("cert_file", tls.cert_file), ("key_file", tls.key_file)):

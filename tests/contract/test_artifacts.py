@@ -12,6 +12,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import httpx
 import jsonschema
@@ -85,6 +86,9 @@ def test_caddy_keeps_the_certificate_and_is_in_no_request_path(
     listens = sorted(address for server in servers for address in server["listen"])
     if gw.front == "caddy":
         assert_caddy_front_door(adapted, gw.ports.https, gw.ports.gatekeeper)
+        if gw.forward_auth is not None:
+            outpost = urlsplit(gw.forward_auth.url).netloc
+            assert_outpost_first(adapted, gw.ports.https, gw.ports.gatekeeper, outpost, gw.forward_auth.user_header)
         return
     assert f"127.0.0.1:{gw.ports.caddy_tls}" in listens  # the certificate's site, loopback only
     assert not any(address.endswith(f":{gw.ports.https}") for address in listens)  # Envoy's port
@@ -112,6 +116,18 @@ def assert_caddy_front_door(adapted: dict[str, Any], https: int, gatekeeper: int
     assert strip < ask < forward, "identity headers are removed before the check, and the request forwarded after"
     assert '"flush_interval":-1' in text
     assert server.get("protocols") == ["h1", "h2"]
+
+
+def assert_outpost_first(adapted: dict[str, Any], https: int, gatekeeper: int, outpost: str, user_header: str) -> None:
+    """`forward_auth`: browsers (no API key) are asked of the outpost, after the client's identity headers are
+    removed and before the gatekeeper, which gets the outpost's user as X-Fleet-Sso-User."""
+    (server,) = [
+        s for s in adapted["apps"]["http"]["servers"].values() if any(a.endswith(f":{https}") for a in s["listen"])
+    ]
+    text = json.dumps(server, separators=(",", ":"))
+    asked = text.index(f'"dial":"{outpost}"')
+    assert text.index('"delete":["X-Fleet-*"') < asked < text.index(f'"dial":"127.0.0.1:{gatekeeper}"')
+    assert f'"X-Fleet-Sso-User":["{{http.reverse_proxy.header.{user_header}}}"]' in text
 
 
 def test_compose_schema_and_podman_compose(rendered: Path, example_plan: Plan) -> None:
