@@ -427,22 +427,28 @@ async def stream_level(target: Target, n: int, ramp_s: float, bound_s: float, po
 # -- the paths ----------------------------------------------------------------------------------
 
 
+def stub_path(bin_dir: Path) -> dict[str, str]:
+    """The environment whose PATH has a `vllm` shim in ``bin_dir`` starting the stub (bench/stub.py)."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    shim = bin_dir / "vllm"
+    shim.write_text(f'#!/bin/sh\nPYTHONPATH="{ROOT}" exec "{sys.executable}" -m bench.stub "$@"\n')
+    shim.chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def stub_fleet(data: dict[str, Any]) -> None:
+    """The demo fleet with the stub as its only model, on a (pretend) GPU."""
+    data["hosts"][0]["gpus"] = [dict(STUB_GPU)]
+    data["models"] = [dict(STUB_MODEL)]
+
+
 @contextmanager
 def chain_stack(tmp: Path) -> Iterator[tuple[Target, Target, Any]]:
     """A `controller up` stack whose only model is the stub, started by a `vllm` shim on PATH."""
     from tests.e2e.stack import cli, start_stack, stop_stack
 
-    bin_dir = tmp / "bin"
-    bin_dir.mkdir()
-    shim = bin_dir / "vllm"
-    shim.write_text(f'#!/bin/sh\nPYTHONPATH="{ROOT}" exec "{sys.executable}" -m bench.stub "$@"\n')
-    shim.chmod(0o755)
-
-    def customize(data: dict[str, Any]) -> None:
-        data["hosts"][0]["gpus"] = [dict(STUB_GPU)]
-        data["models"] = [dict(STUB_MODEL)]
-
-    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env = stub_path(tmp / "bin")
+    customize = stub_fleet
     for attempt in range(3):  # free ports are picked one by one and may collide: try again with others
         home = tmp / f"stack{attempt}"
         try:

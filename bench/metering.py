@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.gateway import ROOT, STUB_GPU, STUB_MODEL, Target, wrk
+from bench.gateway import Target, stub_fleet, stub_path, wrk
 from bench.report import machine, write_section
 
 FRONTS = ("envoy", "caddy")
@@ -40,19 +39,12 @@ def stack(tmp: Path, front: str) -> Iterator[tuple[Target, Target]]:
     """A stack with the stub model and ``front``; the targets of a user without limits and of one with a quota."""
     from tests.e2e.stack import cli, start_stack, stop_stack
 
-    bin_dir = tmp / "bin"
-    bin_dir.mkdir(parents=True)
-    shim = bin_dir / "vllm"
-    shim.write_text(f'#!/bin/sh\nPYTHONPATH="{ROOT}" exec "{sys.executable}" -m bench.stub "$@"\n')
-    shim.chmod(0o755)
-
     def customize(data: dict[str, Any]) -> None:
-        data["hosts"][0]["gpus"] = [dict(STUB_GPU)]
-        data["models"] = [dict(STUB_MODEL)]
+        stub_fleet(data)
         data["gateway"]["front"] = front
         data["users"].append({"name": QUOTA_USER, "models": ["*"], "daily_tokens": 10**12})
 
-    running = start_stack(tmp / "stack", customize, env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    running = start_stack(tmp / "stack", customize, env=stub_path(tmp / "bin"))
     try:
         procs = running.processes()
         gateway = {k: p["pid"] for p in procs.values() if (k := p["kind"]) in ("caddy", "envoy", "gatekeeper")}

@@ -13,6 +13,8 @@ import importlib
 from collections.abc import Callable
 from pathlib import Path
 
+import jinja2
+
 from controller.errors import RenderError
 from controller.plan.models import Plan
 
@@ -68,3 +70,14 @@ def asset(*parts: str) -> Path:
     if not path.is_file():
         raise RenderError(f"missing template {path}; is the package installed from its source tree?")
     return path
+
+
+def text_template(folder: str, name: str) -> jinja2.Template:
+    """A Jinja template of a text format (Caddyfile), strict: an undefined name fails the render."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(ASSETS / folder),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    return env.get_template(name)

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-import jinja2
-
 from controller.plan.models import Plan
-from controller.render import ASSETS, Files, renderer
+from controller.render import Files, renderer, text_template
 from controller.render.envoy import AUTH_TIMEOUT_MS, FRONT_SOCKET, MIB
 from controller.spec.models import ForwardAuth
 
@@ -47,13 +45,7 @@ def render(plan: Plan) -> Files:
 
 def caddyfile(plan: Plan, front_socket: str = FRONT_SOCKET) -> str:
     gw = plan.fleet.gateway
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(ASSETS / "caddy"),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    return env.get_template("Caddyfile.j2").render(
+    return text_template("caddy", "Caddyfile.j2").render(
         front=gw.front,
         ports=gw.ports,
         tls=gw.tls,

@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import re
 
-import jinja2
-
 from controller import backends
 from controller.backends.ollama import Ollama
 from controller.errors import RenderError
 from controller.plan.models import Plan, Worker
-from controller.render import ASSETS, Files
+from controller.render import Files, text_template
 
 # Inside the shared network namespace of a containerized worker: the guard's port (published as the worker's
 # planned address and port) and Ollama's own, on loopback.
@@ -70,13 +68,7 @@ def caddyfile(plan: Plan, worker: Worker, *, bind: str | None, port: int, upstre
         raise RenderError(
             f"worker secret path {key_file!r}: use an absolute path of letters, digits, spaces and ./_-+@ only"
         )
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(ASSETS / "caddy"),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    return env.get_template("worker-guard.Caddyfile.j2").render(
+    return text_template("caddy", "worker-guard.Caddyfile.j2").render(
         worker=worker.name,
         bind=bind,
         port=port,
