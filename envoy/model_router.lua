@@ -29,8 +29,9 @@
 -- already taken from the user's bucket). Those answers are kept per worker
 -- thread, so a known key costs no round trip; anything else (provider tokens,
 -- browser sessions, refusals) is asked every time. For a user with a daily
--- token quota (X-Fleet-Daily-Tokens) each request also books its most with the
--- gatekeeper (`POST /auth/reserve`) before it is sent.
+-- token quota (X-Fleet-Daily-Tokens) each request also spends its most from a
+-- lease of the user's quota that the gatekeeper books (`POST /auth/reserve`)
+-- before it is sent.
 --
 -- Metering: a stream always asks the backend for its usage; the response is
 -- scanned in passing for it, and for what the stream shows of its tokens in
@@ -370,23 +371,57 @@ local function completion_cap(members, route, canonical)
   return math.max(members.n or 1, members.best_of or 1) * per
 end
 
--- Book `tokens` of the user's daily quota for this request (the gatekeeper releases them once the
--- request's usage is in the ledger); false when the request was answered (quota, gatekeeper down).
+-- Quota leases, per Envoy worker thread: user -> { id, left, expires (ms), admitted, spent }. A request of a
+-- user with a daily quota spends its bound from the user's lease; when the lease is spent or expired, the
+-- gatekeeper is asked for a new one (`POST /auth/reserve`) and told what the old one admitted, so it holds
+-- exactly what can still be running (controller/services/ledger.py, LEASES).
+local leases, lease_count = {}, 0
+
+local function tag(handle, lease_id, tokens)
+  local meta = handle:streamInfo():dynamicMetadata()
+  meta:set("fleet", "lease", lease_id)
+  meta:set("fleet", "reserved", tostring(tokens))
+end
+
+-- Spend `tokens` of the user's daily quota on this request; false when the request was answered (quota used
+-- up, gatekeeper down).
 local function reserve(handle, answer, tokens)
+  local user = answer.identity["x-fleet-user"]
+  local now = handle:timestamp()
+  local lease = leases[user]
+  if lease and lease.expires > now and lease.left >= tokens then
+    lease.left = lease.left - tokens
+    lease.admitted = lease.admitted + 1
+    lease.spent = lease.spent + tokens
+    tag(handle, lease.id, tokens)
+    return true
+  end
   local ask = {
     [":method"] = "POST", [":path"] = "/auth/reserve", [":authority"] = "gatekeeper",
-    ["x-fleet-user"] = answer.identity["x-fleet-user"], ["x-fleet-daily-tokens"] = answer.daily,
-    ["x-request-id"] = handle:headers():get("x-request-id"), ["x-fleet-reserve"] = tostring(tokens),
+    ["x-fleet-user"] = user, ["x-fleet-daily-tokens"] = answer.daily, ["x-fleet-reserve"] = tostring(tokens),
   }
+  if lease then ask["x-fleet-lease-report"] = lease.id .. ":" .. lease.admitted .. ":" .. lease.spent end
   local reply, body = handle:httpCall(FLEET.gatekeeper, ask, "", FLEET.auth_timeout_ms)
-  if reply == nil then
+  if reply == nil then -- the report may not have arrived: it is sent again with the next ask
     unavailable(handle)
     return false
   end
-  if reply[":status"] ~= "200" then
+  local granted = tonumber(reply["x-fleet-lease-tokens"] or "")
+  if reply[":status"] ~= "200" or reply["x-fleet-lease"] == nil or granted == nil then
+    if reply[":status"] == "429" then leases[user] = nil end -- the report was taken with the refusal
     relay_refusal(handle, reply, body)
     return false
   end
+  if leases[user] == nil then
+    if lease_count >= CACHE_MAX then leases, lease_count = {}, 0 end -- the gatekeeper drops forgotten ones
+    lease_count = lease_count + 1
+  end
+  local ms = tonumber(reply["x-fleet-lease-ms"] or "") or 0
+  leases[user] = {
+    id = reply["x-fleet-lease"], left = granted - tokens, expires = handle:timestamp() + ms, admitted = 1,
+    spent = tokens,
+  }
+  tag(handle, reply["x-fleet-lease"], tokens)
   return true
 end
 

@@ -644,6 +644,9 @@ def usage_log_config(path: str) -> dict[str, Any]:
         "seen_tokens": "%DYNAMIC_METADATA(fleet:seen_tokens)%",
         "bytes_in": "%BYTES_RECEIVED%",
         "completion_cap": "%DYNAMIC_METADATA(fleet:completion_cap)%",
+        # A user with a daily quota: the lease the request was admitted under, and the bound it spent from it.
+        "lease": "%DYNAMIC_METADATA(fleet:lease)%",
+        "reserved": "%DYNAMIC_METADATA(fleet:reserved)%",
     }
     return {
         "name": "envoy.access_loggers.file",

@@ -71,6 +71,18 @@ INGEST_PAUSE_S = 0.002
 # When a request does not fit beside the user's requests in flight (but would alone): retry after about
 # as long as those take to be recorded.
 RESERVE_RETRY_S = 2
+# How long Envoy may admit requests on one quota lease before it asks again (and reports what it admitted).
+LEASE_S = 2.0
+
+
+def lease_report(value: str | None) -> tuple[str, int, int] | None:
+    """ "ID:ADMITTED:SPENT" (Envoy's report of its previous lease) as a tuple; ValueError when malformed."""
+    if value is None:
+        return None
+    lease_id, admitted, spent = value.split(":")
+    if not lease_id.isalnum() or int(admitted) < 0 or int(spent) < 0:
+        raise ValueError(value)
+    return lease_id, int(admitted), int(spent)
 
 
 def error(
@@ -486,29 +498,40 @@ def create_app(
 
     @app.post("/auth/reserve")
     def reserve(request: Request) -> Response:
-        """Book the most a request of a user with a daily quota can cost, or refuse it (429).
+        """A lease of a user's daily quota for Envoy's requests, or a refusal (429).
 
         Asked by Envoy only (the route is closed to clients), after it has authenticated the request:
-        X-Fleet-User and X-Fleet-Daily-Tokens are the identity this process gave it, X-Fleet-Reserve
-        the request's bound (body bytes + its completion cap), X-Request-Id Envoy's id for it. The
-        booking is dropped when the request's usage is recorded.
+        X-Fleet-User and X-Fleet-Daily-Tokens are the identity this process gave it, X-Fleet-Reserve the
+        request's bound (body bytes + its completion cap), X-Fleet-Lease-Report "ID:ADMITTED:SPENT" the
+        Envoy worker thread's previous lease of this user, closed. The answer: X-Fleet-Lease (its id),
+        X-Fleet-Lease-Tokens (what it holds, at least the request's bound) and X-Fleet-Lease-Ms (how long
+        Envoy may spend from it). See controller/services/ledger.py, LEASES.
         """
         try:
             user = request.headers["x-fleet-user"]
             limit = int(request.headers["x-fleet-daily-tokens"])
             tokens = int(request.headers["x-fleet-reserve"])
-            request_id = request.headers["x-request-id"]
+            report = lease_report(request.headers.get("x-fleet-lease-report"))
         except (KeyError, ValueError):
             return error(
-                400, "a reservation needs X-Fleet-User, -Daily-Tokens, -Reserve and X-Request-Id", "bad_request"
+                400,
+                "a lease needs X-Fleet-User, -Daily-Tokens, -Reserve (and a well-formed -Lease-Report)",
+                "bad_request",
             )
         try:
-            room = ledger.reserve(request_id, user, tokens, limit, time.time())
+            granted = ledger.lease(user, tokens, limit, time.time(), report)
         except Exception:  # the ledger failing must close the door, not open it
             metrics.decisions.labels("unavailable").inc()
             return error(503, "authentication is temporarily unavailable", "auth_unavailable", "server_error")
-        if room is None:
-            return Response(status_code=200)
+        if isinstance(granted, tuple):
+            lease_id, size = granted
+            headers = {
+                "X-Fleet-Lease": lease_id,
+                "X-Fleet-Lease-Tokens": str(size),
+                "X-Fleet-Lease-Ms": str(int(LEASE_S * 1000)),
+            }
+            return Response(status_code=200, headers=headers)
+        room = granted
         metrics.decisions.labels("quota").inc()
         return error(
             429,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -40,24 +41,42 @@ CREATE TABLE usage (
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
     estimated INTEGER NOT NULL DEFAULT 0,  -- 1: the backend's numbers never came (see metered)
+    lease TEXT,                  -- the quota lease it was admitted under, and the bound it spent from it
+    reserved INTEGER,
     PRIMARY KEY (ts, request_id)
 ) WITHOUT ROWID
 """
-# Tokens booked by requests in flight of users with a daily quota: a request books the most it can cost
-# before it is sent (envoy/model_router.lua asks the gatekeeper), and its booking is dropped in the same
-# transaction that records its usage, so a user's spent + booked tokens never under-count what is running.
-RESERVATIONS = """
-CREATE TABLE IF NOT EXISTS reservations (
-    request_id TEXT PRIMARY KEY,
+# Token leases of users with a daily quota. Envoy's Lua filter books tokens for a user's requests in leases
+# (POST /auth/reserve): a lease is booked whole when it is issued, each request spends its bound (the most it
+# can cost) from it inside Envoy, and the next ask reports what the old lease admitted (`admitted` requests,
+# `spent` of its tokens). Each request is tagged with its lease in the usage log; recording it (a trigger, so a
+# line read twice counts once) moves its bound from the lease's booking to the real usage, and a lease whose
+# admitted requests are all recorded is dropped. So a user's recorded tokens plus what their leases still hold
+# never under-count what their requests in flight can cost: concurrent requests never pass the quota.
+LEASES = """
+CREATE TABLE IF NOT EXISTS leases (
+    lease_id TEXT PRIMARY KEY,
     user TEXT NOT NULL,
-    tokens INTEGER NOT NULL,
-    booked REAL NOT NULL
+    booked INTEGER NOT NULL,     -- tokens held: the whole lease, or once reported what it admitted
+    admitted INTEGER,            -- requests it let through, once reported (NULL: not yet)
+    seen INTEGER NOT NULL DEFAULT 0,
+    seen_tokens INTEGER NOT NULL DEFAULT 0,  -- the bounds of its requests recorded so far
+    issued REAL NOT NULL
 ) WITHOUT ROWID
 """
-RESERVATIONS_BY_USER = "CREATE INDEX IF NOT EXISTS reservations_user ON reservations (user)"
-# A booking whose request never reached the usage log (Envoy killed mid-request) is dropped after this
-# long; until then it only holds back its own user.
-RESERVATION_MAX_AGE_S = 3600.0
+LEASES_BY_USER = "CREATE INDEX IF NOT EXISTS leases_user ON leases (user)"
+LEASE_RECORDED = """
+CREATE TRIGGER IF NOT EXISTS usage_lease AFTER INSERT ON usage WHEN new.lease IS NOT NULL BEGIN
+    UPDATE leases SET seen = seen + 1, seen_tokens = seen_tokens + new.reserved WHERE lease_id = new.lease;
+    DELETE FROM leases WHERE lease_id = new.lease AND admitted IS NOT NULL AND seen >= admitted;
+END
+"""
+# A lease is a twentieth of the user's daily quota (or the request's bound, if larger): few asks per user, and
+# what an idle Envoy worker thread's unreported lease holds back is small.
+LEASE_FRACTION = 20
+# A lease whose requests never all reached the usage log (Envoy killed mid-request, or never reported) is dropped
+# after this long; until then it only holds back its own user.
+LEASE_MAX_AGE_S = 3600.0
 SOURCE = """
 CREATE TABLE IF NOT EXISTS source (
     path TEXT PRIMARY KEY,
@@ -92,7 +111,9 @@ CREATE TRIGGER IF NOT EXISTS usage_daily AFTER INSERT ON usage BEGIN
         completion_tokens = completion_tokens + excluded.completion_tokens;
 END
 """
-COLUMNS = "request_id, ts, day, user, key_id, model, status, prompt_tokens, completion_tokens, estimated"
+COLUMNS = (
+    "request_id, ts, day, user, key_id, model, status, prompt_tokens, completion_tokens, estimated, lease, reserved"
+)
 # Read at most this much per transaction (about 1,300 requests), so reading it and committing it are short.
 BATCH_BYTES = 256 * 1024
 # More than this waiting (about 20,000 requests): a paced reader has fallen behind, and catches up unpaced.
@@ -101,7 +122,7 @@ BEHIND_BYTES = 4 * 1024 * 1024
 # paces itself (the gatekeeper) never holds a core long enough to delay the requests it shares cores with.
 SLICE_LINES = 64
 GROUPS = {"user": "user", "model": "model", "key": "key_id", "day": "day"}
-Row = tuple[str, float, str, str, str | None, str, int, int, int, int]
+Row = tuple[str, float, str, str, str | None, str, int, int, int, int, str | None, int | None]
 
 
 @dataclass(frozen=True)
@@ -170,16 +191,19 @@ class Ledger:
         if usage is not None and "WITHOUT ROWID" not in usage.upper():  # keyed by request id alone
             self._db.execute("ALTER TABLE usage RENAME TO usage_v1")  # its indexes and trigger go with it
             self._db.execute(USAGE)
-            v1 = COLUMNS.removesuffix(", estimated")  # v1 had only the backends' own numbers
+            v1 = COLUMNS.removesuffix(", estimated, lease, reserved")  # v1 had only the backends' own numbers
             self._db.execute(f"INSERT OR IGNORE INTO usage ({v1}) SELECT {v1} FROM usage_v1")
             self._db.execute("DROP TABLE usage_v1")
         elif usage is None:
             self._db.execute(USAGE)
         elif "estimated" not in usage:  # written before estimates were recorded: every row was the backend's
             self._db.execute("ALTER TABLE usage ADD COLUMN estimated INTEGER NOT NULL DEFAULT 0")
+            self._db.execute("ALTER TABLE usage ADD COLUMN lease TEXT")
+            self._db.execute("ALTER TABLE usage ADD COLUMN reserved INTEGER")
         self._db.execute(SOURCE)
-        self._db.execute(RESERVATIONS)
-        self._db.execute(RESERVATIONS_BY_USER)
+        self._db.execute(LEASES)
+        self._db.execute(LEASES_BY_USER)
+        self._db.execute(LEASE_RECORDED)
         if sql_of("daily") is None:
             self._db.execute(DAILY)
             self._db.execute(FILL_DAILY)
@@ -230,9 +254,8 @@ class Ledger:
                     rows = _rows(lines[start : start + SLICE_LINES])
                     # A request already recorded (the log read again) or repeated is ignored, and fires no trigger.
                     added += self._db.executemany(
-                        f"INSERT OR IGNORE INTO usage ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", rows
+                        f"INSERT OR IGNORE INTO usage ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows
                     ).rowcount
-                    self._db.executemany("DELETE FROM reservations WHERE request_id = ?", [(r[0],) for r in rows])
                 self._db.execute(
                     "INSERT INTO source (path, inode, offset) VALUES (?,?,?) "
                     "ON CONFLICT(path) DO UPDATE SET inode = excluded.inode, offset = excluded.offset",
@@ -246,45 +269,63 @@ class Ledger:
                 raise
         return added, len(data) == BATCH_BYTES, behind
 
-    def reserve(self, request_id: str, user: str, tokens: int, limit: int, now: float) -> int | None:
-        """Book ``tokens`` for a request of ``user``, whose daily quota is ``limit``; None when booked, else
-        how many tokens the quota still has room for (today's usage and the bookings of requests in flight
-        taken off).
+    def lease(
+        self, user: str, tokens: int, limit: int, now: float, report: tuple[str, int, int] | None = None
+    ) -> tuple[str, int] | int:
+        """A lease of ``user``'s daily quota ``limit`` for a request that may cost ``tokens``: (its id, how many
+        tokens it holds, at least ``tokens``), or, when even ``tokens`` do not fit, how many do.
 
-        One transaction reads both and books, and recording a request's usage drops its booking in the
-        transaction that adds the usage, so concurrent requests together never pass the quota.
+        ``report`` closes the asker's previous lease: (its id, the requests it admitted, the tokens they may
+        cost); from then on it holds only those, until they are recorded. One transaction reads what is
+        recorded and held, and books.
         """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("DELETE FROM reservations WHERE booked < ?", (now - RESERVATION_MAX_AGE_S,))
-                (spent,) = self._db.execute(
+                self._db.execute("DELETE FROM leases WHERE issued < ?", (now - LEASE_MAX_AGE_S,))
+                if report is not None:
+                    lease_id, admitted, spent = report
+                    self._db.execute(
+                        "UPDATE leases SET booked = ?, admitted = ? WHERE lease_id = ? AND user = ?",
+                        (spent, admitted, lease_id, user),
+                    )
+                    self._db.execute(
+                        "DELETE FROM leases WHERE lease_id = ? AND admitted IS NOT NULL AND seen >= admitted",
+                        (lease_id,),
+                    )
+                (spent_today,) = self._db.execute(
                     "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM daily WHERE user = ? AND day = ?",
                     (user, utc_day(now)),
                 ).fetchone()
-                (held,) = self._db.execute(
-                    "SELECT COALESCE(SUM(tokens), 0) FROM reservations WHERE user = ?", (user,)
-                ).fetchone()
-                room = limit - int(spent) - int(held)
+                room = limit - int(spent_today) - self._held(user)
                 if tokens > room:
                     self._db.execute("COMMIT")
                     return max(room, 0)
+                size = min(room, max(tokens, limit // LEASE_FRACTION))
+                lease_id = secrets.token_hex(8)
                 self._db.execute(
-                    "INSERT OR REPLACE INTO reservations VALUES (?, ?, ?, ?)", (request_id, user, tokens, now)
+                    "INSERT INTO leases (lease_id, user, booked, issued) VALUES (?, ?, ?, ?)",
+                    (lease_id, user, size, now),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return None
+        return lease_id, size
+
+    def _held(self, user: str) -> int:
+        (held,) = self._db.execute(
+            "SELECT COALESCE(SUM(MAX(booked - seen_tokens, 0)), 0) FROM leases WHERE user = ?", (user,)
+        ).fetchone()
+        return int(held)
 
     def booked(self, user: str) -> int:
-        """Tokens booked by ``user``'s requests in flight."""
+        """Tokens ``user``'s leases still hold (requests in flight, and what open leases have not spent)."""
         with self._read_lock:
-            row = self._reader.execute(
-                "SELECT COALESCE(SUM(tokens), 0) FROM reservations WHERE user = ?", (user,)
+            (held,) = self._reader.execute(
+                "SELECT COALESCE(SUM(MAX(booked - seen_tokens, 0)), 0) FROM leases WHERE user = ?", (user,)
             ).fetchone()
-        return int(row[0])
+        return int(held)
 
     def tokens_on(self, user: str, day: str) -> int:
         with self._read_lock:
@@ -348,6 +389,8 @@ def _rows(lines: list[bytes]) -> list[Row]:
             ts = float(raw["time"])
             key_id = raw.get("key_id")
             prompt, completion, estimated = metered(raw)
+            lease, reserved = raw.get("lease"), raw.get("reserved")
+            lease_of = str(lease) if lease not in (None, "", "-") and reserved not in (None, "", "-") else None
             rows.append(
                 (
                     str(rid),
@@ -360,6 +403,8 @@ def _rows(lines: list[bytes]) -> list[Row]:
                     prompt,
                     completion,
                     int(estimated),
+                    lease_of,
+                    int(reserved) if lease_of is not None else None,
                 )
             )
         except (KeyError, ValueError, TypeError, AttributeError):

@@ -216,7 +216,7 @@ def test_a_user_who_never_asks_for_usage_is_stopped_by_the_quota(stack: Stack) -
                     assert error["code"] == "quota_exceeded" and int(r.headers["retry-after"]) > 0
                     break
                 stream_events(r)
-            wait_until(lambda: booked(stack, "budget") == 0, 10, "the request's booking released")
+            wait_until(lambda: booked(stack, "budget") == 0, 10, "the request's bound released from its lease")
     assert statuses[-1] == 429 and statuses.count(200) >= 3, statuses
     assert spent_today(stack, "budget") <= BUDGET
 
@@ -245,7 +245,7 @@ def test_concurrent_requests_never_pass_the_quota(stack: Stack) -> None:
     for t in threads:
         t.join(60)
     assert sorted(set(statuses)) == [200, 429], statuses
-    wait_until(lambda: booked(stack, "burst") == 0, 10, "every booking released")
+    wait_until(lambda: booked(stack, "burst") == 0, 10, "every request's bound released from its lease")
     spent = spent_today(stack, "burst")
     print(f"\n[metering] 8 concurrent streams: {statuses.count(200)} admitted, {spent} of {BURST} tokens spent")
     assert 200 * statuses.count(200) <= spent <= BURST
@@ -335,7 +335,9 @@ def test_the_worker_secret_is_private_and_in_no_command_line(stack: Stack) -> No
 
 def booked(stack: Stack, user: str) -> int:
     with sqlite3.connect(stack.state.gatekeeper / "usage.db") as conn:
-        (held,) = conn.execute("SELECT COALESCE(SUM(tokens), 0) FROM reservations WHERE user = ?", (user,)).fetchone()
+        (held,) = conn.execute(
+            "SELECT COALESCE(SUM(MAX(booked - seen_tokens, 0)), 0) FROM leases WHERE user = ?", (user,)
+        ).fetchone()
     return int(held)
 
 

@@ -196,25 +196,44 @@ def test_a_request_without_the_backends_numbers_is_estimated_not_free(
     ledger.close()
 
 
-def test_bookings_keep_requests_in_flight_within_the_quota(tmp_path: Path) -> None:
-    """What is booked plus what is recorded never passes the limit; recording a request drops its booking."""
+def test_leases_keep_requests_in_flight_within_the_quota(tmp_path: Path) -> None:
+    """What is recorded plus what leases hold never passes the limit; a lease holds its requests' bounds until
+    they are recorded, and once reported, no more than what it admitted."""
     ledger = Ledger(tmp_path / "usage.db")
     now = 1795600000.0
-    assert ledger.reserve("a", "me", 60, 100, now) is None
-    assert ledger.reserve("b", "me", 50, 100, now) == 40  # refused: 40 left beside "a"
-    assert ledger.reserve("b", "you", 50, 100, now) is None  # another user's quota is their own
-    assert ledger.reserve("c", "me", 40, 100, now) is None
-    assert ledger.booked("me") == 100
+
+    def lease(tokens: int, report: tuple[str, int, int] | None = None) -> tuple[str, int]:
+        granted = ledger.lease("me", tokens, 1000, now, report)
+        assert isinstance(granted, tuple), granted
+        return granted
+
+    a, size = lease(60)
+    assert size == 60  # a twentieth of the quota is 50; a lease holds at least the request's bound
+    _, size = lease(900)
+    assert size == 900 and ledger.booked("me") == 960
+    assert ledger.lease("me", 50, 1000, now) == 40  # refused: only 40 fit beside the two leases
+    assert isinstance(ledger.lease("you", 50, 1000, now), tuple)  # another user's quota is their own
+    # Lease a's thread admitted two requests of 30 on it, then asks again and reports it.
+    _, size = lease(30, report=(a, 2, 60))
+    assert size == 40 and ledger.booked("me") == 1000
     log = tmp_path / "usage.log"
-    log.write_text(line("a", prompt=3, completion=5, ts=now))  # "a" used 8 of its 60
-    assert ledger.ingest(log) == 1
-    assert ledger.booked("me") == 40
-    assert ledger.reserve("d", "me", 52, 100, now) is None  # 8 spent + 40 booked + 52 = 100
-    assert ledger.reserve("e", "me", 1, 100, now) == 0
-    # A booking whose request never shows up is dropped after RESERVATION_MAX_AGE_S.
-    later = now + ledger_module.RESERVATION_MAX_AGE_S + 1
-    assert ledger.reserve("f", "me", 92, 100, later) is None  # yesterday's 8 no longer count either
+    log.write_text("".join(leased_line(r, a, 30, prompt=3, completion=5, ts=now) for r in ("r1", "r2")))
+    assert ledger.ingest(log) == 2
+    assert ledger.booked("me") == 940  # lease a is done: its two requests cost 16, now recorded
+    _, size = lease(44)  # 1000 - 16 - 940
+    assert size == 44 and ledger.lease("me", 1, 1000, now) == 0
+    ledger._db.execute("DELETE FROM source")  # the log read again: a request counts once, in the quota too
+    assert ledger.ingest(log) == 0 and ledger.booked("me") == 984
+    # A lease whose requests never all show up is dropped after LEASE_MAX_AGE_S.
+    later = now + ledger_module.LEASE_MAX_AGE_S + 1
+    assert ledger.lease("me", 985, 1000, later) == 984  # nothing held any more; today's 16 still count
     ledger.close()
+
+
+def leased_line(request_id: str, lease: str, reserved: int, prompt: int, completion: int, ts: float) -> str:
+    entry = json.loads(line(request_id, prompt=prompt, completion=completion, ts=ts))
+    entry.update(lease=lease, reserved=str(reserved))
+    return json.dumps(entry) + "\n"
 
 
 def test_a_ledger_from_before_estimates_keeps_its_rows(tmp_path: Path) -> None:
