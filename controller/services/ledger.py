@@ -424,7 +424,8 @@ def metered(line: dict[str, Any]) -> tuple[int, int, bool]:
       longer than what a chat template adds per message;
     - completion, for a stream: what the gateway saw pass (``seen_tokens``): the bytes of the generated
       text, since every token adds at least one (several tokens may come in one event), or the number of
-      events where that is more. An upper bound: for English text about four times the tokens;
+      events where that is more, and never more than the request could make (its completion cap).
+      An upper bound: for English text about four times the tokens;
     - completion, for a whole answer that never came: the most the request could make (its largest
       token limit for each choice, at most the model's context), since none of it was seen.
 
@@ -442,8 +443,9 @@ def metered(line: dict[str, Any]) -> tuple[int, int, bool]:
     if not cut and status >= 400 and seen == 0:  # the backend refused it
         return 0, 0, False
     bound = int(line.get("bytes_in") or 0)
+    cap = int(line.get("completion_cap") or 0)  # the most the request could make, whatever its text's bytes say
     if stream:
-        return bound, seen, True
+        return bound, min(seen, cap) if cap else seen, True
     if status < 300 or cut:
-        return bound, int(line.get("completion_cap") or 0), True
+        return bound, cap, True
     return 0, 0, False

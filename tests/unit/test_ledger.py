@@ -177,6 +177,8 @@ def cut_line(request_id: str, **fields: object) -> str:
         ({"upstream": None, "status": 503, "flags": "UH"}, (0, 0, False)),
         ({"status": 400}, (0, 0, False)),
         ({"stream": "1", "status": 400}, (0, 0, False)),
+        # Never more than the request could make: its text's bytes may say more than its token limit.
+        ({"stream": "1", "seen_tokens": "400", "completion_cap": "100", "flags": "DC"}, (120, 100, True)),
         # The backend's own numbers always win.
         ({"prompt_tokens": "9", "completion_tokens": "2", "stream": "1", "seen_tokens": "40"}, (9, 2, False)),
     ],
