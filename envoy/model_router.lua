@@ -389,7 +389,8 @@ local function reserve(handle, answer, tokens)
   local user = answer.identity["x-fleet-user"]
   local now = handle:timestamp()
   local lease = leases[user]
-  if lease and lease.expires > now and lease.left >= tokens then
+  -- Never spent while it is being renewed: the report sent with the renewal must be final.
+  if lease and not lease.asking and lease.expires > now and lease.left >= tokens then
     lease.left = lease.left - tokens
     lease.admitted = lease.admitted + 1
     lease.spent = lease.spent + tokens
@@ -400,28 +401,41 @@ local function reserve(handle, answer, tokens)
     [":method"] = "POST", [":path"] = "/auth/reserve", [":authority"] = "gatekeeper",
     ["x-fleet-user"] = user, ["x-fleet-daily-tokens"] = answer.daily, ["x-fleet-reserve"] = tostring(tokens),
   }
-  if lease then ask["x-fleet-lease-report"] = lease.id .. ":" .. lease.admitted .. ":" .. lease.spent end
+  -- One renewal at a time per user and thread: a request that finds one under way asks for itself alone
+  -- (a lease of exactly its bound, closed at once), so concurrent requests never book a lease each.
+  local single = lease ~= nil and lease.asking
+  if single then
+    ask["x-fleet-lease-single"] = "1"
+  else
+    if lease and lease.id then ask["x-fleet-lease-report"] = lease.id .. ":" .. lease.admitted .. ":" .. lease.spent end
+    lease = lease or { left = 0, expires = 0, admitted = 0, spent = 0 }
+    lease.asking = true
+    if leases[user] == nil then
+      if lease_count >= CACHE_MAX then leases, lease_count = {}, 0 end -- the gatekeeper drops forgotten ones
+      lease_count = lease_count + 1
+    end
+    leases[user] = lease
+  end
   local reply, body = handle:httpCall(FLEET.gatekeeper, ask, "", FLEET.auth_timeout_ms)
+  if not single then lease.asking = false end
   if reply == nil then -- the report may not have arrived: it is sent again with the next ask
     unavailable(handle)
     return false
   end
   local granted = tonumber(reply["x-fleet-lease-tokens"] or "")
   if reply[":status"] ~= "200" or reply["x-fleet-lease"] == nil or granted == nil then
-    if reply[":status"] == "429" then leases[user] = nil end -- the report was taken with the refusal
+    if reply[":status"] == "429" and not single then lease.id = nil end -- the report was taken with the refusal
     relay_refusal(handle, reply, body)
     return false
   end
-  if leases[user] == nil then
-    if lease_count >= CACHE_MAX then leases, lease_count = {}, 0 end -- the gatekeeper drops forgotten ones
-    lease_count = lease_count + 1
+  if single then
+    tag(handle, reply["x-fleet-lease"], tokens)
+    return true
   end
   local ms = tonumber(reply["x-fleet-lease-ms"] or "") or 0
-  leases[user] = {
-    id = reply["x-fleet-lease"], left = granted - tokens, expires = handle:timestamp() + ms, admitted = 1,
-    spent = tokens,
-  }
-  tag(handle, reply["x-fleet-lease"], tokens)
+  lease.id, lease.left, lease.expires = reply["x-fleet-lease"], granted - tokens, handle:timestamp() + ms
+  lease.admitted, lease.spent = 1, tokens
+  tag(handle, lease.id, tokens)
   return true
 end
 

@@ -505,7 +505,9 @@ def create_app(
         request's bound (body bytes + its completion cap), X-Fleet-Lease-Report "ID:ADMITTED:SPENT" the
         Envoy worker thread's previous lease of this user, closed. The answer: X-Fleet-Lease (its id),
         X-Fleet-Lease-Tokens (what it holds, at least the request's bound) and X-Fleet-Lease-Ms (how long
-        Envoy may spend from it). See controller/services/ledger.py, LEASES.
+        Envoy may spend from it). With X-Fleet-Lease-Single: 1, a lease of the request's bound alone,
+        already closed (Envoy asks so while another renewal of the same user is under way). See
+        controller/services/ledger.py, LEASES.
         """
         try:
             user = request.headers["x-fleet-user"]
@@ -519,7 +521,8 @@ def create_app(
                 "bad_request",
             )
         try:
-            granted = ledger.lease(user, tokens, limit, time.time(), report)
+            single = request.headers.get("x-fleet-lease-single") == "1"
+            granted = ledger.lease(user, tokens, limit, time.time(), report, single=single)
         except Exception:  # the ledger failing must close the door, not open it
             metrics.decisions.labels("unavailable").inc()
             return error(503, "authentication is temporarily unavailable", "auth_unavailable", "server_error")

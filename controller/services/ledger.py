@@ -270,14 +270,21 @@ class Ledger:
         return added, len(data) == BATCH_BYTES, behind
 
     def lease(
-        self, user: str, tokens: int, limit: int, now: float, report: tuple[str, int, int] | None = None
+        self,
+        user: str,
+        tokens: int,
+        limit: int,
+        now: float,
+        report: tuple[str, int, int] | None = None,
+        single: bool = False,
     ) -> tuple[str, int] | int:
         """A lease of ``user``'s daily quota ``limit`` for a request that may cost ``tokens``: (its id, how many
         tokens it holds, at least ``tokens``), or, when even ``tokens`` do not fit, how many do.
 
         ``report`` closes the asker's previous lease: (its id, the requests it admitted, the tokens they may
-        cost); from then on it holds only those, until they are recorded. One transaction reads what is
-        recorded and held, and books.
+        cost); from then on it holds only those, until they are recorded. ``single``: a lease of exactly
+        ``tokens`` for one request, closed at once (asked while another renewal is under way). One
+        transaction reads what is recorded and held, and books.
         """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -301,11 +308,11 @@ class Ledger:
                 if tokens > room:
                     self._db.execute("COMMIT")
                     return max(room, 0)
-                size = min(room, max(tokens, limit // LEASE_FRACTION))
+                size = tokens if single else min(room, max(tokens, limit // LEASE_FRACTION))
                 lease_id = secrets.token_hex(8)
                 self._db.execute(
-                    "INSERT INTO leases (lease_id, user, booked, issued) VALUES (?, ?, ?, ?)",
-                    (lease_id, user, size, now),
+                    "INSERT INTO leases (lease_id, user, booked, admitted, issued) VALUES (?, ?, ?, ?, ?)",
+                    (lease_id, user, size, 1 if single else None, now),
                 )
                 self._db.execute("COMMIT")
             except BaseException:

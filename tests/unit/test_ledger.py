@@ -226,6 +226,12 @@ def test_leases_keep_requests_in_flight_within_the_quota(tmp_path: Path) -> None
     assert size == 44 and ledger.lease("me", 1, 1000, now) == 0
     ledger._db.execute("DELETE FROM source")  # the log read again: a request counts once, in the quota too
     assert ledger.ingest(log) == 0 and ledger.booked("me") == 984
+    # A single request's lease (asked while a renewal is under way): exactly its bound, closed at once.
+    single = ledger.lease("you", 7, 1000, now, single=True)
+    assert isinstance(single, tuple) and single[1] == 7
+    log.write_text(leased_line("r3", single[0], 7, prompt=1, completion=1, ts=now).replace('"me"', '"you"'))
+    ledger.ingest(log)
+    assert ledger._db.execute("SELECT COUNT(*) FROM leases WHERE lease_id = ?", (single[0],)).fetchone() == (0,)
     # A lease whose requests never all show up is dropped after LEASE_MAX_AGE_S.
     later = now + ledger_module.LEASE_MAX_AGE_S + 1
     assert ledger.lease("me", 985, 1000, later) == 984  # nothing held any more; today's 16 still count
