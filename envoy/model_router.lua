@@ -424,7 +424,9 @@ local function reserve(handle, answer, tokens)
   end
   local granted = tonumber(reply["x-fleet-lease-tokens"] or "")
   if reply[":status"] ~= "200" or reply["x-fleet-lease"] == nil or granted == nil then
-    if reply[":status"] == "429" and not single then lease.id = nil end -- the report was taken with the refusal
+    if reply[":status"] == "429" and not single then -- the report was taken with the refusal: the lease is closed
+      lease.id, lease.left, lease.expires = nil, 0, 0
+    end
     relay_refusal(handle, reply, body)
     return false
   end
