@@ -217,19 +217,21 @@ def agent_process(plan: Plan, spec_path: Path, state: StateDir) -> ProcessSpec:
 
 def worker_processes(plan: Plan, worker: Worker, spec_dir: Path, state: StateDir) -> list[ProcessSpec]:
     """The worker's process, after its guard's where it has one (Ollama: see `guard_process`)."""
-    process = worker_process(plan, worker, spec_dir, state.secrets / KEY_FILE)
+    process = worker_process(plan, worker, spec_dir, state)
     return [guard_process(plan, worker, state), process] if guard.guarded(worker) else [process]
 
 
-def worker_process(plan: Plan, worker: Worker, spec_dir: Path, key_file: Path) -> ProcessSpec:
-    """The inference server of one worker, requiring the worker secret in ``key_file``.
+def worker_process(plan: Plan, worker: Worker, spec_dir: Path, state: StateDir) -> ProcessSpec:
+    """The inference server of one worker, requiring the stack's worker secret.
 
     Ollama, which cannot require it, runs behind its guard (`guard_process`), which takes the planned port:
-    Ollama itself listens on a loopback port of its own (`upstream_port`). That port is still reachable by any
-    local user of this machine, since without root there is no network namespace to hide it in; everything in
-    the stack (Envoy, the agent, the supervisor) uses the planned port, through the guard. In containers Ollama
-    is reachable only through its guard (controller/render/guard.py).
+    Ollama itself listens on a loopback port of its own (`upstream_port`). As root that port is in a network
+    namespace of Ollama's own, reached only through a private Unix socket (`in_own_network`); without root
+    it is on this machine's loopback, where any local user can reach it. Everything in the stack (Envoy, the
+    agent, the supervisor) uses the planned port, through the guard. In containers Ollama is reachable only
+    through its guard (controller/render/guard.py).
     """
+    key_file = state.secrets / KEY_FILE
     model = plan.model(worker.model)
     backend = backends.get(worker.backend)
     argv, env = backend.local_command(worker, model, spec_dir, find_program, key_file)
@@ -237,6 +239,10 @@ def worker_process(plan: Plan, worker: Worker, spec_dir: Path, key_file: Path) -
     if guard.guarded(worker):
         ports = [upstream_port(plan, worker)]
         env["OLLAMA_HOST"] = f"127.0.0.1:{ports[0]}"
+        if isolated():
+            argv, bridge_env = in_own_network(plan, worker, state, argv)
+            env.update(bridge_env)
+            ports = []  # Ollama's port is in its own network namespace, not this machine's
     # Pin to exactly the planned GPUs by UUID; an empty value hides every GPU from CPU workers.
     env["CUDA_VISIBLE_DEVICES"] = ",".join(g.uuid for g in worker.gpus)
     return ProcessSpec(
@@ -294,13 +300,9 @@ def guard_process(plan: Plan, worker: Worker, state: StateDir) -> ProcessSpec:
     sees them, and a stopped worker (`controller stop`) leaves a healthy guard in front of nothing.
     """
     key_file = state.secrets / KEY_FILE
+    upstream = f"unix/{bridge_socket(state, worker)}" if isolated() else f"127.0.0.1:{upstream_port(plan, worker)}"
     text = guard.caddyfile(
-        plan,
-        worker,
-        bind=worker.address,
-        port=worker.port,
-        upstream=f"127.0.0.1:{upstream_port(plan, worker)}",
-        key_file=str(key_file.absolute()),
+        plan, worker, bind=worker.address, port=worker.port, upstream=upstream, key_file=str(key_file.absolute())
     )
     config = state.config / guard.config_path(worker)
     if not config.is_file() or config.read_text(encoding="utf-8") != text:
@@ -320,6 +322,48 @@ def guard_process(plan: Plan, worker: Worker, state: StateDir) -> ProcessSpec:
         ports=[worker.port],
         model=worker.model,
     )
+
+
+def isolated() -> bool:
+    """Whether an Ollama worker can run in a network namespace of its own here: as root, with unshare, ip and
+    setpriv (util-linux and iproute2, which scripts/bootstrap installs)."""
+    tools = ("unshare", "ip", "setpriv")
+    return os.geteuid() == 0 and all(shutil.which(tool) is not None for tool in tools)
+
+
+def bridge_socket(state: StateDir, worker: Worker) -> Path:
+    """The private Unix socket (mode 0600, in the stack's private run/ folder) between a guard and its Ollama."""
+    return (state.front_socket.parent / f"{worker.name}.sock").absolute()
+
+
+# Runs in the new network namespace: loopback up, the bridge (Caddy) in the background, ended by the kernel when
+# its parent (this shell, which becomes Ollama) ends, then Ollama itself. argv: CADDY BRIDGE_CADDYFILE OLLAMA [ARGS...]
+NETNS_SCRIPT = (
+    'ip link set lo up && { setpriv --pdeathsig TERM -- "$1" run --config "$2" --adapter caddyfile & } ; '
+    'shift 2; exec "$@"'
+)
+
+
+def in_own_network(plan: Plan, worker: Worker, state: StateDir, argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Ollama's command line in a network namespace of its own, and the environment its bridge needs.
+
+    Nothing outside the namespace reaches Ollama's port: only a Unix socket (a file, so it crosses network
+    namespaces) of mode 0600 in a folder of mode 0700, on which a Caddy inside the namespace passes requests to
+    Ollama's loopback port. The guard, outside, passes to that socket what it lets through. Both Caddys and
+    Ollama are one process group, stopped together.
+    """
+    socket = bridge_socket(state, worker)
+    socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(socket.parent, 0o700)
+    text = guard.bridge_caddyfile(worker, socket=str(socket), upstream=f"127.0.0.1:{upstream_port(plan, worker)}")
+    config = state.config / guard.bridge_config_path(worker)
+    if not config.is_file() or config.read_text(encoding="utf-8") != text:
+        write_file(config, text)
+    home = state.caddy / "guard" / f"{worker.name}-bridge"
+    wrapped = [find_program("unshare"), "--net", "--", "/bin/sh", "-c", NETNS_SCRIPT, "fleet-netns"]
+    wrapped += [find_program("caddy"), str(config), *argv]
+    env = {"HOME": str(home), "XDG_DATA_HOME": str(home / "data"), "XDG_CONFIG_HOME": str(home / "config")}
+    return wrapped, env
 
 
 def url_host(address: str) -> str:

@@ -13,11 +13,14 @@ backends. Caddy reads the secret from its file when a request arrives (the
 - In containers (Compose, Quadlet) the Ollama container shares the guard
   container's network namespace and publishes no port: its loopback address
   is reachable only from inside that namespace, so only through the guard.
-- On a workstation (`controller up`) both are plain processes, and Ollama's
-  own loopback port (see controller/local/processes.py) is still reachable
-  by any local user: without root there is no network namespace to put it
-  in. The guard protects the planned port, which Envoy and everything else
-  in the stack uses.
+- On a workstation (`controller up`), as root, Ollama runs in a network
+  namespace of its own and the guard reaches it over a Unix socket of mode
+  0600, bridged inside the namespace by a second Caddy
+  (``caddy/worker-bridge.Caddyfile.j2``; see
+  controller/local/processes.py, `in_own_network`). Without root both are
+  plain processes and Ollama's own loopback port is still reachable by any
+  local user. Either way the guard holds the planned port, which Envoy and
+  everything else in the stack uses.
 
 One Jinja template (``caddy/worker-guard.Caddyfile.j2``, StrictUndefined)
 serves both; containers mount `<host>/guard/<worker>.Caddyfile` from the
@@ -73,6 +76,8 @@ def caddyfile(plan: Plan, worker: Worker, *, bind: str | None, port: int, upstre
         bind=bind,
         port=port,
         upstream=upstream,
+        # Ollama's own loopback address as Host (it refuses others); behind a Unix socket its bridge sets it.
+        host_header="localhost" if upstream.startswith("unix/") else "{upstream_hostport}",
         key_file=key_file,
         health_path=backends.get(worker.backend).health_path,
         guard_health_path=GUARD_HEALTH_PATH,
@@ -88,3 +93,17 @@ def host_files(plan: Plan, host: str, key_file: str) -> Files:
         for w in plan.workers_on(host)
         if guarded(w)
     }
+
+
+def bridge_config_path(worker: Worker) -> str:
+    """The Caddyfile of the bridge inside a workstation Ollama's own network namespace (controller up)."""
+    return f"guard/{worker.name}.bridge.Caddyfile"
+
+
+def bridge_caddyfile(worker: Worker, *, socket: str, upstream: str) -> str:
+    """The bridge: inside Ollama's network namespace, a Unix socket of mode 0600 passed on to Ollama's port."""
+    if not _SAFE_PATH.match(socket):
+        raise RenderError(f"socket path {socket!r}: use an absolute path of letters, digits, spaces and ./_-+@ only")
+    return text_template("caddy", "worker-bridge.Caddyfile.j2").render(
+        worker=worker.name, socket=socket, upstream=upstream
+    )

@@ -7,6 +7,7 @@ the worker counts as healthy; vLLM gets its planned GPUs by UUID.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from controller.local.processes import bridge_socket, isolated, upstream_port
 from controller.plan import make_plan
 from controller.secrets import read_worker_key
 from controller.spec import load_spec
@@ -97,6 +99,16 @@ def test_the_ollama_worker_answers_only_the_gateway(mixed: Stack) -> None:
     guard = procs[f"{w.name}-guard"]
     assert guard["kind"] == "guard" and guard["state"] == "healthy" and guard["ports"] == [w.port]
     assert procs[w.name]["kind"] == "worker" and procs[w.name]["ports"] != [w.port]  # Ollama: a port of its own
+    if isolated():  # as root: that port is in Ollama's own network namespace, which nothing here can reach
+        plan = make_plan(load_spec(mixed.spec))
+        own = upstream_port(plan, w)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{own}/api/version", timeout=5)
+        sock = bridge_socket(mixed.state, w)
+        assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
+        assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    else:
+        print(f"\n[backends] not root: Ollama's own port {procs[w.name]['ports']} is on this machine's loopback")
     url = f"http://127.0.0.1:{w.port}"
     body = {"model": "ol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     for headers in (
