@@ -469,10 +469,9 @@ function envoy_on_request(handle)
     return reject(handle, 400, "the request body must be a JSON object", "invalid_request_error", "invalid_json")
   end
   local raw = body:getBytes(0, body:length())
-  local members, spans = parse_object(raw)
-  local reason = spans
+  local members, spans = parse_object(raw) -- spans: the members' spans, or why the body is not JSON
   if members == nil then
-    return reject(handle, 400, "could not parse the JSON body of your request: " .. reason,
+    return reject(handle, 400, "could not parse the JSON body of your request: " .. spans,
       "invalid_request_error", "invalid_json")
   end
   local model = members.model

@@ -116,7 +116,7 @@ def write_configs(plan: Plan, state: StateDir) -> None:
     write_file(state.config / "envoy.yaml", yaml.safe_dump(config, sort_keys=False, width=1000))
     # Prometheus (rules beside its config) and Alertmanager, as rendered for the gateway host.
     for rel, text in {**prometheus.render(plan), **alertmanager.render(plan)}.items():
-        if rel.endswith(".yml"):
+        if rel.endswith(".yml") and not rel.endswith("/prometheus.yml"):  # that one is this stack's, below
             write_file(state.config / Path(rel).parent.name / Path(rel).name, text)
     # Prometheus scrapes the workers with the stack's own worker secret.
     scrape = prometheus.config(plan, worker_key_file=str(state.secrets / KEY_FILE))

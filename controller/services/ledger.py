@@ -71,6 +71,9 @@ CREATE TRIGGER IF NOT EXISTS usage_lease AFTER INSERT ON usage WHEN new.lease IS
     DELETE FROM leases WHERE lease_id = new.lease AND admitted IS NOT NULL AND seen >= admitted;
 END
 """
+# A user's tokens on a UTC day, and what their leases still hold (a lease never holds less than nothing).
+SPENT = "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM daily WHERE user = ? AND day = ?"
+HELD = "SELECT COALESCE(SUM(MAX(booked - seen_tokens, 0)), 0) FROM leases WHERE user = ?"
 # A lease is a twentieth of the user's daily quota (or the request's bound, if larger): few asks per user, and
 # what an idle Envoy worker thread's unreported lease holds back is small.
 LEASE_FRACTION = 20
@@ -300,11 +303,9 @@ class Ledger:
                         "DELETE FROM leases WHERE lease_id = ? AND admitted IS NOT NULL AND seen >= admitted",
                         (lease_id,),
                     )
-                (spent_today,) = self._db.execute(
-                    "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM daily WHERE user = ? AND day = ?",
-                    (user, utc_day(now)),
-                ).fetchone()
-                room = limit - int(spent_today) - self._held(user)
+                (spent_today,) = self._db.execute(SPENT, (user, utc_day(now))).fetchone()
+                (held,) = self._db.execute(HELD, (user,)).fetchone()
+                room = limit - int(spent_today) - int(held)
                 if tokens > room:
                     self._db.execute("COMMIT")
                     return max(room, 0)
@@ -320,26 +321,15 @@ class Ledger:
                 raise
         return lease_id, size
 
-    def _held(self, user: str) -> int:
-        (held,) = self._db.execute(
-            "SELECT COALESCE(SUM(MAX(booked - seen_tokens, 0)), 0) FROM leases WHERE user = ?", (user,)
-        ).fetchone()
-        return int(held)
-
     def booked(self, user: str) -> int:
         """Tokens ``user``'s leases still hold (requests in flight, and what open leases have not spent)."""
         with self._read_lock:
-            (held,) = self._reader.execute(
-                "SELECT COALESCE(SUM(MAX(booked - seen_tokens, 0)), 0) FROM leases WHERE user = ?", (user,)
-            ).fetchone()
+            (held,) = self._reader.execute(HELD, (user,)).fetchone()
         return int(held)
 
     def tokens_on(self, user: str, day: str) -> int:
         with self._read_lock:
-            row = self._reader.execute(
-                "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM daily WHERE user = ? AND day = ?",
-                (user, day),
-            ).fetchone()
+            row = self._reader.execute(SPENT, (user, day)).fetchone()
         return int(row[0])
 
     def totals(self) -> list[Total]:

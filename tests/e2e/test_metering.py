@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+from controller.services.ledger import HELD
 from tests.e2e.stack import LONG_STREAM, Stack, running_stack
 from tests.stubs import wait_until
 
@@ -335,9 +336,7 @@ def test_the_worker_secret_is_private_and_in_no_command_line(stack: Stack) -> No
 
 def booked(stack: Stack, user: str) -> int:
     with sqlite3.connect(stack.state.gatekeeper / "usage.db") as conn:
-        (held,) = conn.execute(
-            "SELECT COALESCE(SUM(MAX(booked - seen_tokens, 0)), 0) FROM leases WHERE user = ?", (user,)
-        ).fetchone()
+        (held,) = conn.execute(HELD, (user,)).fetchone()
     return int(held)
 
 
