@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -62,13 +63,21 @@ def up(
             "",
             "try it with the openai SDK:",
             f"  export SSL_CERT_FILE={info.ca_cert} OPENAI_BASE_URL={info.base_url} OPENAI_API_KEY={key}",
-            "  python -c \"import openai; s = openai.OpenAI().chat.completions.create(model='tiny-chat', "
-            "messages=[{'role': 'user', 'content': 'hi'}], max_tokens=32, stream=True); "
+            f'  {shlex.quote(sys.executable)} -c "import openai; s = openai.OpenAI().chat.completions.create('
+            "model='tiny-chat', messages=[{'role': 'user', 'content': 'hi'}], max_tokens=32, stream=True); "
             "[print(c.choices[0].delta.content or '', end='', flush=True) for c in s if c.choices]\"",
         ]
-    where = "" if state_opt is None else f" --state-dir {state.root}"
-    lines += ["", f"status: controller status{where}    stop: controller down{where}"]
+    where = "" if state_opt is None else f" --state-dir {shlex.quote(str(state.root))}"
+    ctl = own_program("controller")
+    lines += ["", f"status: {ctl} status{where}    stop: {ctl} down{where}"]
     typer.echo("\n".join(lines))
+
+
+def own_program(name: str) -> str:
+    """How a new shell runs one of this package's commands: by its absolute path beside this Python (the
+    virtual environment's `bin/`, which a new shell does not have on PATH), else by name."""
+    beside = Path(sys.executable).parent / name
+    return shlex.quote(str(beside)) if beside.is_file() else name
 
 
 class _Progress:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -118,3 +119,16 @@ def test_prometheus_scrapes_the_stack(stack: Stack) -> None:
             return bool(reply["data"]["result"])
 
         wait_until(present, 60, f"{series} in Prometheus")
+
+
+def test_the_commands_up_prints_work_in_a_new_shell(stack: Stack) -> None:
+    """`up` prints how to see and stop the stack; a new shell (no virtual environment on PATH) runs them as printed."""
+    result = stack.ctl("up", str(stack.spec))
+    assert result.returncode == 0, result.stderr
+    (line,) = [ln for ln in result.stdout.splitlines() if ln.startswith("status: ")]
+    status, stop = (part.strip() for part in line.removeprefix("status: ").split("stop: "))
+    assert stop == status.replace(" status", " down", 1)  # the same program, the same state folder
+    fresh = {"HOME": os.environ.get("HOME", "/root"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    shown = subprocess.run(["bash", "-c", status], env=fresh, capture_output=True, text=True, timeout=60, check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert "tiny-chat-local-cpu-1" in shown.stdout
