@@ -31,11 +31,11 @@ import yaml
 
 from bench.gateway import MODEL, STUB_GPU, STUB_MODEL, Target, wrk
 from bench.report import machine, write_section
+from controller.gateway.certs import ensure_sds_file
+from controller.gateway.keystore import KeyStore
 from controller.plan import make_plan
 from controller.render.envoy import bootstrap, model_cluster
 from controller.secrets import ensure_worker_secret
-from controller.services.certs import ensure_sds_file
-from controller.services.keystore import KeyStore
 from controller.spec import load_spec
 from tests.helpers import MINIMAL, write_spec
 from tests.stubs import free_port, gateway_ports, running_envoy, running_gatekeeper, running_process

@@ -31,8 +31,8 @@ import httpx
 import yaml
 
 from bench.report import machine, write_section
+from controller.gateway.keystore import KeyStore
 from controller.local.demo import DemoPorts, demo_fleet
-from controller.services.keystore import KeyStore
 from tests.stubs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def run(seconds: float, clients: int) -> dict[str, Any]:
         [
             sys.executable,
             "-m",
-            "controller.services.gatekeeper",
+            "controller.gateway.gatekeeper",
             "--spec",
             str(spec),
             "--state-dir",

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import machine, write_section
-from controller.services.gatekeeper import INGEST_PAUSE_S
-from controller.services.ledger import SLICE_LINES, Ledger
+from controller.gateway.gatekeeper import INGEST_PAUSE_S
+from controller.gateway.ledger import SLICE_LINES, Ledger
 
 
 def usage_lines(count: int) -> bytes:

@@ -374,7 +374,7 @@ end
 -- Quota leases, per Envoy worker thread: user -> { id, left, expires (ms), admitted, spent }. A request of a
 -- user with a daily quota spends its bound from the user's lease; when the lease is spent or expired, the
 -- gatekeeper is asked for a new one (`POST /auth/reserve`) and told what the old one admitted, so it holds
--- exactly what can still be running (controller/services/ledger.py, LEASES).
+-- exactly what can still be running (controller/gateway/ledger.py, LEASES).
 local leases, lease_count = {}, 0
 
 local function tag(handle, lease_id, tokens)

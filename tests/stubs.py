@@ -177,7 +177,7 @@ def running_gatekeeper(
     spec: Path, state_dir: Path, port: int, log: Path, usage_log: Path | None = None
 ) -> ContextManager[subprocess.Popen[bytes]]:
     """The real gatekeeper (what `controller up` runs), on loopback."""
-    cmd = [sys.executable, "-m", "controller.services.gatekeeper", "--spec", str(spec), "--state-dir", str(state_dir)]
+    cmd = [sys.executable, "-m", "controller.gateway.gatekeeper", "--spec", str(spec), "--state-dir", str(state_dir)]
     cmd += ["--port", str(port)] + (["--usage-log", str(usage_log)] if usage_log else [])
     return running_process(cmd, f"http://127.0.0.1:{port}/healthz", log)
 

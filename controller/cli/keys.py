@@ -12,9 +12,9 @@ from rich.table import Table
 
 from controller.cli.common import JsonOpt, StateOpt, console, emit_json, state_dir
 from controller.errors import ControllerError
+from controller.gateway.access import Access
+from controller.gateway.keystore import KeyStore
 from controller.local.state import StateDir
-from controller.services.access import Access
-from controller.services.keystore import KeyStore
 from controller.spec import load_spec
 
 app = typer.Typer(help="Create, list, revoke and rotate API keys.", no_args_is_help=True)

@@ -13,9 +13,9 @@ from rich.table import Table
 
 from controller.cli.common import JsonOpt, StateOpt, emit_json, state_dir
 from controller.errors import ControllerError
+from controller.gateway.keystore import KeyStore
 from controller.local import stack
 from controller.local.demo import DEMO_USER, DemoPorts, write_demo
-from controller.services.keystore import KeyStore
 
 
 def up(

@@ -11,7 +11,7 @@ from rich.table import Table
 from controller.cli.common import JsonOpt, StateOpt, console, emit_json, state_dir
 from controller.cli.keys import parse_duration
 from controller.errors import ControllerError
-from controller.services.ledger import GROUPS, Ledger
+from controller.gateway.ledger import GROUPS, Ledger
 
 
 def usage(

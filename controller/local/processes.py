@@ -81,7 +81,7 @@ def local_processes(plan: Plan, spec_path: Path, state: StateDir) -> list[Proces
             argv=[
                 sys.executable,
                 "-m",
-                "controller.services.gatekeeper",
+                "controller.gateway.gatekeeper",
                 "--spec",
                 str(spec_path.resolve()),
                 "--state-dir",
@@ -198,7 +198,7 @@ def agent_process(plan: Plan, spec_path: Path, state: StateDir) -> ProcessSpec:
         argv=[
             sys.executable,
             "-m",
-            "controller.services.agent",
+            "controller.agent.service",
             "--spec",
             str(spec_path.resolve()),
             "--host-name",

@@ -20,12 +20,12 @@ import yaml
 
 from controller.atomic import write_file
 from controller.errors import ControllerError
+from controller.gateway.certs import ensure_sds_file, served_certificate, wait_published
 from controller.local.processes import ProcessSpec, local_processes
 from controller.local.state import StateDir, is_same_process, start_time
 from controller.plan import Plan, make_plan
 from controller.render import alertmanager, caddy, envoy, prometheus
 from controller.secrets import KEY_FILE, ensure_worker_secret
-from controller.services.certs import ensure_sds_file, served_certificate, wait_published
 from controller.spec import load_spec
 
 

@@ -5,7 +5,7 @@ StrictUndefined. Caddy obtains and renews the certificate for the public
 name (ACME with the HTTP challenge, or its internal CA) on a loopback-only
 site, and serves the public HTTP port: ACME challenges and a redirect to
 HTTPS. Envoy terminates TLS on the public HTTPS port with that certificate
-(published to it by the gatekeeper, see controller/services/certs.py), so
+(published to it by the gatekeeper, see controller/gateway/certs.py), so
 no API request passes through Caddy: in the request path Caddy cost more
 CPU than everything else together (docs/performance.md). In `files` mode
 there is nothing to obtain, and Caddy only redirects.

@@ -40,7 +40,7 @@ MAX_N = 8
 # Where Envoy writes the usage log on a gateway host (shared with the gatekeeper).
 USAGE_LOG = "/var/log/fleet/usage.log"
 # Where Envoy finds the certificate it serves on a gateway host: an SDS file the gatekeeper publishes
-# (controller/services/certs.py).
+# (controller/gateway/certs.py).
 TLS_DIR = "/etc/fleet/tls"
 # Behind Caddy (gateway.front: caddy): the Unix socket Envoy takes Caddy's requests on, in a folder the two share.
 FRONT_SOCKET = "/run/fleet/envoy-front.sock"
@@ -636,7 +636,7 @@ def usage_log_config(path: str) -> dict[str, Any]:
         "prompt_tokens": "%DYNAMIC_METADATA(fleet:prompt_tokens)%",
         "completion_tokens": "%DYNAMIC_METADATA(fleet:completion_tokens)%",
         "ms": "%DURATION%",
-        # For a request whose backend numbers never came (see controller.services.ledger.metered): whether it
+        # For a request whose backend numbers never came (see controller.gateway.ledger.metered): whether it
         # reached a backend, how it ended, and the bounds the gateway knows.
         "upstream": "%UPSTREAM_HOST%",
         "flags": "%RESPONSE_FLAGS%",

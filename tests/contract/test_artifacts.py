@@ -19,10 +19,10 @@ import jsonschema
 import pytest
 import yaml
 
+from controller.gateway.certs import sds_document
 from controller.plan import Plan
 from controller.render.envoy import FRONT_SOCKET, SECRETS_DIR, TLS_DIR, USAGE_LOG
 from controller.secrets import ensure_worker_secret
-from controller.services.certs import sds_document
 from tests.conftest import ROOT, need_tool, run
 from tests.helpers import self_signed
 

@@ -21,11 +21,11 @@ import pytest
 import yaml
 from cryptography import x509
 
+from controller.gateway.certs import Source, ensure_sds_file, publish, served_certificate
+from controller.gateway.keystore import KeyStore
 from controller.plan import Plan, make_plan
 from controller.render.envoy import bootstrap
 from controller.secrets import ensure_worker_secret, read_worker_key
-from controller.services.certs import Source, ensure_sds_file, publish, served_certificate
-from controller.services.keystore import KeyStore
 from controller.spec import load_spec
 from tests.conftest import need_tool
 from tests.e2e.stack import envoy_healthy

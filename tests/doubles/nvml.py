@@ -1,4 +1,4 @@
-"""An NVML double: the agent's NVML seam (`controller.services.nvml.Nvml`) over scripted GPUs.
+"""An NVML double: the agent's NVML seam (`controller.agent.nvml.Nvml`) over scripted GPUs.
 
 Stands in where no GPU is present. It follows NVML's documented semantics,
 with pynvml's constants and error texts: every call before `nvmlInit` (or
@@ -31,7 +31,7 @@ from typing import Any
 
 import pynvml
 
-from controller.services.nvml import Handle, MemoryInfo, NvmlError, ProcessInfo
+from controller.agent.nvml import Handle, MemoryInfo, NvmlError, ProcessInfo
 
 GIB = 1024**3
 
@@ -73,7 +73,7 @@ class FakeGpu:
 
 
 class FakeNvml:
-    """Implements `controller.services.nvml.Nvml`; its handles are the FakeGpu objects."""
+    """Implements `controller.agent.nvml.Nvml`; its handles are the FakeGpu objects."""
 
     def __init__(self, gpus: list[FakeGpu], init_error: int | None = None) -> None:
         self.gpus = gpus

@@ -2,7 +2,7 @@
 
 Whatever a client sends and however a stream ends, the tokens a backend generated for it reach the ledger:
 the backend's own numbers where they came, an estimate marked as such where they never did (see
-controller/services/ledger.py, ``metered``). A user's daily quota holds however many of their requests run
+controller/gateway/ledger.py, ``metered``). A user's daily quota holds however many of their requests run
 at once, because each books its most before it is sent. And no worker answers a request that did not come
 through the gateway.
 """
@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from controller.services.ledger import HELD
+from controller.gateway.ledger import HELD
 from tests.e2e.stack import LONG_STREAM, Stack, running_stack
 from tests.stubs import wait_until
 

@@ -36,11 +36,11 @@ import openai
 import pytest
 import yaml
 
+from controller.agent.nvml import REASON_HW_THERMAL, REASON_SW_THERMAL
 from controller.plan import Plan, make_plan
 from controller.render import grafana as grafana_render
 from controller.render import prometheus as prometheus_render
 from controller.secrets import KEY_FILE
-from controller.services.nvml import REASON_HW_THERMAL, REASON_SW_THERMAL
 from controller.spec import load_spec
 from tests.conftest import ROOT, need_tool
 from tests.doubles.nvml import GIB, FakeGpu, write_scenario

@@ -29,11 +29,9 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller.local.state import StateDir, start_time
-from controller.plan import Plan, make_plan
-from controller.plan.models import Worker
-from controller.services import nvml as seam
-from controller.services.agent import (
+from controller.agent import nvml as seam
+from controller.agent.nvml import Nvml, NvmlReader, Pynvml
+from controller.agent.service import (
     Agent,
     EngineNames,
     ProcessOwners,
@@ -42,7 +40,9 @@ from controller.services.agent import (
     create_app,
     main,
 )
-from controller.services.nvml import Nvml, NvmlReader, Pynvml
+from controller.local.state import StateDir, start_time
+from controller.plan import Plan, make_plan
+from controller.plan.models import Worker
 from controller.spec import load_spec
 from tests.doubles.nvml import GIB, FakeGpu, FakeNvml, real_nvml_problem
 from tests.helpers import write_spec
@@ -771,7 +771,7 @@ def test_the_local_stack_runs_the_agent(tmp_path: Path) -> None:
     assert agent.health_url == "http://127.0.0.1:18999/healthz"
     assert agent.argv[1:] == [
         "-m",
-        "controller.services.agent",
+        "controller.agent.service",
         "--spec",
         str(spec.resolve()),
         "--host-name",

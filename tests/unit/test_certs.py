@@ -8,7 +8,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from controller.services.certs import SDS_FILE, CertError, Source, ensure_sds_file, publish, wait_published
+from controller.gateway.certs import SDS_FILE, CertError, Source, ensure_sds_file, publish, wait_published
 from tests.helpers import self_signed
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from controller.services.gatekeeper import create_app
-from controller.services.keystore import KeyStore
+from controller.gateway.gatekeeper import create_app
+from controller.gateway.keystore import KeyStore
 from tests.helpers import MINIMAL, write_spec
 
 

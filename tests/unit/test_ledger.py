@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.services import ledger as ledger_module
-from controller.services.ledger import SLICE_LINES, Ledger, Total, utc_day
+from controller.gateway import ledger as ledger_module
+from controller.gateway.ledger import SLICE_LINES, Ledger, Total, utc_day
 
 
 def line(request_id: str, user: str = "me", prompt: int = 3, completion: int = 5, ts: float = 1795600000.0) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from controller.services.limits import RateLimiter
+from controller.gateway.limits import RateLimiter
 
 
 class Clock:

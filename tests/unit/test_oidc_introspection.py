@@ -17,8 +17,8 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
-from controller.services import oidc
-from controller.services.oidc import AnswerCache, Login, OidcError, OidcSettings, OidcUnavailable, Provider
+from controller.gateway import oidc
+from controller.gateway.oidc import AnswerCache, Login, OidcError, OidcSettings, OidcUnavailable, Provider
 
 ISSUER = "https://id.example.test"
 INTROSPECT = f"{ISSUER}/introspect"
@@ -26,7 +26,7 @@ TOKEN = "opaque-token-1"
 
 
 class Clock:
-    """Stands in for the `time` module inside controller.services.oidc."""
+    """Stands in for the `time` module inside controller.gateway.oidc."""
 
     def __init__(self) -> None:
         self.now = 1_800_000_000.0

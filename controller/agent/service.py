@@ -47,10 +47,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from controller import backends
+from controller.agent.nvml import GpuFacts, Nvml, NvmlReader, NvmlReading, Pynvml
 from controller.errors import ControllerError
 from controller.plan import make_plan
 from controller.plan.models import Worker
-from controller.services.nvml import GpuFacts, Nvml, NvmlReader, NvmlReading, Pynvml
 from controller.spec import load_spec
 from controller.spec.models import Host
 

@@ -23,7 +23,7 @@ and daily token quota (429 until the next UTC day); a reused answer is
 checked against the quota again when it expires. A background thread reads
 Envoy's usage log into the ledger; another (with ``--tls-dir``) publishes
 the certificate Envoy serves, from Caddy's storage or the spec's files
-(controller/services/certs.py).
+(controller/gateway/certs.py).
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from controller.services.access import Access, Identity
-from controller.services.certs import Publisher, Source, served_certificate
-from controller.services.keystore import KeyStore
-from controller.services.ledger import Ledger, utc_day
-from controller.services.limits import RateLimiter
-from controller.services.oidc import (
+from controller.gateway.access import Access, Identity
+from controller.gateway.certs import Publisher, Source, served_certificate
+from controller.gateway.keystore import KeyStore
+from controller.gateway.ledger import Ledger, utc_day
+from controller.gateway.limits import RateLimiter
+from controller.gateway.oidc import (
     LOGIN_TTL_S,
     SESSION_TTL_S,
     OidcError,
@@ -65,7 +65,7 @@ LOGIN_COOKIE = "fleet_login"
 # Bound the cache so a flood of distinct keys cannot grow memory without limit.
 CACHE_MAX = 100_000
 INGEST_INTERVAL_S = 0.5
-# The pause between slices of usage lines, and around each commit (controller/services/ledger.py), so
+# The pause between slices of usage lines, and around each commit (controller/gateway/ledger.py), so
 # reading the log never holds a core for long: Envoy's worker, the backend and the clients share the cores.
 INGEST_PAUSE_S = 0.002
 # When a request does not fit beside the user's requests in flight (but would alone): retry after about
@@ -507,7 +507,7 @@ def create_app(
         X-Fleet-Lease-Tokens (what it holds, at least the request's bound) and X-Fleet-Lease-Ms (how long
         Envoy may spend from it). With X-Fleet-Lease-Single: 1, a lease of the request's bound alone,
         already closed (Envoy asks so while another renewal of the same user is under way). See
-        controller/services/ledger.py, LEASES.
+        controller/gateway/ledger.py, LEASES.
         """
         try:
             user = request.headers["x-fleet-user"]
