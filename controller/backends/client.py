@@ -1,15 +1,24 @@
 """Talking to a running worker: health, model presence, load/unload, metrics.
 
-Only the backends' documented APIs:
-- vLLM: `GET /health`, `GET /v1/models`, `GET /metrics` (`vllm:*`),
-  `POST /sleep?level=1`, `POST /wake_up`, `GET /is_sleeping` (sleep mode,
-  started with `--enable-sleep-mode`);
+Only the backends' documented APIs (each checked against the real program's
+source or docs; the doubles in tests/doubles follow the same and cite where):
+- vLLM (0.11.0, the pinned image): `GET /health`, `GET /v1/models`,
+  `GET /metrics` (`vllm:*`), and sleep mode: `POST /sleep?level=1` (weights
+  to CPU memory, KV cache dropped), `POST /wake_up`, `GET /is_sleeping`.
+  Those three exist only when the server runs with `VLLM_SERVER_DEV_MODE=1`
+  (else 404), and free GPU memory only with `--enable-sleep-mode` (without
+  it they answer 200 and free nothing). A request served while asleep, or in
+  flight when the sleep comes, kills vLLM's engine: unload only a drained
+  worker (docs/features/sleep_mode.md; vllm/entrypoints/openai/api_server.py,
+  vllm/executor/executor_base.py, vllm/device_allocator/cumem.py);
 - llama.cpp `llama-server`: `GET /health`, `GET /v1/models`, `GET /metrics`
   (`llamacpp:*`, with `--metrics`); a single-model server cannot unload;
-- Ollama: `GET /api/version`, `GET /api/tags`, `POST /api/pull`,
-  `POST /api/copy`, `GET /api/ps`, and `POST /api/generate` with only a
-  model and `keep_alive` to load (-1) or unload (0). Ollama exports no
-  Prometheus metrics.
+- Ollama (0.12.6): `GET /api/version`, `GET /api/tags`, `POST /api/pull`,
+  `POST /api/copy`, `GET /api/ps`, and `POST /api/generate` with no prompt to
+  load, and with `keep_alive: 0` to unload (docs/api.md). `/api/ps` lists a
+  loaded model *file* once, under the name it was first loaded by, so a model
+  and its copies (the served names) are one entry: match it by digest, which
+  /api/tags and /api/ps give alike. Ollama exports no Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -39,8 +48,11 @@ METRICS = {
     },
     "ollama": {},
 }
-# Pulling a model can take many minutes; everything else should answer fast.
+# Pulling a model can take many minutes; loading one, or moving its weights to and from CPU memory, minutes for a
+# large model; everything else should answer fast.
 PULL_TIMEOUT_S = 3600.0
+LOAD_TIMEOUT_S = 600.0
+SLEEP_MODE_HINT = "run the worker with VLLM_SERVER_DEV_MODE=1 and the option enable-sleep-mode: true"
 
 
 class WorkerClient:
@@ -61,11 +73,14 @@ class WorkerClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, path: str, what: str, **kwargs: Any) -> httpx.Response:
+    def _call(self, method: str, path: str, what: str, missing: str = "", **kwargs: Any) -> httpx.Response:
+        """One request; an error status is a BackendError, a 404 with ``missing`` (what it means) if given."""
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise BackendError(f"{self.backend} at {self.base_url}: {what} failed: {exc}") from None
+        if response.status_code == 404 and missing:
+            raise BackendError(f"{self.backend} at {self.base_url}: {path} is not there (404): {missing}")
         if response.status_code >= 400:
             raise BackendError(
                 f"{self.backend} at {self.base_url}: {what} answered {response.status_code}: {response.text[:300]}"
@@ -114,29 +129,52 @@ class WorkerClient:
         return done
 
     def load(self, model: Model) -> None:
+        """Make ``model`` resident: Ollama loads it (and keeps it), vLLM wakes up."""
         if self.backend == "ollama":
-            self._call("POST", "/api/generate", "loading", json={"model": model.name, "keep_alive": -1}, timeout=600)
+            body = {"model": model.name, "keep_alive": -1}  # a number: the string "-1" is no Go duration
+            self._call("POST", "/api/generate", "loading", json=body, timeout=LOAD_TIMEOUT_S)
         elif self.backend == "vllm":
-            self._call("POST", "/wake_up", "waking up")
+            self._sleep_route("POST", "/wake_up", "waking up")
         else:
             raise BackendError("a single-model llama-server cannot load or unload; start or stop its worker")
 
     def unload(self, model: Model) -> None:
+        """Free the GPU memory ``model`` holds: Ollama unloads it, vLLM sleeps at level 1 (weights kept in CPU
+        memory, so waking is fast). vLLM must be drained first: it is refused while requests are in flight."""
         if self.backend == "ollama":
             self._call("POST", "/api/generate", "unloading", json={"model": model.name, "keep_alive": 0})
         elif self.backend == "vllm":
-            self._call("POST", "/sleep", "putting to sleep", params={"level": 1})
+            if model.options.get("enable-sleep-mode") is not True:
+                raise BackendError(
+                    f"{self.backend} at {self.base_url}: without --enable-sleep-mode, sleeping frees no GPU memory; "
+                    f"{SLEEP_MODE_HINT}"
+                )
+            busy = self.queue_depth()
+            if busy:
+                raise BackendError(
+                    f"{self.backend} at {self.base_url}: requests running or waiting: {busy:g}; drain the worker "
+                    "before it sleeps (vLLM's engine dies serving while asleep)"
+                )
+            self._sleep_route("POST", "/sleep", "putting to sleep", params={"level": 1})
         else:
             raise BackendError("a single-model llama-server cannot load or unload; start or stop its worker")
 
     def loaded(self, model: Model) -> bool:
         if self.backend == "ollama":
+            tags = self._call("GET", "/api/tags", "listing models").json().get("models") or []
+            digests = {str(m.get("name")): m.get("digest") for m in tags}
+            digest = digests.get(model.name) or digests.get(_with_latest(model.name))
             running = self._call("GET", "/api/ps", "listing loaded models").json().get("models") or []
-            names = {str(m.get("name") or m.get("model")) for m in running}
-            return model.name in names or _with_latest(model.name) in names
+            return digest is not None and any(m.get("digest") == digest for m in running)
         if self.backend == "vllm":
-            return not bool(self._call("GET", "/is_sleeping", "asking about sleep").json().get("is_sleeping"))
+            answer = self._sleep_route("GET", "/is_sleeping", "asking whether it sleeps").json()
+            return not bool(answer.get("is_sleeping"))
         return self.healthy()
+
+    def _sleep_route(self, method: str, path: str, what: str, **kwargs: Any) -> httpx.Response:
+        """A vLLM sleep-mode route, which exists only in vLLM's development mode."""
+        missing = f"vLLM has sleep mode only in its development mode; {SLEEP_MODE_HINT}"
+        return self._call(method, path, what, missing, timeout=LOAD_TIMEOUT_S, **kwargs)
 
     def metrics(self) -> dict[str, float]:
         """This backend's standard figures (running, waiting, tokens), from its own metric names."""

@@ -2,8 +2,9 @@
 
 Documented API used here: `GET /api/version` (health), `GET /api/tags`
 (models present), `POST /api/pull`, `POST /api/copy` (the served name and
-aliases are copies of the tag, so clients' `model` values resolve), the
-OpenAI-compatible `/v1/*` routes, and the variables OLLAMA_CONTEXT_LENGTH,
+aliases are copies of the tag, so clients' `model` values resolve), `GET
+/api/ps` and `POST /api/generate` (load, unload: controller/backends/client.py),
+the OpenAI-compatible `/v1/*` routes, and the variables OLLAMA_CONTEXT_LENGTH,
 OLLAMA_NUM_PARALLEL (the KV cache holds context × parallel tokens),
 OLLAMA_MAX_LOADED_MODELS, OLLAMA_KEEP_ALIVE, OLLAMA_KV_CACHE_TYPE.
 """

@@ -5,6 +5,12 @@ Documented API used here: `GET /health` (200 when the engine is up),
 `--gpu-memory-utilization` (fraction of the GPU's *total* memory this
 instance may take: weights, activations and KV cache), `--max-model-len`,
 `--max-num-seqs`, `--tensor-parallel-size`.
+
+Sleep mode (`/sleep`, `/wake_up`, `/is_sleeping`; controller/backends/client.py)
+needs `VLLM_SERVER_DEV_MODE=1` and `--enable-sleep-mode`. The worker is not
+started in development mode: its routes, sleep mode's among them, are not
+behind the API key (vLLM checks the key only under /v1), and include
+`/collective_rpc`, which runs any worker method.
 """
 
 from __future__ import annotations

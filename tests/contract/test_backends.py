@@ -290,6 +290,10 @@ def _children(pid: int) -> list[int]:
 
 
 def test_load_and_unload(worker: Running) -> None:
+    """The controller's load, unload and loaded on the planned worker. Ollama: /api/generate with no prompt loads,
+    with keep_alive 0 unloads, and /api/ps (matched by digest) says what is loaded, also when a served name's copy
+    loaded it. vLLM: the planned worker is not in development mode, so sleep mode is not there: each call says how to
+    get it (tests/contract/test_doubles_vllm.py has them on a worker in development mode). llama.cpp: none."""
     plan, client, _ = worker
     (w,) = plan.workers
     model = plan.model(w.model)
@@ -298,9 +302,26 @@ def test_load_and_unload(worker: Running) -> None:
         with pytest.raises(BackendError, match="cannot load or unload"):
             client.unload(model)
         return
+    if w.backend == "vllm":
+        for call in (client.load, client.unload, client.loaded):
+            with pytest.raises(BackendError, match=r"404.*VLLM_SERVER_DEV_MODE=1 and the option enable-sleep-mode"):
+                call(model)
+        return
     client.load(model)
     assert client.loaded(model)
     client.unload(model)
+    wait_until(lambda: not client.loaded(model), 30, "unloaded")
+    alias = model.served_names[-1]
+    assert alias != model.name
+    reply = client.http.post(  # loads the model file under the alias's name
+        "/v1/chat/completions",
+        timeout=60,
+        json={"model": alias, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    )
+    assert reply.status_code == 200, reply.text
+    assert [m["name"] for m in client.http.get("/api/ps").json()["models"]] == [f"{alias}:latest"]
+    assert client.loaded(model)
+    client.unload(model)  # the model's name unloads the file its alias loaded
     wait_until(lambda: not client.loaded(model), 30, "unloaded")
     client.load(model)
     assert client.loaded(model)

@@ -8,16 +8,24 @@ under test is our adapters and the gateway around them, not generation.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlparse
 
 Route = Callable[["Handler"], None]
 WORDS = ["double", "says", "hello", "from", "the", "test", "suite"]
+# Seconds each generated token takes (default 0: answers at once). Not an option of any real program: generation
+# takes time there, and a test that must see requests in flight (vLLM's num_requests_running) sets it on the double.
+PACE_ENV = "FLEET_DOUBLE_SECONDS_PER_TOKEN"
+# The dimension of the doubles' embeddings (a small model's is a few hundred).
+EMBEDDING_DIM = 16
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -72,7 +80,10 @@ class Handler(BaseHTTPRequestHandler):
         if route is None:
             self.send_json(404, {"detail": "Not Found"})
             return
-        route(self)
+        try:
+            route(self)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client went away mid-answer, as clients do
 
     def do_GET(self) -> None:
         self.dispatch("GET")
@@ -97,6 +108,26 @@ def serve(host: str, port: int, routes: dict[tuple[str, str], Route]) -> None:
 def completion_words(max_tokens: int | None) -> list[str]:
     count = min(max_tokens or 16, 64)
     return [WORDS[i % len(WORDS)] for i in range(count)]
+
+
+def seconds_per_token() -> float:
+    return float(os.environ.get(PACE_ENV) or 0)
+
+
+def paced(events: Iterable[str]) -> Iterator[str]:
+    """The events of a stream, one token's time (PACE_ENV) before each but the first."""
+    delay = seconds_per_token()
+    for i, event in enumerate(events):
+        if i and delay:
+            time.sleep(delay)
+        yield event
+
+
+def generate_for(words: list[str]) -> None:
+    """Take the time a non-streamed answer of ``words`` takes (PACE_ENV)."""
+    delay = seconds_per_token()
+    if delay:
+        time.sleep(delay * len(words))
 
 
 def chat_response(model: str, words: list[str], prompt_tokens: int, owner: str) -> dict[str, Any]:
@@ -153,6 +184,69 @@ def chat_stream(model: str, words: list[str], prompt_tokens: int, include_usage:
         }
         yield f"data: {json.dumps(usage)}\n\n"
     yield "data: [DONE]\n\n"
+
+
+def completion_response(model: str, words: list[str], prompt_tokens: int, owner: str) -> dict[str, Any]:
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": " ".join(words), "finish_reason": "length"}],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(words),
+            "total_tokens": prompt_tokens + len(words),
+        },
+        "system_fingerprint": owner,
+    }
+
+
+def completion_stream(
+    model: str, words: list[str], prompt_tokens: int, include_usage: bool, zero_usage_per_chunk: bool = False
+) -> Iterator[str]:
+    """`/v1/completions` with `stream: true`: text_completion chunks, the usage chunk (choices empty) when asked,
+    then [DONE]. ``zero_usage_per_chunk``: each chunk carries zeroed usage when usage is asked (Ollama does)."""
+    ident = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    zero = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    for i, word in enumerate(words):
+        last = i == len(words) - 1
+        chunk: dict[str, Any] = {
+            "id": ident,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {"index": 0, "text": word if i == 0 else " " + word, "finish_reason": "length" if last else None}
+            ],
+        }
+        if include_usage and zero_usage_per_chunk:
+            chunk["usage"] = zero
+        yield f"data: {json.dumps(chunk)}\n\n"
+    if include_usage:
+        usage = {
+            "id": ident,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(words),
+                "total_tokens": prompt_tokens + len(words),
+            },
+        }
+        yield f"data: {json.dumps(usage)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def embedding(text: str, dimensions: int = EMBEDDING_DIM) -> list[float]:
+    """A fixed unit vector for ``text`` (the same text, the same vector)."""
+    digest = hashlib.sha256(text.encode()).digest()
+    raw = [(digest[i % len(digest)] - 127.5) / 127.5 for i in range(dimensions)]
+    norm = math.sqrt(sum(v * v for v in raw)) or 1.0
+    return [v / norm for v in raw]
 
 
 def prompt_tokens(body: dict[str, Any]) -> int:

@@ -1,45 +1,169 @@
-"""An Ollama double: `ollama serve`, configured by OLLAMA_* variables, with Ollama's HTTP API.
+"""An Ollama double: `ollama serve`, configured by OLLAMA_* variables, with Ollama's HTTP API as of the pinned image
+(0.12.6).
 
-Follows Ollama's documented API: `GET /` ("Ollama is running"),
-`/api/version`, `/api/tags`, `POST /api/pull` (NDJSON progress, or one
-object with `"stream": false`), `POST /api/copy`, `DELETE /api/delete`,
-`GET /api/ps`, `POST /api/generate` with only `model` and `keep_alive` to
-load (-1) or unload (0), and the OpenAI-compatible `/v1/models` and
-`/v1/chat/completions` (a model that is not present is a 404 "try pulling it
-first"). Its "registry" serves any `name[:tag]` made of lower-case letters,
-digits and `.-_`. Bound to a loopback address it refuses (403) a `Host` that
-is not local, as Ollama does against DNS rebinding (its allowed-hosts check).
+Follows Ollama's documented API (docs/api.md and the OpenAI-compatibility page, docs/openai.md, now
+docs/api/openai-compatibility.mdx, in ollama/ollama) and, where the docs are silent, its source at tag v0.12.6:
+- `GET /` ("Ollama is running"), `/api/version`, `/api/tags`, `POST /api/pull` (NDJSON progress, or one object with
+  `"stream": false`), `POST /api/copy`, `DELETE /api/delete` (which unloads nothing: server/routes.go DeleteHandler);
+- `POST /api/generate`: no prompt loads the model (`done_reason` "load"), no prompt with `keep_alive` 0 unloads it
+  (`done_reason` "unload") (docs/api.md "Load a model", "Unload a model"; server/routes.go GenerateHandler); with a
+  prompt it generates (NDJSON, or one object with `"stream": false`);
+- `keep_alive`: a number of seconds or a Go duration ("5m", "0"); negative is forever; a bare "-1" is not a Go
+  duration, a 400 (api/types.go Duration.UnmarshalJSON); absent, OLLAMA_KEEP_ALIVE, else 5 minutes
+  (envconfig/config.go KeepAlive); a model unloads once its keep_alive has run out after its last request;
+- `GET /api/ps`: one entry per loaded model *file*, named by the name it was first loaded by, so a model and its
+  copies share one entry and one unload (server/sched.go keys runners by ModelPath); each with name, model, size,
+  digest, details, expires_at, size_vram (0 without a GPU), context_length (api/types.go ProcessModelResponse,
+  server/routes.go PsHandler), the latest expiry first;
+- a digest is the hex SHA-256 of the model's manifest, the same in /api/tags and /api/ps; a copy has its source's
+  (server/images.go GetManifest, CopyModel);
+- the OpenAI-compatible `/v1/models` (ids as /api/tags names them, `name:latest`; openai/openai.go ToListCompletion),
+  `/v1/chat/completions`, `/v1/completions` (a stream's chunks carry zeroed usage when usage is asked; middleware/
+  openai.go CompleteWriter) and `/v1/embeddings` (unit vectors: server/routes.go EmbedHandler normalizes); their
+  errors are `{"error": {"message": ..., "type": "api_error", ...}}` with Ollama's status (middleware/openai.go
+  writeError), a model that is not present a 404 "model 'x' not found". Each of them loads the model, with the
+  default keep_alive.
+Its "registry" serves any `name[:tag]` made of lower-case letters, digits and `.-_`. Bound to a loopback address it
+refuses (403) a `Host` that is not local, as Ollama does against DNS rebinding (its allowed-hosts check).
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import ipaddress
 import json
+import math
 import os
 import re
 import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from tests.doubles.common import Handler, chat_response, chat_stream, completion_words, prompt_tokens, serve
+from tests.doubles.common import (
+    Handler,
+    chat_response,
+    chat_stream,
+    completion_response,
+    completion_stream,
+    completion_words,
+    embedding,
+    generate_for,
+    paced,
+    prompt_tokens,
+    serve,
+)
 
 VERSION = "0.12.6"
 PULLABLE = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[a-z0-9._-]+)?$")
+FILE_SIZE = 397_821_319  # bytes of a pulled model (qwen2.5:0.5b's)
+KV_BYTES_PER_TOKEN = 12_288  # what a loaded model adds per token of context × parallel
+DETAILS = {
+    "parent_model": "",
+    "format": "gguf",
+    "family": "llama",
+    "families": ["llama"],
+    "parameter_size": "1B",
+    "quantization_level": "Q4_K_M",
+}
+FOREVER = math.inf  # a negative keep_alive: Go's longest duration, about 292 years
+GO_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def canonical(name: str) -> str:
     return name if ":" in name else f"{name}:latest"
 
 
+def go_duration(text: str) -> float:
+    """Seconds in a Go duration string (time.ParseDuration): "300ms", "1h30m", "0"; a bare number is no duration."""
+    body = text[1:] if text[:1] in "+-" else text
+    sign = -1.0 if text.startswith("-") else 1.0
+    if body == "0":
+        return 0.0
+    total, at = 0.0, 0
+    for part in GO_DURATION_PART.finditer(body):
+        if part.start() != at:
+            break
+        total += float(part.group(1)) * GO_UNITS[part.group(2)]
+        at = part.end()
+    if not body or at != len(body):
+        what = "missing unit in" if re.fullmatch(r"\d+\.?\d*", body) else "invalid"
+        raise ValueError(f'time: {what} duration "{text}"')
+    return sign * total
+
+
+def keep_alive(value: Any, default: float) -> float:
+    """A request's keep_alive in seconds (FOREVER when negative), as api.Duration reads it; ValueError if invalid."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"Unsupported type: '{type(value).__name__}'")
+    seconds = go_duration(value) if isinstance(value, str) else float(value)
+    return FOREVER if seconds < 0 else seconds
+
+
+def default_keep_alive() -> float:
+    """OLLAMA_KEEP_ALIVE: a Go duration or whole seconds; negative is forever; unset or unreadable, 5 minutes."""
+    raw = os.environ.get("OLLAMA_KEEP_ALIVE", "")
+    seconds = 300.0
+    try:
+        seconds = go_duration(raw)
+    except ValueError:
+        if re.fullmatch(r"[-+]?\d+", raw):
+            seconds = float(int(raw))
+    return FOREVER if seconds < 0 else seconds
+
+
+@dataclass
+class Runner:
+    """A loaded model file (Ollama's runnerRef)."""
+
+    name: str  # the name it was loaded by
+    digest: str
+    seconds: float  # its keep_alive
+    expires: float  # epoch seconds
+    busy: int = 0  # requests using it
+
+
 class State:
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.models: dict[str, str] = {}  # name → digest
-        self.loaded: set[str] = set()
+        self.models: dict[str, str] = {}  # name:tag → manifest digest
+        self.runners: dict[str, Runner] = {}  # digest → the loaded model file
         self.context = int(os.environ.get("OLLAMA_CONTEXT_LENGTH", "4096"))
         self.parallel = int(os.environ.get("OLLAMA_NUM_PARALLEL", "1"))
+        self.keep_alive = default_keep_alive()
+        self.gpu = bool([d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d])
+
+    def expire(self) -> None:
+        now = time.time()
+        for digest, runner in list(self.runners.items()):
+            if runner.busy <= 0 and runner.expires <= now:
+                del self.runners[digest]
+
+    def use(self, name: str, seconds: float | None) -> Runner:
+        """Load ``name`` (or take its file's runner) for one request; ``seconds``: the request's keep_alive."""
+        self.expire()
+        digest = self.models[name]
+        runner = self.runners.get(digest)
+        if runner is None:
+            runner = self.runners[digest] = Runner(name, digest, self.keep_alive, 0.0)
+        if seconds is not None:
+            runner.seconds = seconds
+        runner.busy += 1
+        runner.expires = time.time() + runner.seconds
+        return runner
+
+    def done(self, runner: Runner) -> None:
+        """The request ended: its keep_alive runs from now."""
+        runner.busy -= 1
+        runner.expires = time.time() + runner.seconds
+        self.expire()
 
 
 def main() -> None:
@@ -92,6 +216,22 @@ def _local_hosts_only(route: Any) -> Any:
     return checked
 
 
+def expires_at(runner: Runner) -> str:
+    """Go's JSON time (RFC 3339); forever is now plus Go's longest duration."""
+    seconds = runner.expires - time.time() if math.isfinite(runner.expires) else (2**63 - 1) / 1e9
+    when = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
+    return when.isoformat().replace("+00:00", "Z")
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def openai_error(h: Handler, status: int, message: str) -> None:
+    """An Ollama error through its OpenAI middleware: the status kept, the body OpenAI-shaped."""
+    h.send_json(status, {"error": {"message": message, "type": "api_error", "param": None, "code": None}})
+
+
 def routes(state: State) -> dict[tuple[str, str], Any]:
     def root(h: Handler) -> None:
         h.send_text(200, "Ollama is running")
@@ -104,9 +244,9 @@ def routes(state: State) -> dict[tuple[str, str], Any]:
             "name": name,
             "model": name,
             "modified_at": "2026-11-01T00:00:00Z",
-            "size": 1000,
+            "size": FILE_SIZE,
             "digest": digest,
-            "details": {"format": "gguf", "family": "llama", "parameter_size": "1B", "quantization_level": "Q4_K_M"},
+            "details": DETAILS,
         }
 
     def tags(h: Handler) -> None:
@@ -120,7 +260,7 @@ def routes(state: State) -> dict[tuple[str, str], Any]:
             h.send_json(500, {"error": "pull model manifest: file does not exist"})
             return
         with state.lock:
-            state.models[canonical(name)] = f"sha256:{abs(hash(name)):064x}"[:71]
+            state.models[canonical(name)] = hashlib.sha256(f"manifest of {canonical(name)}".encode()).hexdigest()
         if body.get("stream") is False:
             h.send_json(200, {"status": "success"})
             return
@@ -134,85 +274,148 @@ def routes(state: State) -> dict[tuple[str, str], Any]:
             if source not in state.models:
                 h.send_json(404, {"error": f"model '{body.get('source')}' not found"})
                 return
-            state.models[dest] = state.models[source]
+            state.models[dest] = state.models[source]  # the manifest's bytes, so its digest
         h.send_text(200, "")
 
     def delete(h: Handler) -> None:
-        name = canonical(str(h.body().get("model")))
+        given = h.body().get("model")
         with state.lock:
-            if state.models.pop(name, None) is None:
-                h.send_json(404, {"error": f"model '{name}' not found"})
+            if state.models.pop(canonical(str(given)), None) is None:
+                h.send_json(404, {"error": f"model '{given}' not found"})
                 return
-            state.loaded.discard(name)
         h.send_text(200, "")
 
     def ps(h: Handler) -> None:
+        size = FILE_SIZE + KV_BYTES_PER_TOKEN * state.context * state.parallel  # weights and KV cache
         with state.lock:
-            h.send_json(200, {"models": [entry(n, state.models[n]) for n in sorted(state.loaded)]})
+            state.expire()
+            loaded = sorted(state.runners.values(), key=lambda r: r.expires, reverse=True)
+            models = [
+                {
+                    "name": r.name,
+                    "model": r.name,
+                    "size": size,
+                    "digest": r.digest,
+                    "details": DETAILS,
+                    "expires_at": expires_at(r),
+                    "size_vram": size if state.gpu else 0,
+                    "context_length": state.context,
+                }
+                for r in loaded
+            ]
+        h.send_json(200, {"models": models})
 
     def generate(h: Handler) -> None:
         body = h.body()
         name = canonical(str(body.get("model")))
+        try:
+            given = body.get("keep_alive")  # null is as good as absent (a nil pointer in Go)
+            seconds = None if given is None else keep_alive(given, state.keep_alive)
+        except ValueError as exc:
+            h.send_json(400, {"error": str(exc)})
+            return
+        prompt = str(body.get("prompt") or "")
         with state.lock:
-            if name not in state.models:
-                h.send_json(404, {"error": f"model '{body.get('model')}' not found, try pulling it first"})
+            present = name in state.models
+            unload = present and not prompt and seconds == 0
+            if unload:
+                state.runners.pop(state.models[name], None)
+            runner = state.use(name, seconds) if present and not unload else None
+        if not present:
+            h.send_json(404, {"error": f"model '{body.get('model')}' not found"})
+            return
+        if runner is None:
+            reply = {"model": body.get("model"), "created_at": now_iso(), "response": "", "done": True}
+            h.send_json(200, reply | {"done_reason": "unload"})
+            return
+        try:
+            if not prompt:
+                reply = {"model": body.get("model"), "created_at": now_iso(), "response": "", "done": True}
+                h.send_json(200, reply | {"done_reason": "load"})
                 return
-            if body.get("prompt"):
-                h.send_json(400, {"error": "the double only loads and unloads"})
-                return
-            unload = body.get("keep_alive") in (0, "0", "0s")
-            (state.loaded.discard if unload else state.loaded.add)(name)
-        h.send_json(
-            200,
-            {
+            words = completion_words((body.get("options") or {}).get("num_predict"))
+            final = {
                 "model": body.get("model"),
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "created_at": now_iso(),
                 "response": "",
                 "done": True,
-                "done_reason": "unload" if unload else "load",
-            },
-        )
+                "done_reason": "length",
+                "prompt_eval_count": prompt_tokens(body),
+                "eval_count": len(words),
+            }
+            if body.get("stream") is False:
+                generate_for(words)
+                h.send_json(200, final | {"response": " ".join(words)})
+                return
+            h.send_stream(paced(ndjson(body, words, final)), "application/x-ndjson")
+        finally:
+            with state.lock:
+                state.done(runner)
+
+    def ndjson(body: dict[str, Any], words: list[str], final: dict[str, Any]) -> Iterator[str]:
+        for i, word in enumerate(words):
+            chunk = {"model": body.get("model"), "created_at": now_iso(), "response": word if i == 0 else " " + word}
+            yield json.dumps(chunk | {"done": False}) + "\n"
+        yield json.dumps(final) + "\n"
 
     def v1_models(h: Handler) -> None:
         with state.lock:
             data = [
-                {
-                    "id": n.removesuffix(":latest") if n.endswith(":latest") else n,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "library",
-                }
-                for n in sorted(state.models)
+                {"id": n, "object": "model", "created": 1793491200, "owned_by": "library"} for n in sorted(state.models)
             ]
         h.send_json(200, {"object": "list", "data": data})
 
-    def chat(h: Handler) -> None:
+    def openai(h: Handler, kind: str) -> None:
         body = h.body()
         name = canonical(str(body.get("model")))
         with state.lock:
-            present = name in state.models
-            if present:
-                state.loaded.add(name)
-        if not present:
-            h.send_json(
-                404,
-                {
-                    "error": {
-                        "message": f'model "{body.get("model")}" not found, try pulling it first',
-                        "type": "api_error",
-                        "param": None,
-                        "code": None,
-                    }
-                },
-            )
+            runner = state.use(name, None) if name in state.models else None
+        if runner is None:
+            openai_error(h, 404, f"model '{body.get('model')}' not found")
             return
+        try:
+            if kind == "embeddings":
+                embeddings(h, body)
+            else:
+                complete(h, body, kind == "chat")
+        finally:
+            with state.lock:
+                state.done(runner)
+
+    def complete(h: Handler, body: dict[str, Any], chat: bool) -> None:
+        model = str(body["model"])
         words = completion_words(body.get("max_tokens") or body.get("max_completion_tokens"))
         tokens = prompt_tokens(body)
         if body.get("stream"):
             include = bool((body.get("stream_options") or {}).get("include_usage"))
-            h.send_stream(chat_stream(str(body["model"]), words, tokens, include))
-        else:
-            h.send_json(200, chat_response(str(body["model"]), words, tokens, "fp_ollama"))
+            if chat:
+                h.send_stream(paced(chat_stream(model, words, tokens, include)))
+            else:
+                h.send_stream(paced(completion_stream(model, words, tokens, include, zero_usage_per_chunk=True)))
+            return
+        generate_for(words)
+        h.send_json(200, (chat_response if chat else completion_response)(model, words, tokens, "fp_ollama"))
+
+    def embeddings(h: Handler, body: dict[str, Any]) -> None:
+        inputs = body.get("input")
+        if inputs == "":
+            inputs = [""]  # middleware/openai.go EmbeddingsMiddleware
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
+            h.send_json(
+                400,
+                {"error": {"message": "invalid input", "type": "invalid_request_error", "param": None, "code": None}},
+            )
+            return
+        dimensions = int(body.get("dimensions") or 0)
+        vectors = [embedding(text) for text in inputs]
+        if 0 < dimensions < len(vectors[0]):  # cut, then normalized again
+            vectors = [[x / math.sqrt(sum(y * y for y in v[:dimensions])) for x in v[:dimensions]] for v in vectors]
+        tokens = sum(max(1, len(text) // 4) for text in inputs)
+        data = [{"object": "embedding", "embedding": v, "index": i} for i, v in enumerate(vectors)]
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        h.send_json(200, {"object": "list", "data": data, "model": body.get("model"), "usage": usage})
 
     return {
         ("GET", "/"): root,
@@ -225,7 +428,9 @@ def routes(state: State) -> dict[tuple[str, str], Any]:
         ("GET", "/api/ps"): ps,
         ("POST", "/api/generate"): generate,
         ("GET", "/v1/models"): v1_models,
-        ("POST", "/v1/chat/completions"): chat,
+        ("POST", "/v1/chat/completions"): lambda h: openai(h, "chat"),
+        ("POST", "/v1/completions"): lambda h: openai(h, "completions"),
+        ("POST", "/v1/embeddings"): lambda h: openai(h, "embeddings"),
     }
 
 

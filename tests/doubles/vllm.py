@@ -1,13 +1,31 @@
-"""A vLLM double: `vllm serve MODEL [flags]` with vLLM's OpenAI-compatible server API.
+"""A vLLM double: `vllm serve MODEL [flags]` with vLLM's OpenAI-compatible server, as of the pinned image (0.11.0).
 
-Follows vLLM's documented CLI (the flags the controller renders, refusing
-unknown ones as vLLM's argparse does) and HTTP API: `/health`, `/v1/models`
-(served names, max_model_len), `/v1/chat/completions` and `/v1/completions`
-(with `stream_options.include_usage`), `/metrics` with `vllm:*` series
-labelled by `model_name`, and sleep mode (`/sleep`, `/wake_up`,
-`/is_sleeping`, with `--enable-sleep-mode`). Like vLLM it exits when
-CUDA_VISIBLE_DEVICES names fewer GPUs than the tensor-parallel size. With
-`--api-key` or `VLLM_API_KEY` every `/v1` route needs that bearer key.
+Follows vLLM's CLI (the flags the controller renders, refusing unknown ones as vLLM's argparse does) and HTTP API:
+`/health`, `/v1/models` (served names, max_model_len), `/v1/chat/completions` and `/v1/completions` (with
+`stream_options.include_usage`), `/metrics` with `vllm:*` series labelled by `model_name` and `engine`, where
+`vllm:num_requests_running` counts the requests being served (at most `--max-num-seqs`) and
+`vllm:num_requests_waiting` the ones queued behind them. Like vLLM it exits when CUDA_VISIBLE_DEVICES names fewer
+GPUs than the tensor-parallel size. With `--api-key` or `VLLM_API_KEY` every `/v1` route needs that bearer key.
+
+Sleep mode, as vLLM 0.11.0 has it (the `vllm` 0.11.0 wheel on PyPI, the source of the v0.11.0 tag):
+- the routes `POST /sleep?level=N`, `POST /wake_up[?tags=T...]`, `GET /is_sleeping` and `POST /collective_rpc` exist
+  only when `VLLM_SERVER_DEV_MODE` is a non-zero integer (vllm/entrypoints/openai/api_server.py: they are defined
+  under `if envs.VLLM_SERVER_DEV_MODE:`; vllm/envs.py reads it as `bool(int(...))`, so "true" is a ValueError at
+  start); otherwise they are 404 like any unknown route. They are not behind the API key, which guards only paths
+  under /v1 (api_server.py, AuthenticationMiddleware);
+- `/sleep` answers 200 with no body; level 1 offloads the weights to CPU memory and discards the KV cache, any other
+  level discards both (vllm/v1/worker/gpu_worker.py: `offload_tags=("weights",) if level == 1 else tuple()`), so after
+  a level-2 sleep the woken model answers garbage until `POST /collective_rpc {"method": "reload_weights"}`. A
+  second `/sleep` while sleeping does nothing, whatever its level (vllm/executor/executor_base.py);
+- `/wake_up` wakes every tag, or only those named (`weights`, `kv_cache`); a tag that is not asleep makes it do
+  nothing; `is_sleeping` stays true until every tag is awake (executor_base.py);
+- without `--enable-sleep-mode` the weights and KV cache were never allocated in the sleep-mode pool, so `/sleep`
+  still answers 200 and `is_sleeping` turns true, but nothing is released and the model keeps answering
+  (vllm/device_allocator/cumem.py: sleep releases only what the pool allocated);
+- with `--enable-sleep-mode`, serving while asleep touches released memory: the engine dies with a CUDA illegal
+  memory access, the request gets a 500 and the server exits (vllm/entrypoints/launcher.py, terminate_if_errored;
+  vllm-project/vllm issues #15483, #28714, #45520). That holds for a request that arrives while asleep and for
+  requests still in flight when `/sleep` comes: drain first.
 """
 
 from __future__ import annotations
@@ -19,7 +37,18 @@ import threading
 import time
 from typing import Any
 
-from tests.doubles.common import Handler, chat_response, chat_stream, completion_words, prompt_tokens, serve
+from tests.doubles.common import (
+    Handler,
+    chat_response,
+    chat_stream,
+    completion_response,
+    completion_stream,
+    completion_words,
+    generate_for,
+    paced,
+    prompt_tokens,
+    serve,
+)
 
 # Flags vLLM accepts that specs commonly pass through `options` (bare or with a value).
 PASSTHROUGH_BOOL = [
@@ -69,14 +98,36 @@ class State:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.names = args.served_model_name or [args.model]
-        self.sleeping = False
-        self.lock = threading.Lock()
-        self.running = 0
+        self.lock = threading.Condition()
+        self.sleeping_tags: set[str] = set()  # what is asleep: empty (awake), or of {"weights", "kv_cache"}
+        self.weights_lost = False  # after a level-2 sleep (sleep mode on), until reload_weights
+        self.dead = False  # the engine died (see die)
+        self.running = 0  # requests being served, at most --max-num-seqs
+        self.waiting = 0  # requests queued behind them
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.requests = 0
         self.first_token_s: list[float] = []  # per request, for vllm:time_to_first_token_seconds
         self.e2e_s: list[float] = []  # per request, for vllm:e2e_request_latency_seconds
+
+    @property
+    def released(self) -> bool:
+        """Whether sleeping released GPU memory: only memory of the sleep-mode pool is released."""
+        return bool(self.sleeping_tags) and self.args.enable_sleep_mode
+
+    def admit(self) -> None:
+        """Wait for one of --max-num-seqs places, counted as waiting meanwhile (vLLM's scheduler)."""
+        with self.lock:
+            self.waiting += 1
+            while self.running >= self.args.max_num_seqs:
+                self.lock.wait()
+            self.waiting -= 1
+            self.running += 1
+
+    def release(self) -> None:
+        with self.lock:
+            self.running -= 1
+            self.lock.notify()
 
 
 # vLLM's own bucket bounds for these histograms (seconds).
@@ -103,10 +154,28 @@ def main(argv: list[str] | None = None) -> None:
             f"RuntimeError: tensor_parallel_size={args.tensor_parallel_size} but only {len(devices)} GPU(s) "
             f"are visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
         )
+    raw = os.environ.get("VLLM_SERVER_DEV_MODE", "0")
+    try:
+        dev_mode = bool(int(raw))  # as vllm/envs.py reads it
+    except ValueError:
+        sys.exit(f"ValueError: invalid literal for int() with base 10: {raw!r}")
     state = State(args)
     print(f"INFO vllm double: serving {state.names} on {args.host}:{args.port} devices={devices}", flush=True)
+    if dev_mode:
+        print("WARNING SECURITY WARNING: Development endpoints are enabled! This should NOT be used in production!")
     key = args.api_key or os.environ.get("VLLM_API_KEY")
-    serve(args.host, args.port, guarded(routes(state), key))
+    table = routes(state)
+    if dev_mode:
+        table |= dev_routes(state)
+    serve(args.host, args.port, guarded(table, key))
+
+
+def die(state: State, why: str) -> None:
+    """The engine dies: what vLLM does on a CUDA error in its engine core. The server exits shortly after, once the
+    answer in hand is sent (launcher.py: terminate_if_errored)."""
+    state.dead = True
+    print(f"ERROR vllm double: EngineCore encountered a fatal error: {why}", flush=True)
+    threading.Timer(0.2, os._exit, args=(1,)).start()
 
 
 def guarded(table: dict[tuple[str, str], Any], key: str | None) -> dict[tuple[str, str], Any]:
@@ -131,7 +200,7 @@ def routes(state: State) -> dict[tuple[str, str], Any]:
     max_len = state.args.max_model_len or 4096
 
     def health(h: Handler) -> None:
-        h.send_text(200, "")
+        h.send_text(500 if state.dead else 200, "")
 
     def models(h: Handler) -> None:
         data = [
@@ -151,57 +220,61 @@ def routes(state: State) -> dict[tuple[str, str], Any]:
     def generate(h: Handler, chat: bool) -> None:
         body = h.body()
         if body.get("model") not in state.names:
-            h.send_json(
-                404,
-                {
-                    "object": "error",
-                    "message": f"The model `{body.get('model')}` does not exist.",
-                    "type": "NotFoundError",
-                    "param": None,
-                    "code": 404,
-                },
-            )
+            message = f"The model `{body.get('model')}` does not exist."  # serving_engine.py, _check_model
+            h.send_json(404, {"error": {"message": message, "type": "NotFoundError", "param": None, "code": 404}})
             return
-        if state.sleeping:
-            h.send_json(
-                503,
-                {
-                    "object": "error",
-                    "message": "the engine is sleeping",
-                    "type": "ServiceUnavailable",
-                    "param": None,
-                    "code": 503,
-                },
-            )
+        if state.dead or state.released:
+            if not state.dead:
+                die(state, "a request while asleep: CUDA error: an illegal memory access was encountered")
+            h.send_text(500, "")
             return
-        began = time.monotonic()
         words = completion_words(body.get("max_tokens") or body.get("max_completion_tokens"))
+        if state.weights_lost:
+            words = ["!"] * len(words)  # the woken weights are whatever the new memory holds
         tokens = prompt_tokens(body)
-        with state.lock:
-            state.requests += 1
-            state.prompt_tokens += tokens
-            state.generation_tokens += len(words)
-        first = time.monotonic() - began
+        state.admit()
+        try:
+            with state.lock:
+                state.requests += 1
+                state.prompt_tokens += tokens
+                state.generation_tokens += len(words)
+            answer(h, body, chat, words, tokens)
+        finally:
+            state.release()
+
+    def answer(h: Handler, body: dict[str, Any], chat: bool, words: list[str], tokens: int) -> None:
+        """Send the answer, one token's time per word (tests/doubles/common.py, PACE_ENV); record its timings."""
+        began = time.monotonic()
+        model = str(body["model"])
         if body.get("stream"):
             include = bool((body.get("stream_options") or {}).get("include_usage"))
-            h.send_stream(chat_stream(body["model"], words, tokens, include))
+            events = (chat_stream if chat else completion_stream)(model, words, tokens, include)
+            first: list[float] = []
+
+            def timed(event: str) -> str:
+                if not first:
+                    first.append(time.monotonic() - began)
+                return event
+
+            h.send_stream(timed(e) for e in paced(events))
+            ttft = first[0] if first else 0.0
         else:
-            reply = chat_response(body["model"], words, tokens, "vllm-double")
-            if not chat:
-                reply["object"] = "text_completion"
-                reply["choices"] = [{"index": 0, "text": " ".join(words), "finish_reason": "length"}]
-            h.send_json(200, reply)
+            generate_for(words)
+            h.send_json(200, (chat_response if chat else completion_response)(model, words, tokens, "vllm-double"))
+            ttft = time.monotonic() - began
         with state.lock:
-            state.first_token_s.append(first)
+            state.first_token_s.append(ttft)
             state.e2e_s.append(time.monotonic() - began)
 
     def metrics(h: Handler) -> None:
-        label = f'model_name="{state.names[0]}"'
+        label = f'model_name="{state.names[0]}",engine="0"'  # vllm/v1/metrics/loggers.py: labelnames
+        with state.lock:
+            running, waiting = state.running, state.waiting
         lines = [
             "# TYPE vllm:num_requests_running gauge",
-            f"vllm:num_requests_running{{{label}}} {state.running}",
+            f"vllm:num_requests_running{{{label}}} {running}",
             "# TYPE vllm:num_requests_waiting gauge",
-            f"vllm:num_requests_waiting{{{label}}} 0",
+            f"vllm:num_requests_waiting{{{label}}} {waiting}",
             "# TYPE vllm:kv_cache_usage_perc gauge",
             f"vllm:kv_cache_usage_perc{{{label}}} 0.0",
             "# TYPE vllm:prompt_tokens_total counter",
@@ -215,30 +288,76 @@ def routes(state: State) -> dict[tuple[str, str], Any]:
         ]
         h.send_text(200, "\n".join(lines) + "\n", "text/plain; version=0.0.4")
 
-    def set_sleeping(value: bool) -> Any:
-        """POST /sleep and /wake_up exist only with --enable-sleep-mode, as in vLLM."""
-
-        def route(h: Handler) -> None:
-            if not state.args.enable_sleep_mode:
-                h.send_json(404, {"detail": "Not Found"})
-                return
-            state.sleeping = value
-            h.send_text(200, "")
-
-        return route
-
-    def is_sleeping(h: Handler) -> None:
-        h.send_json(200, {"is_sleeping": state.sleeping})
-
     return {
         ("GET", "/health"): health,
         ("GET", "/v1/models"): models,
         ("POST", "/v1/chat/completions"): lambda h: generate(h, chat=True),
         ("POST", "/v1/completions"): lambda h: generate(h, chat=False),
         ("GET", "/metrics"): metrics,
-        ("POST", "/sleep"): set_sleeping(True),
-        ("POST", "/wake_up"): set_sleeping(False),
+    }
+
+
+def dev_routes(state: State) -> dict[tuple[str, str], Any]:
+    """vLLM's development routes (VLLM_SERVER_DEV_MODE=1) that sleep mode uses; see the module's docstring."""
+
+    def sleep(h: Handler) -> None:
+        try:
+            level = int((h.query.get("level") or ["1"])[0])  # api_server.py: int(query_params.get("level", "1"))
+        except ValueError:
+            h.send_text(500, "Internal Server Error")
+            return
+        with state.lock:
+            if state.sleeping_tags:
+                print("WARNING Executor is already sleeping.", flush=True)
+                busy = False
+            else:
+                state.sleeping_tags = {"weights", "kv_cache"}
+                if state.args.enable_sleep_mode:
+                    state.weights_lost = level != 1
+                freed = "the model's" if state.args.enable_sleep_mode else "0.00 GiB of"
+                print(f"INFO Sleep mode (level {level}) freed {freed} memory", flush=True)
+                busy = state.args.enable_sleep_mode and bool(state.running or state.waiting)
+        h.send_text(200, "")
+        if busy:
+            die(state, "sleep with requests in flight: CUDA error: an illegal memory access was encountered")
+
+    def wake_up(h: Handler) -> None:
+        tags = h.query.get("tags") or None
+        with state.lock:
+            if not state.sleeping_tags:
+                print("WARNING Executor is not sleeping.", flush=True)
+            elif tags and any(t not in state.sleeping_tags for t in tags):
+                print(f"WARNING Tag {tags} is not in sleeping tags {state.sleeping_tags}", flush=True)
+            else:
+                state.sleeping_tags -= set(tags) if tags else set(state.sleeping_tags)
+        h.send_text(200, "")
+
+    def is_sleeping(h: Handler) -> None:
+        with state.lock:
+            h.send_json(200, {"is_sleeping": bool(state.sleeping_tags)})
+
+    def collective_rpc(h: Handler) -> None:
+        """Only `reload_weights` (what a level-2 wake needs); the double knows no other worker method."""
+        method = h.body().get("method")
+        if method is None:
+            error = {"message": "Missing 'method' in request body", "type": "Bad Request", "param": None, "code": 400}
+            h.send_json(400, {"error": error})
+            return
+        if method != "reload_weights":
+            h.send_text(500, "Internal Server Error")
+            return
+        if state.released and "weights" in state.sleeping_tags:
+            die(state, "reload_weights into released memory: CUDA error: an illegal memory access was encountered")
+            h.send_text(500, "")
+            return
+        state.weights_lost = False
+        h.send_json(200, {"results": [None] * state.args.tensor_parallel_size})  # one per worker
+
+    return {
+        ("POST", "/sleep"): sleep,
+        ("POST", "/wake_up"): wake_up,
         ("GET", "/is_sleeping"): is_sleeping,
+        ("POST", "/collective_rpc"): collective_rpc,
     }
 
 

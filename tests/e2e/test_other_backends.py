@@ -78,6 +78,19 @@ def test_every_backend_answers_through_the_gateway(mixed: Stack) -> None:
         assert reply.usage is not None and reply.usage.completion_tokens > 0, model
 
 
+def test_completions_and_embeddings_reach_every_backend_that_has_them(mixed: Stack) -> None:
+    """The gateway's other inference routes: `/v1/completions` on vLLM and Ollama, `/v1/embeddings` on Ollama (the
+    OpenAI-compatible routes of its docs), each answered by the worker, with the served name the client sent."""
+    client = mixed.openai()
+    for model in ("vl", "ol", "ol-alias"):
+        reply = client.completions.create(model=model, prompt="Say hi.", max_tokens=4)
+        assert reply.object == "text_completion" and reply.choices[0].text, model
+        assert reply.usage is not None and reply.usage.completion_tokens > 0, model
+    embedded = client.embeddings.create(model="ol", input=["the sky", "the grass"])
+    assert [e.index for e in embedded.data] == [0, 1]
+    assert all(abs(sum(x * x for x in e.embedding) - 1) < 1e-3 for e in embedded.data)
+
+
 def test_vllm_worker_pinned_to_its_gpu(mixed: Stack) -> None:
     (row,) = mixed.workers("vl").values()
     assert row["gpus"] == ["GPU-00000000-0000-4000-8000-0000000000a1"]

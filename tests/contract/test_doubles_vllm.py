@@ -1,0 +1,287 @@
+"""vLLM's sleep mode and scheduler figures, the real `vllm serve` where installed, else the double (tests/doubles/vllm.py).
+
+Each behaviour checked here is vLLM 0.11.0's (the pinned image), read in its source; the double's docstring says
+where. The controller's calls (controller/backends/client.py) are checked against the same server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from controller.backends.client import WorkerClient
+from controller.errors import BackendError
+from controller.local.processes import base_env
+from controller.spec.models import Model
+from tests.contract.test_backends import program
+from tests.doubles.common import PACE_ENV
+from tests.stubs import free_ports, wait_until
+
+pytestmark = pytest.mark.contract
+MODEL = os.environ.get("FLEET_VLLM_MODEL", "Qwen/Qwen2.5-0.5B-Instruct")
+NAME = "vl"  # its served name
+KEY = "sk-test-worker"
+SLEEP_ROUTES = [("POST", "/sleep"), ("POST", "/wake_up"), ("GET", "/is_sleeping")]
+# Long enough to be seen in flight on a real GPU; the double answers at most 64 tokens, each the `pace` that
+# start_vllm gives it: SLOW where a test must see requests in flight (over 6 s each), else FAST.
+LONG = 2000
+FAST, SLOW = 0.01, 0.1
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def client(self) -> WorkerClient:
+        return WorkerClient("vllm", self.url, timeout=30, key=KEY)
+
+    def sleeping(self) -> bool:
+        answer = httpx.get(f"{self.url}/is_sleeping", timeout=30)
+        assert answer.status_code == 200, answer.text
+        return bool(answer.json()["is_sleeping"])
+
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.post(f"{self.url}{path}", timeout=300, **kwargs)
+
+    def chat(self, max_tokens: int = 8) -> httpx.Response:
+        body = {
+            "model": NAME,
+            "messages": [{"role": "user", "content": "Count from one to ten."}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
+        return httpx.post(f"{self.url}/v1/chat/completions", json=body, headers=auth(), timeout=120)
+
+    def answer(self) -> str:
+        reply = self.chat()
+        assert reply.status_code == 200, reply.text
+        return str(reply.json()["choices"][0]["message"]["content"])
+
+
+Start = Callable[..., Server]
+
+
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture
+def start_vllm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[Start]:
+    """``start(*flags, dev_mode="1", pace=FAST)``: `vllm serve` on a free loopback port with the worker key, served
+    as NAME; ``dev_mode`` is VLLM_SERVER_DEV_MODE's value (None: not set); ``pace``: the double's seconds per token.
+    Waits until healthy."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    kind = program("vllm", bin_dir, capsys)
+    exe = shutil.which("vllm") if kind == "real" else str(bin_dir / "vllm")
+    assert exe
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*flags: str, dev_mode: str | None = "1", pace: float = FAST, wait: bool = True) -> Server:
+        (port,) = free_ports(1)
+        env = base_env()
+        env.pop("VLLM_SERVER_DEV_MODE", None)
+        if dev_mode is not None:
+            env["VLLM_SERVER_DEV_MODE"] = dev_mode
+        if kind == "double":
+            env |= {"CUDA_VISIBLE_DEVICES": "GPU-00000000-0000-4000-8000-000000000001", PACE_ENV: str(pace)}
+        argv = [exe, "serve", MODEL, "--host", "127.0.0.1", "--port", str(port), "--served-model-name", NAME]
+        argv += ["--api-key", KEY, "--max-model-len", "2048", "--gpu-memory-utilization", "0.3", *flags]
+        log = tmp_path / f"vllm-{port}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        started.append(proc)
+        server = Server(f"http://127.0.0.1:{port}", proc, log)
+        if wait:
+            with server.client() as client:
+                limit = 60 if kind == "double" else 600
+                wait_until(lambda: proc.poll() is not None or client.healthy(), limit, "vllm healthy")
+            assert proc.poll() is None, log.read_text()
+        return server
+
+    yield start
+    for proc in started:
+        proc.terminate()
+    for proc in started:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.parametrize("dev_mode", [None, "0", "1"], ids=["unset", "0", "1"])
+def test_the_sleep_routes_exist_only_in_development_mode(start_vllm: Start, dev_mode: str | None) -> None:
+    """Without VLLM_SERVER_DEV_MODE=1 the sleep routes are 404, as any unknown route; with it they answer, and not
+    behind the API key, which guards only /v1 (--enable-sleep-mode given both times)."""
+    server = start_vllm("--enable-sleep-mode", dev_mode=dev_mode)
+    unknown = httpx.post(f"{server.url}/no-such-route", timeout=30)
+    assert unknown.status_code == 404
+    assert httpx.get(f"{server.url}/v1/models", timeout=30).status_code == 401  # the key is in force
+    if dev_mode != "1":
+        for method, path in SLEEP_ROUTES:
+            reply = httpx.request(method, f"{server.url}{path}", timeout=30)
+            assert (reply.status_code, reply.json()) == (404, unknown.json()), path
+        return
+    assert server.sleeping() is False
+    assert server.post("/sleep").status_code == 200  # no key: these routes are outside /v1
+    assert server.sleeping() is True
+    assert server.post("/wake_up").status_code == 200
+    assert server.sleeping() is False
+
+
+def test_development_mode_must_be_an_integer(start_vllm: Start) -> None:
+    """vLLM reads VLLM_SERVER_DEV_MODE as bool(int(value)): "true" stops it at start."""
+    server = start_vllm(dev_mode="true", wait=False)
+    assert server.proc.wait(300) != 0
+    assert "ValueError" in server.log.read_text()
+
+
+def test_level_1_keeps_the_weights_and_level_2_drops_them(start_vllm: Start) -> None:
+    """Level 1 moves the weights to CPU memory and back; level 2 discards them, so the woken model answers garbage
+    until `/collective_rpc` reload_weights."""
+    server = start_vllm("--enable-sleep-mode")
+    before = server.answer()
+    assert server.post("/sleep", params={"level": 1}).status_code == 200
+    assert server.sleeping()
+    assert server.post("/wake_up").status_code == 200
+    assert not server.sleeping()
+    assert server.answer() == before
+    assert server.post("/sleep", params={"level": 2}).status_code == 200
+    assert server.post("/wake_up").status_code == 200
+    assert not server.sleeping()
+    assert server.answer() != before
+    reload = server.post("/collective_rpc", json={"method": "reload_weights"})
+    assert reload.status_code == 200, reload.text
+    assert server.answer() == before
+
+
+def test_wake_up_by_tags(start_vllm: Start) -> None:
+    """`/wake_up?tags=` wakes only those; one that is not asleep makes it do nothing; it sleeps until all are up."""
+    server = start_vllm("--enable-sleep-mode")
+    before = server.answer()
+    assert server.post("/sleep", params={"level": 1}).status_code == 200
+    assert server.post("/sleep", params={"level": 2}).status_code == 200  # already asleep: nothing happens
+    assert server.post("/wake_up", params={"tags": ["no-such-tag", "weights"]}).status_code == 200
+    assert server.sleeping()
+    assert server.post("/wake_up", params={"tags": "weights"}).status_code == 200
+    assert server.sleeping()  # the KV cache still sleeps
+    assert server.post("/wake_up", params={"tags": "kv_cache"}).status_code == 200
+    assert not server.sleeping()
+    assert server.answer() == before  # the level-1 sleep's weights are back: the level-2 /sleep did nothing
+
+
+def test_without_sleep_mode_sleep_frees_nothing(start_vllm: Start) -> None:
+    """Without --enable-sleep-mode the model was not allocated where sleep mode can release it: /sleep answers 200
+    and is_sleeping turns true, yet the model still serves."""
+    server = start_vllm()
+    before = server.answer()
+    assert server.post("/sleep", params={"level": 1}).status_code == 200
+    assert server.sleeping()
+    assert server.answer() == before
+    assert server.post("/wake_up").status_code == 200
+    assert not server.sleeping()
+
+
+def test_serving_while_asleep_kills_the_engine(start_vllm: Start) -> None:
+    """With sleep mode, a request while asleep touches released GPU memory: no answer, and the server exits."""
+    server = start_vllm("--enable-sleep-mode")
+    assert server.post("/sleep").status_code == 200
+    try:
+        status = server.chat().status_code
+    except httpx.HTTPError:
+        status = None  # the server went before it answered
+    assert status != 200
+    assert server.proc.wait(120) != 0
+    assert "illegal memory access" in server.log.read_text()
+
+
+def test_num_requests_running_counts_the_requests_in_flight(start_vllm: Start) -> None:
+    """`vllm:num_requests_running` is the requests being served, at most --max-num-seqs; the rest wait
+    (`vllm:num_requests_waiting`); both go back to 0 when the answers are done."""
+    server = start_vllm("--max-num-seqs", "2", dev_mode=None, pace=SLOW)
+    streams = [Stream(server.url) for _ in range(3)]
+    with server.client() as client:
+
+        def figures() -> tuple[float, float]:
+            got = client.metrics()
+            return got["running"], got["waiting"]
+
+        assert figures() == (0, 0)
+        for stream in streams[:2]:
+            stream.start()
+        wait_until(lambda: figures() == (2, 0), 60, "2 running, 0 waiting")
+        streams[2].start()
+        wait_until(lambda: figures() == (2, 1), 60, "2 running, 1 waiting")
+        assert client.queue_depth() == 3
+        for stream in streams:
+            stream.join(300)
+        wait_until(lambda: figures() == (0, 0), 60, "0 running, 0 waiting")
+    for stream in streams:
+        assert stream.events and stream.events[-1] == "[DONE]", stream.events[-3:]
+
+
+def test_the_client_sleeps_and_wakes_a_drained_worker(start_vllm: Start) -> None:
+    """The controller's unload (sleep, level 1), load (wake up) and loaded (is_sleeping) on a worker in development
+    mode with sleep mode; unload refuses a worker without sleep mode and one with a request in flight."""
+    server = start_vllm("--enable-sleep-mode", pace=SLOW)
+    model = Model.model_validate(
+        {
+            "name": NAME,
+            "backend": "vllm",
+            "source": {"huggingface": MODEL},
+            "context": 2048,
+            "options": {"enable-sleep-mode": True},
+        }
+    )
+    with server.client() as client:
+        assert client.loaded(model)
+        client.unload(model)
+        assert not client.loaded(model)
+        client.load(model)
+        assert client.loaded(model)
+        assert server.chat().status_code == 200
+        with pytest.raises(BackendError, match="without --enable-sleep-mode, sleeping frees no GPU memory"):
+            client.unload(model.model_copy(update={"options": {}}))
+        stream = Stream(server.url)
+        stream.start()
+        wait_until(lambda: client.metrics().get("running") == 1, 60, "a request in flight")
+        with pytest.raises(BackendError, match="requests running or waiting: 1; drain the worker"):
+            client.unload(model)
+        assert client.loaded(model)  # it did not sleep
+        stream.join(300)
+        assert stream.events[-1:] == ["[DONE]"]
+        assert server.proc.poll() is None
+
+
+class Stream(threading.Thread):
+    """A streamed chat request of LONG tokens (`ignore_eos`, vLLM's extra sampling parameter), read to its end."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.events: list[str] = []
+
+    def run(self) -> None:
+        body = {
+            "model": NAME,
+            "messages": [{"role": "user", "content": "Tell a long story."}],
+            "max_tokens": LONG,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body, headers=auth(), timeout=300) as reply:
+            for line in reply.iter_lines():
+                if line.startswith("data: "):
+                    self.events.append(line.removeprefix("data: "))
