@@ -1,4 +1,4 @@
-"""Helpers to run real programs in tests: free ports, an HTTP stub worker, Envoy, the gatekeeper."""
+"""Helpers to run real programs in tests: free ports, Envoy, the gatekeeper; a stub worker that shows what it got."""
 
 from __future__ import annotations
 
@@ -74,8 +74,9 @@ def free_port_run(count: int) -> int:
 class StubWorker:
     """An OpenAI-shaped HTTP worker that answers with what it received.
 
-    Used where only routing is under test (the real llama.cpp worker is
-    exercised by the end-to-end tests).
+    Used only where a test must see what reached the worker: the headers and body the gateway forwarded,
+    which replica answered, or whether a request reached a worker at all (the Envoy contract tier).
+    Where a test needs a worker but not what it received, it runs the real llama-server (tests/llama.py).
     """
 
     def __init__(self, name: str, port: int) -> None:
@@ -143,10 +144,12 @@ class StubWorker:
 
 
 @contextmanager
-def running_process(cmd: list[str], ready_url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def running_process(
+    cmd: list[str], ready_url: str, log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """``cmd`` started with its output in ``log``, once ``ready_url`` answers 200; stopped afterwards."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         wait_ready(ready_url, proc, log)
         yield proc

@@ -19,13 +19,13 @@ table (state.json) names each worker's PID, and a GPU process belongs to the
 worker whose process it is, descends from, or shares a session with; in
 containers, the PID's cgroup names the container (`fleet-<worker>`, or the
 Quadlet unit `fleet-<worker>.service`), resolved from a container id through
-the Docker Engine API that Docker and podman's compatible socket both serve.
+the Docker Engine API (the `docker` SDK), which Docker and podman's compatible
+socket both serve.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import re
@@ -40,7 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import docker
+import docker.constants
+import docker.errors
 import httpx
+import requests
 from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -107,13 +111,30 @@ class ProcFs:
 
 
 class EngineNames:
-    """Container names from the Docker Engine API over its Unix socket (Docker, or podman's compatible one)."""
+    """Container names from the Docker Engine API through the `docker` SDK (Docker, or podman's compatible socket).
+
+    Never raises: every failure is None, remembered like a miss (NAME_MISS_TTL_S), so a dead engine costs
+    at most one timeout per id and TTL, not one per scrape. What the SDK raises, all caught here:
+
+    - ``docker.errors.NotFound`` (a 404): the engine has no such container, i.e. it is not this engine's;
+    - ``docker.errors.APIError``: any other error answer of the engine (NotFound's base class);
+    - ``docker.errors.DockerException``: the base of the SDK's own errors (here: an engine that names no
+      API version, or one older than the SDK supports);
+    - ``requests.exceptions`` (``ConnectionError``, ``Timeout``, ``HTTPError``, all ``RequestException``):
+      the socket refused, vanished or did not answer within ``timeout_s``; the SDK lets them through unwrapped.
+
+    After anything but an engine's answer the client is dropped and the next lookup starts a new one: the
+    engine may have restarted, with another API version. Lookups come one at a time (the agent collects a
+    snapshot under its lock), so the one client needs no lock of its own.
+    """
 
     def __init__(self, socket: Path | None = None, timeout_s: float = 1.0) -> None:
         self.socket = socket
         self.timeout_s = timeout_s
         # id → (name or None, monotonic expiry): a name never changes for an id; a miss is asked again later
         self._cache: dict[str, tuple[str | None, float]] = {}
+        self._client: docker.DockerClient | None = None
+        self._client_socket: Path | None = None
 
     def __call__(self, container_id: str, /) -> str | None:
         now = time.monotonic()
@@ -126,39 +147,70 @@ class EngineNames:
         self._cache[container_id] = (name, float("inf") if name else now + NAME_MISS_TTL_S)
         return name
 
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        self._client = self._client_socket = None
+
     def _ask(self, container_id: str) -> str | None:
         socket_path = self.socket or engine_socket()
-        if socket_path is None:
+        if socket_path is None or not socket_path.is_socket():
             return None
-        connection = UnixHTTPConnection(str(socket_path), self.timeout_s)
+        if self._client_socket != socket_path and not listening(socket_path, self.timeout_s):
+            return None  # no engine there (yet, or any more): see `listening`
         try:
-            connection.request("GET", f"/containers/{container_id}/json")
-            response = connection.getresponse()
-            if response.status != 200:
-                return None
-            return str(json.loads(response.read()).get("Name") or "").lstrip("/") or None
-        except (OSError, http.client.HTTPException, ValueError, AttributeError):
+            name = self._connect(socket_path).containers.get(container_id).name
+        except docker.errors.APIError:  # NotFound included: the engine answered, the client is fine
             return None
+        except (docker.errors.DockerException, requests.exceptions.RequestException, OSError):
+            self.close()
+            return None
+        return name if isinstance(name, str) and name else None
+
+    def _connect(self, socket_path: Path) -> docker.DockerClient:
+        if self._client is None or self._client_socket != socket_path:
+            self.close()
+            url = f"unix://{socket_path}"
+            self._client = docker.DockerClient(base_url=url, version=self._api_version(url), timeout=self.timeout_s)
+            self._client_socket = socket_path
+        return self._client
+
+    def _api_version(self, url: str) -> str:
+        """The engine's API version, from the API-Version header of ``GET /_ping`` (as the Docker CLI learns it).
+
+        Not the SDK's ``version="auto"``, which asks ``GET /version``: podman answers that only after probing
+        its host (0.4 s on an idle machine here, past a second on a busy one), so lookups would time out.
+        No fixed version would do: podman 4.3 names 1.41, and Docker 29.0 refuses anything below 1.44.
+        """
+        probe = docker.APIClient(
+            base_url=url, version=docker.constants.MINIMUM_DOCKER_API_VERSION, timeout=self.timeout_s
+        )
+        try:
+            response = probe.get(f"{probe.base_url}/_ping", timeout=self.timeout_s)  # a Session's get: no default
+            response.raise_for_status()
+            version = response.headers.get("API-Version")
         finally:
-            connection.close()
+            probe.close()
+        if not version:
+            raise docker.errors.DockerException(f"{url}: GET /_ping named no API-Version")
+        return str(version)
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP over a Unix socket, as the Docker Engine API is served."""
+def listening(path: Path, timeout_s: float) -> bool:
+    """Whether a connection to the Unix socket ``path`` is accepted (a stale socket refuses at once).
 
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
+    Asked before a new client connects, because docker 7.1.0 leaves the socket of a refused connect for the
+    garbage collector to close, with a ResourceWarning (transport/unixconn.py; docker/docker-py#3356): so a
+    dead engine costs no socket per lookup, only the one refusal a connected client meets when it dies. Not
+    asked on every lookup: podman logs a warning for each connection closed without a request.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
         try:
-            sock.connect(self.path)
+            sock.connect(str(path))
         except OSError:
-            sock.close()
-            raise
-        self.sock = sock
+            return False
+    return True
 
 
 def engine_socket() -> Path | None:
@@ -360,6 +412,8 @@ class Agent:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.http.close()
         self.reader.close()
+        if isinstance(self.owners.container_names, EngineNames):
+            self.owners.container_names.close()
 
     def _collect(self) -> Snapshot:
         checks = {w.name: self.pool.submit(probe, self.http, health_url(w)) for w in self.workers}

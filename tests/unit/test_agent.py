@@ -14,14 +14,11 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from socketserver import ThreadingMixIn, UnixStreamServer
 from typing import Any
 
 import pynvml
@@ -33,7 +30,6 @@ from controller.agent import nvml as seam
 from controller.agent.nvml import Nvml, NvmlReader, Pynvml
 from controller.agent.service import (
     Agent,
-    EngineNames,
     ProcessOwners,
     ProcFs,
     build_agent,
@@ -46,7 +42,8 @@ from controller.plan.models import Worker
 from controller.spec import load_spec
 from tests.doubles.nvml import GIB, FakeGpu, FakeNvml, real_nvml_problem
 from tests.helpers import write_spec
-from tests.stubs import StubWorker, free_port_run
+from tests.llama import running_llama_server, tiny_command, tiny_model
+from tests.stubs import free_port_run
 
 HOST = "gpuhost"
 UUID0 = "GPU-00000000-0000-4000-8000-0000000000a0"
@@ -631,31 +628,33 @@ def test_a_planned_gpu_nvml_does_not_show_is_missing(setup: Setup) -> None:
         assert client.get("/status").json()["missing_gpus"] == [gone.uuid]
 
 
-def test_worker_health_up_latency_and_timeout(setup: Setup) -> None:
+def test_worker_health_up_latency_and_timeout(setup: Setup, tmp_path: Path) -> None:
     gpu, cpu = setup.gpu_worker, setup.cpu_worker
-    stub = StubWorker(gpu.name, gpu.port).start()  # answers GET /health with 200
+    argv, env = tiny_command(tiny_model(tmp_path), cpu.port)  # the llama.cpp worker, for real: GET /health is 200
     silent = socket.socket()  # accepts connections (backlog) and never answers
-    silent.bind(("127.0.0.1", cpu.port))
+    silent.bind(("127.0.0.1", gpu.port))
     silent.listen(8)
     try:
-        with setup.client(health_timeout_s=0.3) as client:
+        with (
+            running_llama_server(argv, env, cpu.port, tmp_path / "llama-server.log"),
+            setup.client(health_timeout_s=0.3) as client,
+        ):
             began = time.monotonic()
             samples = scrape(client)
             assert time.monotonic() - began < 3
             status = {w["name"]: w["health"] for w in client.get("/status").json()["workers"]}
     finally:
-        stub.stop()
         silent.close()
-    assert one(samples, "fleet_worker_up", worker=gpu.name, model="small") == 1
-    assert 0 < one(samples, "fleet_worker_health_latency_seconds", worker=gpu.name) < 1
-    assert status[gpu.name] == {
-        "url": f"http://127.0.0.1:{gpu.port}/health",
+    assert one(samples, "fleet_worker_up", worker=cpu.name, model="tiny") == 1
+    assert 0 < one(samples, "fleet_worker_health_latency_seconds", worker=cpu.name) < 1
+    assert status[cpu.name] == {
+        "url": f"http://127.0.0.1:{cpu.port}/health",
         "up": True,
-        "latency_seconds": status[gpu.name]["latency_seconds"],
+        "latency_seconds": status[cpu.name]["latency_seconds"],
         "error": None,
     }
-    assert one(samples, "fleet_worker_up", worker=cpu.name, model="tiny") == 0
-    assert status[cpu.name]["up"] is False and "Timeout" in status[cpu.name]["error"]
+    assert one(samples, "fleet_worker_up", worker=gpu.name, model="small") == 0
+    assert status[gpu.name]["up"] is False and "Timeout" in status[gpu.name]["error"]
 
 
 def test_healthz(setup: Setup) -> None:
@@ -706,51 +705,6 @@ def test_the_double_follows_nvml_call_rules() -> None:
     fake.shutdown()
     with pytest.raises(seam.NvmlError):
         fake.uuid(handle)
-
-
-class _EngineApi(ThreadingMixIn, UnixStreamServer):
-    daemon_threads = True
-
-
-def test_engine_names_ask_the_docker_api_socket() -> None:
-    asked: list[str] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            return
-
-        def address_string(self) -> str:
-            return "engine"
-
-        def do_GET(self) -> None:
-            asked.append(self.path)
-            known = self.path == f"/containers/{'ef' * 32}/json"
-            body = (
-                b'{"Id": "ef", "Name": "/fleet-small-gpuhost-gpu0"}' if known else b'{"message": "no such container"}'
-            )
-            self.send_response(200 if known else 404)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    folder = Path(tempfile.mkdtemp(prefix="fleet-engine-"))  # short: Unix socket paths are limited to 108 bytes
-    path = folder / "docker.sock"
-    server = _EngineApi(str(path), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        names = EngineNames(path)
-        assert names("ef" * 32) == "fleet-small-gpuhost-gpu0"
-        assert names("ef" * 32) == "fleet-small-gpuhost-gpu0"  # cached
-        assert names("01" * 32) is None
-        assert names("01" * 32) is None  # a miss is remembered for a while too
-        assert asked == [f"/containers/{'ef' * 32}/json", f"/containers/{'01' * 32}/json"]
-        assert EngineNames(folder / "absent.sock")("ef" * 32) is None
-    finally:
-        server.shutdown()
-        server.server_close()
-        path.unlink(missing_ok=True)
-        folder.rmdir()
 
 
 def test_cli_refuses_an_unknown_host(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
