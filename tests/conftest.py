@@ -2,7 +2,10 @@
 
 A program the tests need but cannot find is a skip that prints why; with
 FLEET_REQUIRE_TOOLS=1 (set by `scripts/test` and CI) it is a failure
-instead, so CI can never go green by skipping the real checks.
+instead, so CI can never go green by skipping the real checks. Where the
+machine decides which of two checks runs (podman's Quadlet generator or a
+structural check), the test says which with `note`, printed at the end of
+every run under "which checks ran".
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,36 @@ VENV_BIN = Path(sys.executable).parent
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--update-golden", action="store_true", help="Rewrite tests/golden from the current renderers.")
+
+
+# A test's notes travel in its user_properties (so JUnit XML keeps them too) under this name.
+NOTE = "fleet-note"
+
+
+@pytest.fixture
+def note(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """``note(line)``: say which check ran where the machine decides; printed under "which checks ran" at the end of
+    the run, whether the test passed or not."""
+
+    def add(line: str) -> None:
+        request.node.user_properties.append((NOTE, line))
+
+    return add
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    lines = [
+        f"{report.nodeid}: {value}"
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if isinstance(report, pytest.TestReport) and report.when == "call"
+        for key, value in report.user_properties
+        if key == NOTE
+    ]
+    if lines:
+        terminalreporter.section("which checks ran", sep="-")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 def need_tool(name: str, hint: str) -> str:

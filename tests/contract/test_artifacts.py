@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,7 +21,7 @@ import pytest
 import yaml
 
 from controller.gateway.certs import sds_document
-from controller.plan import Plan
+from controller.plan import Plan, Worker
 from controller.render.envoy import FRONT_SOCKET, SECRETS_DIR, TLS_DIR, USAGE_LOG
 from controller.secrets import ensure_worker_secret
 from tests.conftest import ROOT, need_tool, run
@@ -227,21 +228,47 @@ def parse_unit(text: str) -> dict[str, list[tuple[str, str]]]:
     return sections
 
 
-def test_quadlet_units(rendered: Path, example_plan: Plan, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_quadlet_units(rendered: Path, example_plan: Plan, note: Callable[[str], None]) -> None:
+    """The units as podman reads them: its Quadlet generator where podman >= 4.4 has it, else a structural check
+    against the documented keys (the run's summary says which ran). Then, either way, each worker: pinned to exactly
+    its GPUs by CDI name, and published once, on its host's mesh address."""
     units = files(rendered, "*/quadlet/*")
     if not any(h.runtime == "quadlet" for h in example_plan.fleet.hosts or []):
         assert units == []
         return
     assert units
     if QUADLET.exists():
-        for host_dir in sorted({u.parent for u in units}):
-            result = run([str(QUADLET), "-dryrun"], env={"QUADLET_UNIT_DIRS": str(host_dir), "PATH": "/usr/bin:/bin"})
-            assert result.returncode == 0 and "ExecStart=" in result.stdout, result.stderr
-        with capsys.disabled():
-            print(f"\n[quadlet] checked with podman's generator {QUADLET} -dryrun")
-        return
-    with capsys.disabled():
-        print(f"\n[quadlet] {QUADLET} not present (podman < 4.4): structural check against the documented keys")
+        generated = generate_services(units)
+        note(f"quadlet: podman's generator {QUADLET} -dryrun, then the per-worker checks")
+    else:
+        generated = {}
+        check_unit_structure(units)
+        note(
+            f"quadlet: {QUADLET} not present (podman < 4.4): structural check against the documented keys, "
+            "then the per-worker checks"
+        )
+    workers = [w for w in example_plan.workers if example_plan.host(w.host).runtime == "quadlet"]
+    assert workers, "a fleet with Quadlet hosts and no worker on them checks nothing here"
+    for worker in workers:
+        quadlet = rendered / worker.host / "quadlet"
+        assert_pinned_and_published_once(quadlet, worker, str(example_plan.host(worker.host).address))
+        if QUADLET.exists():  # and the generated command line names the same devices
+            missing = [g.cdi for g in worker.gpus if g.cdi not in generated[worker.host]]
+            assert not missing, f"{worker.name}: {missing} not in podman's generated services"
+
+
+def generate_services(units: list[Path]) -> dict[str, str]:
+    """podman's generator over each host's folder (-dryrun prints the services it would write), by host."""
+    generated = {}
+    for host_dir in sorted({u.parent for u in units}):
+        result = run([str(QUADLET), "-dryrun"], env={"QUADLET_UNIT_DIRS": str(host_dir), "PATH": "/usr/bin:/bin"})
+        assert result.returncode == 0 and "ExecStart=" in result.stdout, result.stderr
+        generated[host_dir.parent.name] = result.stdout
+    return generated
+
+
+def check_unit_structure(units: list[Path]) -> None:
+    """Sections and keys as podman-container.unit(5) and podman-volume.unit(5) document them; named volumes exist."""
     volumes = {u.stem for u in units if u.suffix == ".volume"}
     for unit in units:
         sections = parse_unit(unit.read_text())
@@ -257,16 +284,29 @@ def test_quadlet_units(rendered: Path, example_plan: Plan, tmp_path: Path, capsy
                     assert value.split(":")[0][: -len(".volume")] in volumes, (
                         f"{unit.name}: {value} has no .volume unit"
                     )
-    for worker in example_plan.workers:
-        unit = rendered / worker.host / "quadlet" / f"fleet-{worker.name}.container"
-        pairs = parse_unit(unit.read_text())["Container"]
-        assert [v for k, v in pairs if k == "AddDevice"] == [g.cdi for g in worker.gpus]
-        if worker.backend == "ollama":  # published by its guard, whose network namespace it joins
-            assert not [v for k, v in pairs if k == "PublishPort"]
-            guard = rendered / worker.host / "quadlet" / f"fleet-{worker.name}-guard.container"
-            pairs = parse_unit(guard.read_text())["Container"]
-        (published,) = [v for k, v in pairs if k == "PublishPort"]  # one per worker
-        assert published.startswith(f"{worker.address}:{worker.port}:")
+
+
+def assert_pinned_and_published_once(quadlet: Path, worker: Worker, mesh_address: str) -> None:
+    """``AddDevice`` names exactly the worker's GPUs by CDI name; one ``PublishPort`` on its host carries its port,
+    bound to the mesh address (never all interfaces): the worker's own, or an Ollama worker's guard's, whose network
+    namespace it joins."""
+    pairs = parse_unit((quadlet / f"fleet-{worker.name}.container").read_text())["Container"]
+    devices = [v for k, v in pairs if k == "AddDevice"]
+    assert devices == [g.cdi for g in worker.gpus], f"{worker.name}: AddDevice={devices}, its GPUs {worker.gpus}"
+    publisher = f"fleet-{worker.name}-guard" if worker.backend == "ollama" else f"fleet-{worker.name}"
+    on_host = {
+        unit.stem: [v for k, v in parse_unit(unit.read_text()).get("Container", []) if k == "PublishPort"]
+        for unit in sorted(quadlet.glob("*.container"))
+    }
+    # Host port of each PublishPort ([address]:host port:container port), across every unit on the host.
+    carrying = [
+        (name, v) for name, values in on_host.items() for v in values if v.rsplit(":", 2)[1] == str(worker.port)
+    ]
+    address = f"[{mesh_address}]" if ":" in mesh_address else mesh_address
+    assert [name for name, _ in carrying] == [publisher] and carrying[0][1].startswith(f"{address}:{worker.port}:"), (
+        f"{worker.name}: port {worker.port} should be published once, by {publisher} on {address}; found {carrying}"
+    )
+    assert len(on_host[publisher]) == 1, f"{publisher}: one PublishPort per worker, found {on_host[publisher]}"
 
 
 # -- the guards in front of Ollama workers (controller/render/guard.py) ------------------------------------------
@@ -341,10 +381,12 @@ def assert_guard(adapted: dict[str, Any], listen: str, upstream: str, key_file: 
 
 
 class _Upstream(BaseHTTPRequestHandler):
-    """Stands in for Ollama behind a guard: records what reaches it; /stream sends three events 0.4 s apart."""
+    """Stands in for Ollama behind a guard: records what reaches it; /stream sends three events 0.4 s apart, and
+    records when it sent each (``time.monotonic()``, the clock the test times arrivals by)."""
 
     protocol_version = "HTTP/1.1"
     seen: ClassVar[list[tuple[str, str, dict[str, str]]]] = []
+    sent: ClassVar[list[float]] = []
 
     def log_message(self, *args: object) -> None:
         return
@@ -364,6 +406,7 @@ class _Upstream(BaseHTTPRequestHandler):
                 data = f"data: {i}\n\n".encode()
                 self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
                 self.wfile.flush()
+                _Upstream.sent.append(time.monotonic())
                 time.sleep(0.4)
             self.wfile.write(b"0\r\n\r\n")
             return
@@ -395,6 +438,7 @@ def test_a_running_guard_lets_only_the_gateway_through(tmp_path: Path) -> None:
     upstream = ThreadingHTTPServer(("127.0.0.1", upstream_port), _Upstream)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     _Upstream.seen.clear()
+    _Upstream.sent.clear()
     key_file = ensure_worker_secret(tmp_path / "secre ts")  # a space: the path is quoted where Caddy reads it
     secret = read_worker_key(key_file.parent)
     config = tmp_path / "guard.Caddyfile"
@@ -428,14 +472,17 @@ def test_a_running_guard_lets_only_the_gateway_through(tmp_path: Path) -> None:
         ((method, path, seen),) = _Upstream.seen
         assert (method, path) == ("POST", "/v1/chat/completions")
         assert "Authorization" not in seen and seen["Host"] == f"127.0.0.1:{upstream_port}"
-        started = time.monotonic()
         arrivals, chunks = [], []
         with httpx.stream("GET", f"{base}/stream", headers=auth, timeout=10) as stream:
             for chunk in stream.iter_raw():
                 if chunk.strip():
-                    arrivals.append(time.monotonic() - started)
+                    arrivals.append(time.monotonic())
                     chunks.append(chunk)
-        assert len(arrivals) == 3 and arrivals[0] < 0.3 < 0.7 < arrivals[-1], (arrivals, chunks)  # as they came
+        # Event by event: each reached us before the upstream sent the next (0.4 s later, by its own record), so
+        # the guard held nothing back; a loaded machine only has to relay one event within 0.4 s.
+        sent = _Upstream.sent
+        assert len(arrivals) == len(sent) == 3, (arrivals, sent, chunks)
+        assert all(arrivals[i] < sent[i + 1] for i in range(2)), (arrivals, sent, chunks)
         _Upstream.seen.clear()
         assert httpx.get(f"{base}/api/version?x=1", timeout=10).status_code == 200
         assert httpx.post(f"{base}/api/version", timeout=10).status_code == 401

@@ -1,4 +1,9 @@
-"""A running demo stack for end-to-end tests: real Caddy, gatekeeper, Envoy and llama.cpp on loopback."""
+"""A running demo stack for end-to-end tests: real Envoy, gatekeeper, Caddy and llama.cpp on loopback.
+
+Requests take the path of `gateway.front` (FLEET_TEST_FRONT): by default Envoy terminates TLS and its Lua
+filter asks the gatekeeper (Caddy only obtains the certificate); with `caddy`, Caddy terminates TLS and asks
+the gatekeeper (forward_auth) on every request, then hands it to Envoy.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +122,29 @@ class Stack:
     def envoy_healthy_endpoints(self) -> int:
         return envoy_healthy(self.envoy_admin("/clusters"))
 
+    def envoy_seconds(self, reply: httpx.Response, timeout: float = 5) -> float | None:
+        """Envoy's own time for the request ``reply`` answers: ``ms`` in its access log (which has every answer of
+        400 or more), found by the x-request-id Envoy gives every answer it makes. None where Envoy never saw the
+        request (behind Caddy, an answer Caddy made itself carries no x-request-id)."""
+        request_id = reply.headers.get("x-request-id")
+        if request_id is None:
+            assert FRONT == "caddy", f"an answer without Envoy's x-request-id: {reply.status_code} {reply.text[:200]}"
+            return None
+        found: list[dict[str, Any]] = []
+
+        def logged() -> bool:  # Envoy flushes its access log about once a second
+            for line in self.state.log("envoy").read_text(errors="replace").splitlines():
+                if line.startswith("{") and request_id in line:
+                    found.append(json.loads(line))
+                    return True
+            return False
+
+        deadline = time.monotonic() + timeout
+        while not logged():
+            assert time.monotonic() < deadline, f"request {request_id} not in Envoy's access log after {timeout}s"
+            time.sleep(0.2)
+        return float(found[0]["ms"]) / 1000
+
     def worker_counter(self, name: str, metric: str = "llamacpp:prompt_tokens_total") -> float:
         port = self.workers()[name]["ports"][0]
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers=self.worker_auth(), timeout=5).text
@@ -193,6 +221,53 @@ LONG_STREAM: dict[str, Any] = {
     "ignore_eos": True,
     "stream": True,
 }
+
+
+def timed(call: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:
+    """``call()``'s reply and the seconds it took, by the client's clock."""
+    began = time.monotonic()
+    reply = call()
+    return reply, time.monotonic() - began
+
+
+def assert_answered_within(stack: Stack, reply: httpx.Response, took: float, seconds: float, what: str) -> None:
+    """``reply`` came within ``seconds`` (a bound the product states, such as its wait for the gatekeeper), by Envoy's
+    own clock where Envoy answered (1 s on top for its scheduling on a loaded machine), else (an answer Caddy made
+    itself) by the client's, ``took``, with 3 s on top for TLS and a loaded machine's scheduling."""
+    envoy_s = stack.envoy_seconds(reply)
+    if envoy_s is not None:
+        assert envoy_s < seconds + 1, f"{what}: Envoy answered {reply.status_code} after {envoy_s:.3f}s"
+    else:
+        assert took < seconds + 3, f"{what}: Caddy's {reply.status_code} came after {took:.3f}s"
+
+
+def watch(status: Callable[[], int], after: float, beyond: float = 0.5, cap_s: float = 30) -> list[tuple[float, int]]:
+    """Requests one after another (``status()`` makes one and returns its status code) until one that started at
+    least ``beyond`` s after ``after`` (a ``time.monotonic()`` time) has been answered; each as (start, status)."""
+    seen: list[tuple[float, int]] = []
+    deadline = time.monotonic() + cap_s
+    while not seen or seen[-1][0] < after + beyond:
+        assert time.monotonic() < deadline, f"watched for {cap_s}s and never got past the bound: {seen[-3:]}"
+        began = time.monotonic()
+        seen.append((began, status()))
+    return seen
+
+
+def assert_refused_after(
+    seen: list[tuple[float, int]], bound_at: float, refused: int, what: str, working: int = 200
+) -> None:
+    """A stated bound held: every request in ``seen`` (from `watch`) that started after ``bound_at`` got
+    ``refused``, and each before it got either that or ``working`` (never a third answer).
+
+    Judged by when each request started, not by when a refusal was first noticed: a request reaches the gateway
+    after it starts, so a loaded machine's slowness in connecting and answering can only make a request arrive
+    later, never make one that arrived after the bound look as if it came before it; and a slow poll cannot make a
+    bound look kept. `watch` makes sure requests did start after the bound."""
+    odd = [(round(t - bound_at, 2), s) for t, s in seen if s not in (working, refused)]
+    assert not odd, f"{what}: answers that are neither {working} nor {refused} (seconds from the bound, status): {odd}"
+    late = [(round(t - bound_at, 2), s) for t, s in seen if t >= bound_at and s != refused]
+    assert not late, f"{what}: still answered after the bound (seconds past it, status): {late}"
+    assert any(t >= bound_at for t, _ in seen), f"{what}: no request started after the bound"
 
 
 def stop_stack(stack: Stack) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -15,7 +16,8 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.stack import Stack, running_stack
+from controller.render.envoy import AUTH_TIMEOUT_MS
+from tests.e2e.stack import Stack, assert_answered_within, assert_refused_after, running_stack, spec_of, timed, watch
 from tests.stubs import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -40,6 +42,10 @@ def new_key(stack: Stack, user: str, *extra: str) -> str:
     result = stack.ctl("keys", "create", "--user", user, "--json", *extra)
     assert result.returncode == 0, result.stderr
     return str(json.loads(result.stdout)["key"])
+
+
+def revocation_delay_s(stack: Stack) -> float:
+    return float(spec_of(stack)["auth"]["revocation_delay_s"])
 
 
 def post(stack: Stack, path: str, body: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
@@ -124,8 +130,8 @@ def test_rate_limit_429_with_retry_after(stack: Stack) -> None:
     assert [r.status_code for r in codes[:3]] == [200, 200, 200]
     limited = codes[3]
     assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limit_exceeded"
-    # 3 requests a minute: the next one is back 20 s after the bucket emptied, less the second or two the first
-    # requests took (15 leaves room for a slow machine).
+    # 3 requests a minute: Envoy's bucket refills continuously, and says at most 60/rpm = 20 s (a product number,
+    # not a time this test measures; 15 leaves room for one that counts the refill already under way).
     assert 15 <= int(limited.headers["retry-after"]) <= 20
 
 
@@ -135,11 +141,12 @@ def test_revoked_key_stops_within_the_stated_delay(stack: Stack) -> None:
     assert post(stack, "/embeddings", EMBED, headers).status_code == 200  # now cached as valid
     key_id = key.split("-")[2]
     assert stack.ctl("keys", "revoke", key_id).returncode == 0
-    revoked_at = time.monotonic()
-    wait_until(lambda: post(stack, "/embeddings", EMBED, headers).status_code == 401, 10, "revocation")
-    delay = time.monotonic() - revoked_at
-    bound = 2  # the demo fleet's auth.revocation_delay_s
-    assert delay <= bound + 0.5, f"revocation took {delay:.2f}s, stated bound {bound}s"
+    revoked_at = time.monotonic()  # the revocation is committed before the command returns
+    # Every request that starts past the stated delay is refused, whichever Envoy worker thread (each may hold an
+    # answer) takes it; 0.25 s for an answer Envoy holds from when it arrived rather than when it was made.
+    bound_at = revoked_at + revocation_delay_s(stack) + 0.25
+    seen = watch(lambda: post(stack, "/embeddings", EMBED, headers).status_code, bound_at)
+    assert_refused_after(seen, bound_at, 401, "a revoked key")
 
 
 def test_expired_key_is_401(stack: Stack) -> None:
@@ -240,6 +247,7 @@ def test_gatekeeper_metrics(stack: Stack) -> None:
     assert expiry is not None and time.time() < float(expiry.group(1)) < time.time() + 400 * 86400
 
 
+@pytest.mark.timeout(120, func_only=True)  # 2 s waits, `watch` (30 s at most), a restart, 30 s to healthy
 def test_gatekeeper_hanging_or_stopped_fails_closed_fast(stack: Stack) -> None:
     """No answer, no access: at once for a key Envoy holds no answer for, within the revocation delay for one it does."""
     fresh = {"Authorization": f"Bearer {new_key(stack, 'demo')}"}  # never used: nothing cached anywhere
@@ -249,21 +257,21 @@ def test_gatekeeper_hanging_or_stopped_fails_closed_fast(stack: Stack) -> None:
     os.kill(pid, signal.SIGSTOP)  # hanging: accepts connections, never answers
     hung_at = time.monotonic()
     try:
-        began = time.monotonic()
-        reply = post(stack, "/embeddings", EMBED, fresh)
-        assert reply.status_code == 503 and time.monotonic() - began < 5
-        assert reply.json()["error"]["code"] == "service_unavailable"
-        wait_until(lambda: post(stack, "/embeddings", EMBED, known).status_code == 503, 15, "the held answer expiring")
-        # revocation delay (2 s in the demo fleet), plus one wait for the hung gatekeeper (2 s), plus slack
-        assert time.monotonic() - hung_at < 2 + 2 + 1.5
+        reply, took = timed(lambda: post(stack, "/embeddings", EMBED, fresh))
+        assert reply.status_code == 503 and reply.json()["error"]["code"] == "service_unavailable", reply.text
+        assert_answered_within(stack, reply, took, AUTH_TIMEOUT_MS / 1000, "a fresh key, the gatekeeper hung")
+        # The known key's held answer was given before the hang: no request past the revocation delay uses it.
+        bound_at = hung_at + revocation_delay_s(stack) + 0.25
+        seen = watch(lambda: post(stack, "/embeddings", EMBED, known).status_code, bound_at, beyond=0)
+        assert_refused_after(seen, bound_at, 503, "a known key, the gatekeeper hung")
     finally:
         os.kill(pid, signal.SIGCONT)
     assert stack.ctl("stop", "gatekeeper").returncode == 0  # stopped: nothing listens
     try:
-        for headers in (fresh, known):
-            began = time.monotonic()
-            reply = post(stack, "/embeddings", EMBED, headers)
-            assert reply.status_code == 503 and time.monotonic() - began < 3
+        for headers in (fresh, known):  # a refused connection: no wait at all
+            reply, took = timed(functools.partial(post, stack, "/embeddings", EMBED, headers))
+            assert reply.status_code == 503, reply.text
+            assert_answered_within(stack, reply, took, 0, "the gatekeeper stopped")
     finally:
         assert stack.ctl("start", "gatekeeper").returncode == 0
     stack.wait_healthy(timeout=30)
