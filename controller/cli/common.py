@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -44,5 +45,6 @@ def emit_json(data: Any) -> None:
 
 
 def console() -> Console:
-    # Wide enough for the plan table when output is not a terminal (CI logs, pipes).
-    return Console(width=None if sys.stdout.isatty() else 160, highlight=False, soft_wrap=False)
+    # A terminal's width, or $COLUMNS where set; else (CI logs, pipes) wide enough for the plan table.
+    wide = sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit()
+    return Console(width=None if wide else 160, highlight=False, soft_wrap=False)

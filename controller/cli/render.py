@@ -1,4 +1,4 @@
-"""`controller render FILE -o DIR`: write every artifact atomically, or `--check` them."""
+"""`controller render FILE -o DIR`: write every artifact atomically, or `--check` / `--dry-run` them (write nothing)."""
 
 from __future__ import annotations
 
@@ -20,26 +20,50 @@ MANIFEST = ".fleet-render.json"  # the files the last render wrote, so stale one
 def render(
     spec: SpecArg,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("rendered"),
-    check: Annotated[bool, typer.Option("--check", help="Write nothing; exit 1 if files on disk differ.")] = False,
-    diff: Annotated[bool, typer.Option("--diff", help="Show a unified diff of what changes.")] = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Write nothing; list each file that differs (or is missing) and each stale file; exit 1 if any.",
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            "--diff",
+            help="Write nothing; print a unified diff of what a render would change (files it would write or "
+            "remove); exit 1 if anything would change, 0 if nothing would.",
+        ),
+    ] = False,
     target: Annotated[list[str] | None, typer.Option("--target", "-t", help="Only these renderers.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Render Compose, Quadlet, Envoy and Caddy files for every host."""
+    """Render Compose, Quadlet, Envoy and Caddy files for every host.
+
+    Without --check or --dry-run: write every file atomically, and remove those the last render wrote and this one does not.
+    """
     files = render_all(load_plan(spec), only=target)
     old = _manifest(out_dir)
     changed = [p for p, text in files.items() if _read(out_dir / p) != text]
     stale = sorted(set(old) - set(files))
-    if diff:
-        _print_diff(out_dir, files, changed, stale)
-    if check:
+    if check or dry_run:
         if as_json:
             emit_json({"ok": not changed and not stale, "changed": changed, "stale": stale})
         else:
-            for path in changed:
-                console().print(f"differs: {out_dir / path}")
-            for path in stale:
-                console().print(f"stale: {out_dir / path}")
+            if dry_run:
+                _print_diff(out_dir, files, changed, stale)
+            if check:
+                for path in changed:
+                    console().print(f"differs: {out_dir / path}")
+                for path in stale:
+                    console().print(f"stale: {out_dir / path}")
+            if dry_run and not check:
+                console().print(
+                    f"would change {len(changed)} file(s) and remove {len(stale)} in {out_dir}; nothing written"
+                    if changed or stale
+                    else f"{out_dir} is up to date; nothing written"
+                )
         if changed or stale:
             raise typer.Exit(1)
         return

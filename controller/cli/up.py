@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,9 +15,8 @@ from rich.table import Table
 
 from controller.cli.common import JsonOpt, StateOpt, emit_json, state_dir
 from controller.errors import ControllerError
-from controller.gateway.keystore import KeyStore
 from controller.local import stack
-from controller.local.demo import DEMO_USER, DemoPorts, write_demo
+from controller.local.demo import DEMO_USER, DemoKey, DemoPorts, demo_key, write_demo
 
 
 def up(
@@ -26,7 +27,11 @@ def up(
     state_opt: StateOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Start (or confirm) the stack: workers, Envoy, Caddy and the gatekeeper. Idempotent."""
+    """Start (or confirm) the stack: workers, Envoy, Caddy and the gatekeeper. Idempotent.
+
+    With --demo it prints the demo user's API key: minted once (it expires in 30 days), kept in the state folder
+    (gatekeeper/demo-key, mode 0600) and printed again by every later `up --demo`, until it expires or is revoked.
+    """
     state = state_dir(state_opt)
     if demo == (spec is not None):
         raise ControllerError("give a spec file or --demo (one of them)")
@@ -35,15 +40,15 @@ def up(
     assert spec is not None
     with _Progress(enabled=not as_json and sys.stdout.isatty()) as progress:
         info = stack.up(spec, state, wait, progress.update)
-    key = None
-    if demo:
-        key, _ = KeyStore(state.gatekeeper / "keys.db").create(DEMO_USER, label="demo")
+    key = demo_key(state) if demo else None
     if as_json:
         emit_json(
             {
                 "base_url": info.base_url,
                 "ca_cert": str(info.ca_cert),
-                "api_key": key,
+                "api_key": key.key if key else None,
+                "api_key_reused": key.reused if key else None,
+                "api_key_expires": key.record.expires if key else None,
                 "already_running": info.already_running,
                 "state_dir": str(state.root),
                 "prometheus_url": info.prometheus_url,
@@ -59,18 +64,33 @@ def up(
         lines.append(f"metrics:   {info.prometheus_url}  (Prometheus: GPU, model, gateway and usage series; alerts)")
     if key:
         lines += [
-            f"API key:   {key}   (user {DEMO_USER}; shown once)",
+            f"API key:   {key.key}   ({key_note(key)})",
             "",
-            "try it with the openai SDK:",
-            f"  export SSL_CERT_FILE={info.ca_cert} OPENAI_BASE_URL={info.base_url} OPENAI_API_KEY={key}",
+            f"try it with the openai SDK ({openai_hint()}):",
+            f"  export SSL_CERT_FILE={shlex.quote(str(info.ca_cert))} OPENAI_BASE_URL={info.base_url} "
+            f"OPENAI_API_KEY={key.key}",
             f'  {shlex.quote(sys.executable)} -c "import openai; s = openai.OpenAI().chat.completions.create('
             "model='tiny-chat', messages=[{'role': 'user', 'content': 'hi'}], max_tokens=32, stream=True); "
-            "[print(c.choices[0].delta.content or '', end='', flush=True) for c in s if c.choices]\"",
+            "[print(c.choices[0].delta.content or '', end='', flush=True) for c in s if c.choices]; print()\"",
         ]
     where = "" if state_opt is None else f" --state-dir {shlex.quote(str(state.root))}"
     ctl = own_program("controller")
     lines += ["", f"status: {ctl} status{where}    stop: {ctl} down{where}"]
     typer.echo("\n".join(lines))
+
+
+def key_note(key: DemoKey) -> str:
+    """What a user needs to know about the demo key: whose, whether it is the one printed before, until when."""
+    expires = time.strftime("%Y-%m-%d", time.localtime(key.record.expires)) if key.record.expires else "never"
+    kind = "reused" if key.reused else "new"
+    return f"user {DEMO_USER}; {kind}, expires {expires}; kept in {key.path} for the next `up --demo`"
+
+
+def openai_hint() -> str:
+    """Where the snippet's `openai` comes from: this Python has it (scripts/bootstrap installs it), or how to get it."""
+    if importlib.util.find_spec("openai") is not None:
+        return "this Python has it"
+    return f"first: {shlex.quote(sys.executable)} -m pip install openai"
 
 
 def own_program(name: str) -> str:

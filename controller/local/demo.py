@@ -1,7 +1,9 @@
-"""The demo fleet: a tiny model on CPU as two models, one with two replicas."""
+"""The demo fleet: a tiny model on CPU as two models, one with two replicas; and the demo user's key."""
 
 from __future__ import annotations
 
+import filecmp
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,10 +11,14 @@ from typing import Any
 import yaml
 
 from controller.atomic import write_file
+from controller.gateway.keystore import KeyRecord, KeyStore
 from controller.local.demo_model import write_demo_model
 from controller.local.state import StateDir
 
 DEMO_USER = "demo"
+DEMO_KEY_FILE = "demo-key"  # in the gatekeeper's private folder, beside the key store
+DEMO_KEY_LIFETIME_S = 30 * 86400
+DEMO_KEY_RENEW_S = 86400  # a key with less than this left is replaced rather than handed out again
 
 
 @dataclass(frozen=True)
@@ -96,12 +102,55 @@ def demo_fleet(ports: DemoPorts) -> dict[str, Any]:
 
 
 def write_demo(state: StateDir, ports: DemoPorts) -> Path:
-    """Write the demo model (once) and the demo fleet spec into the state folder; return the spec."""
+    """Write the demo model and the demo fleet spec into the state folder; return the spec.
+
+    The model is rewritten only when this version of `write_demo_model` writes other bytes (it is deterministic),
+    so an older demo model is replaced; a running worker keeps the file it opened until it restarts.
+    """
     state.create()
     model = state.models / "demo.gguf"
-    if not model.exists():
-        write_demo_model(model)
+    fresh = write_demo_model(state.models / ".demo.gguf.new")
+    if model.exists() and filecmp.cmp(fresh, model, shallow=False):
+        fresh.unlink()
+    else:
+        fresh.replace(model)
     spec = state.root / "demo-fleet.yaml"
     text = "# The demo fleet written by `controller up --demo`.\n" + yaml.safe_dump(demo_fleet(ports), sort_keys=False)
     write_file(spec, text)
     return spec
+
+
+@dataclass(frozen=True)
+class DemoKey:
+    key: str
+    record: KeyRecord
+    reused: bool
+    path: Path  # where its plaintext is kept
+
+
+def demo_key(state: StateDir, now: float | None = None) -> DemoKey:
+    """The demo user's API key, the same for every `controller up --demo` of this state folder.
+
+    Keys are stored hashed, so to hand the same one out again its plaintext is kept in `gatekeeper/demo-key`
+    (mode 0600, in the gatekeeper's folder of mode 0700, like the key store itself). It is minted with an expiry
+    (30 days); a new one replaces it when it was revoked, expires within a day, or its file is gone, and a
+    replaced key that still worked is revoked, so the demo user has one key at a time.
+    """
+    now = time.time() if now is None else now
+    path = state.gatekeeper / DEMO_KEY_FILE
+    store = KeyStore(state.gatekeeper / "keys.db")
+    try:
+        try:
+            kept = path.read_text(encoding="utf-8").strip()
+        except OSError:
+            kept = ""
+        record = store.check(kept, now) if kept else None
+        if record is not None and record.user == DEMO_USER:
+            if record.expires is None or record.expires - now > DEMO_KEY_RENEW_S:
+                return DemoKey(kept, record, True, path)
+            store.revoke(record.id)
+        key, record = store.create(DEMO_USER, label="demo", expires=now + DEMO_KEY_LIFETIME_S)
+        write_file(path, key + "\n", mode=0o600)
+        return DemoKey(key, record, False, path)
+    finally:
+        store.close()

