@@ -17,18 +17,21 @@
 --   FLEET.gatekeeper       the cluster the gatekeeper is reached through
 --   FLEET.auth_timeout_ms  how long to wait for its answer
 --   FLEET.trusted          true on the listener behind Caddy (gateway.front: caddy), see trusted_identity
+--   FLEET.revocation_delay_ms  how old a thread's last /auth/sync may be when it uses a kept answer
+--   FLEET.rate_limited     the header Envoy's local rate limit marks its refusals with (see rate_limited)
 -- Everything below is static.
 --
 -- Identity comes from the gatekeeper: the filter asks it (`GET /auth/check`
 -- with the request's credential headers) and takes X-Fleet-User, -Groups,
 -- -Models (the served names the caller may use, "*" for all) and -Key-Id from
 -- its answer. Without an answer, nothing passes (fail closed). For an API key
--- the answer says how long it may be reused (X-Fleet-Cache-Ms, which ends when
--- the gatekeeper's own cached lookup ends, so revocation keeps its bound) and,
--- for a user with a request rate, how many requests it carries (X-Fleet-Grant,
--- already taken from the user's bucket). Those answers are kept per worker
--- thread, so a known key costs no round trip; anything else (provider tokens,
--- browser sessions, refusals) is asked every time. For a user with a daily
+-- the answer says how long it may be kept (X-Fleet-Cache-Ms: up to 15 minutes,
+-- never past the key's expiry); revocation keeps its bound through the sync
+-- (see `sync` below). Those answers are kept per worker thread, so a known
+-- key costs no round trip; anything else (provider tokens, browser sessions,
+-- refusals) is asked every time. A user's request rate (X-Fleet-Rpm) is held
+-- by Envoy's local rate limit filter, after this one: one token bucket per
+-- user for all worker threads. For a user with a daily
 -- token quota (X-Fleet-Daily-Tokens) each request also spends its most from a
 -- lease of the user's quota that the gatekeeper books (`POST /auth/reserve`)
 -- before it is sent.
@@ -234,10 +237,10 @@ local function may_use(allowed, name)
 end
 
 -- Authentication: the gatekeeper's answers, reused while they say they may be.
-local IDENTITY = { "x-fleet-user", "x-fleet-groups", "x-fleet-models", "x-fleet-key-id" }
+local IDENTITY = { "x-fleet-user", "x-fleet-groups", "x-fleet-models", "x-fleet-key-id", "x-fleet-rpm" }
 local CREDENTIALS = { "authorization", "x-api-key", "cookie" }
 local CACHE_MAX = 10000
-local answers, answer_count = {}, 0 -- credential -> { expires (ms), identity = {...}, allowed, grant }
+local answers, answer_count = {}, 0 -- credential -> { expires (ms), identity = {...}, allowed, daily }
 
 local function unavailable(handle)
   reject(handle, 503, "the gateway cannot reach its gatekeeper; retry shortly", "server_error", "service_unavailable")
@@ -271,6 +274,45 @@ local function trusted_identity(handle, headers)
   return answer
 end
 
+-- Kept answers stay valid while this thread knows every revocation older than the revocation delay: it
+-- asks the gatekeeper which keys were revoked since its last sync (`GET /auth/sync`), and drops their
+-- answers; a kept answer is used only when the last sync began within the revocation delay. Syncing
+-- starts at a quarter of the delay, by one request at a time, so a steady stream of requests never waits;
+-- after a full delay without a sync (an idle thread, or a gatekeeper that does not answer), a request
+-- waits for one, and without one it is a 503. A new gatekeeper epoch (it restarted, perhaps with another
+-- spec) drops every answer.
+local sync = { at = -1e18, since = nil, epoch = nil, running = false }
+
+local function drop_answers(revoked)
+  for slot, kept in pairs(answers) do
+    if revoked == nil or revoked[kept.identity["x-fleet-key-id"] or ""] then
+      answers[slot] = nil
+      answer_count = answer_count - 1
+    end
+  end
+end
+
+-- One sync; true when it succeeded. Suspends the filter (header handles from before it are invalid).
+local function synced(handle)
+  local began = handle:timestamp()
+  local ask = { [":method"] = "GET", [":path"] = "/auth/sync", [":authority"] = "gatekeeper",
+    ["x-fleet-since"] = sync.since }
+  sync.running = true
+  local reply = handle:httpCall(FLEET.gatekeeper, ask, "", FLEET.auth_timeout_ms)
+  sync.running = false
+  if reply == nil or reply[":status"] ~= "200" or reply["x-fleet-since"] == nil then return false end
+  if reply["x-fleet-epoch"] ~= sync.epoch then
+    if sync.epoch ~= nil then drop_answers(nil) end
+    sync.epoch = reply["x-fleet-epoch"]
+  end
+  local revoked, any = {}, false
+  for id in string.gmatch(reply["x-fleet-revoked"] or "", "[^,]+") do revoked[id], any = true, true end
+  if any then drop_answers(revoked) end
+  if began > sync.at then sync.at = began end
+  sync.since = reply["x-fleet-since"]
+  return true
+end
+
 -- The caller's identity, from a reused answer or a fresh one; nil when the request was answered.
 local function authenticate(handle, headers)
   if FLEET.trusted then return trusted_identity(handle, headers) end
@@ -283,9 +325,18 @@ local function authenticate(handle, headers)
   local slot = key and ((authorization or "") .. "\n" .. (api_key or ""))
   local now = handle:timestamp()
   local hit = slot and answers[slot]
-  if hit and hit.expires > now and (hit.grant == nil or hit.grant > 0) then
-    if hit.grant then hit.grant = hit.grant - 1 end
-    return hit
+  if hit and hit.expires > now then
+    local age = now - sync.at
+    if age < FLEET.revocation_delay_ms / 4 or (sync.running and age < FLEET.revocation_delay_ms) then
+      return hit
+    end
+    handle:body() -- as before asking /auth/check (below): the body must not pass on while we wait
+    if not synced(handle) and handle:timestamp() - sync.at >= FLEET.revocation_delay_ms then
+      return unavailable(handle)
+    end
+    hit = answers[slot]
+    if hit then return hit end
+    headers = handle:headers() -- revoked since: ask about it as about any other (the old handle is invalid)
   end
   if key == nil and headers:get("cookie") == nil then
     return reject(handle, 401,
@@ -306,9 +357,7 @@ local function authenticate(handle, headers)
   for _, name in ipairs(IDENTITY) do answer.identity[name] = reply[name] end
   local reuse_ms = tonumber(reply["x-fleet-cache-ms"] or "")
   if slot and reuse_ms and reuse_ms > 0 then
-    local grant = tonumber(reply["x-fleet-grant"] or "")
     answer.expires = handle:timestamp() + reuse_ms
-    answer.grant = grant and grant - 1 -- this request spends the first
     if answers[slot] == nil then
       if answer_count >= CACHE_MAX then answers, answer_count = {}, 0 end
       answer_count = answer_count + 1
@@ -456,6 +505,10 @@ function envoy_on_request(handle)
   -- Asking the gatekeeper suspended the filter: take the headers again.
   headers = handle:headers()
   for name, value in pairs(answer.identity) do headers:replace(name, value) end
+  -- A user with a request rate: Envoy's local rate limit, next in the chain, takes a token from their
+  -- bucket (x-fleet-user, x-fleet-rpm); a refusal comes back through envoy_on_response.
+  local rpm = answer.identity["x-fleet-rpm"]
+  if rpm then handle:streamInfo():dynamicMetadata():set("fleet", "rpm", rpm) end
   local method = headers:get(":method")
   local bare = string.match(path, "^[^?]*")
   if method == "GET" and (bare == "/v1/models" or string.match(bare, "^/v1/models/")) then
@@ -601,8 +654,23 @@ local function text_bytes(text)
   return total
 end
 
+-- The local rate limit's refusal, in the OpenAI error shape: back when the bucket holds a token again,
+-- at most 60/rpm seconds (it refills continuously).
+local function rate_limited(handle, headers, rpm)
+  headers:remove(FLEET.rate_limited)
+  headers:replace("content-type", "application/json")
+  headers:replace("retry-after", tostring(math.ceil(60 / tonumber(rpm))))
+  handle:body():setBytes('{"error":{"message":' .. json_string(string.format(
+    "rate limit of %s requests per minute reached", rpm)) .. ',"type":"invalid_request_error","param":null,'
+    .. '"code":"rate_limit_exceeded"}}')
+end
+
 function envoy_on_response(handle)
   local meta = handle:streamInfo():dynamicMetadata():get("fleet")
+  if meta ~= nil and meta.rpm ~= nil then
+    local headers = handle:headers()
+    if headers:get(FLEET.rate_limited) then return rate_limited(handle, headers, meta.rpm) end
+  end
   -- Whole JSON responses are read natively (json_to_metadata, next in the chain): streams only here.
   if meta == nil or meta.stream ~= "1" then return end
   local strip = meta.strip_usage == "1"

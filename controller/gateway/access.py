@@ -30,6 +30,8 @@ class Identity:
         }
         if self.key_id:
             out["X-Fleet-Key-Id"] = self.key_id
+        if self.rpm is not None:  # Envoy holds the rate: a token bucket per user (controller/render/envoy.py)
+            out["X-Fleet-Rpm"] = str(self.rpm)
         return out
 
 

@@ -8,19 +8,23 @@ OpenAI error shape. No answer means no access: Envoy turns an unreachable or
 hanging gatekeeper into a 503 (fail closed). Which model a request names is
 checked by Envoy against X-Fleet-Models.
 
-For an API key the answer may be reused by Envoy, and says how:
-`X-Fleet-Cache-Ms` is how long it stays valid, and ends when this process's
-own cached lookup of the key ends, so a revoked key stops working within the
-spec's revocation delay however many caches sit in between; `X-Fleet-Grant`
-is how many requests it carries when the user has a request rate, taken
-from the user's bucket up front so the rate can never be exceeded. Provider
+For an API key the answer may be kept by Envoy, and says how long:
+`X-Fleet-Cache-Ms`, up to ANSWER_MAX_S and never past the key's expiry. A
+revoked key still stops working within the spec's revocation delay: Envoy
+uses a kept answer only while its last `GET /auth/sync` (which names the
+keys revoked since the one before) began within that delay, so a known key
+costs no round trip however many keys there are. Provider
 access tokens and browser sessions are decided on every request (an opaque
 token's introspection answer is kept here, at most the revocation delay; a
 provider that cannot be asked is a 503).
 
-Per decision it also enforces the user's request rate (429 + Retry-After)
-and daily token quota (429 until the next UTC day); a reused answer is
-checked against the quota again when it expires. A background thread reads
+A user's request rate is not decided here: the answer names it
+(`X-Fleet-Rpm`), and Envoy holds it, one token bucket per user shared by all
+its worker threads (controller/render/envoy.py, user_rate_limit), so neither
+the number of keys nor of threads changes what a user may send. Per decision
+it enforces the daily token quota (429 until the next UTC day); a reused
+answer is checked against the quota again when it expires, and each request
+of a user with a quota books its most from a lease (`POST /auth/reserve`). A background thread reads
 Envoy's usage log into the ledger; another (with ``--tls-dir``) publishes
 the certificate Envoy serves, from Caddy's storage or the spec's files
 (controller/gateway/certs.py).
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -46,7 +50,6 @@ from controller.gateway.access import Access, Identity
 from controller.gateway.certs import Publisher, Source, served_certificate
 from controller.gateway.keystore import KeyStore
 from controller.gateway.ledger import Ledger, utc_day
-from controller.gateway.limits import RateLimiter
 from controller.gateway.oidc import (
     LOGIN_TTL_S,
     SESSION_TTL_S,
@@ -71,8 +74,20 @@ INGEST_PAUSE_S = 0.002
 # When a request does not fit beside the user's requests in flight (but would alone): retry after about
 # as long as those take to be recorded.
 RESERVE_RETRY_S = 2
-# How long Envoy may admit requests on one quota lease before it asks again (and reports what it admitted).
+# How long Envoy may admit requests on one quota lease before it asks again (and reports what it admitted):
+# LEASE_S while what is left of the quota beside the lease is less than a quarter of it, so what an unspent
+# lease holds back returns soon; LEASE_LONG_S while the user is far from it (each Envoy worker thread then
+# asks about once per LEASE_LONG_S for a busy user, rather than once per LEASE_S).
 LEASE_S = 2.0
+LEASE_LONG_S = 10.0
+# How long Envoy may keep an API key's answer (never past the key's expiry). A revocation reaches it sooner:
+# Envoy asks /auth/sync at least once per revocation delay before it uses a kept answer, and drops the
+# answers of the keys revoked since.
+ANSWER_MAX_S = 900.0
+# /auth/sync names the keys revoked since the asker's last sync less this much, so a revocation committed
+# while the previous sync was being answered, and one this process's own lookup cache still hid (it keeps
+# a key's record up to the revocation delay), is named again.
+SYNC_OVERLAP_S = 10.0
 
 
 def lease_report(value: str | None) -> tuple[str, int, int] | None:
@@ -179,25 +194,28 @@ class Gatekeeper:
         self.keys = keys
         self.ledger = ledger
         self.cache_ttl_s = cache_ttl_s
-        self.limiter = RateLimiter()
-        self._cache: dict[bytes, tuple[float, Identity | None]] = {}
+        self._cache: dict[bytes, tuple[float, Identity | None, float | None]] = {}
         self._spent: dict[str, tuple[float, str, int]] = {}  # user → (checked at, day, tokens)
 
     def identify(self, key: str) -> tuple[Identity | None, float]:
-        """The key's identity (None: not a valid key) and how many seconds this answer may still be reused."""
+        """The key's identity (None: not a valid key) and how many seconds Envoy may keep this answer: up to
+        ANSWER_MAX_S, never past the key's expiry (a revocation reaches Envoy through /auth/sync)."""
         token = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
         now = time.monotonic()
         hit = self._cache.get(token)
         if hit is not None and hit[0] > now:
-            return hit[1], hit[0] - now
-        record = self.keys.check(key)
-        identity = None
-        if record is not None:
-            identity = self.access.identity(record.user, record.models, record.id)
-        if len(self._cache) >= CACHE_MAX:
-            self._cache.clear()
-        self._cache[token] = (now + self.cache_ttl_s, identity)
-        return identity, self.cache_ttl_s
+            identity, expires = hit[1], hit[2]
+        else:
+            record = self.keys.check(key)
+            identity, expires = None, None
+            if record is not None:
+                identity = self.access.identity(record.user, record.models, record.id)
+                expires = record.expires
+            if len(self._cache) >= CACHE_MAX:
+                self._cache.clear()
+            self._cache[token] = (now + self.cache_ttl_s, identity, expires)
+        keep = ANSWER_MAX_S if expires is None else min(ANSWER_MAX_S, expires - time.time())
+        return identity, max(keep, 0.0)
 
     def tokens_today(self, user: str) -> int:
         """Today's tokens for ``user``; re-read from the ledger at most once a second."""
@@ -322,6 +340,8 @@ def create_app(
         if publisher is not None:
             publisher.stop()
 
+    # This process, with this spec: Envoy drops the answers it holds when it changes.
+    epoch = hashlib.sha256(f"{os.getpid()}:{time.time()}:".encode() + spec_path.read_bytes()).hexdigest()[:16]
     app = FastAPI(title="fleet gatekeeper", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.gate = gate
 
@@ -394,7 +414,8 @@ def create_app(
             if identity is None:
                 metrics.decisions.labels("bad_key").inc()
                 return error(401, "Incorrect API key provided.", "invalid_api_key"), 0.0
-            return identity, valid_s
+            # A revocation delay of 0: Envoy keeps no answer, and asks about every request.
+            return identity, valid_s if fleet.auth.revocation_delay_s > 0 else 0.0
         return identify_other(request, key), 0.0
 
     def outpost_login(request: Request) -> Identity | None:
@@ -477,23 +498,32 @@ def create_app(
                 headers={"Retry-After": str(seconds_to_utc_midnight(time.time()))},
             )
         headers = identity.headers()
-        if identity.rpm is not None:
-            want = gate.limiter.lease_size(identity.rpm, reuse_s) if reuse_s > 0 else 1
-            granted, wait = gate.limiter.take(identity.user, identity.rpm, want)
-            if not granted:
-                metrics.decisions.labels("rate_limited").inc()
-                return error(
-                    429,
-                    f"rate limit of {identity.rpm} requests per minute reached",
-                    "rate_limit_exceeded",
-                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
-                )
-            headers["X-Fleet-Grant"] = str(granted)
         if identity.daily_tokens is not None:  # each request then books its most (see /auth/reserve)
             headers["X-Fleet-Daily-Tokens"] = str(identity.daily_tokens)
         if reuse_s > 0:
             headers["X-Fleet-Cache-Ms"] = str(int(reuse_s * 1000))
         metrics.decisions.labels("allow").inc()
+        return Response(status_code=200, headers=headers)
+
+    @app.get("/auth/sync")
+    def sync(request: Request) -> Response:
+        """What Envoy needs to keep using the answers it holds: the keys revoked since it last asked.
+
+        Asked by Envoy only (the route is closed to clients), per worker thread, at least once per revocation
+        delay before it uses a kept answer. X-Fleet-Since: the X-Fleet-Since of its previous answer (absent the
+        first time). The answer: X-Fleet-Revoked (key ids, comma-separated), X-Fleet-Since (to send next time)
+        and X-Fleet-Epoch (this process: when it changes, the spec may have, and Envoy drops every answer).
+        """
+        now = time.time()
+        try:
+            since = float(request.headers.get("x-fleet-since") or now)
+            revoked = keys.revoked_since(since - SYNC_OVERLAP_S)
+        except ValueError:
+            return error(400, "X-Fleet-Since must be a number", "bad_request")
+        except Exception:  # the key store failing: Envoy keeps no answer it cannot vouch for
+            metrics.decisions.labels("unavailable").inc()
+            return error(503, "authentication is temporarily unavailable", "auth_unavailable", "server_error")
+        headers = {"X-Fleet-Revoked": ",".join(revoked), "X-Fleet-Since": f"{now:.3f}", "X-Fleet-Epoch": epoch}
         return Response(status_code=200, headers=headers)
 
     @app.post("/auth/reserve")
@@ -527,11 +557,11 @@ def create_app(
             metrics.decisions.labels("unavailable").inc()
             return error(503, "authentication is temporarily unavailable", "auth_unavailable", "server_error")
         if isinstance(granted, tuple):
-            lease_id, size = granted
+            seconds = LEASE_LONG_S if granted.left >= limit / 4 else LEASE_S
             headers = {
-                "X-Fleet-Lease": lease_id,
-                "X-Fleet-Lease-Tokens": str(size),
-                "X-Fleet-Lease-Ms": str(int(LEASE_S * 1000)),
+                "X-Fleet-Lease": granted.id,
+                "X-Fleet-Lease-Tokens": str(granted.size),
+                "X-Fleet-Lease-Ms": str(int(seconds * 1000)),
             }
             return Response(status_code=200, headers=headers)
         room = granted

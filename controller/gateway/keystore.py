@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS keys (
     expires REAL,            -- unix time, or NULL for never
     revoked REAL             -- unix time, or NULL
 );
+-- Envoy asks which keys were revoked lately (the gatekeeper's /auth/sync), about once a second.
+CREATE INDEX IF NOT EXISTS keys_revoked ON keys (revoked) WHERE revoked IS NOT NULL;
 """
 
 
@@ -157,6 +159,14 @@ class KeyStore:
         with self._lock:
             cur = self._db.execute("UPDATE keys SET revoked = ? WHERE id = ? AND revoked IS NULL", (time.time(), ident))
         return cur.rowcount == 1
+
+    def revoked_since(self, since: float) -> tuple[str, ...]:
+        """The ids of the keys revoked at ``since`` or later (unix time)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id FROM keys WHERE revoked IS NOT NULL AND revoked >= ? ORDER BY id", (since,)
+            ).fetchall()
+        return tuple(str(r[0]) for r in rows)
 
     def rotate(self, ident: str) -> tuple[str, KeyRecord] | None:
         """Replace a key by a new one with the same user, models and expiry; the old one is revoked."""

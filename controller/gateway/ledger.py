@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 # One row per request, clustered by start time: the key grows with time, so recording a batch touches a
 # few pages at the end of the table however large the ledger is (keyed by the random request id alone, a
@@ -126,6 +126,14 @@ BEHIND_BYTES = 4 * 1024 * 1024
 SLICE_LINES = 64
 GROUPS = {"user": "user", "model": "model", "key": "key_id", "day": "day"}
 Row = tuple[str, float, str, str, str | None, str, int, int, int, int, str | None, int | None]
+
+
+class Lease(NamedTuple):
+    """A lease of a user's daily quota: its id, the tokens it holds, and what is left of the quota beside it."""
+
+    id: str
+    size: int
+    left: int
 
 
 @dataclass(frozen=True)
@@ -280,9 +288,10 @@ class Ledger:
         now: float,
         report: tuple[str, int, int] | None = None,
         single: bool = False,
-    ) -> tuple[str, int] | int:
-        """A lease of ``user``'s daily quota ``limit`` for a request that may cost ``tokens``: (its id, how many
-        tokens it holds, at least ``tokens``), or, when even ``tokens`` do not fit, how many do.
+    ) -> Lease | int:
+        """A lease of ``user``'s daily quota ``limit`` for a request that may cost ``tokens`` (its id, how many
+        tokens it holds, at least ``tokens``, and how many are left beside it), or, when even ``tokens`` do not
+        fit, how many do.
 
         ``report`` closes the asker's previous lease: (its id, the requests it admitted, the tokens they may
         cost); from then on it holds only those, until they are recorded. ``single``: a lease of exactly
@@ -319,7 +328,7 @@ class Ledger:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return lease_id, size
+        return Lease(lease_id, size, room - size)
 
     def booked(self, user: str) -> int:
         """Tokens ``user``'s leases still hold (requests in flight, and what open leases have not spent)."""

@@ -25,7 +25,14 @@ from controller.render.envoy import AUTH_TIMEOUT_MS, FRONT_SOCKET, MIB
 from controller.spec.models import ForwardAuth
 
 # What the gatekeeper's answer says about the caller, copied onto the request in `front: caddy`.
-IDENTITY_HEADERS = ["X-Fleet-User", "X-Fleet-Groups", "X-Fleet-Models", "X-Fleet-Key-Id", "X-Fleet-Daily-Tokens"]
+IDENTITY_HEADERS = [
+    "X-Fleet-User",
+    "X-Fleet-Groups",
+    "X-Fleet-Models",
+    "X-Fleet-Key-Id",
+    "X-Fleet-Rpm",
+    "X-Fleet-Daily-Tokens",
+]
 # Identity headers of other proxies and SSO outposts: a client's never reach anything behind the gateway.
 FOREIGN_IDENTITY_HEADERS = [
     "Remote-User",

@@ -53,6 +53,12 @@ GATEKEEPER_CLUSTER = "gatekeeper"
 CREDENTIALS = ["authorization", "x-api-key", "cookie"]
 # How long the Lua filter waits for the gatekeeper before answering 503.
 AUTH_TIMEOUT_MS = 2000
+# Users whose request rate Envoy keeps at once (one token bucket each, least recently used dropped first: a
+# dropped user starts again with a full bucket, so keep it above the number of users active within a minute).
+RATE_LIMITED_USERS_MAX = 10_000
+# Envoy's local rate limit marks the 429s it makes with this header; the Lua filter turns them into the
+# OpenAI error shape with Retry-After, and removes it.
+RATE_LIMITED_HEADER = "x-fleet-rate-limited"
 
 
 @renderer("envoy")
@@ -189,6 +195,7 @@ def listener(
                                     },
                                 },
                                 usage_from_json(),
+                                *user_rate_limit(plan),
                                 {
                                     "name": "envoy.filters.http.router",
                                     "typed_config": {
@@ -223,6 +230,61 @@ def strip_client_headers(trusted: bool = False) -> dict[str, Any]:
             },
         },
     }
+
+
+def rpm_values(plan: Plan) -> list[int]:
+    """Every request rate a user can have: the spec's users' and groups' `rpm` (a user's is one of these)."""
+    fleet = plan.fleet
+    return sorted(
+        {u.rpm for u in fleet.users if u.rpm is not None} | {g.rpm for g in fleet.groups if g.rpm is not None}
+    )
+
+
+def user_rate_limit(plan: Plan) -> list[dict[str, Any]]:
+    """Request rates (`rpm`), held in Envoy: one token bucket per user, shared by every worker thread.
+
+    The Lua filter puts the gatekeeper's answer on the request (x-fleet-user, and x-fleet-rpm for a user
+    with a rate); this filter, after it, takes one token per request from that user's bucket: up to `rpm`
+    at once, refilled continuously at `rpm` a minute, exactly the gatekeeper's former bucket, without a
+    round trip. A bucket per distinct rate in the spec, per user (the user's name a wildcard entry: Envoy
+    makes a bucket for each name it sees). Requests without x-fleet-rpm (users without a rate, and the
+    gatekeeper's own pages) draw from a default bucket too large to refuse anything. No user has a rate:
+    no filter.
+    """
+    rates = rpm_values(plan)
+    if not rates:
+        return []
+    everything = {"max_tokens": 1_000_000_000, "tokens_per_fill": 1_000_000_000, "fill_interval": "1s"}
+    return [
+        {
+            "name": "envoy.filters.http.local_ratelimit",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+                "stat_prefix": "user_rpm",
+                "token_bucket": everything,
+                "filter_enabled": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+                "filter_enforced": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+                "always_consume_default_token_bucket": False,
+                "max_dynamic_descriptors": RATE_LIMITED_USERS_MAX,
+                "response_headers_to_add": [{"header": {"key": RATE_LIMITED_HEADER, "value": "1"}}],
+                "rate_limits": [
+                    {
+                        "actions": [
+                            {"request_headers": {"header_name": "x-fleet-rpm", "descriptor_key": "rpm"}},
+                            {"request_headers": {"header_name": "x-fleet-user", "descriptor_key": "user"}},
+                        ]
+                    }
+                ],
+                "descriptors": [
+                    {
+                        "entries": [{"key": "rpm", "value": str(rpm)}, {"key": "user"}],
+                        "token_bucket": {"max_tokens": rpm, "tokens_per_fill": rpm, "fill_interval": "60s"},
+                    }
+                    for rpm in rates
+                ],
+            },
+        }
+    ]
 
 
 def usage_from_json() -> dict[str, Any]:
@@ -292,7 +354,9 @@ def lua_source(plan: Plan, trusted: bool = False) -> str:
         f"  max_n = {MAX_N},\n"
         f"  gatekeeper = {_lua_string(GATEKEEPER_CLUSTER)},\n"
         f"  auth_timeout_ms = {AUTH_TIMEOUT_MS},\n"
+        f"  revocation_delay_ms = {plan.fleet.auth.revocation_delay_s * 1000},\n"
         f"  trusted = {'true' if trusted else 'false'},\n"
+        f"  rate_limited = {_lua_string(RATE_LIMITED_HEADER)},\n"
         "}\n"
     )
     return config + asset("envoy", "model_router.lua").read_text(encoding="utf-8")
@@ -344,7 +408,7 @@ def route_config(plan: Plan) -> dict[str, Any]:
             }
         )
     # Browser sign-in (OIDC) and the gatekeeper's own pages; its decision endpoints are Envoy's alone.
-    for internal in ("/auth/check", "/auth/reserve"):
+    for internal in ("/auth/check", "/auth/reserve", "/auth/sync"):
         routes.append(_direct({"path": internal}, 404, _error_json("Not found", "invalid_request_error", "not_found")))
     routes.append(
         {

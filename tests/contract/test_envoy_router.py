@@ -266,11 +266,11 @@ def test_forbidden_model_is_403_and_never_reaches_a_worker(gateway: Gateway) -> 
 def test_spoofed_identity_headers_grant_nothing(gateway: Gateway) -> None:
     """Identity comes from the gatekeeper's answer only: a client's X-Fleet-* headers are dropped."""
     # beta is a stub: it shows the identity headers Envoy forwarded.
-    spoof = {"x-fleet-user": "tester", "x-fleet-models": "*", "x-fleet-key-id": "0123456789ab", "x-fleet-grant": "9"}
+    spoof = {"x-fleet-user": "tester", "x-fleet-models": "*", "x-fleet-key-id": "0123456789ab", "x-fleet-rpm": "9"}
     assert_openai_error(chat(gateway, {"model": "alpha"}, user="kid", extra=spoof), 403, "model_not_allowed")
     assert_openai_error(chat(gateway, {"model": "alpha"}, user=None, extra=spoof), 401, "missing_api_key")
     seen = chat(gateway, {"model": "beta"}, user="kid", extra=spoof).json()["headers"]
-    assert seen["x-fleet-user"] == "kid" and seen["x-fleet-models"] == "beta" and "x-fleet-grant" not in seen
+    assert seen["x-fleet-user"] == "kid" and seen["x-fleet-models"] == "beta" and "x-fleet-rpm" not in seen
 
 
 def test_credentials_never_reach_a_worker_the_worker_secret_does(gateway: Gateway) -> None:

@@ -28,6 +28,7 @@ def add_users(data: dict[str, Any]) -> None:
     data["users"] += [
         {"name": "kid", "groups": ["kids"]},
         {"name": "slow", "models": ["*"], "rpm": 3},
+        {"name": "busy", "models": ["*"], "rpm": 4},
         {"name": "thrifty", "models": ["*"], "daily_tokens": 300},
     ]
 
@@ -135,6 +136,37 @@ def test_rate_limit_429_with_retry_after(stack: Stack) -> None:
     assert 15 <= int(limited.headers["retry-after"]) <= 20
 
 
+def test_rate_limit_holds_across_keys_threads_and_connections(stack: Stack) -> None:
+    """One bucket per user, held by Envoy for all its worker threads: three keys of one user, ten requests at
+    once on ten connections, exactly the user's 4 a minute pass; another user's bucket is untouched."""
+    keys = [new_key(stack, "busy") for _ in range(3)]
+    barrier = threading.Barrier(10)
+
+    def one(i: int) -> httpx.Response:
+        barrier.wait(30)
+        return post(stack, "/embeddings", EMBED, {"Authorization": f"Bearer {keys[i % 3]}"})
+
+    replies: list[httpx.Response] = [httpx.Response(0)] * 10
+    threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, one(i))) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    codes = sorted(r.status_code for r in replies)
+    assert codes == [200] * 4 + [429] * 6, [(r.status_code, r.text[:120]) for r in replies]
+    for refused in (r for r in replies if r.status_code == 429):
+        assert refused.json()["error"] == {
+            "message": "rate limit of 4 requests per minute reached",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        }
+        assert refused.headers["content-type"] == "application/json" and refused.headers["retry-after"] == "15"
+        assert "x-fleet-rate-limited" not in refused.headers
+    assert post(stack, "/embeddings", EMBED, {"Authorization": f"Bearer {stack.key}"}).status_code == 200
+
+
+@pytest.mark.timeout(60, func_only=True)  # a few CLI calls and `watch`'s 30 s at most
 def test_revoked_key_stops_within_the_stated_delay(stack: Stack) -> None:
     key = new_key(stack, "demo")
     headers = {"Authorization": f"Bearer {key}"}
@@ -310,3 +342,27 @@ def test_gatekeeper_restart_under_load_loses_no_usage(stack: Stack) -> None:
 
     wait_until(lambda: recorded() >= ok[0], 15, "every accepted request in the ledger")
     assert recorded() == ok[0]
+
+
+def allowed_decisions(stack: Stack) -> float:
+    text = httpx.get(f"http://127.0.0.1:{stack.ports.gatekeeper}/metrics", timeout=5).text
+    found = re.search(r'^fleet_gatekeeper_decisions_total\{result="allow"\} ([0-9.e+]+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_restarted_gatekeeper_is_asked_again_about_kept_keys(stack: Stack) -> None:
+    """Envoy keeps a key's answer (no round trip per request), until its sync sees a new gatekeeper epoch: a
+    restarted gatekeeper (perhaps with another spec) is asked again, once per Envoy worker thread."""
+    known = {"Authorization": f"Bearer {stack.key}"}
+    for _ in range(12):  # separate connections: both worker threads hold the answer
+        assert post(stack, "/embeddings", EMBED, known).status_code == 200
+    before = allowed_decisions(stack)
+    for _ in range(12):
+        assert post(stack, "/embeddings", EMBED, known).status_code == 200
+    assert allowed_decisions(stack) == before  # kept: the gatekeeper was not asked
+    assert stack.ctl("restart", "gatekeeper").returncode == 0
+    stack.wait_healthy()
+    assert allowed_decisions(stack) == 0  # a new process
+    for _ in range(12):
+        assert post(stack, "/embeddings", EMBED, known).status_code == 200
+    assert 1 <= allowed_decisions(stack) <= 2

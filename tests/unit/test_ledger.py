@@ -207,7 +207,8 @@ def test_leases_keep_requests_in_flight_within_the_quota(tmp_path: Path) -> None
     def lease(tokens: int, report: tuple[str, int, int] | None = None) -> tuple[str, int]:
         granted = ledger.lease("me", tokens, 1000, now, report)
         assert isinstance(granted, tuple), granted
-        return granted
+        assert granted.left == 1000 - ledger.booked("me") - ledger.tokens_on("me", utc_day(now))
+        return granted.id, granted.size
 
     a, size = lease(60)
     assert size == 60  # a twentieth of the quota is 50; a lease holds at least the request's bound
