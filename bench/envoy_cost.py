@@ -29,7 +29,8 @@ from typing import Any
 
 import yaml
 
-from bench.gateway import MODEL, STUB_GPU, STUB_MODEL, Target, wrk
+from bench.load import MODEL, Target, wrk
+from bench.paths import STUB_GPU, STUB_MODEL
 from bench.report import machine, write_section
 from controller.gateway.certs import ensure_sds_file
 from controller.gateway.keystore import KeyStore

@@ -25,7 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.gateway import Target, stub_fleet, stub_path, wrk
+from bench.load import Target, wrk
+from bench.paths import stub_fleet, stub_path
 from bench.report import machine, write_section
 
 FRONTS = ("envoy", "caddy")

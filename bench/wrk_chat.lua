@@ -1,6 +1,7 @@
 -- wrk script for bench/gateway.py: POST a small chat completion (keep-alive), count non-2xx answers,
 -- and print one machine-readable line: BENCH_JSON {...}.
--- Environment: BENCH_KEY (a bearer token; none for the direct path), BENCH_MODEL (default "bench").
+-- Environment: BENCH_KEY (a bearer token; none for the direct path), BENCH_MODEL (default "bench"),
+-- BENCH_KEYS_FILE (one key per line: each request carries the next, cycled; overrides BENCH_KEY).
 wrk.method = "POST"
 wrk.body = '{"model":"' .. (os.getenv("BENCH_MODEL") or "bench")
   .. '","messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
@@ -16,8 +17,27 @@ function setup(thread)
   table.insert(threads, thread)
 end
 
+local keyed = {} -- one whole request per key, built once per thread
+local turn = 0
+
 function init(args)
   non2xx = 0
+  local path = os.getenv("BENCH_KEYS_FILE")
+  if path and path ~= "" then
+    for line in io.lines(path) do
+      if line ~= "" then
+        local headers = { ["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. line }
+        keyed[#keyed + 1] = wrk.format("POST", nil, headers, wrk.body)
+      end
+    end
+  end
+end
+
+if os.getenv("BENCH_KEYS_FILE") and os.getenv("BENCH_KEYS_FILE") ~= "" then
+  function request()
+    turn = turn % #keyed + 1
+    return keyed[turn]
+  end
 end
 
 function response(status, headers, body)
