@@ -98,6 +98,15 @@ class Handler(BaseHTTPRequestHandler):
         self.dispatch("HEAD")
 
 
+def usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """An OpenAI `usage` object."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
 def serve(host: str, port: int, routes: dict[tuple[str, str], Route]) -> None:
     handler = type("RoutedHandler", (Handler,), {"routes": routes})
     server = ThreadingHTTPServer((host, port), handler)
@@ -139,11 +148,7 @@ def chat_response(model: str, words: list[str], prompt_tokens: int, owner: str) 
         "choices": [
             {"index": 0, "message": {"role": "assistant", "content": " ".join(words)}, "finish_reason": "length"}
         ],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": len(words),
-            "total_tokens": prompt_tokens + len(words),
-        },
+        "usage": usage_of(prompt_tokens, len(words)),
         "system_fingerprint": owner,
     }
 
@@ -176,11 +181,7 @@ def chat_stream(model: str, words: list[str], prompt_tokens: int, include_usage:
             "created": created,
             "model": model,
             "choices": [],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": len(words),
-                "total_tokens": prompt_tokens + len(words),
-            },
+            "usage": usage_of(prompt_tokens, len(words)),
         }
         yield f"data: {json.dumps(usage)}\n\n"
     yield "data: [DONE]\n\n"
@@ -193,11 +194,7 @@ def completion_response(model: str, words: list[str], prompt_tokens: int, owner:
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "text": " ".join(words), "finish_reason": "length"}],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": len(words),
-            "total_tokens": prompt_tokens + len(words),
-        },
+        "usage": usage_of(prompt_tokens, len(words)),
         "system_fingerprint": owner,
     }
 
@@ -231,11 +228,7 @@ def completion_stream(
             "created": created,
             "model": model,
             "choices": [],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": len(words),
-                "total_tokens": prompt_tokens + len(words),
-            },
+            "usage": usage_of(prompt_tokens, len(words)),
         }
         yield f"data: {json.dumps(usage)}\n\n"
     yield "data: [DONE]\n\n"
