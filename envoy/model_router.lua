@@ -197,12 +197,16 @@ local function json_string(s)
   end) .. '"'
 end
 
-local function reject(handle, status, message, err_type, code, param)
-  local body = '{"error":{"message":' .. json_string(message) .. ',"type":' .. json_string(err_type)
+-- An error body in the OpenAI shape.
+local function error_json(message, err_type, code, param)
+  return '{"error":{"message":' .. json_string(message) .. ',"type":' .. json_string(err_type)
     .. ',"param":' .. (param and json_string(param) or "null") .. ',"code":' .. json_string(code) .. "}}"
+end
+
+local function reject(handle, status, message, err_type, code, param)
   local headers = { [":status"] = tostring(status), ["content-type"] = "application/json" }
   if status == 401 then headers["www-authenticate"] = 'Bearer realm="fleet"' end
-  handle:respond(headers, body)
+  handle:respond(headers, error_json(message, err_type, code, param))
 end
 
 local function check_count(handle, members, field, limit)
@@ -305,9 +309,9 @@ local function synced(handle)
     if sync.epoch ~= nil then drop_answers(nil) end
     sync.epoch = reply["x-fleet-epoch"]
   end
-  local revoked, any = {}, false
-  for id in string.gmatch(reply["x-fleet-revoked"] or "", "[^,]+") do revoked[id], any = true, true end
-  if any then drop_answers(revoked) end
+  local revoked = {}
+  for id in string.gmatch(reply["x-fleet-revoked"] or "", "[^,]+") do revoked[id] = true end
+  if next(revoked) ~= nil then drop_answers(revoked) end
   if began > sync.at then sync.at = began end
   sync.since = reply["x-fleet-since"]
   return true
@@ -660,9 +664,8 @@ local function rate_limited(handle, headers, rpm)
   headers:remove(FLEET.rate_limited)
   headers:replace("content-type", "application/json")
   headers:replace("retry-after", tostring(math.ceil(60 / tonumber(rpm))))
-  handle:body():setBytes('{"error":{"message":' .. json_string(string.format(
-    "rate limit of %s requests per minute reached", rpm)) .. ',"type":"invalid_request_error","param":null,'
-    .. '"code":"rate_limit_exceeded"}}')
+  handle:body():setBytes(error_json(string.format("rate limit of %s requests per minute reached", rpm),
+    "invalid_request_error", "rate_limit_exceeded"))
 end
 
 function envoy_on_response(handle)

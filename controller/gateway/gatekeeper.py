@@ -21,11 +21,12 @@ provider that cannot be asked is a 503).
 A user's request rate is not decided here: the answer names it
 (`X-Fleet-Rpm`), and Envoy holds it, one token bucket per user shared by all
 its worker threads (controller/render/envoy.py, user_rate_limit), so neither
-the number of keys nor of threads changes what a user may send. Per decision
-it enforces the daily token quota (429 until the next UTC day); a reused
-answer is checked against the quota again when it expires, and each request
-of a user with a quota books its most from a lease (`POST /auth/reserve`). A background thread reads
-Envoy's usage log into the ledger; another (with ``--tls-dir``) publishes
+the number of keys nor of threads changes what a user may send. A decision
+refuses a user whose daily token quota is used up (429 until the next UTC
+day), and each request of a user with a quota books its most from a lease
+(`POST /auth/reserve`), which is refused once it no longer fits, however
+long Envoy keeps the user's answer. A background thread reads Envoy's usage
+log into the ledger; another (with ``--tls-dir``) publishes
 the certificate Envoy serves, from Caddy's storage or the spec's files
 (controller/gateway/certs.py).
 """
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -340,8 +341,8 @@ def create_app(
         if publisher is not None:
             publisher.stop()
 
-    # This process, with this spec: Envoy drops the answers it holds when it changes.
-    epoch = hashlib.sha256(f"{os.getpid()}:{time.time()}:".encode() + spec_path.read_bytes()).hexdigest()[:16]
+    # This process (and so the spec it read): Envoy drops the answers it holds when it changes.
+    epoch = secrets.token_hex(8)
     app = FastAPI(title="fleet gatekeeper", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.gate = gate
 

@@ -153,37 +153,20 @@ def chat_response(model: str, words: list[str], prompt_tokens: int, owner: str) 
     }
 
 
+def event(ident: str, kind: str, created: int, model: str, choices: list[Any], **extra: Any) -> str:
+    """One server-sent event of a streamed answer (``kind``: chat.completion.chunk or text_completion)."""
+    chunk = {"id": ident, "object": kind, "created": created, "model": model, "choices": choices, **extra}
+    return f"data: {json.dumps(chunk)}\n\n"
+
+
 def chat_stream(model: str, words: list[str], prompt_tokens: int, include_usage: bool) -> Iterator[str]:
-    ident = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
+    ident, created, kind = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), "chat.completion.chunk"
     for i, word in enumerate(words):
         delta = {"role": "assistant", "content": word} if i == 0 else {"content": " " + word}
-        chunk = {
-            "id": ident,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
-        }
-        yield f"data: {json.dumps(chunk)}\n\n"
-    final = {
-        "id": ident,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}],
-    }
-    yield f"data: {json.dumps(final)}\n\n"
+        yield event(ident, kind, created, model, [{"index": 0, "delta": delta, "finish_reason": None}])
+    yield event(ident, kind, created, model, [{"index": 0, "delta": {}, "finish_reason": "length"}])
     if include_usage:
-        usage = {
-            "id": ident,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [],
-            "usage": usage_of(prompt_tokens, len(words)),
-        }
-        yield f"data: {json.dumps(usage)}\n\n"
+        yield event(ident, kind, created, model, [], usage=usage_of(prompt_tokens, len(words)))
     yield "data: [DONE]\n\n"
 
 
@@ -204,33 +187,14 @@ def completion_stream(
 ) -> Iterator[str]:
     """`/v1/completions` with `stream: true`: text_completion chunks, the usage chunk (choices empty) when asked,
     then [DONE]. ``zero_usage_per_chunk``: each chunk carries zeroed usage when usage is asked (Ollama does)."""
-    ident = f"cmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    zero = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    ident, created, kind = f"cmpl-{uuid.uuid4().hex}", int(time.time()), "text_completion"
+    extra = {"usage": usage_of(0, 0)} if include_usage and zero_usage_per_chunk else {}
     for i, word in enumerate(words):
-        last = i == len(words) - 1
-        chunk: dict[str, Any] = {
-            "id": ident,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {"index": 0, "text": word if i == 0 else " " + word, "finish_reason": "length" if last else None}
-            ],
-        }
-        if include_usage and zero_usage_per_chunk:
-            chunk["usage"] = zero
-        yield f"data: {json.dumps(chunk)}\n\n"
+        finish = "length" if i == len(words) - 1 else None
+        text = word if i == 0 else " " + word
+        yield event(ident, kind, created, model, [{"index": 0, "text": text, "finish_reason": finish}], **extra)
     if include_usage:
-        usage = {
-            "id": ident,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [],
-            "usage": usage_of(prompt_tokens, len(words)),
-        }
-        yield f"data: {json.dumps(usage)}\n\n"
+        yield event(ident, kind, created, model, [], usage=usage_of(prompt_tokens, len(words)))
     yield "data: [DONE]\n\n"
 
 
