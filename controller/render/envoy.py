@@ -475,7 +475,11 @@ def _upstream(cluster: str, retries: bool = True) -> dict[str, Any]:
                     },
                 }
             ],
-            "host_selection_retry_max_attempts": 5,
+            # Least-request balancing picks two hosts at random and takes the one with fewer requests in flight:
+            # with two replicas, a dead one (no requests in flight) wins 3 times in 4, so 5 re-picks still landed
+            # the retry on it about 1 time in 4 (a 503 seen in CI while a replica was killed under load). 50
+            # re-picks (an in-memory choice, no I/O) leave it one in a million.
+            "host_selection_retry_max_attempts": 50,
             "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
         }
     return route
