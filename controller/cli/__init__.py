@@ -10,9 +10,12 @@ import sys
 
 import typer
 
+from controller.cli import deploy as deploy_cmd
 from controller.cli import down as down_cmd
+from controller.cli import images as images_cmd
 from controller.cli import keys as keys_cmd
 from controller.cli import logs as logs_cmd
+from controller.cli import mesh as mesh_cmd
 from controller.cli import plan as plan_cmd
 from controller.cli import process as process_cmd
 from controller.cli import render as render_cmd
@@ -42,7 +45,10 @@ app.command("stop")(process_cmd.stop)
 app.command("start")(process_cmd.start)
 app.command("logs")(logs_cmd.logs)
 app.command("usage")(usage_cmd.usage)
+app.command("mesh")(mesh_cmd.mesh)
+app.command("deploy")(deploy_cmd.deploy)
 app.add_typer(keys_cmd.app, name="keys")
+app.add_typer(images_cmd.app, name="images")
 
 
 def main() -> None:

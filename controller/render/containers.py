@@ -307,8 +307,11 @@ def _edge_containers(plan: Plan) -> list[Container]:
                 "fleet-gatekeeper",
                 "--spec",
                 "/etc/fleet/fleet.yaml",
+                # The state volume is /var/lib/fleet and the gatekeeper's files are in its gatekeeper/ folder, as
+                # in a local stack's state folder: an operator's `podman exec fleet-gatekeeper controller keys
+                # create --state-dir /var/lib/fleet --spec /etc/fleet/fleet.yaml` finds the same key store.
                 "--state-dir",
-                "/var/lib/fleet",
+                "/var/lib/fleet/gatekeeper",
                 "--usage-log",
                 "/var/log/fleet/usage.log",
                 "--tls-dir",

@@ -1,0 +1,160 @@
+"""What each host must hold after a deploy: files (with modes), services and the digests that say when they change.
+
+Built from the plan alone (plus the controller's secrets and mesh keys), so it is the same on every run for the
+same spec: a second deploy of an unchanged spec finds nothing to do.
+
+- Rendered files: ``<host>/...`` of `render_all` go to ``/etc/fleet/...`` on that host; Quadlet units
+  (``<host>/quadlet/*``) to ``/etc/containers/systemd/``.
+- ``/etc/fleet/fleet.yaml``: the spec as loaded (hosts file merged, architectures resolved), so a container
+  that reads the spec needs no other file of the operator's.
+- Secrets (mode 0600, never in a rendered file): the worker secret and its Envoy SDS form on every host; the
+  host's WireGuard private key; the OIDC client secret on the gateway (from the controller's machine, at the
+  path the spec names, which is where the gatekeeper's container has it mounted from).
+- Models: a local GGUF that a llama.cpp worker of the host reads, at the host path its container mounts.
+- Services: one per container of the host (controller/render/containers.py), with a digest over its
+  definition and every pushed file it mounts, so a changed Envoy config restarts Envoy and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from controller.backends.llamacpp import LlamaCpp
+from controller.mesh import wireguard
+from controller.plan.models import Plan
+from controller.render import render_all
+from controller.render.containers import CONFIG_DIR, SECRETS_HOST_DIR, Container, host_containers
+from controller.secrets import KEY_FILE, SDS_FILE
+from controller.spec import LoadedSpec
+
+QUADLET_DIR = "/etc/containers/systemd"
+SPEC_PATH = f"{CONFIG_DIR}/fleet.yaml"
+# What the last deploy left on a host: the digests of the files it pushed and of the services it started.
+DEPLOY_DIR = "/var/lib/fleet/deploy"
+MANIFEST = f"{DEPLOY_DIR}/manifest.json"
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str  # absolute, on the host
+    source: Path | None  # a local file to copy (a model), or None: ``content``
+    content: bytes = b""
+    mode: int = 0o644
+    secret: bool = False
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        if self.source is not None:
+            with self.source.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    h.update(chunk)
+        else:
+            h.update(self.content)
+        return h.hexdigest()
+
+
+@dataclass
+class HostBundle:
+    host: str
+    runtime: str
+    files: dict[str, RemoteFile] = field(default_factory=dict)
+    services: dict[str, str] = field(default_factory=dict)  # service (container) name -> digest
+    workers: list[str] = field(default_factory=list)  # services that are workers, gated on an inference
+    digests: dict[str, str] = field(default_factory=dict)  # path -> sha256, filled by ``seal``
+
+    def add(self, f: RemoteFile) -> None:
+        self.files[f.path] = f
+
+    def seal(self, containers: list[Container]) -> None:
+        self.digests = {path: f.digest for path, f in sorted(self.files.items())}
+        for c in containers:
+            self.services[c.name] = service_digest(c, self.digests)
+
+
+def service_digest(c: Container, digests: dict[str, str]) -> str:
+    """A digest of the container's definition and of every pushed file under a path it mounts or reads."""
+    mounted = [v.source for v in c.volumes if v.is_bind] + [path for _, path, _ in c.secrets]
+    files = {
+        path: digest
+        for path, digest in digests.items()
+        if any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounted)
+    }
+    doc = {"container": dataclasses.asdict(c), "files": files}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolved_spec(loaded: LoadedSpec) -> str:
+    """The spec as loaded (hosts merged, `arch` resolved, `arch_from` dropped): readable without other files."""
+    data = loaded.fleet.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+    data.pop("hosts_file", None)
+    for model in data.get("models", []):
+        model.pop("arch_from", None)
+    header = f"# The fleet spec as `controller deploy` resolved it from {loaded.path.name}; do not edit here.\n"
+    return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """The controller's local secret files for a fleet (see controller/deploy/engine.py's ``FleetState``)."""
+
+    worker_dir: Path  # worker.key, worker-sds.yaml
+    mesh_keys: dict[str, Path]  # host -> private key file (WireGuard), empty without a WireGuard mesh
+
+
+def build(plan: Plan, loaded: LoadedSpec, secrets: Secrets, mesh_files: dict[str, str]) -> dict[str, HostBundle]:
+    """Every host's bundle, by host name (hosts in spec order)."""
+    rendered = render_all(plan)
+    spec_text = resolved_spec(loaded).encode()
+    out: dict[str, HostBundle] = {}
+    for host in plan.fleet.hosts or []:
+        b = HostBundle(host.name, host.runtime)
+        prefix = f"{host.name}/"
+        for rel, text in rendered.items():
+            if rel.startswith(prefix):
+                b.add(RemoteFile(_remote_path(rel[len(prefix) :]), None, text.encode()))
+        for rel, text in mesh_files.items():
+            if rel.startswith(prefix):
+                b.add(RemoteFile(_remote_path(rel[len(prefix) :]), None, text.encode()))
+        b.add(RemoteFile(SPEC_PATH, None, spec_text))
+        for name in (KEY_FILE, SDS_FILE):
+            b.add(RemoteFile(f"{SECRETS_HOST_DIR}/{name}", secrets.worker_dir / name, mode=0o600, secret=True))
+        if host.name in secrets.mesh_keys:
+            b.add(RemoteFile(wireguard.PRIVATE_KEY_PATH, secrets.mesh_keys[host.name], mode=0o600, secret=True))
+        oidc = plan.fleet.auth.oidc
+        if oidc is not None and host.name == plan.fleet.gateway.host:
+            b.add(RemoteFile(oidc.client_secret_file, Path(oidc.client_secret_file), mode=0o600, secret=True))
+        for worker in plan.workers_on(host.name):
+            if worker.backend == "llamacpp":
+                _add_model(b, plan, loaded, worker.model)
+        containers = host_containers(plan, host.name)
+        b.workers = [w.name for w in plan.workers_on(host.name)]
+        b.seal(containers)
+        out[host.name] = b
+    return out
+
+
+def _remote_path(rel: str) -> str:
+    if rel.startswith("quadlet/"):
+        return f"{QUADLET_DIR}/{rel[len('quadlet/') :]}"
+    return f"{CONFIG_DIR}/{rel}"
+
+
+def _add_model(b: HostBundle, plan: Plan, loaded: LoadedSpec, model_name: str) -> None:
+    model = plan.model(model_name)
+    source = str(model.source.gguf or "")
+    if not source or "://" in source:
+        return  # downloaded by the worker itself
+    location, mount = LlamaCpp().model_location(model)
+    if mount is None:
+        return
+    local = Path(source) if posixpath.isabs(source) else loaded.base_dir / source
+    remote = posixpath.join(mount, posixpath.relpath(location, "/models"))
+    b.add(RemoteFile(remote, local, mode=0o644))

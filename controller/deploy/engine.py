@@ -1,0 +1,367 @@
+"""One deploy, start to end: lock, bundle, probe, preflight, diff, then (unless `--check`) apply per host.
+
+Exit codes (``Outcome.exit_code``): 0 every host applied or already up to date; 10 some hosts failed and were
+rolled back while the others were applied; 4 nothing was changed (a preflight, probe or spec problem, or the
+operator said no); 75 another deploy holds the lock.
+"""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from controller.deploy import audit, bundle, diff
+from controller.deploy.ansible import Connection, run_playbook
+from controller.deploy.lock import fleet_lock
+from controller.errors import DeployError
+from controller.mesh import wireguard
+from controller.plan.models import Plan
+from controller.render.containers import SECRETS_HOST_DIR, START_PERIOD_S
+from controller.secrets import KEY_FILE, ensure_worker_secret
+from controller.spec import LoadedSpec
+
+EXIT_APPLIED = 0
+EXIT_NOTHING_DONE = 4
+EXIT_ROLLED_BACK = 10
+
+
+@dataclass(frozen=True)
+class FleetState:
+    """The controller's records of one fleet, under ``<state-dir>/fleets/<name>/``."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, state_dir: Path, fleet: str) -> FleetState:
+        return cls(state_dir / "fleets" / fleet)
+
+    @property
+    def secrets(self) -> Path:
+        return self.root / "secrets"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "deploy.lock"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.root / "audit.log"
+
+    @property
+    def mesh_state(self) -> Path:
+        return self.root.parent.parent  # the state folder: `controller mesh` keeps the keys in its mesh/<fleet>/
+
+
+@dataclass
+class Options:
+    hosts: list[str] | None = None  # None: every host
+    check: bool = False
+    yes: bool = False
+    wait_s: float = 0
+    compose: str | None = None  # the compose command on hosts; None: `podman-compose`, or `docker compose`
+    images: dict[str, Path] = field(default_factory=dict)  # project image tag -> archive to load where missing
+    conn: Connection = field(default_factory=Connection)
+
+
+@dataclass
+class Outcome:
+    fleet: str
+    check: bool
+    changes: dict[str, diff.HostChanges] = field(default_factory=dict)
+    applied: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    failed: dict[str, dict[str, str]] = field(default_factory=dict)  # host -> step, message
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        if self.problems:
+            return EXIT_NOTHING_DONE
+        if self.failed:
+            return EXIT_ROLLED_BACK if self.applied or self.unchanged else EXIT_NOTHING_DONE
+        return EXIT_APPLIED
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "fleet": self.fleet,
+            "check": self.check,
+            "exit_code": self.exit_code,
+            "seconds": round(self.seconds, 2),
+            "problems": self.problems,
+            "hosts": {
+                h: {
+                    **c.as_dict(),
+                    "result": "failed"
+                    if h in self.failed
+                    else "applied"
+                    if h in self.applied
+                    else "no change"
+                    if c.empty
+                    else "checked",
+                    **({"failure": self.failed[h]} if h in self.failed else {}),
+                }
+                for h, c in self.changes.items()
+            },
+        }
+
+
+Progress = Callable[[str, str], None]  # (host or "", message)
+
+
+def deploy(loaded: LoadedSpec, plan: Plan, state_dir: Path, opts: Options, progress: Progress) -> Outcome:
+    fleet = plan.fleet
+    names = [h.name for h in fleet.hosts or []]
+    hosts = opts.hosts or names
+    unknown = sorted(set(hosts) - set(names))
+    if unknown:
+        raise DeployError(f"--host {', '.join(unknown)}: no such host in the spec; hosts: {', '.join(names)}")
+    state = FleetState.of(state_dir, fleet.name)
+    started = time.monotonic()
+    outcome = Outcome(fleet.name, opts.check)
+    command = "deploy --check" if opts.check else "deploy"
+    with fleet_lock(state.lock, fleet.name, command, opts.wait_s) as holder:
+        bundles = _bundles(loaded, plan, state)
+        progress("", f"probing {len(hosts)} host(s)")
+        probes = _probe(plan, bundles, hosts, opts)
+        for host in hosts:
+            problems = diff.preflight(plan, bundles[host], probes[host], _compose(opts, probes[host]))
+            outcome.problems += problems
+        if outcome.problems:
+            _audit(state, loaded, outcome, holder, started)
+            return outcome
+        for host in hosts:
+            outcome.changes[host] = diff.changes(bundles[host], probes[host], _mesh_interface(plan))
+            for line in outcome.changes[host].lines():
+                progress(host, line)
+        if opts.check:
+            outcome.unchanged = [h for h in hosts if outcome.changes[h].empty]
+            outcome.seconds = time.monotonic() - started
+            return outcome
+        todo = [h for h in hosts if not outcome.changes[h].empty]
+        outcome.unchanged = [h for h in hosts if outcome.changes[h].empty]
+        if todo and not opts.yes:
+            raise DeployError("changes found and --yes not given: nothing was changed (review with --check)")
+        if todo:
+            _apply(plan, bundles, probes, todo, outcome, state, opts, progress)
+        outcome.seconds = time.monotonic() - started
+        _audit(state, loaded, outcome, holder, started)
+    return outcome
+
+
+def _mesh_interface(plan: Plan) -> str | None:
+    return plan.fleet.mesh.interface if plan.fleet.mesh.kind == "wireguard" else None
+
+
+def _compose(opts: Options, probe: dict[str, Any]) -> str:
+    if opts.compose:
+        return opts.compose
+    tools = probe.get("tools", {})
+    return "podman-compose" if tools.get("podman-compose") or not tools.get("docker") else "docker compose"
+
+
+def _bundles(loaded: LoadedSpec, plan: Plan, state: FleetState) -> dict[str, bundle.HostBundle]:
+    ensure_worker_secret(state.secrets)
+    mesh_keys: dict[str, Path] = {}
+    mesh_files: dict[str, str] = {}
+    if plan.fleet.mesh.kind == "wireguard":
+        public = wireguard.ensure_keys(state.mesh_state, plan.fleet)
+        mesh_files = wireguard.mesh_configs(plan.fleet, public)
+        for name in list(mesh_files):
+            if name.endswith(".conf"):
+                mesh_files[name.removesuffix(".conf") + ".sync.conf"] = wireguard.syncconf_text(mesh_files[name])
+        mesh_keys = {
+            h.name: wireguard.private_key_file(state.mesh_state, plan.fleet.name, h.name)
+            for h in plan.fleet.hosts or []
+        }
+    secrets = bundle.Secrets(state.secrets, mesh_keys)
+    return bundle.build(plan, loaded, secrets, mesh_files)
+
+
+def _probe(
+    plan: Plan, bundles: dict[str, bundle.HostBundle], hosts: list[str], opts: Options
+) -> dict[str, dict[str, Any]]:
+    host_vars = {}
+    for host in hosts:
+        args = {
+            "fleet": plan.fleet.name,
+            "paths": sorted(bundles[host].digests),
+            "manifest": bundle.MANIFEST,
+            "interface": _mesh_interface(plan),
+            "compose": opts.compose or "podman-compose",
+        }
+        host_vars[host] = {"fleet_probe_args": base64.b64encode(json.dumps(args).encode()).decode()}
+    results = run_playbook("probe.yml", plan.fleet, hosts, opts.conn, {}, host_vars)
+    probes: dict[str, dict[str, Any]] = {}
+    problems = []
+    for host in hosts:
+        r = results[host]
+        if not r.ok:
+            why = "unreachable over SSH" if r.unreachable else f"probe failed ({r.failed_task})"
+            problems.append(f"{host}: {why}: {r.message}")
+            continue
+        out = r.results.get("probe", {}).get("stdout", "")
+        try:
+            probes[host] = json.loads(out)
+        except ValueError:
+            problems.append(f"{host}: the probe printed no JSON: {out[-200:]!r}")
+    if problems:
+        raise DeployError("preflight failed; nothing was changed anywhere:\n  " + "\n  ".join(problems))
+    return probes
+
+
+def _apply(
+    plan: Plan,
+    bundles: dict[str, bundle.HostBundle],
+    probes: dict[str, dict[str, Any]],
+    todo: list[str],
+    outcome: Outcome,
+    state: FleetState,
+    opts: Options,
+    progress: Progress,
+) -> None:
+    with tempfile.TemporaryDirectory(prefix="fleet-deploy-") as tmp:
+        host_vars = {h: _host_vars(plan, bundles[h], probes[h], outcome.changes[h], Path(tmp) / h, opts) for h in todo}
+        for h in todo:
+            progress(h, "applying")
+        results = run_playbook(
+            "deploy.yml",
+            plan.fleet,
+            todo,
+            opts.conn,
+            {"fleet_deploy_dir": bundle.DEPLOY_DIR},
+            host_vars,
+        )
+    for h in todo:
+        r = results[h]
+        if r.ok:
+            outcome.applied.append(h)
+            progress(h, "applied")
+        else:
+            outcome.failed[h] = {"step": r.failed_task or "?", "message": r.message}
+            progress(h, f"FAILED at {r.failed_task}: {r.message}")
+
+
+def _host_vars(
+    plan: Plan,
+    b: bundle.HostBundle,
+    probe: dict[str, Any],
+    c: diff.HostChanges,
+    stage: Path,
+    opts: Options,
+) -> dict[str, Any]:
+    stage.mkdir(parents=True)
+    staged = False
+    for path in c.files_added + c.files_changed:
+        f = b.files[path]
+        target = stage / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if f.source is not None:
+            shutil.copyfile(f.source, target)
+        else:
+            target.write_bytes(f.content)
+        os.chmod(target, f.mode)
+        staged = True
+    workers = set(b.workers)
+    changed = c.start + c.restart
+    services = [s for s in changed if s not in workers]
+    worker_list = [_worker_gate(plan, s, probe.get("engine") or "podman") for s in changed if s in workers]
+    manifest = {
+        "fleet": plan.fleet.name,
+        "files": b.digests,
+        "services": b.services,
+        "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "by": f"{getpass.getuser()}@{socket.gethostname()}",
+    }
+    previous = probe.get("manifest") or {}
+    mesh = None
+    if c.mesh and plan.fleet.mesh.kind == "wireguard":
+        iface = plan.fleet.mesh.interface
+        prefix = plan.fleet.mesh.subnet.prefixlen if plan.fleet.mesh.subnet else 32
+        mesh = {
+            "interface": iface,
+            "command": wireguard.host_sync_command(iface, f"/etc/fleet/wireguard/{iface}.sync.conf"),
+            "address": f"{plan.host(b.host).address}/{prefix}",
+        }
+    engine = probe.get("engine") or "podman"
+    return {
+        "fleet_stage": str(stage) if staged else None,
+        "fleet_no_log": any(b.files[p].secret for p in c.files_added + c.files_changed),
+        "fleet_remove_files": c.files_removed,
+        "fleet_dirs": [
+            {"path": "/etc/fleet", "mode": "0755"},
+            {"path": "/etc/fleet/secrets", "mode": "0700"},
+            {"path": "/var/log/fleet", "mode": "0755"},
+            {"path": bundle.DEPLOY_DIR, "mode": "0700"},
+        ],
+        "fleet_mesh": mesh,
+        "fleet_images": [
+            {"tag": tag, "archive": str(path)} for tag, path in opts.images.items() if tag in _images_of(plan, b.host)
+        ],
+        "fleet_runtime": b.runtime,
+        "fleet_compose": _compose(opts, probe),
+        "fleet_engine": engine,
+        "fleet_services_start": services,
+        "fleet_workers": worker_list,
+        "fleet_services_remove": c.remove,
+        "fleet_manifest": manifest,
+        "fleet_had_manifest": bool(previous),
+        "fleet_rollback_services": sorted(set(changed) & set(previous.get("services", {}))),
+        "fleet_rollback_remove": sorted(set(changed) - set(previous.get("services", {}))),
+    }
+
+
+def _images_of(plan: Plan, host: str) -> set[str]:
+    from controller.render.containers import host_containers
+
+    return {c.image for c in host_containers(plan, host)}
+
+
+def _worker_gate(plan: Plan, name: str, engine: str) -> dict[str, Any]:
+    """What the role needs to start a worker and prove it serves: a one-token inference on its own address."""
+    worker = next(w for w in plan.workers if w.name == name)
+    address = f"[{worker.address}]" if ":" in worker.address else worker.address
+    model = worker.served_names[0]
+    body: dict[str, Any]
+    if plan.model(worker.model).options.get("embeddings"):
+        url, body = f"http://{address}:{worker.port}/v1/embeddings", {"model": model, "input": "ok"}
+    else:
+        url = f"http://{address}:{worker.port}/v1/chat/completions"
+        body = {"model": model, "messages": [{"role": "user", "content": "ok"}], "max_tokens": 1}
+    gate = {
+        "container": f"fleet-{name}",
+        "engine": engine,
+        "url": url,
+        "body": body,
+        "key_file": f"{SECRETS_HOST_DIR}/{KEY_FILE}",
+        "gpus": [g.uuid for g in worker.gpus],
+        "timeout_s": START_PERIOD_S[worker.backend],
+    }
+    return {"name": name, "services": [name], "gate": base64.b64encode(json.dumps(gate).encode()).decode()}
+
+
+def _audit(state: FleetState, loaded: LoadedSpec, outcome: Outcome, holder: dict[str, object], started: float) -> None:
+    spec_digest = hashlib.sha256(loaded.path.read_bytes()).hexdigest()[:16]
+    audit.append(
+        state.audit_log,
+        {
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "by": f"{holder['user']}@{holder['host']}",
+            "spec": str(loaded.path),
+            "spec_sha256": spec_digest,
+            "check": outcome.check,
+            "seconds": round(time.monotonic() - started, 2),
+            **outcome.as_dict(),
+        },
+    )

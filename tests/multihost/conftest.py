@@ -1,0 +1,76 @@
+"""The multihost tier's fixtures: the fake hosts (`tests.multihost.hosts`) the `controller deploy` tests deploy to.
+
+They need root (namespaces, mounts, a bridge) and the machine's ``ip``, ``nsenter``/``unshare``, sshd, ssh, podman and
+runc; without them the tests skip saying which is missing (and fail under FLEET_REQUIRE_TOOLS=1).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import need_tool
+from tests.multihost.hosts import SSHD, Hosts, HostSpec, busybox_image_tar
+
+# The fleet every multihost test shares: a gateway without GPUs and two GPU hosts.
+FLEET = [HostSpec("gateway"), HostSpec("gpu1", gpus=2), HostSpec("gpu2", gpus=1)]
+IMAGE = "localhost/fmh-busybox:1"  # on gpu1 and gpu2 (`gpu_image`)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "multihost: runs against fake hosts (namespaces with sshd and podman)")
+
+
+def _cannot(reason: str) -> None:
+    if os.environ.get("FLEET_REQUIRE_TOOLS") == "1":
+        pytest.fail(reason + " (FLEET_REQUIRE_TOOLS=1)")
+    pytest.skip(reason)
+
+
+def need_hosts() -> None:
+    """Skip (fail under FLEET_REQUIRE_TOOLS=1) unless this machine can make fake hosts."""
+    if os.geteuid() != 0:
+        _cannot("the multihost tests need root (network and mount namespaces, a bridge)")
+    need_tool("ip", "apt-get install iproute2")
+    need_tool("nsenter", "apt-get install util-linux")
+    need_tool("unshare", "apt-get install util-linux")
+    if not Path(SSHD).exists():
+        _cannot(f"{SSHD} not found; apt-get install openssh-server")
+    need_tool("ssh", "apt-get install openssh-client")
+    need_tool("ssh-keygen", "apt-get install openssh-client")
+    need_tool("podman", "apt-get install podman")
+    need_tool("runc", "apt-get install runc")
+    need_tool("busybox", "apt-get install busybox")
+
+
+@pytest.fixture(scope="session")
+def fleet_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
+    """gateway (no GPU), gpu1 (2 fake GPUs), gpu2 (1), up for the whole session; torn down at its end."""
+    need_hosts()
+    with Hosts(tmp_path_factory.mktemp("mh"), FLEET) as hosts:
+        yield hosts
+
+
+@pytest.fixture(scope="session")
+def busybox_tar() -> bytes:
+    """A tiny image's root filesystem (busybox and its libraries) for ``podman import``."""
+    need_tool("busybox", "apt-get install busybox")
+    return busybox_image_tar()
+
+
+@pytest.fixture(scope="session")
+def gpu_image(fleet_hosts: Hosts, busybox_tar: bytes) -> str:
+    """`IMAGE`, imported into gpu1's and gpu2's stores."""
+    for name in ("gpu1", "gpu2"):
+        fleet_hosts[name].import_image(busybox_tar, IMAGE)
+    return IMAGE
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The hosts are shared by the whole session: their own checks (test_hosts.py, which expect fresh hosts: no mesh
+    interface, no container network) run before the deploy tests change them."""
+    order = {"test_hosts.py": 0, "test_deploy.py": 1}
+    items.sort(key=lambda item: order.get(item.path.name, -1) if "multihost" in item.path.parts else -1)

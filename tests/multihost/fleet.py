@@ -1,0 +1,150 @@
+"""The fleet the multihost tier deploys: a spec of the homelab's shape on the fake hosts, its images, `controller
+deploy` as the operator runs it from the laptop (the root namespace).
+
+- Spec: `examples/homelab.yaml`'s shape (a WireGuard mesh, a gateway box, GPU hosts, users with and without
+  limits) with the tiny model: `tiny-chat` (2 replicas, one on each GPU host) and `tiny-embed` (gpu1's second GPU).
+  Mesh addresses 10.77.0.x; endpoints and SSH targets are the hosts' underlay addresses.
+- Images: the project's own (`controller images build`, saved with `podman save`, shipped by deploy's `--image`)
+  and stand-ins for the third-party ones (tests/images.py: the same programs at the same paths, loaded into each
+  host's store as a real host would pull them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import yaml
+
+from controller.local.demo_model import write_demo_model
+from tests.multihost.hosts import Hosts
+
+VENV_BIN = Path(sys.executable).parent
+MESH = "10.77.0"
+PUBLIC_NAME = "llm.mh.test"  # clients dial the gateway's address and name this one (TLS SNI, Host): no DNS here
+COMPOSE = str(VENV_BIN / "podman-compose")  # the hosts share this machine's files: the venv's podman-compose
+
+
+def fleet_spec(hosts: Hosts, model: str = "models/tiny.gguf") -> dict[str, Any]:
+    spec_hosts = []
+    for i, host in enumerate(hosts):
+        entry: dict[str, Any] = {
+            "name": host.name,
+            "address": f"{MESH}.{i + 1}",
+            "ssh": host.ssh_target,
+            "endpoint": f"{host.address}:51820",
+            "runtime": "compose",
+        }
+        if host.gpus:
+            entry["gpus"] = [g.as_spec() for g in host.gpus]
+        spec_hosts.append(entry)
+    gpu1 = hosts["gpu1"].gpus
+    return {
+        "version": 1,
+        "name": "mh",
+        "mesh": {"kind": "wireguard", "subnet": f"{MESH}.0/24", "listen_port": 51820},
+        "hosts": spec_hosts,
+        "models": [
+            {
+                "name": "tiny-chat",
+                "aliases": ["tiny"],
+                "backend": "llamacpp",
+                "source": {"gguf": model},
+                "context": 2048,
+                "parallel": 2,
+                "replicas": 2,
+                "options": {"threads": 1},
+                "placement": [{"host": "gpu1", "gpus": [gpu1[0].uuid]}, {"host": "gpu2"}],
+            },
+            {
+                "name": "tiny-embed",
+                "backend": "llamacpp",
+                "source": {"gguf": model},
+                "context": 512,
+                "parallel": 2,
+                "options": {"embeddings": True, "pooling": "mean", "threads": 1},
+                "placement": [{"host": "gpu1", "gpus": [gpu1[1].uuid]}],
+            },
+        ],
+        "gateway": {
+            "host": "gateway",
+            "public_name": PUBLIC_NAME,
+            "tls": {"mode": "internal"},
+            "max_body_mib": 4,
+        },
+        "auth": {"api_keys": True, "revocation_delay_s": 2},
+        "groups": [{"name": "parents", "models": ["*"]}],
+        "users": [
+            {"name": "alice", "groups": ["parents"]},
+            {"name": "bob", "models": ["tiny-embed"]},
+        ],
+    }
+
+
+def write_fleet(folder: Path, hosts: Hosts, **changes: Any) -> Path:
+    """The spec and the tiny model in ``folder``; ``changes`` replace top-level keys of the spec."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "models").mkdir(exist_ok=True)
+    if not (folder / "models" / "tiny.gguf").exists():
+        write_demo_model(folder / "models" / "tiny.gguf", name="tiny")
+    spec = {**fleet_spec(hosts), **changes}
+    path = folder / "fleet.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@dataclass
+class Deploy:
+    rc: int
+    out: dict[str, Any]
+    stderr: str
+    seconds: float
+
+    def host(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.out["hosts"][name]
+        return result
+
+
+def controller(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(
+        [str(VENV_BIN / "controller"), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def deploy(spec: Path, hosts: Hosts, state: Path, images: dict[str, Path], *extra: str) -> Deploy:
+    """`controller deploy --json` from the laptop, as the operator runs it; its exit code and report."""
+    import time
+
+    args = ["deploy", str(spec), "--state-dir", str(state), "--ssh-config", str(hosts.ssh_config)]
+    args += ["--compose", COMPOSE, "--json", *extra]
+    for tag, archive in images.items():
+        args += ["--image", f"{tag}={archive}"]
+    began = time.monotonic()
+    result = controller(*args)
+    took = time.monotonic() - began
+    try:
+        out = json.loads(result.stdout)
+    except ValueError:
+        out = {}
+    return Deploy(result.returncode, out, result.stderr, took)
+
+
+def gateway_client(address: str, ca: Path) -> openai.DefaultHttpxClient:
+    """An HTTP client for the gateway at ``address`` that names ``PUBLIC_NAME`` (SNI and Host), as a client that
+    resolved the name would; the certificate is checked against ``ca`` for that name."""
+
+    def name_it(request: Any) -> None:  # the SDK's httpx request
+        request.headers["Host"] = PUBLIC_NAME
+        request.extensions["sni_hostname"] = PUBLIC_NAME
+
+    return openai.DefaultHttpxClient(
+        verify=ssl.create_default_context(cafile=str(ca)), event_hooks={"request": [name_it]}, timeout=60
+    )

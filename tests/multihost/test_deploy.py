@@ -1,0 +1,275 @@
+"""`controller deploy` onto three fake hosts (tests/multihost/hosts.py), from the laptop, over SSH with Ansible.
+
+One fleet for the module, deployed in order: a preflight failure changes nothing; `--check` shows the diff and
+changes nothing; the deploy brings up the mesh, the workers on their GPUs and the gateway, and the official
+`openai` SDK is served through the gateway's HTTPS address (chat, stream, embeddings, per-user ACL); the same
+deploy again is "no change" and restarts nothing; a second deploy while one holds the lock is refused; a new
+worker image that cannot start on one host rolls that host back while the other is applied.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from controller.deploy.lock import fleet_lock
+from controller.spec.models import Images
+from tests.images import build_fleet_images, build_stand_in, build_stand_ins, podman_store
+from tests.multihost.fleet import Deploy, deploy, gateway_client, write_fleet
+from tests.multihost.hosts import Hosts
+
+pytestmark = [pytest.mark.multihost]
+
+
+@dataclass
+class Fleet:
+    hosts: Hosts
+    folder: Path
+    spec: Path
+    state: Path
+    images: dict[str, Path]  # the project's images, saved: deploy ships them
+    store: tuple[list[str], dict[str, str]]  # the laptop's podman store (the images were built there)
+
+    def deploy(self, *extra: str, spec: Path | None = None) -> Deploy:
+        return deploy(spec or self.spec, self.hosts, self.state, self.images, *extra)
+
+
+def _podman(store: tuple[list[str], dict[str, str]], *args: str, timeout: float = 300) -> str:
+    cmd, env = store
+    result = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"podman {' '.join(args)}: {result.stderr[-2000:]}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def fleet(fleet_hosts: Hosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    folder = tmp_path_factory.mktemp("fleet")
+    spec = write_fleet(folder, fleet_hosts)
+    store_dir = Path(tempfile.mkdtemp(prefix="fmh-", dir="/tmp"))  # short: podman's runroot is at most 50 characters
+    store = podman_store(store_dir)
+    images = Images()
+    began = time.monotonic()
+    own = build_fleet_images(store[0], store[1], images)
+    third = build_stand_ins(store[0], store[1], images)
+    archives = {}
+    for tag in own:
+        archives[tag] = folder / f"{tag.rsplit('/', 1)[-1].replace(':', '-')}.tar"
+        _podman(store, "save", "-o", str(archives[tag]), tag)
+    # The third-party images, as a real host would pull them: into every host's own store.
+    bundle = folder / "third-party.tar"
+    _podman(store, "save", "-m", "-o", str(bundle), *sorted(third))
+    for host in fleet_hosts:
+        host.run(f"podman load -i {bundle}", timeout=300)
+    print(f"images built and loaded in {time.monotonic() - began:.1f}s")
+    yield Fleet(fleet_hosts, folder, spec, folder / "state", archives, store)
+    _podman(store, "system", "reset", "--force")
+    shutil.rmtree(store_dir, ignore_errors=True)
+
+
+def _compose_files(hosts: Hosts) -> dict[str, bool]:
+    return {h.name: h.run("test -e /etc/fleet/compose.yaml", check=False).returncode == 0 for h in hosts}
+
+
+def _containers(hosts: Hosts) -> dict[str, dict[str, str]]:
+    """Per host: the fleet's containers, name -> id:started-at (a restart changes it)."""
+    out = {}
+    for h in hosts:
+        text = h.run("podman ps -a --filter label=io.fleet.fleet=mh --format json").stdout
+        out[h.name] = {c["Names"][0]: f"{c['Id'][:12]}:{c.get('StartedAt')}:{c['State']}" for c in json.loads(text)}
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_a_preflight_failure_changes_nothing_anywhere(fleet: Fleet, tmp_path: Path) -> None:
+    spec = json.loads(json.dumps(__import__("yaml").safe_load(fleet.spec.read_text())))
+    missing = "GPU-00000000-0000-4000-8000-00000000dead"
+    spec["hosts"][2]["gpus"][0]["uuid"] = missing
+    bad = tmp_path / "fleet.yaml"
+    bad.write_text(__import__("yaml").safe_dump(spec))
+    (tmp_path / "models").symlink_to(fleet.folder / "models")
+    result = fleet.deploy("--yes", spec=bad)
+    assert result.rc == 4, result.stderr
+    problems = result.out["problems"]
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"gpu2: GPU {missing}") and "CDI" in problems[0]
+    assert _compose_files(fleet.hosts) == {"gateway": False, "gpu1": False, "gpu2": False}
+
+
+@pytest.mark.timeout(300)
+def test_check_shows_each_hosts_changes_and_changes_nothing(fleet: Fleet) -> None:
+    result = fleet.deploy("--check")
+    assert result.rc == 0, result.stderr
+    gpu1 = result.host("gpu1")
+    assert "/etc/fleet/compose.yaml" in gpu1["files"]["added"]
+    assert "/etc/fleet/secrets/worker.key" in gpu1["files"]["added"]
+    assert sorted(gpu1["services"]["start"])[0].startswith("agent")
+    assert any(s.startswith("tiny-embed") for s in gpu1["services"]["start"])
+    assert "envoy" in result.host("gateway")["services"]["start"]
+    assert all(result.host(h)["result"] == "checked" for h in ("gateway", "gpu1", "gpu2"))
+    assert _compose_files(fleet.hosts) == {"gateway": False, "gpu1": False, "gpu2": False}
+
+
+@pytest.fixture(scope="module")
+def deployed(fleet: Fleet) -> Deploy:
+    result = fleet.deploy("--yes", timeout_hint(fleet))
+    assert result.rc == 0, f"{result.stderr[-3000:]}\n{json.dumps(result.out, indent=1)[-3000:]}"
+    return result
+
+
+def timeout_hint(fleet: Fleet) -> str:
+    return "--wait=0"
+
+
+@pytest.mark.timeout(600)
+def test_deploy_brings_the_fleet_up(fleet: Fleet, deployed: Deploy, note: Callable[[str], None]) -> None:
+    note(f"first deploy of 3 hosts: {deployed.seconds:.1f}s")
+    assert {h: deployed.host(h)["result"] for h in ("gateway", "gpu1", "gpu2")} == dict.fromkeys(
+        ("gateway", "gpu1", "gpu2"), "applied"
+    )
+    # The mesh: every host reaches every other on its mesh address (the agents listen there).
+    for src in fleet.hosts:
+        for i, dst in enumerate(fleet.hosts):
+            if dst.name == "gateway" or src.name == dst.name:
+                continue
+            code = f"import socket; socket.create_connection(('10.77.0.{i + 1}', 9400), timeout=5).close()"
+            reached = src.run(f'python3 -c "{code}"', check=False)
+            assert reached.returncode == 0, f"{src.name} -> {dst.name} over the mesh: {reached.stderr[-300:]}"
+    # Each worker container sees only the device it was pinned to.
+    gpu1 = fleet.hosts["gpu1"]
+    for c in json.loads(gpu1.run("podman ps --filter label=io.fleet.worker --format json").stdout):
+        labels = c["Labels"]
+        devices = gpu1.run(f"podman exec {c['Names'][0]} ls /dev").stdout.split()
+        # only the planned GPU's device node (CDI's hostPath for that UUID, at its container path)
+        (gpu,) = [g for g in gpu1.gpus if g.uuid == labels["io.fleet.gpus"]]
+        assert [f"/dev/{d}" for d in devices if d.startswith("nvidia")] == [gpu.container_path], (c["Names"], devices)
+        listing = gpu1.run(f"podman exec {c['Names'][0]} ls -l {gpu.container_path}").stdout
+        assert f"{gpu.device_number[0]}, {gpu.device_number[1]}" in " ".join(listing.split()), listing
+
+
+def _ca(fleet: Fleet) -> Path:
+    gw = fleet.hosts["gateway"]
+    mount = gw.run("podman volume inspect fleet-caddy-data --format '{{.Mountpoint}}'").stdout.strip()
+    pem = gw.run(f"cat {mount}/caddy/pki/authorities/local/root.crt").stdout
+    path = fleet.folder / "gateway-ca.pem"
+    path.write_text(pem)
+    return path
+
+
+def _key(fleet: Fleet, user: str) -> str:
+    gw = fleet.hosts["gateway"]
+    out = gw.run(
+        "podman exec fleet-gatekeeper controller keys create --user "
+        f"{user} --spec /etc/fleet/fleet.yaml --state-dir /var/lib/fleet --json"
+    ).stdout
+    key: str = json.loads(out)["key"]
+    return key
+
+
+@pytest.mark.timeout(300)
+def test_the_openai_sdk_through_the_gateway(fleet: Fleet, deployed: Deploy) -> None:
+    gw_address = fleet.hosts["gateway"].address
+    base = f"https://{gw_address}/v1"
+    ca = _ca(fleet)
+    alice = openai.OpenAI(base_url=base, api_key=_key(fleet, "alice"), http_client=gateway_client(gw_address, ca))
+    deadline = time.monotonic() + 90
+    while True:  # Envoy's health checks put the workers in rotation within a few intervals
+        try:
+            reply = alice.chat.completions.create(
+                model="tiny-chat", messages=[{"role": "user", "content": "hello"}], max_tokens=8
+            )
+            break
+        except (openai.APIStatusError, openai.APIConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+    assert reply.choices[0].message.content
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    chunks = list(
+        alice.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=16, stream=True
+        )
+    )
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1
+    emb = alice.embeddings.create(model="tiny-embed", input="hello")
+    assert len(emb.data[0].embedding) > 0
+    bob = openai.OpenAI(base_url=base, api_key=_key(fleet, "bob"), http_client=gateway_client(gw_address, ca))
+    assert len(bob.embeddings.create(model="tiny-embed", input="x").data) == 1
+    with pytest.raises(openai.PermissionDeniedError):
+        bob.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    assert [m.id for m in bob.models.list()] == ["tiny-embed"]
+    wrong = openai.OpenAI(base_url=base, api_key="sk-wrong", http_client=gateway_client(gw_address, ca))
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    for client in (alice, bob, wrong):
+        client.close()
+
+
+@pytest.mark.timeout(300)
+def test_the_same_deploy_again_is_no_change(fleet: Fleet, deployed: Deploy, note: Callable[[str], None]) -> None:
+    before = _containers(fleet.hosts)
+    again = fleet.deploy("--yes")
+    assert again.rc == 0, again.stderr
+    assert {h: again.host(h)["result"] for h in ("gateway", "gpu1", "gpu2")} == dict.fromkeys(
+        ("gateway", "gpu1", "gpu2"), "no change"
+    ), json.dumps(again.out["hosts"], indent=1)
+    after = _containers(fleet.hosts)
+    logs = {
+        f"{h}/{name}": fleet.hosts[h].run(f"podman logs --tail 5 {name}", check=False).stderr[-800:]
+        for h in after
+        for name in after[h]
+        if after[h][name] != before[h].get(name)
+    }
+    assert after == before, f"a no-change deploy restarted something: {json.dumps(logs, indent=1)}"
+    note(f"no-op deploy of 3 hosts: {again.seconds:.1f}s (target 5 s)")
+    assert again.seconds < 15
+
+
+@pytest.mark.timeout(120)
+def test_a_second_deploy_while_one_runs_is_refused(fleet: Fleet, deployed: Deploy) -> None:
+    with fleet_lock(fleet.state / "fleets" / "mh" / "deploy.lock", "mh", "deploy (the test)"):
+        refused = fleet.deploy("--yes", "--wait", "1")
+    assert refused.rc == 75, refused.stderr
+    assert "is being deployed by" in refused.stderr and "deploy (the test)" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.timeout(600)
+def test_a_worker_image_that_cannot_start_rolls_its_host_back(fleet: Fleet, deployed: Deploy, tmp_path: Path) -> None:
+    import yaml
+
+    new_tag = "ghcr.io/ggml-org/llama.cpp:server-cuda-b6801"
+    spec = yaml.safe_load(fleet.spec.read_text())
+    spec["images"] = {"llamacpp": new_tag}
+    newer = fleet.folder / "fleet-b6801.yaml"
+    newer.write_text(yaml.safe_dump(spec, sort_keys=False))
+    # The new version: a working server on gpu1, one that exits at once on gpu2.
+    good = Images()
+    build_stand_ins(fleet.store[0], fleet.store[1], good)
+    _podman(fleet.store, "tag", good.llamacpp, new_tag)
+    _podman(fleet.store, "save", "-o", str(tmp_path / "good.tar"), new_tag)
+    fleet.hosts["gpu1"].run(f"podman load -i {tmp_path / 'good.tar'}")
+    from tests.images import broken_stand_in
+
+    build_stand_in(fleet.store[0], fleet.store[1], new_tag, broken_stand_in())
+    _podman(fleet.store, "save", "-o", str(tmp_path / "bad.tar"), new_tag)
+    fleet.hosts["gpu2"].run(f"podman load -i {tmp_path / 'bad.tar'}")
+    result = fleet.deploy("--yes", spec=newer)
+    assert result.rc == 10, result.stderr
+    assert result.host("gpu1")["result"] == "applied"
+    assert result.host("gpu2")["result"] == "failed"
+    failure: dict[str, Any] = result.host("gpu2")["failure"]
+    assert "rolled back to the previous deploy: yes" in failure["message"], failure
+    # gpu2 serves again with the previous image
+    gpu2 = fleet.hosts["gpu2"]
+    running = json.loads(gpu2.run("podman ps --filter label=io.fleet.worker --format json").stdout)
+    assert running and all(c["Image"] != new_tag for c in running), running

@@ -1,0 +1,238 @@
+"""controller deploy's pure parts: the bundle per host, the diff and preflight from a probe, the lock, the audit log,
+the inventory. The real thing (Ansible over SSH into namespace hosts) is tests/multihost/."""
+
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.deploy import audit, bundle, diff
+from controller.deploy.ansible import Connection, inventory, parse
+from controller.deploy.engine import FleetState, _bundles
+from controller.deploy.lock import LockHeld, fleet_lock
+from controller.errors import DeployError
+from controller.plan import make_plan
+from controller.spec import load_spec
+from tests.conftest import ROOT
+
+HOMELAB = ROOT / "examples" / "homelab.yaml"
+
+
+@pytest.fixture
+def homelab(tmp_path: Path) -> tuple[Any, Any, dict[str, bundle.HostBundle]]:
+    loaded = load_spec(HOMELAB)
+    plan = make_plan(loaded)
+    return loaded, plan, _bundles(loaded, plan, FleetState.of(tmp_path, plan.fleet.name))
+
+
+def probe_of(b: bundle.HostBundle, running: bool = True) -> dict[str, Any]:
+    """What the probe would report on a host that holds exactly ``b`` (deployed, services running)."""
+    return {
+        "files": dict(b.digests),
+        "manifest": {"files": dict(b.digests), "services": dict(b.services)},
+        "containers": [{"name": f"fleet-{s}", "state": "running" if running else "exited"} for s in b.services],
+        "wireguard": {"up": True},
+        "tools": {"podman": "/usr/bin/podman", "compose": "/usr/bin/podman-compose"},
+        "cdi_gpus": {},
+        "listening": [],
+    }
+
+
+def test_every_host_gets_the_resolved_spec_and_its_secrets_at_0600(homelab: Any) -> None:
+    _, _, bundles = homelab
+    assert set(bundles) == {"gateway", "tower", "den"}
+    for b in bundles.values():
+        assert bundle.SPEC_PATH in b.files
+        secrets = {p for p, f in b.files.items() if f.secret}
+        assert secrets == {
+            "/etc/fleet/secrets/worker.key",
+            "/etc/fleet/secrets/worker-sds.yaml",
+            "/etc/fleet/secrets/wireguard.key",
+        }
+        assert all(b.files[p].mode == 0o600 for p in secrets)
+        # the rendered files never carry a secret's content
+        for path in secrets:
+            secret = b.files[path].source.read_bytes().strip() if b.files[path].source else b""
+            assert secret
+            for other in b.files.values():
+                if not other.secret and other.source is None:
+                    assert secret not in other.content, f"{path}'s content is in {other.path}"
+    # the resolved spec needs no other file: no hosts file, no arch_from
+    spec = bundles["tower"].files[bundle.SPEC_PATH].content
+    assert b"arch_from" not in spec
+    assert b"hosts_file" not in spec
+
+
+def test_resolved_spec_plans_the_same(tmp_path: Path) -> None:
+    loaded = load_spec(ROOT / "examples" / "team.yaml")  # it reads a hosts file
+    (tmp_path / "fleet.yaml").write_text(bundle.resolved_spec(loaded))
+    again = load_spec(tmp_path / "fleet.yaml")
+    assert make_plan(again).workers == make_plan(loaded).workers
+
+
+def test_a_changed_file_restarts_only_the_service_that_mounts_it(homelab: Any) -> None:
+    _, _, bundles = homelab
+    gw = bundles["gateway"]
+    assert diff.changes(gw, probe_of(gw), "fleet0").empty
+    probe = probe_of(gw)
+    # Envoy's config as the last deploy left it differs from what the spec renders now
+    old = copy.deepcopy(gw)
+    old.files["/etc/fleet/envoy/envoy.yaml"] = bundle.RemoteFile("/etc/fleet/envoy/envoy.yaml", None, b"old")
+    old.services = {}
+    old.seal(_containers_of(old))
+    probe["files"] = dict(old.digests)
+    probe["manifest"] = {"files": dict(old.digests), "services": dict(old.services)}
+    c = diff.changes(gw, probe, "fleet0")
+    assert c.files_changed == ["/etc/fleet/envoy/envoy.yaml"]
+    assert c.restart == ["envoy"]
+    assert not c.start and not c.remove and not c.files_added
+
+
+def _containers_of(b: bundle.HostBundle) -> list[Any]:
+    from controller.render.containers import host_containers
+
+    return host_containers(make_plan(load_spec(HOMELAB)), b.host)
+
+
+def test_stopped_missing_and_leftover_services(homelab: Any) -> None:
+    _, _, bundles = homelab
+    tower = bundles["tower"]
+    probe = probe_of(tower)
+    first = next(iter(tower.services))
+    probe["containers"] = [c for c in probe["containers"] if c["name"] != f"fleet-{first}"]
+    probe["containers"].append({"name": "fleet-old-model-tower-0", "state": "running"})
+    probe["manifest"]["files"]["/etc/fleet/old.yaml"] = "ab"
+    c = diff.changes(tower, probe, "fleet0")
+    assert c.start == [first]
+    assert c.remove == ["old-model-tower-0"]
+    assert c.files_removed == ["/etc/fleet/old.yaml"]
+    assert not c.empty
+    assert any("remove  service old-model-tower-0" in line for line in c.lines())
+
+
+def test_preflight_names_the_host_and_the_gpu_missing_from_the_cdi_spec(homelab: Any) -> None:
+    _, plan, bundles = homelab
+    tower = bundles["tower"]
+    probe = probe_of(tower)
+    uuids = [g.uuid for g in plan.host("tower").gpus]
+    probe["cdi_gpus"] = {uuids[0]: "/etc/cdi/nvidia.yaml"}
+    problems = diff.preflight(plan, tower, probe, "podman-compose")
+    assert len(problems) == 1
+    assert problems[0].startswith("tower: GPU " + uuids[1])
+    assert "CDI" in problems[0]
+    probe["cdi_gpus"][uuids[1]] = "/etc/cdi/nvidia.yaml"
+    assert diff.preflight(plan, tower, probe, "podman-compose") == []
+
+
+def test_preflight_runtime_memory_and_ports(homelab: Any) -> None:
+    _, plan, bundles = homelab
+    tower = bundles["tower"]
+    probe = probe_of(tower)
+    probe["cdi_gpus"] = {g.uuid: "x" for g in plan.host("tower").gpus}
+    probe["tools"] = {}
+    probe["smi_gpus"] = [{"uuid": g.uuid, "memory_mib": 8192} for g in plan.host("tower").gpus]
+    worker = plan.workers_on("tower")[0]
+    probe["listening"] = [["0.0.0.0", worker.port]]
+    probe["containers"] = []
+    problems = diff.preflight(plan, tower, probe, "podman-compose")
+    text = "\n".join(problems)
+    assert "no container runtime" in text
+    assert "has 8.0 GiB, the spec says vram_gib 24" in text
+    assert f"port {worker.port} on {worker.address} (worker {worker.name})" in text
+
+
+def test_the_lock_names_its_holder_and_refuses(tmp_path: Path) -> None:
+    lock = tmp_path / "deploy.lock"
+    with fleet_lock(lock, "homelab", "deploy"):
+        with pytest.raises(LockHeld) as refused, fleet_lock(lock, "homelab", "deploy", wait_s=0.3):
+            pass
+        assert refused.value.exit_code == 75
+        assert "is being deployed by" in refused.value.message and "(pid " in refused.value.message
+        assert f"pid {os.getpid()}" in refused.value.message
+    with fleet_lock(lock, "homelab", "deploy"):  # released
+        pass
+
+
+def _hold(path: str, seconds: float) -> None:
+    with fleet_lock(Path(path), "homelab", "deploy"):
+        time.sleep(seconds)
+
+
+def test_the_lock_waits_for_another_process_and_dies_with_it(tmp_path: Path) -> None:
+    lock = tmp_path / "deploy.lock"
+    ctx = multiprocessing.get_context("fork")
+    holder = ctx.Process(target=_hold, args=(str(lock), 1.0))
+    holder.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not lock.read_text():
+        time.sleep(0.05)
+    started = time.monotonic()
+    with fleet_lock(lock, "homelab", "deploy", wait_s=20):
+        waited = time.monotonic() - started
+    holder.join(10)
+    assert 0.3 < waited < 15
+    # a holder killed with SIGKILL leaves no lock behind
+    holder = ctx.Process(target=_hold, args=(str(lock), 60))
+    holder.start()
+    time.sleep(0.5)
+    holder.kill()
+    holder.join(10)
+    with fleet_lock(lock, "homelab", "deploy", wait_s=2):
+        pass
+
+
+def test_audit_lines_are_whole_and_kept(tmp_path: Path) -> None:
+    log = tmp_path / "audit.log"
+    audit.append(log, {"by": "ops@laptop", "check": True})
+    audit.append(log, {"by": "ops@laptop", "check": False, "hosts": {"tower": {"result": "applied"}}})
+    entries = audit.read(log)
+    assert [e["check"] for e in entries] == [True, False]
+    assert oct(log.stat().st_mode & 0o777) == "0o600"
+
+
+def test_inventory_from_ssh_targets() -> None:
+    fleet = load_spec(HOMELAB).fleet
+    inv = inventory(fleet, ["gateway", "tower"], Connection(Path("/x/ssh_config"), Path("/x/key")))
+    hosts = inv["all"]["hosts"]
+    assert set(hosts) == {"gateway", "tower"}
+    assert hosts["tower"]["ansible_host"] == "tower.home.arpa"
+    assert hosts["tower"]["ansible_user"] == "ops"
+    assert hosts["tower"]["ansible_ssh_private_key_file"] == "/x/key"
+    assert "-F /x/ssh_config" in hosts["tower"]["ansible_ssh_common_args"]
+    assert "BatchMode=yes" in hosts["tower"]["ansible_ssh_common_args"]
+
+
+def test_ansible_results_per_host() -> None:
+    doc: dict[str, Any] = {
+        "plays": [
+            {
+                "tasks": [
+                    {
+                        "task": {"name": "probe"},
+                        "hosts": {
+                            "a": {"stdout": "{}", "changed": False},
+                            "b": {"unreachable": True, "msg": "ssh: connect to host b port 22: No route to host"},
+                            "c": {"failed": True, "msg": "non-zero return code", "stderr": "boom\nlast line"},
+                        },
+                    }
+                ]
+            }
+        ],
+        "stats": {"a": {}, "b": {"unreachable": 1}, "c": {"failures": 1}},
+    }
+    doc["plays"][0]["tasks"].append(
+        {"task": {"name": "fleet_host : rolled back"}, "hosts": {"c": {"failed": True, "msg": "step 'probe' failed"}}}
+    )
+    out = parse("noise before\n" + json.dumps(doc), "", ["a", "b", "c"], "probe.yml")
+    assert out["a"].ok and out["a"].results["probe"]["stdout"] == "{}"
+    assert not out["b"].ok and out["b"].unreachable and "No route to host" in out["b"].message
+    assert not out["c"].ok and out["c"].failed_task == "probe" and out["c"].message == "step 'probe' failed"
+    with pytest.raises(DeployError, match="did not run: ERROR! the playbook could not be found"):
+        parse("", "ERROR! the playbook could not be found", ["a"], "probe.yml")
