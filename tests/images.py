@@ -35,9 +35,15 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # The official envoyproxy/envoy image's entrypoint: a leading flag means "envoy with these flags".
 ENVOY_ENTRYPOINT = """\
 #!/bin/bash
+# As the official image's /docker-entrypoint.sh: it runs Envoy as uid 101 unless ENVOY_UID is 0 (here: refuses to
+# start, so a rendered Envoy that relies on the default fails in the tests as it would on a real host).
 set -e
 if [ "${1#-}" != "$1" ]; then
     set -- envoy "$@"
+fi
+if [ "${ENVOY_UID:-}" != "0" ] && [ "$EUID" = 0 ]; then
+    echo "stand-in: the official image would run Envoy as uid 101 here (set ENVOY_UID=0 to keep root)" >&2
+    exit 1
 fi
 exec "$@"
 """

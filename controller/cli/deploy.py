@@ -43,6 +43,13 @@ def deploy(
             show_default=False,
         ),
     ] = None,
+    drain_timeout: Annotated[
+        float,
+        typer.Option(
+            "--drain-timeout",
+            help="Seconds a replica's requests (streams included) may take to finish before it is replaced.",
+        ),
+    ] = 120,
     ssh_config: Annotated[
         Path | None, typer.Option("--ssh-config", help="An ssh_config file for reaching the hosts.", show_default=False)
     ] = None,
@@ -73,6 +80,7 @@ def deploy(
         wait_s=wait,
         compose=compose,
         images=images,
+        drain_s=drain_timeout,
         conn=Connection(ssh_config, ssh_key),
     )
     started = time.monotonic()

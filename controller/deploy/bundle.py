@@ -27,10 +27,11 @@ from pathlib import Path
 import yaml
 
 from controller.backends.llamacpp import LlamaCpp
+from controller.errors import DeployError
 from controller.mesh import wireguard
 from controller.plan.models import Plan
 from controller.render import render_all
-from controller.render.containers import CONFIG_DIR, SECRETS_HOST_DIR, Container, host_containers
+from controller.render.containers import CONFIG_DIR, SECRETS_HOST_DIR, Container, host_containers, oidc_secret_path
 from controller.secrets import KEY_FILE, SDS_FILE
 from controller.spec import LoadedSpec
 
@@ -69,26 +70,49 @@ class HostBundle:
     services: dict[str, str] = field(default_factory=dict)  # service (container) name -> digest
     workers: list[str] = field(default_factory=list)  # services that are workers, gated on an inference
     digests: dict[str, str] = field(default_factory=dict)  # path -> sha256, filled by ``seal``
+    required: dict[str, str] = field(default_factory=dict)  # files the host must have already -> what needs them
+    joins: dict[str, str] = field(default_factory=dict)  # service -> the service whose network namespace it joins
 
     def add(self, f: RemoteFile) -> None:
         self.files[f.path] = f
 
-    def seal(self, containers: list[Container]) -> None:
+    def seal(self, containers: list[Container], views: dict[str, str] | None = None) -> None:
         self.digests = {path: f.digest for path, f in sorted(self.files.items())}
         for c in containers:
-            self.services[c.name] = service_digest(c, self.digests)
+            digests = self.digests
+            if c.name in (views or {}):  # it reads only part of the spec: that part decides, not the whole file
+                digests = {**digests, SPEC_PATH: (views or {})[c.name]}
+            self.services[c.name] = service_digest(c, digests)
+            if c.network_of:
+                self.joins[c.name] = c.network_of
 
 
 def service_digest(c: Container, digests: dict[str, str]) -> str:
     """A digest of the container's definition and of every pushed file under a path it mounts or reads."""
     mounted = [v.source for v in c.volumes if v.is_bind] + [path for _, path, _ in c.secrets]
-    files = {
-        path: digest
-        for path, digest in digests.items()
-        if any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounted)
-    }
+    files = {path: digest for path, digest in digests.items() if _under(path, mounted) and not _under(path, c.reloads)}
     doc = {"container": dataclasses.asdict(c), "files": files}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def spec_views(plan: Plan) -> dict[str, str]:
+    """Services that read only part of the spec, and a digest of that part: the gatekeeper reads the gateway, auth,
+    users, groups and the models' served names (controller/gateway/access.py), so a model's options or images
+    (which restart its workers) leave it running, and requests keep being answered."""
+    fleet = plan.fleet
+    view = {
+        "name": fleet.name,
+        "gateway": fleet.gateway.model_dump(mode="json"),
+        "auth": fleet.auth.model_dump(mode="json"),
+        "users": [u.model_dump(mode="json") for u in fleet.users],
+        "groups": [g.model_dump(mode="json") for g in fleet.groups],
+        "models": [[m.name, list(m.served_names)] for m in fleet.models],
+    }
+    return {"gatekeeper": hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()}
+
+
+def _under(path: str, folders: list[str]) -> bool:
+    return any(path == f or path.startswith(f.rstrip("/") + "/") for f in folders)
 
 
 def resolved_spec(loaded: LoadedSpec) -> str:
@@ -130,13 +154,19 @@ def build(plan: Plan, loaded: LoadedSpec, secrets: Secrets, mesh_files: dict[str
             b.add(RemoteFile(wireguard.PRIVATE_KEY_PATH, secrets.mesh_keys[host.name], mode=0o600, secret=True))
         oidc = plan.fleet.auth.oidc
         if oidc is not None and host.name == plan.fleet.gateway.host:
-            b.add(RemoteFile(oidc.client_secret_file, Path(oidc.client_secret_file), mode=0o600, secret=True))
+            local = loaded.base_dir / oidc.client_secret_file  # an absolute path stays as it is
+            if not local.is_file():
+                raise DeployError(
+                    f"auth.oidc.client_secret_file: {local} not found on this machine; deploy copies it from "
+                    "here to the gateway host (mode 0600): create it with the client secret your provider gave you"
+                )
+            b.add(RemoteFile(oidc_secret_path(plan.fleet), local, mode=0o600, secret=True))
         for worker in plan.workers_on(host.name):
             if worker.backend == "llamacpp":
                 _add_model(b, plan, loaded, worker.model)
         containers = host_containers(plan, host.name)
         b.workers = [w.name for w in plan.workers_on(host.name)]
-        b.seal(containers)
+        b.seal(containers, spec_views(plan))
         out[host.name] = b
     return out
 
@@ -148,13 +178,23 @@ def _remote_path(rel: str) -> str:
 
 
 def _add_model(b: HostBundle, plan: Plan, loaded: LoadedSpec, model_name: str) -> None:
+    """A GGUF beside the spec (a relative `source.gguf`) is copied to the host; one at an absolute path is the
+    host's own (the operator put it there), which preflight checks; a URL is the worker's to download."""
     model = plan.model(model_name)
     source = str(model.source.gguf or "")
     if not source or "://" in source:
-        return  # downloaded by the worker itself
+        return
+    if posixpath.isabs(source):
+        b.required[source] = f"model {model_name}: source.gguf"
+        return
     location, mount = LlamaCpp().model_location(model)
     if mount is None:
         return
-    local = Path(source) if posixpath.isabs(source) else loaded.base_dir / source
+    local = loaded.base_dir / source
+    if not local.is_file():
+        raise DeployError(
+            f"model {model_name}: source.gguf {local} not found on this machine; deploy copies a model given by "
+            "a relative path to the hosts that run it: put it there, or give an absolute path on the hosts"
+        )
     remote = posixpath.join(mount, posixpath.relpath(location, "/models"))
     b.add(RemoteFile(remote, local, mode=0o644))

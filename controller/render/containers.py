@@ -13,7 +13,7 @@ from controller import backends
 from controller.backends.llamacpp import LlamaCpp
 from controller.plan.models import Plan, Worker
 from controller.render import guard
-from controller.render.envoy import FRONT_SOCKET, SECRETS_DIR, TLS_DIR
+from controller.render.envoy import EDS_FOLDER, FRONT_SOCKET, SECRETS_DIR, TLS_DIR
 from controller.secrets import KEY_FILE
 from controller.spec.models import Fleet
 
@@ -78,6 +78,9 @@ class Container:
     # controller/render/guard.py). It publishes no port of its own, starts after that one and is stopped and
     # restarted with it (a restarted namespace owner has a new namespace, which this one must join again).
     network_of: str | None = None
+    # Folders of files the program watches and reloads by itself (Envoy's endpoint files): a change there needs no
+    # restart, so deploy leaves them out of what restarts this container.
+    reloads: list[str] = field(default_factory=list)
 
     @property
     def container_name(self) -> str:
@@ -265,14 +268,19 @@ def _edge_containers(plan: Plan) -> list[Container]:
     labels = {"io.fleet.fleet": fleet.name, "io.fleet.role": "gateway"}
     secrets: list[tuple[str, str, str]] = []
     if fleet.auth.oidc is not None:
-        secrets.append(
-            ("fleet-oidc-client-secret", fleet.auth.oidc.client_secret_file, "/run/secrets/oidc_client_secret")
-        )
+        # Mounted where the spec names it (a relative path is beside the spec, /etc/fleet), which is where the
+        # gatekeeper reads it; deploy puts the operator's file there on the gateway host.
+        path = oidc_secret_path(fleet)
+        secrets.append(("fleet-oidc-client-secret", path, path))
     return [
         Container(
             name="envoy",
             description=f"fleet {fleet.name}: Envoy, TLS front door, authentication, model routing",
             image=fleet.images.envoy,
+            # The official image's entrypoint drops to uid 101 unless ENVOY_UID is 0; as uid 101 Envoy could not
+            # read the 0600 secrets (the worker secret, the certificate the gatekeeper publishes) nor write the
+            # usage log. Root inside the container, with every mount but the usage log's folder read-only.
+            env={"ENVOY_UID": "0"},
             args=[
                 "-c",
                 "/etc/envoy/envoy.yaml",
@@ -284,7 +292,8 @@ def _edge_containers(plan: Plan) -> list[Container]:
                 "1000",  # the usage log reaches the ledger within a second
             ],
             volumes=[
-                Volume(f"{CONFIG_DIR}/envoy/envoy.yaml", "/etc/envoy/envoy.yaml", read_only=True),
+                # The folder, not the file: a file replaced by a rename shows through (Envoy watches eds/).
+                Volume(f"{CONFIG_DIR}/envoy", "/etc/envoy", read_only=True),
                 Volume("/var/log/fleet", "/var/log/fleet"),  # the usage log, read by the gatekeeper
                 Volume("fleet-tls", TLS_DIR, read_only=True),  # the certificate, as the gatekeeper publishes it
                 Volume(SECRETS_HOST_DIR, SECRETS_DIR, read_only=True),  # the worker secret (an SDS file), watched
@@ -296,6 +305,7 @@ def _edge_containers(plan: Plan) -> list[Container]:
             host_network=True,
             labels={**labels, "io.fleet.service": "envoy"},
             stop_timeout_s=70,
+            reloads=[f"{CONFIG_DIR}/envoy/{EDS_FOLDER}"],
             # The gatekeeper writes the certificate file Envoy's TLS listener watches before it reports healthy.
             after=["gatekeeper"],
         ),
@@ -365,6 +375,12 @@ def _edge_containers(plan: Plan) -> list[Container]:
             labels={**labels, "io.fleet.service": "caddy"},
         ),
     ]
+
+
+def oidc_secret_path(fleet: Fleet) -> str:
+    """The OIDC client secret's path on the gateway host and in the gatekeeper's container."""
+    assert fleet.auth.oidc is not None
+    return posixpath.join(CONFIG_DIR, fleet.auth.oidc.client_secret_file)  # an absolute path stays as it is
 
 
 def _front_socket(fleet: Fleet) -> list[Volume]:

@@ -65,9 +65,48 @@ RATE_LIMITED_HEADER = "x-fleet-rate-limited"
 def render(plan: Plan) -> Files:
     host = plan.fleet.gateway.host
     text = "# Rendered by `controller render` from the fleet spec; do not edit.\n" + yaml.safe_dump(
-        bootstrap(plan), sort_keys=False, default_flow_style=False, width=1000, allow_unicode=True
+        bootstrap(plan, eds_dir=EDS_DIR), sort_keys=False, default_flow_style=False, width=1000, allow_unicode=True
     )
-    return {f"{host}/envoy/envoy.yaml": text}
+    out = {f"{host}/envoy/envoy.yaml": text}
+    for name, doc in eds_files(plan).items():
+        out[f"{host}/envoy/{EDS_FOLDER}/{name}"] = EDS_HEADER + dump_eds(doc)
+    return out
+
+
+# Endpoints of every model and worker cluster, one file per cluster in a folder Envoy watches (EDS from files):
+# a file replaced by a rename (deploy, `controller up`) changes the endpoints without a restart, and deploy drains
+# a replica before replacing it by marking its endpoint DRAINING there (no new requests; those in flight finish).
+EDS_FOLDER = "eds"
+EDS_DIR = f"/etc/envoy/{EDS_FOLDER}"  # in the Envoy container: /etc/fleet/envoy on the gateway host, mounted
+EDS_HEADER = "# Rendered by `controller render` from the fleet spec; `controller deploy` rewrites it to drain.\n"
+CLA_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+
+
+def eds_files(plan: Plan, draining: frozenset[str] = frozenset()) -> dict[str, dict[str, Any]]:
+    """``{file name: EDS document}`` for every model and worker cluster; endpoints of the workers named in
+    ``draining`` are marked DRAINING in the model clusters (a worker's own cluster, `/proxy/<worker>`, keeps it)."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in plan.fleet.models:
+        name = model_cluster(m.name)
+        out[f"{name}.yaml"] = _assignment(name, plan.workers_of(m.name), draining)
+    for w in plan.workers:
+        name = worker_cluster(w.name)
+        out[f"{name}.yaml"] = _assignment(name, [w], frozenset())
+    return out
+
+
+def _assignment(name: str, workers: list[Worker], draining: frozenset[str]) -> dict[str, Any]:
+    endpoints: list[dict[str, Any]] = []
+    for w in workers:
+        endpoint: dict[str, Any] = {"endpoint": {"address": _socket(w.address, w.port)}}
+        if w.name in draining:
+            endpoint["health_status"] = "DRAINING"
+        endpoints.append(endpoint)
+    return {"resources": [{"@type": CLA_TYPE, "cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]}]}
+
+
+def dump_eds(doc: dict[str, Any]) -> str:
+    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1000)
 
 
 def model_cluster(model: str) -> str:
@@ -85,7 +124,10 @@ def bootstrap(
     tls_dir: str = TLS_DIR,
     secrets_dir: str = SECRETS_DIR,
     front_socket: str = FRONT_SOCKET,
+    eds_dir: str | None = None,
 ) -> dict[str, Any]:
+    """Envoy's bootstrap. With ``eds_dir``, the model and worker clusters read their endpoints from the files
+    `eds_files` gives, in that folder (watched); without, the endpoints are inline (a config that stands alone)."""
     gw = plan.fleet.gateway
     public = str(gw.bind) if gw.bind is not None else "0.0.0.0"
     if gw.front == "caddy":  # Caddy serves the public port and asks the gatekeeper; it hands requests over here
@@ -99,8 +141,8 @@ def bootstrap(
             "listeners": [front, listener(plan, "api", "127.0.0.1", gw.ports.envoy, usage_log)],
             "clusters": [
                 _gatekeeper_cluster(gw.ports.gatekeeper),
-                *(_model_cluster(plan, m.name, secrets_dir) for m in plan.fleet.models),
-                *(_worker_cluster(plan, w, secrets_dir) for w in plan.workers),
+                *(_model_cluster(plan, m.name, secrets_dir, eds_dir) for m in plan.fleet.models),
+                *(_worker_cluster(plan, w, secrets_dir, eds_dir) for w in plan.workers),
             ],
         },
         "overload_manager": {
@@ -485,14 +527,15 @@ def _upstream(cluster: str, retries: bool = True) -> dict[str, Any]:
     return route
 
 
-def _model_cluster(plan: Plan, model: str, secrets_dir: str) -> dict[str, Any]:
+def _model_cluster(plan: Plan, model: str, secrets_dir: str, eds_dir: str | None) -> dict[str, Any]:
     workers = plan.workers_of(model)
     spec = plan.model(model)
-    return _cluster(model_cluster(model), workers, spec.parallel, secrets_dir)
+    return _cluster(model_cluster(model), workers, spec.parallel, secrets_dir, eds_dir)
 
 
-def _worker_cluster(plan: Plan, worker: Worker, secrets_dir: str) -> dict[str, Any]:
-    return _cluster(worker_cluster(worker.name), [worker], plan.model(worker.model).parallel, secrets_dir)
+def _worker_cluster(plan: Plan, worker: Worker, secrets_dir: str, eds_dir: str | None) -> dict[str, Any]:
+    slots = plan.model(worker.model).parallel
+    return _cluster(worker_cluster(worker.name), [worker], slots, secrets_dir, eds_dir)
 
 
 def worker_credential(secrets_dir: str) -> list[dict[str, Any]]:
@@ -535,7 +578,7 @@ def worker_credential(secrets_dir: str) -> list[dict[str, Any]]:
     ]
 
 
-def _cluster(name: str, workers: list[Worker], slots: int, secrets_dir: str) -> dict[str, Any]:
+def _cluster(name: str, workers: list[Worker], slots: int, secrets_dir: str, eds_dir: str | None) -> dict[str, Any]:
     """A health-checked cluster over ``workers``, each serving ``slots`` requests at once.
 
     Circuit breakers: each replica gets at most CONNECTIONS_PER_SLOT × slots
@@ -547,14 +590,26 @@ def _cluster(name: str, workers: list[Worker], slots: int, secrets_dir: str) -> 
     """
     backend = backends.get(workers[0].backend)
     per_host = CONNECTIONS_PER_SLOT * slots
-    endpoints = [{"endpoint": {"address": _socket(w.address, w.port)}} for w in workers]
+    endpoints: dict[str, Any]
+    if eds_dir is not None:  # every worker address is an IP address (the spec's host addresses are)
+        source = {"path_config_source": {"path": f"{eds_dir}/{name}.yaml", "watched_directory": {"path": eds_dir}}}
+        endpoints = {
+            "type": "EDS",
+            "eds_cluster_config": {"service_name": name, "eds_config": {"resource_api_version": "V3", **source}},
+        }
+    else:
+        endpoints = {
+            "type": "STATIC" if all(_is_ip(w.address) for w in workers) else "STRICT_DNS",
+            "load_assignment": {
+                k: v for k, v in _assignment(name, workers, frozenset())["resources"][0].items() if k != "@type"
+            },
+        }
     return {
         "name": name,
-        "type": "STATIC" if all(_is_ip(w.address) for w in workers) else "STRICT_DNS",
+        **endpoints,
         "connect_timeout": "2s",
         "lb_policy": "LEAST_REQUEST",
         "per_connection_buffer_limit_bytes": 1 * MIB,
-        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",

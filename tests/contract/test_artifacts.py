@@ -22,7 +22,7 @@ import yaml
 
 from controller.gateway.certs import sds_document
 from controller.plan import Plan, Worker
-from controller.render.envoy import FRONT_SOCKET, SECRETS_DIR, TLS_DIR, USAGE_LOG
+from controller.render.envoy import EDS_DIR, FRONT_SOCKET, SECRETS_DIR, TLS_DIR, USAGE_LOG
 from controller.secrets import ensure_worker_secret
 from tests.conftest import ROOT, need_tool, run
 from tests.helpers import self_signed
@@ -49,6 +49,9 @@ def test_envoy_validate(rendered: Path, tmp_path: Path, example_plan: Plan) -> N
     ensure_worker_secret(tmp_path / "secrets")  # as deploy puts it on the gateway host
     text = text.replace(USAGE_LOG, str(tmp_path / "usage.log")).replace(TLS_DIR, str(tls))
     text = text.replace(SECRETS_DIR, str(tmp_path / "secrets"))
+    # The endpoints: the rendered files beside envoy.yaml, in the folder Envoy watches.
+    assert EDS_DIR in text and sorted((config.parent / "eds").glob("*.yaml"))
+    text = text.replace(EDS_DIR, str(config.parent / "eds"))
     config.write_text(text.replace(FRONT_SOCKET, str(tmp_path / "front.sock")))
     result = run([envoy, "--mode", "validate", "-c", str(config), "--log-level", "warn"])
     assert result.returncode == 0, result.stdout + result.stderr

@@ -55,11 +55,12 @@ class Store:
         return found[0]
 
     def container(
-        self, image: str, *argv: str, entrypoint: list[str] | None = None
+        self, image: str, *argv: str, entrypoint: list[str] | None = None, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """``podman run --rm --network none`` of ``image`` with ``argv`` (and ``entrypoint`` where given)."""
+        """``podman run --rm --network none`` of ``image`` with ``argv`` (and ``entrypoint``, ``env`` where given)."""
         ep = ["--entrypoint", json.dumps(entrypoint)] if entrypoint is not None else []
-        return self.run("run", "--rm", "--network", "none", *ep, image, *argv, check=False)
+        ev = [a for k, v in (env or {}).items() for a in ("--env", f"{k}={v}")]
+        return self.run("run", "--rm", "--network", "none", *ep, *ev, image, *argv, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -244,10 +245,12 @@ def test_stand_ins_start_with_the_rendered_command_lines(
     # Envoy: flags after the official entrypoint mean `envoy <flags>`; bash for the health check.
     envoy = containers["envoy"]
     assert envoy.args[0].startswith("-")
-    result = store.container(envoy.image, "--version")
+    result = store.container(envoy.image, "--version", env=envoy.env)  # the rendered ENVOY_UID=0: root
     assert result.returncode == 0 and "1.40.0" in result.stdout, result.stderr
+    # without it the official image would drop to uid 101, which cannot read the 0600 secrets: the stand-in refuses
+    assert store.container(envoy.image, "--version").returncode != 0
     assert envoy.health is not None and envoy.health.cmd[1:3] == ["bash", "-c"]
-    assert store.container(envoy.image, "bash", "-n", "-c", envoy.health.cmd[3]).returncode == 0
+    assert store.container(envoy.image, "bash", "-n", "-c", envoy.health.cmd[3], env=envoy.env).returncode == 0
     # Caddy: the rendered command starts with `caddy`, on the PATH.
     caddy = containers["caddy"]
     assert caddy.args[:2] == ["caddy", "run"]

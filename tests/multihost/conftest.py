@@ -6,13 +6,20 @@ runc; without them the tests skip saying which is missing (and fail under FLEET_
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from controller.spec.models import Images
 from tests.conftest import need_tool
+from tests.images import build_fleet_images, build_stand_ins, podman_store
+from tests.multihost.fleet import Deploy, Fleet, podman, write_fleet
 from tests.multihost.hosts import SSHD, Hosts, HostSpec, busybox_image_tar
 
 # The fleet every multihost test shares: a gateway without GPUs and two GPU hosts.
@@ -71,6 +78,40 @@ def gpu_image(fleet_hosts: Hosts, busybox_tar: bytes) -> str:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The hosts are shared by the whole session: their own checks (test_hosts.py, which expect fresh hosts: no mesh
-    interface, no container network) run before the deploy tests change them."""
-    order = {"test_hosts.py": 0, "test_deploy.py": 1}
-    items.sort(key=lambda item: order.get(item.path.name, -1) if "multihost" in item.path.parts else -1)
+    interface, no container network) run before the deploy tests change them; test_deploy.py (which starts with a
+    fleet not yet deployed) before the modules that use the deployed fleet."""
+    order = {"test_hosts.py": 0, "test_deploy.py": 1}  # then the other modules, on the deployed fleet
+    items.sort(key=lambda item: order.get(item.path.name, 2) if "multihost" in item.path.parts else -1)
+
+
+@pytest.fixture(scope="session")
+def fleet(fleet_hosts: Hosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    folder = tmp_path_factory.mktemp("fleet")
+    spec = write_fleet(folder, fleet_hosts)
+    store_dir = Path(tempfile.mkdtemp(prefix="fmh-", dir="/tmp"))  # short: podman's runroot is at most 50 characters
+    store = podman_store(store_dir)
+    images = Images()
+    began = time.monotonic()
+    own = build_fleet_images(store[0], store[1], images)
+    third = build_stand_ins(store[0], store[1], images)
+    archives = {}
+    for tag in own:
+        archives[tag] = folder / f"{tag.rsplit('/', 1)[-1].replace(':', '-')}.tar"
+        podman(store, "save", "-o", str(archives[tag]), tag)
+    # The third-party images, as a real host would pull them: into every host's own store.
+    bundle = folder / "third-party.tar"
+    podman(store, "save", "-m", "-o", str(bundle), *sorted(third))
+    for host in fleet_hosts:
+        host.run(f"podman load -i {bundle}", timeout=300)
+    print(f"images built and loaded in {time.monotonic() - began:.1f}s")
+    yield Fleet(fleet_hosts, folder, spec, folder / "state", archives, store)
+    podman(store, "system", "reset", "--force")
+    shutil.rmtree(store_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def deployed(fleet: Fleet) -> Deploy:
+    """The fleet, deployed once for the session (by the first test that needs it)."""
+    result = fleet.deploy("--yes")
+    assert result.rc == 0, f"{result.stderr[-3000:]}\n{json.dumps(result.out, indent=1)[-3000:]}"
+    return result

@@ -57,8 +57,8 @@ def fleet_spec(hosts: Hosts, model: str = "models/tiny.gguf") -> dict[str, Any]:
                 "aliases": ["tiny"],
                 "backend": "llamacpp",
                 "source": {"gguf": model},
-                "context": 2048,
-                "parallel": 2,
+                "context": 1024,
+                "parallel": 64,  # 50 live streams and a steady load on one replica while the other is replaced
                 "replicas": 2,
                 "options": {"threads": 1},
                 "placement": [{"host": "gpu1", "gpus": [gpu1[0].uuid]}, {"host": "gpu2"}],
@@ -148,3 +148,23 @@ def gateway_client(address: str, ca: Path) -> openai.DefaultHttpxClient:
     return openai.DefaultHttpxClient(
         verify=ssl.create_default_context(cafile=str(ca)), event_hooks={"request": [name_it]}, timeout=60
     )
+
+
+@dataclass
+class Fleet:
+    hosts: Hosts
+    folder: Path
+    spec: Path
+    state: Path
+    images: dict[str, Path]  # the project's images, saved: deploy ships them
+    store: tuple[list[str], dict[str, str]]  # the laptop's podman store (the images were built there)
+
+    def deploy(self, *extra: str, spec: Path | None = None) -> Deploy:
+        return deploy(spec or self.spec, self.hosts, self.state, self.images, *extra)
+
+
+def podman(store: tuple[list[str], dict[str, str]], *args: str, timeout: float = 300) -> str:
+    cmd, env = store
+    result = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"podman {' '.join(args)}: {result.stderr[-2000:]}"
+    return result.stdout

@@ -10,12 +10,8 @@ worker image that cannot start on one host rolls that host back while the other 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,56 +20,11 @@ import pytest
 
 from controller.deploy.lock import fleet_lock
 from controller.spec.models import Images
-from tests.images import build_fleet_images, build_stand_in, build_stand_ins, podman_store
-from tests.multihost.fleet import Deploy, deploy, gateway_client, write_fleet
+from tests.images import broken_stand_in, build_stand_in, build_stand_ins
+from tests.multihost.fleet import Deploy, Fleet, gateway_client, podman
 from tests.multihost.hosts import Hosts
 
 pytestmark = [pytest.mark.multihost]
-
-
-@dataclass
-class Fleet:
-    hosts: Hosts
-    folder: Path
-    spec: Path
-    state: Path
-    images: dict[str, Path]  # the project's images, saved: deploy ships them
-    store: tuple[list[str], dict[str, str]]  # the laptop's podman store (the images were built there)
-
-    def deploy(self, *extra: str, spec: Path | None = None) -> Deploy:
-        return deploy(spec or self.spec, self.hosts, self.state, self.images, *extra)
-
-
-def _podman(store: tuple[list[str], dict[str, str]], *args: str, timeout: float = 300) -> str:
-    cmd, env = store
-    result = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"podman {' '.join(args)}: {result.stderr[-2000:]}"
-    return result.stdout
-
-
-@pytest.fixture(scope="module")
-def fleet(fleet_hosts: Hosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    folder = tmp_path_factory.mktemp("fleet")
-    spec = write_fleet(folder, fleet_hosts)
-    store_dir = Path(tempfile.mkdtemp(prefix="fmh-", dir="/tmp"))  # short: podman's runroot is at most 50 characters
-    store = podman_store(store_dir)
-    images = Images()
-    began = time.monotonic()
-    own = build_fleet_images(store[0], store[1], images)
-    third = build_stand_ins(store[0], store[1], images)
-    archives = {}
-    for tag in own:
-        archives[tag] = folder / f"{tag.rsplit('/', 1)[-1].replace(':', '-')}.tar"
-        _podman(store, "save", "-o", str(archives[tag]), tag)
-    # The third-party images, as a real host would pull them: into every host's own store.
-    bundle = folder / "third-party.tar"
-    _podman(store, "save", "-m", "-o", str(bundle), *sorted(third))
-    for host in fleet_hosts:
-        host.run(f"podman load -i {bundle}", timeout=300)
-    print(f"images built and loaded in {time.monotonic() - began:.1f}s")
-    yield Fleet(fleet_hosts, folder, spec, folder / "state", archives, store)
-    _podman(store, "system", "reset", "--force")
-    shutil.rmtree(store_dir, ignore_errors=True)
 
 
 def _compose_files(hosts: Hosts) -> dict[str, bool]:
@@ -117,17 +68,6 @@ def test_check_shows_each_hosts_changes_and_changes_nothing(fleet: Fleet) -> Non
     assert "envoy" in result.host("gateway")["services"]["start"]
     assert all(result.host(h)["result"] == "checked" for h in ("gateway", "gpu1", "gpu2"))
     assert _compose_files(fleet.hosts) == {"gateway": False, "gpu1": False, "gpu2": False}
-
-
-@pytest.fixture(scope="module")
-def deployed(fleet: Fleet) -> Deploy:
-    result = fleet.deploy("--yes", timeout_hint(fleet))
-    assert result.rc == 0, f"{result.stderr[-3000:]}\n{json.dumps(result.out, indent=1)[-3000:]}"
-    return result
-
-
-def timeout_hint(fleet: Fleet) -> str:
-    return "--wait=0"
 
 
 @pytest.mark.timeout(600)
@@ -243,6 +183,85 @@ def test_a_second_deploy_while_one_runs_is_refused(fleet: Fleet, deployed: Deplo
     assert "Traceback" not in refused.stderr
 
 
+STREAMS = 50
+
+
+@pytest.mark.timeout(600)
+def test_a_rolling_deploy_under_load_drops_nothing(fleet: Fleet, deployed: Deploy, note: Callable[[str], None]) -> None:
+    """Both tiny-chat replicas are replaced (a changed option) while 50 streams are live and a steady load runs:
+    each replica is drained at the gateway before it stops, so every request succeeds and every stream ends."""
+    import threading
+
+    import yaml
+
+    spec = yaml.safe_load(fleet.spec.read_text())
+    (chat,) = [m for m in spec["models"] if m["name"] == "tiny-chat"]
+    chat["options"]["threads"] = 2
+    changed = fleet.folder / "fleet-threads.yaml"
+    changed.write_text(yaml.safe_dump(spec, sort_keys=False))
+    gw = fleet.hosts["gateway"].address
+    ca = _ca(fleet)
+    client = openai.OpenAI(
+        base_url=f"https://{gw}/v1", api_key=_key(fleet, "alice"), http_client=gateway_client(gw, ca), max_retries=0
+    )
+    errors: list[str] = []
+    finished: list[str] = []
+    started = threading.Barrier(STREAMS + 1, timeout=120)
+    stop = threading.Event()
+    requests = [0]
+
+    def stream() -> None:
+        try:
+            chunks = client.chat.completions.create(
+                model="tiny-chat",
+                messages=[{"role": "user", "content": "go"}],
+                max_tokens=400,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            reason = None
+            for i, chunk in enumerate(chunks):
+                if i == 0:
+                    started.wait()
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    reason = chunk.choices[0].finish_reason
+            finished.append(str(reason))
+        except Exception as exc:  # every failure is counted, none hidden: the assertion below lists them
+            errors.append(f"stream: {exc!r}")
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                client.chat.completions.create(
+                    model="tiny-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+                )
+                requests[0] += 1
+            except Exception as exc:  # counted, as above
+                errors.append(f"request: {exc!r}")
+
+    threads = [threading.Thread(target=stream) for _ in range(STREAMS)] + [
+        threading.Thread(target=load) for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    started.wait()  # every stream has its first chunk
+    result = fleet.deploy("--yes", spec=changed)
+    stop.set()
+    for t in threads:
+        t.join(300)
+    client.close()
+    assert result.rc == 0, result.stderr[-3000:]
+    assert errors == [], f"{len(errors)} failed: {errors[:5]}"
+    assert finished == ["length"] * STREAMS
+    # both replicas were replaced (and the agents, which read the spec); tiny-embed was not touched
+    assert set(result.host("gpu1")["services"]["restart"]) == {"tiny-chat-gpu1-gpu0", "agent"}
+    assert set(result.host("gpu2")["services"]["restart"]) == {"tiny-chat-gpu2-gpu0", "agent"}
+    assert requests[0] > 10
+    note(
+        f"rolling deploy with {STREAMS} live streams and {requests[0]} other requests: 0 failed, {result.seconds:.1f}s"
+    )
+
+
 @pytest.mark.timeout(600)
 def test_a_worker_image_that_cannot_start_rolls_its_host_back(fleet: Fleet, deployed: Deploy, tmp_path: Path) -> None:
     import yaml
@@ -255,13 +274,11 @@ def test_a_worker_image_that_cannot_start_rolls_its_host_back(fleet: Fleet, depl
     # The new version: a working server on gpu1, one that exits at once on gpu2.
     good = Images()
     build_stand_ins(fleet.store[0], fleet.store[1], good)
-    _podman(fleet.store, "tag", good.llamacpp, new_tag)
-    _podman(fleet.store, "save", "-o", str(tmp_path / "good.tar"), new_tag)
+    podman(fleet.store, "tag", good.llamacpp, new_tag)
+    podman(fleet.store, "save", "-o", str(tmp_path / "good.tar"), new_tag)
     fleet.hosts["gpu1"].run(f"podman load -i {tmp_path / 'good.tar'}")
-    from tests.images import broken_stand_in
-
     build_stand_in(fleet.store[0], fleet.store[1], new_tag, broken_stand_in())
-    _podman(fleet.store, "save", "-o", str(tmp_path / "bad.tar"), new_tag)
+    podman(fleet.store, "save", "-o", str(tmp_path / "bad.tar"), new_tag)
     fleet.hosts["gpu2"].run(f"podman load -i {tmp_path / 'bad.tar'}")
     result = fleet.deploy("--yes", spec=newer)
     assert result.rc == 10, result.stderr

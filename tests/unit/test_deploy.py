@@ -86,7 +86,7 @@ def test_a_changed_file_restarts_only_the_service_that_mounts_it(homelab: Any) -
     old = copy.deepcopy(gw)
     old.files["/etc/fleet/envoy/envoy.yaml"] = bundle.RemoteFile("/etc/fleet/envoy/envoy.yaml", None, b"old")
     old.services = {}
-    old.seal(_containers_of(old))
+    old.seal(_containers_of(old), bundle.spec_views(make_plan(load_spec(HOMELAB))))
     probe["files"] = dict(old.digests)
     probe["manifest"] = {"files": dict(old.digests), "services": dict(old.services)}
     c = diff.changes(gw, probe, "fleet0")
@@ -171,7 +171,7 @@ def test_the_lock_waits_for_another_process_and_dies_with_it(tmp_path: Path) -> 
     holder = ctx.Process(target=_hold, args=(str(lock), 1.0))
     holder.start()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not lock.read_text():
+    while time.monotonic() < deadline and not (lock.exists() and lock.read_text()):
         time.sleep(0.05)
     started = time.monotonic()
     with fleet_lock(lock, "homelab", "deploy", wait_s=20):
@@ -236,3 +236,29 @@ def test_ansible_results_per_host() -> None:
     assert not out["c"].ok and out["c"].failed_task == "probe" and out["c"].message == "step 'probe' failed"
     with pytest.raises(DeployError, match="did not run: ERROR! the playbook could not be found"):
         parse("", "ERROR! the playbook could not be found", ["a"], "probe.yml")
+
+
+def test_a_model_at_an_absolute_path_must_be_on_its_host(tmp_path: Path) -> None:
+    loaded = load_spec(ROOT / "examples" / "workstation.yaml")
+    plan = make_plan(loaded)
+    bundles = _bundles(loaded, plan, FleetState.of(tmp_path, plan.fleet.name))
+    path = "/var/lib/fleet/models/gemma-3-4b-it-Q4_K_M.gguf"
+    assert bundles["ws"].required == {path: "model gemma-3-4b: source.gguf"}
+    assert path not in bundles["ws"].files  # the host's own, not copied
+    probe = probe_of(bundles["ws"])
+    probe["cdi_gpus"] = {g.uuid: "x" for g in plan.host("ws").gpus}
+    problems = diff.preflight(plan, bundles["ws"], probe, "podman-compose")
+    assert problems == [
+        f"ws: model gemma-3-4b: source.gguf {path} is not on the host; copy it there or use a relative path"
+    ]
+    probe["files"][path] = "ab"
+    assert diff.preflight(plan, bundles["ws"], probe, "podman-compose") == []
+
+
+def test_the_oidc_secret_is_copied_from_the_controllers_machine(tmp_path: Path) -> None:
+    loaded = load_spec(ROOT / "examples" / "team.yaml")
+    plan = make_plan(loaded)
+    with pytest.raises(
+        DeployError, match=r"auth.oidc.client_secret_file: /etc/fleet/secrets/oidc_client_secret not found"
+    ):
+        _bundles(loaded, plan, FleetState.of(tmp_path, plan.fleet.name))
