@@ -28,7 +28,7 @@ from controller.errors import DeployError
 from controller.mesh import wireguard
 from controller.plan.models import Plan
 from controller.render import envoy
-from controller.render.containers import CONFIG_DIR, SECRETS_HOST_DIR, START_PERIOD_S
+from controller.render.containers import CONFIG_DIR, SECRETS_HOST_DIR, START_PERIOD_S, host_containers
 from controller.secrets import KEY_FILE, ensure_worker_secret
 from controller.spec import LoadedSpec
 
@@ -95,6 +95,13 @@ class Outcome:
             return EXIT_ROLLED_BACK if self.applied or self.unchanged else EXIT_NOTHING_DONE
         return EXIT_APPLIED
 
+    def result(self, host: str) -> str:
+        if host in self.failed:
+            return "failed"
+        if host in self.applied:
+            return "applied"
+        return "no change" if self.changes[host].empty else "checked"
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "fleet": self.fleet,
@@ -105,13 +112,7 @@ class Outcome:
             "hosts": {
                 h: {
                     **c.as_dict(),
-                    "result": "failed"
-                    if h in self.failed
-                    else "applied"
-                    if h in self.applied
-                    else "no change"
-                    if c.empty
-                    else "checked",
+                    "result": self.result(h),
                     **({"failure": self.failed[h]} if h in self.failed else {}),
                 }
                 for h, c in self.changes.items()
@@ -402,7 +403,6 @@ def _host_vars(
         "fleet_compose": _compose(opts, probe),
         "fleet_engine": engine,
         "fleet_services_start": services,
-        "fleet_workers": [],  # phase 2 (replace.yml), one at a time
         "fleet_services_remove": c.remove,
         "fleet_manifest": manifest,
         "fleet_had_manifest": bool(previous),
@@ -412,8 +412,6 @@ def _host_vars(
 
 
 def _images_of(plan: Plan, host: str) -> set[str]:
-    from controller.render.containers import host_containers
-
     return {c.image for c in host_containers(plan, host)}
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from controller.atomic import write_file
 from controller.errors import DeployError, Problem, SpecError
 from controller.local.state import StateDir
 from controller.plan import Plan
@@ -146,7 +147,7 @@ def ensure_keys_report(state_dir: Path | StateDir, fleet: Fleet, rotate: Collect
         public = public_key(private)
         pub_path = folder / f"{name}.pub"
         if _read_text(pub_path) != public + "\n":
-            _write_private(pub_path, public + "\n", 0o644)
+            write_file(pub_path, public + "\n", mode=0o644)
         keys[name] = public
     return KeysReport(keys, generated, folder)
 
@@ -234,16 +235,7 @@ def _create_once(path: Path, private_key: str) -> bool:
 
 
 def _replace_key(path: Path, private_key: str) -> None:
-    _write_private(path, private_key + "\n", KEY_MODE)
-
-
-def _write_private(path: Path, text: str, mode: int) -> None:
-    tmp = _staged(path, text, mode)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file(path, private_key + "\n", mode=KEY_MODE)  # its temporary file is 0600 from the start (mkstemp)
 
 
 # -- the mesh -------------------------------------------------------------------------

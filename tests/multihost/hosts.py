@@ -80,6 +80,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tests.podman_service import CONTAINERS_CONF  # this machine's podman facts, as every test store
+
 PREFIX = "fmh"  # netns fmh-<pid>-<tag>-<name>, bridge fmh<tag>, root-side veths fmh<tag>h<index>
 OWNER_ALIAS = "fleet-multihost owner pid="  # the bridge's alias: which process made it
 FIRST_HOST = 10  # host addresses: .10, .11, ...
@@ -90,16 +92,6 @@ START_TIMEOUT_S = 30.0  # sshd answers about 0.1 s after the start here; a loade
 # The fake GPUs' device nodes: harmless character devices, a different one per GPU index (cycled past five).
 DEVICE_NUMBERS = [(1, 3), (1, 5), (1, 7), (1, 8), (1, 9)]  # null, zero, full, random, urandom
 
-CONTAINERS_CONF = """\
-# Written by tests/multihost/hosts.py: this machine's facts (see tests/podman_service.py).
-[engine]
-runtime = "runc"  # crun fails on this machine's cgroup layout
-cgroup_manager = "cgroupfs"  # systemd is not PID 1 here
-events_logger = "file"
-
-[containers]
-default_ulimits = []
-"""
 STORAGE_CONF = """\
 # Written by tests/multihost/hosts.py: the default paths, which are the host's own (private mounts).
 [storage]
