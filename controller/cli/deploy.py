@@ -105,6 +105,15 @@ def deploy(
                 f = outcome.failed[name]
                 line += f" at step '{f['step']}': {f['message']}"
             print(line)
+        for name, info in outcome.as_dict()["retire"].items():
+            if name in outcome.failed:
+                f = outcome.failed[name]
+                print(f"{name}: no longer in the spec; retiring failed at step '{f['step']}': {f['message']}")
+            elif info["result"] == "retired":
+                kept = f"; volumes kept: {', '.join(info['volumes_kept'])}" if info["volumes_kept"] else ""
+                print(f"{name}: no longer in the spec, retired{kept}")
+            else:
+                print(f"{name}: no longer in the spec: would be retired (containers, files, mesh interface)")
         verdict = {0: "done", 4: "nothing was changed", 10: "some hosts were rolled back"}[outcome.exit_code]
         print(f"deploy {'--check ' if check else ''}{verdict} in {outcome.seconds:.1f} s")
     if outcome.exit_code:

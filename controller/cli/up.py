@@ -50,6 +50,9 @@ def up(
                 "api_key_reused": key.reused if key else None,
                 "api_key_expires": key.record.expires if key else None,
                 "already_running": info.already_running,
+                "restarted": list(info.restarted),
+                "started": list(info.started),
+                "stopped": list(info.stopped),
                 "state_dir": str(state.root),
                 "prometheus_url": info.prometheus_url,
             }
@@ -57,6 +60,7 @@ def up(
         return
     lines = [
         "already running" if info.already_running else "up: every process is healthy",
+        *([reload_line(info)] if info.restarted or info.started or info.stopped else []),
         f"base URL:  {info.base_url}",
         f"CA cert:   {info.ca_cert}",
     ]
@@ -77,6 +81,17 @@ def up(
     ctl = own_program("controller")
     lines += ["", f"status: {ctl} status{where}    stop: {ctl} down{where}"]
     typer.echo("\n".join(lines))
+
+
+def reload_line(info: stack.StackInfo) -> str:
+    """What a changed spec did to the running stack (Envoy reloads its files by itself, and is named only when
+    its bootstrap changed)."""
+    parts = [
+        f"{verb} {', '.join(names)}"
+        for verb, names in (("restarted", info.restarted), ("started", info.started), ("stopped", info.stopped))
+        if names
+    ]
+    return "spec changed: " + "; ".join(parts) + "; the rest kept running"
 
 
 def key_note(key: DemoKey) -> str:

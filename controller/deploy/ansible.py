@@ -55,6 +55,8 @@ def inventory(fleet: Fleet, hosts: list[str], conn: Connection) -> dict[str, Any
             v["ansible_host"] = m["host"]
             if m["user"]:
                 v["ansible_user"] = m["user"]
+            if m["user"] and m["user"] != "root":  # a user with sudo (without a password prompt: BatchMode)
+                v["ansible_become"] = True
             if m["port"]:
                 v["ansible_port"] = int(m["port"])
             args = []

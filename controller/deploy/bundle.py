@@ -5,7 +5,7 @@ same spec: a second deploy of an unchanged spec finds nothing to do.
 
 - Rendered files: ``<host>/...`` of `render_all` go to ``/etc/fleet/...`` on that host; Quadlet units
   (``<host>/quadlet/*``) to ``/etc/containers/systemd/``.
-- ``/etc/fleet/fleet.yaml``: the spec as loaded (hosts file merged, architectures resolved), so a container
+- ``/etc/fleet/spec/fleet.yaml``: the spec as loaded (hosts file merged, architectures resolved), so a container
   that reads the spec needs no other file of the operator's.
 - Secrets (mode 0600, never in a rendered file): the worker secret and its Envoy SDS form on every host; the
   host's WireGuard private key; the OIDC client secret on the gateway (from the controller's machine, at the
@@ -28,15 +28,22 @@ import yaml
 
 from controller.backends.llamacpp import LlamaCpp
 from controller.errors import DeployError
+from controller.gateway.access import gatekeeper_view
 from controller.mesh import wireguard
 from controller.plan.models import Plan
 from controller.render import render_all
-from controller.render.containers import CONFIG_DIR, SECRETS_HOST_DIR, Container, host_containers, oidc_secret_path
+from controller.render.containers import (
+    CONFIG_DIR,
+    SECRETS_HOST_DIR,
+    SPEC_PATH,
+    Container,
+    host_containers,
+    oidc_secret_path,
+)
 from controller.secrets import KEY_FILE, SDS_FILE
 from controller.spec import LoadedSpec
 
 QUADLET_DIR = "/etc/containers/systemd"
-SPEC_PATH = f"{CONFIG_DIR}/fleet.yaml"
 # What the last deploy left on a host: the digests of the files it pushed and of the services it started.
 DEPLOY_DIR = "/var/lib/fleet/deploy"
 MANIFEST = f"{DEPLOY_DIR}/manifest.json"
@@ -96,19 +103,9 @@ def service_digest(c: Container, digests: dict[str, str]) -> str:
 
 
 def spec_views(plan: Plan) -> dict[str, str]:
-    """Services that read only part of the spec, and a digest of that part: the gatekeeper reads the gateway, auth,
-    users, groups and the models' served names (controller/gateway/access.py), so a model's options or images
-    (which restart its workers) leave it running, and requests keep being answered."""
-    fleet = plan.fleet
-    view = {
-        "name": fleet.name,
-        "gateway": fleet.gateway.model_dump(mode="json"),
-        "auth": fleet.auth.model_dump(mode="json"),
-        "users": [u.model_dump(mode="json") for u in fleet.users],
-        "groups": [g.model_dump(mode="json") for g in fleet.groups],
-        "models": [[m.name, list(m.served_names)] for m in fleet.models],
-    }
-    return {"gatekeeper": hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()}
+    """Services that read only part of the spec, and a digest of that part (`gatekeeper_view`): a model's options
+    or images (which restart its workers) leave the gatekeeper running, and requests keep being answered."""
+    return {"gatekeeper": gatekeeper_view(plan.fleet)}
 
 
 def _under(path: str, folders: list[str]) -> bool:
@@ -164,6 +161,9 @@ def build(plan: Plan, loaded: LoadedSpec, secrets: Secrets, mesh_files: dict[str
         for worker in plan.workers_on(host.name):
             if worker.backend == "llamacpp":
                 _add_model(b, plan, loaded, worker.model)
+            token = plan.fleet.secrets.hf_token_file
+            if worker.backend == "vllm" and token:  # the operator's to put there (deploy does not copy a token)
+                b.required[str(token)] = "vLLM workers: secrets.hf_token_file"
         containers = host_containers(plan, host.name)
         b.workers = [w.name for w in plan.workers_on(host.name)]
         b.seal(containers, spec_views(plan))

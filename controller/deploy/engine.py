@@ -21,16 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controller.atomic import write_file
+from controller.backends.client import PULL_TIMEOUT_S
 from controller.deploy import audit, bundle, diff
 from controller.deploy.ansible import Connection, run_playbook
 from controller.deploy.lock import fleet_lock
 from controller.errors import DeployError
 from controller.mesh import wireguard
-from controller.plan.models import Plan
+from controller.plan.models import Plan, Worker
 from controller.render import envoy
 from controller.render.containers import CONFIG_DIR, SECRETS_HOST_DIR, START_PERIOD_S, host_containers
 from controller.secrets import KEY_FILE, ensure_worker_secret
 from controller.spec import LoadedSpec
+from controller.spec.models import Host
 
 EXIT_APPLIED = 0
 EXIT_NOTHING_DONE = 4
@@ -60,6 +63,12 @@ class FleetState:
         return self.root / "audit.log"
 
     @property
+    def hosts(self) -> Path:
+        """The hosts the fleet was last deployed to, as the spec named them: a host dropped from the spec is
+        found here, and retired (`_retire`)."""
+        return self.root / "hosts.json"
+
+    @property
     def mesh_state(self) -> Path:
         return self.root.parent.parent  # the state folder: `controller mesh` keeps the keys in its mesh/<fleet>/
 
@@ -84,6 +93,8 @@ class Outcome:
     applied: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     failed: dict[str, dict[str, str]] = field(default_factory=dict)  # host -> step, message
+    retire: list[str] = field(default_factory=list)  # hosts the spec no longer names, with this fleet's things
+    retired: dict[str, dict[str, Any]] = field(default_factory=dict)  # host -> what was removed, what was kept
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -92,7 +103,7 @@ class Outcome:
         if self.problems:
             return EXIT_NOTHING_DONE
         if self.failed:
-            return EXIT_ROLLED_BACK if self.applied or self.unchanged else EXIT_NOTHING_DONE
+            return EXIT_ROLLED_BACK if self.applied or self.unchanged or self.retired else EXIT_NOTHING_DONE
         return EXIT_APPLIED
 
     def result(self, host: str) -> str:
@@ -109,6 +120,7 @@ class Outcome:
             "exit_code": self.exit_code,
             "seconds": round(self.seconds, 2),
             "problems": self.problems,
+            "retire": {h: self.retired.get(h, {"result": "checked" if self.check else "not run"}) for h in self.retire},
             "hosts": {
                 h: {
                     **c.as_dict(),
@@ -148,19 +160,74 @@ def deploy(loaded: LoadedSpec, plan: Plan, state_dir: Path, opts: Options, progr
             outcome.changes[host] = diff.changes(bundles[host], probes[host], _mesh_interface(plan))
             for line in outcome.changes[host].lines():
                 progress(host, line)
+        outcome.retire = [] if opts.hosts else sorted(set(_deployed_hosts(state)) - set(names))
+        for host in outcome.retire:
+            progress(host, "no longer in the spec: its containers, files and mesh interface are removed (volumes kept)")
         if opts.check:
             outcome.unchanged = [h for h in hosts if outcome.changes[h].empty]
             outcome.seconds = time.monotonic() - started
             return outcome
         todo = [h for h in hosts if not outcome.changes[h].empty]
+        if outcome.retire and not opts.yes:
+            raise DeployError(
+                f"{', '.join(outcome.retire)}: no longer in the spec, to be retired, and --yes not given: nothing was "
+                "changed (review with --check)"
+            )
         outcome.unchanged = [h for h in hosts if outcome.changes[h].empty]
         if todo and not opts.yes:
             raise DeployError("changes found and --yes not given: nothing was changed (review with --check)")
         if todo:
             _apply(plan, bundles, probes, todo, outcome, state, opts, progress)
+        if outcome.retire:
+            _retire(plan, outcome, state, opts, progress)
+        _record_hosts(plan, outcome, state, opts)
         outcome.seconds = time.monotonic() - started
         _audit(state, loaded, outcome, holder, started)
     return outcome
+
+
+def _deployed_hosts(state: FleetState) -> dict[str, dict[str, Any]]:
+    try:
+        record: dict[str, dict[str, Any]] = json.loads(state.hosts.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise DeployError(f"{state.hosts}: not the JSON deploy writes ({exc}); move it away to deploy") from None
+    return record
+
+
+def _record_hosts(plan: Plan, outcome: Outcome, state: FleetState, opts: Options) -> None:
+    """The hosts this fleet now has things on: the spec's that were deployed (or already were), and retired ones
+    whose retirement failed (the next deploy tries again)."""
+    record = {h: v for h, v in _deployed_hosts(state).items() if h in outcome.retire and h not in outcome.retired}
+    record |= {h: v for h, v in _deployed_hosts(state).items() if h in {x.name for x in plan.fleet.hosts or []}}
+    for host in plan.fleet.hosts or []:
+        if host.name in outcome.applied or host.name in outcome.unchanged or host.name in outcome.failed:
+            record[host.name] = host.model_dump(mode="json", exclude_none=True)
+    write_file(state.hosts, json.dumps(record, indent=2, sort_keys=True) + "\n", mode=0o600)
+
+
+def _retire(plan: Plan, outcome: Outcome, state: FleetState, opts: Options, progress: Progress) -> None:
+    """Remove this fleet's containers, files and mesh interface from the hosts the spec dropped; keep volumes."""
+    known = _deployed_hosts(state)
+    hosts = [Host.model_validate(known[h]) for h in outcome.retire]
+    fleet = plan.fleet.model_copy(update={"hosts": hosts})
+    variables = {
+        "fleet_name": plan.fleet.name,
+        "fleet_deploy_dir": bundle.DEPLOY_DIR,
+        "fleet_mesh_interface": _mesh_interface(plan) or "",
+    }
+    results = run_playbook("retire.yml", fleet, outcome.retire, opts.conn, variables)
+    for h in outcome.retire:
+        r = results[h]
+        if not r.ok:
+            outcome.failed[h] = {"step": r.failed_task or "?", "message": r.message}
+            progress(h, f"FAILED to retire at {r.failed_task}: {r.message}")
+            continue
+        removed = (r.results.get("the fleet's containers", {}).get("stdout") or "").split("\n")
+        kept = [v for v in (r.results.get("the fleet's volumes (kept)", {}).get("stdout") or "").split("\n") if v]
+        outcome.retired[h] = {"result": "retired", "containers": [x for x in removed if x], "volumes_kept": kept}
+        progress(h, "retired" + (f"; volumes kept: {', '.join(kept)}" if kept else ""))
 
 
 def _mesh_interface(plan: Plan) -> str | None:
@@ -326,7 +393,7 @@ def _set_rotation(plan: Plan, worker_name: str, draining: bool, opts: Options) -
     gateway = plan.fleet.gateway.host
     variables = {
         "fleet_cluster": cluster,
-        "fleet_eds": envoy.EDS_HEADER + envoy.dump_eds(doc),
+        "fleet_eds": envoy.EDS_HEADER + envoy.dump(doc),
         "fleet_eds_path": f"{CONFIG_DIR}/envoy/{envoy.EDS_FOLDER}/{cluster}.yaml",
         "fleet_drain": wait,
     }
@@ -363,7 +430,7 @@ def _host_vars(
         staged = True
     workers = set(b.workers)
     changed = c.start + c.restart
-    services = [s for s in changed if s not in workers]
+    services, waits = _start_order(plan, b.host, [s for s in changed if s not in workers])
     previous = probe.get("manifest") or {}
     # Workers are replaced after this run, one at a time; each enters the manifest once it serves.
     deployed = {k: v for k, v in b.services.items() if k not in workers or k not in changed}
@@ -403,12 +470,39 @@ def _host_vars(
         "fleet_compose": _compose(opts, probe),
         "fleet_engine": engine,
         "fleet_services_start": services,
+        "fleet_services_waits": waits,
         "fleet_services_remove": c.remove,
         "fleet_manifest": manifest,
         "fleet_had_manifest": bool(previous),
         "fleet_rollback_services": sorted(set(changed) & set(previous.get("services", {}))),
         "fleet_rollback_remove": sorted(set(changed) - set(previous.get("services", {}))),
     }
+
+
+def _start_order(plan: Plan, host: str, names: list[str]) -> tuple[list[str], dict[str, list[dict[str, Any]]]]:
+    """``names`` in an order where each starts after what it needs (`Container.after`), and for each, the containers
+    of this host that must be healthy first (Envoy: the gatekeeper, which publishes the certificate its listener
+    reads), with how long each may take. Services start one by one (`compose up --no-deps`), so the role waits for
+    those itself, as Compose's `depends_on: condition: service_healthy` would."""
+    containers = {c.name: c for c in host_containers(plan, host)}
+    order: list[str] = []
+
+    def visit(name: str, seen: frozenset[str]) -> None:
+        if name in order or name not in names or name in seen:
+            return
+        for dep in containers[name].after:
+            visit(dep, seen | {name})
+        order.append(name)
+
+    for name in names:
+        visit(name, frozenset())
+
+    def wait_s(name: str) -> int:
+        health = containers[name].health
+        return (health.start_period_s if health is not None else 0) + 60
+
+    waits = {n: [{"name": d, "timeout_s": wait_s(d)} for d in containers[n].after if d in containers] for n in order}
+    return order, {n: w for n, w in waits.items() if w}
 
 
 def _images_of(plan: Plan, host: str) -> set[str]:
@@ -434,8 +528,32 @@ def _worker_gate(plan: Plan, name: str, engine: str) -> dict[str, Any]:
         "key_file": f"{SECRETS_HOST_DIR}/{KEY_FILE}",
         "gpus": [g.uuid for g in worker.gpus],
         "timeout_s": START_PERIOD_S[worker.backend],
+        "prepare": _prepare(plan, worker, f"http://{address}:{worker.port}"),
     }
     return {"name": name, "services": [name], "gate": base64.b64encode(json.dumps(gate).encode()).decode()}
+
+
+def _prepare(plan: Plan, worker: Worker, base: str) -> list[dict[str, Any]]:
+    """What makes a worker answer to its model's names before it is gated (as `WorkerClient.ensure_model` does on
+    a workstation): an Ollama worker pulls the spec's tag into its volume (once; later pulls only check it) and
+    copies it to each served name. The other backends serve what their command line names."""
+    model = plan.model(worker.model)
+    if worker.backend != "ollama":
+        return []
+    tag = str(model.source.ollama)
+    steps = [
+        {
+            "url": f"{base}/api/pull",
+            "body": {"model": tag, "stream": False},
+            "timeout_s": PULL_TIMEOUT_S,
+            "what": f"pulling {tag}",
+        }
+    ]
+    for served in model.served_names:
+        if served != tag:
+            body = {"source": tag, "destination": served}
+            steps.append({"url": f"{base}/api/copy", "body": body, "timeout_s": 60, "what": f"naming {tag} {served}"})
+    return steps
 
 
 def _audit(state: FleetState, loaded: LoadedSpec, outcome: Outcome, holder: dict[str, object], started: float) -> None:

@@ -4,7 +4,7 @@
 the hosts said into a ``Report`` and is pure, so it is tested with made-up probe documents.
 
 What is checked, per host: reachable over SSH; the deployed version (the sha256 of the resolved spec the last
-deploy pushed, ``/etc/fleet/fleet.yaml`` in its manifest) against the spec's current one; the fleet's containers
+deploy pushed, ``/etc/fleet/spec/fleet.yaml`` in its manifest) against the spec's current one; the fleet's containers
 running; on hosts with an agent, its ``/status`` fetched on the host itself: each worker's health, health-check
 latency and GPU pinning. Per ordered host pair (mesh kinds other than `none`): from the first host, a TCP connect to
 the second's mesh address on a port it serves there (its agent's, or the gateway's HTTPS port where Envoy listens
@@ -32,6 +32,7 @@ from controller.deploy import bundle
 from controller.deploy.ansible import Connection, HostResult, run_playbook
 from controller.mesh import wireguard
 from controller.plan.models import Plan
+from controller.render.containers import SPEC_PATH
 from controller.spec import LoadedSpec
 
 PLAYBOOK = "status.yml"
@@ -45,7 +46,7 @@ PAIR_OK, PAIR_NO_HANDSHAKE, PAIR_UNREACHABLE, PAIR_UNKNOWN = "ok", "no handshake
 
 
 def current_version(loaded: LoadedSpec) -> str:
-    """The sha256 of the resolved spec, as a deploy of ``loaded`` would push it to ``/etc/fleet/fleet.yaml``."""
+    """The sha256 of the resolved spec, as a deploy of ``loaded`` would push it to ``/etc/fleet/spec/fleet.yaml``."""
     return hashlib.sha256(bundle.resolved_spec(loaded).encode()).hexdigest()
 
 
@@ -292,7 +293,7 @@ def _host(
         problems.append(f"{name}: not deployed (no {bundle.MANIFEST}); run `controller deploy SPEC`")
     else:
         files = manifest.get("files") or {}
-        deployed_sha = files.get(bundle.SPEC_PATH)
+        deployed_sha = files.get(SPEC_PATH)
         row["deployed"] = {
             "spec_sha256": deployed_sha,
             "current": deployed_sha == version,

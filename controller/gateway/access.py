@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, replace
 
 from controller.spec.models import Fleet, User
 
 ALL = "*"
+
+
+def gatekeeper_view(fleet: Fleet) -> str:
+    """A digest of the part of the spec the gatekeeper reads at start only: the fleet's name, the gateway and auth.
+    Users, groups and the models' served names it reloads in place when its spec file changes
+    (controller/gateway/gatekeeper.py), so a change to them needs no restart and drops no request."""
+    view = {
+        "name": fleet.name,
+        "gateway": fleet.gateway.model_dump(mode="json"),
+        "auth": fleet.auth.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

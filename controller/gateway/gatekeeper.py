@@ -47,7 +47,8 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from controller.gateway.access import Access, Identity
+from controller.errors import ControllerError
+from controller.gateway.access import Access, Identity, gatekeeper_view
 from controller.gateway.certs import Publisher, Source, served_certificate
 from controller.gateway.keystore import KeyStore
 from controller.gateway.ledger import Ledger, utc_day
@@ -69,6 +70,7 @@ LOGIN_COOKIE = "fleet_login"
 # Bound the cache so a flood of distinct keys cannot grow memory without limit.
 CACHE_MAX = 100_000
 INGEST_INTERVAL_S = 0.5
+SPEC_POLL_S = 1.0  # how often the spec file is looked at (a stat); a changed one is reloaded
 # The pause between slices of usage lines, and around each commit (controller/gateway/ledger.py), so
 # reading the log never holds a core for long: Envoy's worker, the backend and the clients share the cores.
 INGEST_PAUSE_S = 0.002
@@ -198,6 +200,11 @@ class Gatekeeper:
         self._cache: dict[bytes, tuple[float, Identity | None, float | None]] = {}
         self._spent: dict[str, tuple[float, str, int]] = {}  # user → (checked at, day, tokens)
 
+    def reload(self, access: Access) -> None:
+        """New users, groups and models: the answers kept for keys are dropped (they name models and limits)."""
+        self.access = access
+        self._cache = {}
+
     def identify(self, key: str) -> tuple[Identity | None, float]:
         """The key's identity (None: not a valid key) and how many seconds Envoy may keep this answer: up to
         ANSWER_MAX_S, never past the key's expiry (a revocation reaches Envoy through /auth/sync)."""
@@ -228,6 +235,14 @@ class Gatekeeper:
         spent = self.ledger.tokens_on(user, day)
         self._spent[user] = (now, day, spent)
         return spent
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def public_url(fleet: Fleet) -> str:
@@ -334,6 +349,7 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if usage_log is not None:
             threading.Thread(target=ingest_loop, name="ingest", daemon=True).start()
+        threading.Thread(target=watch_spec, name="spec", daemon=True).start()
         if publisher is not None:
             publisher.start()
         yield
@@ -341,8 +357,33 @@ def create_app(
         if publisher is not None:
             publisher.stop()
 
-    # This process (and so the spec it read): Envoy drops the answers it holds when it changes.
-    epoch = secrets.token_hex(8)
+    # This process and the users, groups and models it knows: Envoy drops the answers it holds when it changes.
+    epoch = [secrets.token_hex(8)]
+
+    def watch_spec() -> None:
+        """Users, groups and the models' names, reloaded in place when the spec file changes (deploy replaces it by
+        a rename; an editor may rewrite it): answers follow within SPEC_POLL_S, with no restart and no request
+        dropped. A spec that does not load is reported and the previous one kept. The rest (gateway, auth) is read
+        at start only: deploy and `controller up` restart the gatekeeper when it changes (`gatekeeper_view`)."""
+        seen = _file_stamp(spec_path)
+        while not stop.wait(SPEC_POLL_S):
+            now = _file_stamp(spec_path)
+            if now == seen:
+                continue
+            seen = now
+            try:
+                new = load_spec(spec_path).fleet
+            except (ControllerError, OSError) as exc:
+                print(f"spec {spec_path} changed but does not load; keeping the previous one: {exc}", flush=True)
+                continue
+            gate.reload(Access(new))
+            epoch[0] = secrets.token_hex(8)
+            pending = " (its gateway or auth changed too: those apply at the next restart)"
+            print(
+                f"spec reloaded: users, groups and models{pending if gatekeeper_view(new) != view else ''}", flush=True
+            )
+
+    view = gatekeeper_view(fleet)
     app = FastAPI(title="fleet gatekeeper", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.gate = gate
 
@@ -524,7 +565,7 @@ def create_app(
         except Exception:  # the key store failing: Envoy keeps no answer it cannot vouch for
             metrics.decisions.labels("unavailable").inc()
             return error(503, "authentication is temporarily unavailable", "auth_unavailable", "server_error")
-        headers = {"X-Fleet-Revoked": ",".join(revoked), "X-Fleet-Since": f"{now:.3f}", "X-Fleet-Epoch": epoch}
+        headers = {"X-Fleet-Revoked": ",".join(revoked), "X-Fleet-Since": f"{now:.3f}", "X-Fleet-Epoch": epoch[0]}
         return Response(status_code=200, headers=headers)
 
     @app.post("/auth/reserve")

@@ -21,9 +21,11 @@ from typing import Literal
 from controller import backends
 from controller.atomic import write_file
 from controller.errors import ControllerError
+from controller.gateway.access import gatekeeper_view
+from controller.local.configs import read_digest, stack_files
 from controller.local.state import StateDir
 from controller.plan.models import Plan, Worker
-from controller.render import guard
+from controller.render import envoy, guard
 from controller.secrets import KEY_FILE
 
 Kind = Literal["worker", "guard", "gatekeeper", "envoy", "caddy", "agent", "prometheus", "alertmanager"]
@@ -71,9 +73,17 @@ def find_program(name: str) -> str:
 
 
 def local_processes(plan: Plan, spec_path: Path, state: StateDir) -> list[ProcessSpec]:
+    """Every process of the stack. What a process reads at start only (its config files, the part of the spec
+    the gatekeeper reads) is in its environment as a digest, so it is part of its fingerprint: a changed spec
+    restarts exactly the processes it changes (`controller up` on a running stack)."""
     gw = plan.fleet.gateway
     ports = gw.ports
     caddy_front = gw.front == "caddy"
+    files = stack_files(plan, state)
+
+    def reads(program: str) -> dict[str, str]:
+        return {"FLEET_CONFIG_SHA256": read_digest(files, state, program)}
+
     out = [
         ProcessSpec(
             name="gatekeeper",
@@ -97,6 +107,7 @@ def local_processes(plan: Plan, spec_path: Path, state: StateDir) -> list[Proces
                 "--port",
                 str(ports.gatekeeper),
             ],
+            env={"FLEET_SPEC_VIEW_SHA256": gatekeeper_view(plan.fleet)[:16]},
             health_url=f"http://127.0.0.1:{ports.gatekeeper}/healthz",
             ports=[ports.gatekeeper],
         )
@@ -111,11 +122,11 @@ def local_processes(plan: Plan, spec_path: Path, state: StateDir) -> list[Proces
                 "-c",
                 str(state.config / "envoy.yaml"),
                 "--disable-hot-restart",
-                "--file-flush-interval-msec",  # the usage log reaches the ledger within a second
-                "1000",
+                *envoy.RUN_ARGS,
                 "--log-level",
                 "warn",
             ],
+            env=reads("envoy"),
             health_url=f"http://127.0.0.1:{ports.envoy_admin}/ready",
             # Behind Caddy (gateway.front: caddy) Envoy takes requests on a Unix socket, not the public port.
             ports=[ports.envoy, ports.envoy_admin] if caddy_front else [ports.https, ports.envoy, ports.envoy_admin],
@@ -130,17 +141,18 @@ def local_processes(plan: Plan, spec_path: Path, state: StateDir) -> list[Proces
                 "XDG_DATA_HOME": str(state.caddy / "data"),
                 "XDG_CONFIG_HOME": str(state.caddy / "config"),
                 "HOME": str(state.caddy),
+                **reads("caddy"),
             },
             health_url=f"http://127.0.0.1:{ports.caddy_admin}/config/",
             ports=[ports.http, ports.https if caddy_front else ports.caddy_tls, ports.caddy_admin],
         )
     )
     out.append(agent_process(plan, spec_path, state))
-    out += monitoring_processes(plan, state)
+    out += monitoring_processes(plan, state, files)
     return out
 
 
-def monitoring_processes(plan: Plan, state: StateDir) -> list[ProcessSpec]:
+def monitoring_processes(plan: Plan, state: StateDir, files: dict[Path, str]) -> list[ProcessSpec]:
     """Prometheus and Alertmanager with the rendered configs, when installed (Debian: prometheus,
     prometheus-alertmanager); without them the stack runs, unmonitored."""
     ports = plan.fleet.gateway.ports
@@ -160,6 +172,7 @@ def monitoring_processes(plan: Plan, state: StateDir) -> list[ProcessSpec]:
                 "--storage.tsdb.retention.time=7d",
                 f"--web.listen-address=127.0.0.1:{ports.prometheus}",
             ],
+            env={"FLEET_CONFIG_SHA256": read_digest(files, state, "prometheus")},
             health_url=f"http://127.0.0.1:{ports.prometheus}/-/ready",
             ports=[ports.prometheus],
         )
@@ -182,6 +195,7 @@ def monitoring_processes(plan: Plan, state: StateDir) -> list[ProcessSpec]:
                 f"--web.listen-address=127.0.0.1:{ports.alertmanager}",
                 "--cluster.listen-address=",
             ],
+            env={"FLEET_CONFIG_SHA256": read_digest(files, state, "alertmanager")},
             health_url=f"http://127.0.0.1:{ports.alertmanager}/-/ready",
             ports=[ports.alertmanager],
         )
@@ -210,6 +224,7 @@ def agent_process(plan: Plan, spec_path: Path, state: StateDir) -> ProcessSpec:
             "--state-dir",
             str(state.root),
         ],
+        env={"FLEET_SPEC_SHA256": hashlib.sha256(spec_path.read_bytes()).hexdigest()[:16]},
         health_url=f"http://127.0.0.1:{host.agent_port}/healthz",
         ports=[host.agent_port],
     )

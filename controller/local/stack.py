@@ -16,16 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 from controller.atomic import write_file
 from controller.errors import ControllerError
 from controller.gateway.certs import ensure_sds_file, served_certificate, wait_published
+from controller.local.configs import stack_files
 from controller.local.processes import ProcessSpec, local_processes
 from controller.local.state import StateDir, is_same_process, start_time
 from controller.plan import Plan, make_plan
-from controller.render import alertmanager, caddy, envoy, prometheus
-from controller.secrets import KEY_FILE, ensure_worker_secret
+from controller.render import envoy
+from controller.secrets import ensure_worker_secret
 from controller.spec import load_spec
 
 
@@ -37,6 +39,10 @@ class StackInfo:
     state_dir: Path
     already_running: bool
     prometheus_url: str | None = None
+    # A running stack brought to a changed spec (`reload`): the processes restarted, started and stopped.
+    restarted: tuple[str, ...] = ()
+    started: tuple[str, ...] = ()
+    stopped: tuple[str, ...] = ()
 
 
 def spec_hash(path: Path) -> str:
@@ -70,30 +76,139 @@ def up(spec_path: Path, state: StateDir, wait_s: float, progress: Callable[[dict
             wait_healthy(state, wait_s, progress)
             wait_serving(plan, state, wait_s)
             return StackInfo(base_url(plan), state.ca_cert, spec_path, state.root, True, prometheus_url(plan, state))
-        raise ControllerError(
-            f"a stack for {stack.get('spec')} is running in {state.root} (supervisor pid {pid}) and its spec "
-            "differs; run `controller down` first or use another --state-dir"
-        )
+        if stack.get("spec") != str(spec_path):
+            raise ControllerError(
+                f"a stack for {stack.get('spec')} is running in {state.root} (supervisor pid {pid}); run "
+                "`controller down` first or use another --state-dir"
+            )
+        return reload(plan, spec_path, state, wait_s, progress)
     specs = local_processes(plan, spec_path, state)
     check_ports(specs, state)
     write_configs(plan, state)
-    write_file(
-        state.root / "stack.json",
-        json.dumps(
-            {
-                "spec": str(spec_path),
-                "spec_hash": spec_hash(spec_path),
-                "base_url": base_url(plan),
-                "ca_cert": str(state.ca_cert),
-            },
-            indent=2,
-        )
-        + "\n",
-    )
+    write_stack(plan, spec_path, state)
     spawn_supervisor(spec_path, state)
     wait_healthy(state, wait_s, progress)
     wait_serving(plan, state, wait_s)
     return StackInfo(base_url(plan), state.ca_cert, spec_path, state.root, False, prometheus_url(plan, state))
+
+
+def write_stack(plan: Plan, spec_path: Path, state: StateDir) -> None:
+    record = {
+        "spec": str(spec_path),
+        "spec_hash": spec_hash(spec_path),
+        "base_url": base_url(plan),
+        "ca_cert": str(state.ca_cert),
+    }
+    write_file(state.root / "stack.json", json.dumps(record, indent=2) + "\n")
+
+
+def reload(
+    plan: Plan, spec_path: Path, state: StateDir, wait_s: float, progress: Callable[[dict[str, Any]], None]
+) -> StackInfo:
+    """The running stack to its changed spec, restarting only the processes the change touches.
+
+    Envoy keeps running: its listeners, clusters and endpoints are files it watches (a new model, user limit
+    or worker reaches it by a rename). A worker that changes or goes is first taken out of rotation (DRAINING
+    in its models' endpoints) and its requests, streams included, finish (bounded by DRAIN_S); then the
+    supervisor hands over to a new one, which adopts every process whose fingerprint (command, environment,
+    the digest of what it reads at start) is unchanged and restarts the others; a restarted worker is put back
+    once healthy.
+    """
+    specs = local_processes(plan, spec_path, state)
+    fingerprints = {s.name: s.fingerprint for s in specs}
+    table = (state.read_json(state.table) or {}).get("processes") or {}
+    changed = sorted(n for n, row in table.items() if row.get("fingerprint") != fingerprints.get(n))
+    added = sorted(set(fingerprints) - set(table))
+    going = {n for n, row in table.items() if n in changed and row.get("kind") == "worker"}
+    drain(state, going, DRAIN_S)
+    check_ports([s for s in specs if s.name in changed or s.name in added], state)
+    staying = frozenset(going & set(fingerprints))
+    write_configs(plan, state, draining=staying)  # a replaced worker gets requests again once it is healthy
+    write_stack(plan, spec_path, state)
+    hand_over(state)
+    spawn_supervisor(spec_path, state)
+    wait_healthy(state, wait_s, progress)
+    if staying:
+        write_configs(plan, state)
+    wait_serving(plan, state, wait_s)
+    return StackInfo(
+        base_url(plan),
+        state.ca_cert,
+        spec_path,
+        state.root,
+        False,
+        prometheus_url(plan, state),
+        restarted=tuple(n for n in changed if n in fingerprints),
+        started=tuple(added),
+        stopped=tuple(n for n in changed if n not in fingerprints),
+    )
+
+
+DRAIN_S = 120.0  # how long a worker that changes may take to finish its requests before it is restarted anyway
+
+
+def drain(state: StateDir, workers: set[str], timeout: float) -> None:
+    """Mark ``workers`` DRAINING in the endpoint files Envoy watches and wait until no request is active on them
+    (Envoy's admin `/clusters`), at most ``timeout`` seconds."""
+    if not workers:
+        return
+    folder = state.config / envoy.EDS_FOLDER
+    addresses: set[tuple[str, int]] = set()
+    for name in workers:
+        path = folder / f"{envoy.worker_cluster(name)}.yaml"
+        if path.is_file():
+            for cla in yaml.safe_load(path.read_text(encoding="utf-8"))["resources"]:
+                for group in cla.get("endpoints", []):
+                    addresses |= {_address(e) for e in group.get("lb_endpoints", [])}
+    models: list[str] = []
+    for path in sorted(folder.glob(f"{envoy.MODEL_CLUSTER_PREFIX}*.yaml")):
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        for cla in doc["resources"]:
+            models.append(cla["cluster_name"])
+            for group in cla.get("endpoints", []):
+                for e in group.get("lb_endpoints", []):
+                    if _address(e) in addresses:
+                        e["health_status"] = "DRAINING"
+        write_file(path, envoy.dump(doc))
+    admin = yaml.safe_load((state.config / "envoy.yaml").read_text(encoding="utf-8"))["admin"]["address"]
+    url = f"http://127.0.0.1:{admin['socket_address']['port_value']}/clusters?format=json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            doc = httpx.get(url, timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            return  # no Envoy to ask: nothing is routed to the workers either
+        active, seen = 0, True
+        for c in doc.get("cluster_statuses", []):
+            if c.get("name") not in models:
+                continue
+            for h in c.get("host_statuses", []):
+                sa = h.get("address", {}).get("socket_address", {})
+                if (sa.get("address"), int(sa.get("port_value", 0))) in addresses:
+                    seen &= h.get("health_status", {}).get("eds_health_status") == "DRAINING"
+                    active += sum(int(s.get("value", 0)) for s in h.get("stats", []) if s.get("name") == "rq_active")
+        if seen and active == 0:
+            return
+        time.sleep(0.2)
+
+
+def _address(lb_endpoint: dict[str, Any]) -> tuple[str, int]:
+    sa = lb_endpoint["endpoint"]["address"]["socket_address"]
+    return str(sa["address"]), int(sa["port_value"])
+
+
+def hand_over(state: StateDir, timeout: float = 30) -> None:
+    """Stop the supervisor, leaving its processes running (the next one adopts them)."""
+    pid = supervisor_pid(state)
+    if pid is None:
+        return
+    started = start_time(pid)
+    request(state, "handover")
+    deadline = time.monotonic() + timeout
+    while start_time(pid) == started:
+        if time.monotonic() > deadline:
+            raise ControllerError(f"the supervisor (pid {pid}) did not hand over in {timeout:.0f}s")
+        time.sleep(0.05)
 
 
 def prometheus_url(plan: Plan, state: StateDir) -> str | None:
@@ -101,30 +216,18 @@ def prometheus_url(plan: Plan, state: StateDir) -> str | None:
     return f"http://127.0.0.1:{plan.fleet.gateway.ports.prometheus}" if "prometheus" in table else None
 
 
-def write_configs(plan: Plan, state: StateDir) -> None:
-    """The gateway's Envoy and Caddy configs for this stack, with paths inside its state folder."""
-    write_file(state.config / "Caddyfile", caddy.caddyfile(plan, front_socket=str(state.front_socket)))
+def write_configs(plan: Plan, state: StateDir, draining: frozenset[str] = frozenset()) -> None:
+    """The gateway's Envoy, Caddy and monitoring configs for this stack, with paths inside its state folder, each
+    written by a rename, in `stack_files`'s order; endpoint files of clusters no longer in the plan removed."""
     ensure_worker_secret(state.secrets)  # once: workers started earlier keep theirs
-    config = envoy.bootstrap(
-        plan,
-        usage_log=str(state.usage_log),
-        tls_dir=str(state.tls),
-        secrets_dir=str(state.secrets),
-        front_socket=str(state.front_socket),
-        eds_dir=str(state.config / envoy.EDS_FOLDER),
-    )
-    # The endpoints, in the folder Envoy watches (as on a fleet's gateway): each written by a rename.
-    for name, doc in envoy.eds_files(plan).items():
-        write_file(state.config / envoy.EDS_FOLDER / name, envoy.dump_eds(doc))
     ensure_sds_file(state.tls)  # Envoy starts with it empty; the gatekeeper publishes the certificate into it
-    write_file(state.config / "envoy.yaml", yaml.safe_dump(config, sort_keys=False, width=1000))
-    # Prometheus (rules beside its config) and Alertmanager, as rendered for the gateway host.
-    for rel, text in {**prometheus.render(plan), **alertmanager.render(plan)}.items():
-        if rel.endswith(".yml") and not rel.endswith("/prometheus.yml"):  # that one is this stack's, below
-            write_file(state.config / Path(rel).parent.name / Path(rel).name, text)
-    # Prometheus scrapes the workers with the stack's own worker secret.
-    scrape = prometheus.config(plan, worker_key_file=str(state.secrets / KEY_FILE))
-    write_file(state.config / "prometheus" / "prometheus.yml", prometheus.HEADER + prometheus.dump(scrape))
+    files = stack_files(plan, state, draining)
+    for path, text in files.items():
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            write_file(path, text)
+    for stale in (state.config / envoy.EDS_FOLDER).glob("*.yaml"):
+        if stale not in files:
+            stale.unlink()
 
 
 def check_ports(specs: list[ProcessSpec], state: StateDir) -> None:

@@ -4,8 +4,8 @@ Started detached by `controller up`. It starts each process in its own
 session (so they outlive a crashed supervisor and can be re-adopted),
 restarts crashed ones with exponential backoff, health-checks them, writes
 the process table to `state.json`, and answers `status`, `restart`, `stop`,
-`start` and `down` on a Unix socket. A new supervisor adopts the processes a
-previous one left running when their PID, start time and command match the
+`start`, `down` and `handover` (exit, leaving the processes running) on a
+Unix socket. A new supervisor adopts the processes a previous one left running when their PID, start time and command match the
 plan, so it never starts duplicates. Each process's log, and its own, is cut
 back when it passes its cap (controller/local/logcap.py).
 """
@@ -113,6 +113,7 @@ class Supervisor:
         self.preparers = preparers or {}
         self.lock = threading.RLock()
         self.stopping = threading.Event()
+        self.handing_over = False  # stop, leaving the processes running for the next supervisor to adopt
         self.http = httpx.Client(timeout=1.0)
 
     # -- lifecycle ----------------------------------------------------------------
@@ -142,9 +143,10 @@ class Supervisor:
             server.shutdown()
             server.server_close()
             with self.lock:
-                for proc in self.procs.values():
-                    self.kill(proc)
-                    proc.state = "stopped"
+                if not self.handing_over:
+                    for proc in self.procs.values():
+                        self.kill(proc)
+                        proc.state = "stopped"
                 self.write_table()
             self.cap_logs()
             self.state.socket.unlink(missing_ok=True)
@@ -327,6 +329,11 @@ class Supervisor:
         if action == "down":
             self.stopping.set()
             return {"ok": True, "message": "stopping"}
+        if action == "handover":  # `controller up` of a changed spec: a new supervisor adopts what did not change
+            with self.lock:
+                self.handing_over = True
+            self.stopping.set()
+            return {"ok": True, "message": "handing over"}
         if action == "status":
             with self.lock:
                 return {"ok": True, "processes": {n: p.row() for n, p in self.procs.items()}}

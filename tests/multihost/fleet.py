@@ -119,11 +119,15 @@ def controller(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[
     )
 
 
-def deploy(spec: Path, hosts: Hosts, state: Path, images: dict[str, Path], *extra: str) -> Deploy:
-    """`controller deploy --json` from the laptop, as the operator runs it; its exit code and report."""
+def deploy(
+    spec: Path, hosts: Hosts, state: Path, images: dict[str, Path], *extra: str, ssh_config: Path | None = None
+) -> Deploy:
+    """`controller deploy --json` from the laptop, as the operator runs it; its exit code and report. ``ssh_config``:
+    the laptop's ssh_config for the spec's ``ssh`` targets (default the hosts' own, `Hosts.ssh_config`)."""
     import time
 
-    args = ["deploy", str(spec), "--state-dir", str(state), "--ssh-config", str(hosts.ssh_config)]
+    config = ssh_config or hosts.ssh_config
+    args = ["deploy", str(spec), "--state-dir", str(state), "--ssh-config", str(config)]
     args += ["--compose", COMPOSE, "--json", *extra]
     for tag, archive in images.items():
         args += ["--image", f"{tag}={archive}"]
@@ -137,13 +141,13 @@ def deploy(spec: Path, hosts: Hosts, state: Path, images: dict[str, Path], *extr
     return Deploy(result.returncode, out, result.stderr, took)
 
 
-def gateway_client(address: str, ca: Path) -> openai.DefaultHttpxClient:
-    """An HTTP client for the gateway at ``address`` that names ``PUBLIC_NAME`` (SNI and Host), as a client that
-    resolved the name would; the certificate is checked against ``ca`` for that name."""
+def gateway_client(address: str, ca: Path, name: str = PUBLIC_NAME) -> openai.DefaultHttpxClient:
+    """An HTTP client for the gateway at ``address`` that names ``name`` (SNI and Host; default ``PUBLIC_NAME``),
+    as a client that resolved the name would; the certificate is checked against ``ca`` for that name."""
 
     def name_it(request: Any) -> None:  # the SDK's httpx request
-        request.headers["Host"] = PUBLIC_NAME
-        request.extensions["sni_hostname"] = PUBLIC_NAME
+        request.headers["Host"] = name
+        request.extensions["sni_hostname"] = name
 
     return openai.DefaultHttpxClient(
         verify=ssl.create_default_context(cafile=str(ca)), event_hooks={"request": [name_it]}, timeout=60

@@ -109,7 +109,7 @@ def _key(fleet: Fleet, user: str) -> str:
     gw = fleet.hosts["gateway"]
     out = gw.run(
         "podman exec fleet-gatekeeper controller keys create --user "
-        f"{user} --spec /etc/fleet/fleet.yaml --state-dir /var/lib/fleet --json"
+        f"{user} --spec /etc/fleet/spec/fleet.yaml --state-dir /var/lib/fleet --json"
     ).stdout
     key: str = json.loads(out)["key"]
     return key
@@ -184,6 +184,49 @@ def test_a_second_deploy_while_one_runs_is_refused(fleet: Fleet, deployed: Deplo
 
 
 STREAMS = 50
+
+
+@pytest.mark.timeout(300)
+def test_a_new_user_with_a_limit_reaches_envoy_without_a_restart(fleet: Fleet, deployed: Deploy) -> None:
+    """A user with an `rpm` is enforced by Envoy's listener, which it reads from a file it watches (LDS): the
+    deploy replaces that file and the spec, which the gatekeeper reloads in place; nothing on the gateway
+    restarts, and the new user's key works and is held to the new limit."""
+    import yaml
+
+    spec = yaml.safe_load(fleet.spec.read_text())
+    spec["users"].append({"name": "carol", "models": ["tiny-chat"], "rpm": 2})
+    changed = fleet.folder / "fleet-carol.yaml"
+    changed.write_text(yaml.safe_dump(spec, sort_keys=False))
+    before = _containers(fleet.hosts)
+    result = fleet.deploy("--yes", spec=changed)
+    assert result.rc == 0, result.stderr[-3000:]
+    gateway = result.host("gateway")
+    assert gateway["services"]["restart"] == [] and gateway["result"] == "applied", gateway
+    assert {"/etc/fleet/envoy/xds/listeners.yaml", "/etc/fleet/spec/fleet.yaml"} <= set(gateway["files"]["changed"])
+    after = _containers(fleet.hosts)
+    assert after["gateway"] == before["gateway"], "a gateway container was restarted"
+    for h in ("gpu1", "gpu2"):  # the agents read the whole spec; the workers do not restart
+        assert result.host(h)["services"]["restart"] == ["agent"], result.host(h)
+        assert {n: v for n, v in after[h].items() if n != "fleet-agent"} == {
+            n: v for n, v in before[h].items() if n != "fleet-agent"
+        }
+    gw = fleet.hosts["gateway"].address
+    client = openai.OpenAI(
+        base_url=f"https://{gw}/v1",
+        api_key=_key(fleet, "carol"),
+        http_client=gateway_client(gw, _ca(fleet)),
+        max_retries=0,
+    )
+    with client:
+        for _ in range(2):
+            client.chat.completions.create(
+                model="tiny-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+        with pytest.raises(openai.RateLimitError) as limited:
+            client.chat.completions.create(
+                model="tiny-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+    assert limited.value.response.headers.get("retry-after"), limited.value.response.headers
 
 
 @pytest.mark.timeout(600)
@@ -290,3 +333,62 @@ def test_a_worker_image_that_cannot_start_rolls_its_host_back(fleet: Fleet, depl
     gpu2 = fleet.hosts["gpu2"]
     running = json.loads(gpu2.run("podman ps --filter label=io.fleet.worker --format json").stdout)
     assert running and all(c["Image"] != new_tag for c in running), running
+
+
+@pytest.mark.timeout(900)
+def test_a_host_dropped_from_the_spec_is_retired(
+    fleet: Fleet, deployed: Deploy, gpu_image: str, note: Callable[[str], None]
+) -> None:
+    """gpu2 leaves the spec: --check says it would be retired and changes nothing; the deploy removes the fleet's
+    containers, files and mesh interface there (a container the fleet does not own keeps running), the other
+    hosts drop it from the mesh and the gateway, and the model it served keeps answering from gpu1. Then the
+    first spec again brings gpu2 back, for the modules after this one."""
+    import yaml
+
+    gpu2 = fleet.hosts["gpu2"]
+    gpu2.run(f"podman run -d --name not-ours {gpu_image} sleep 3600")
+    spec = yaml.safe_load(fleet.spec.read_text())
+    spec["hosts"] = [h for h in spec["hosts"] if h["name"] != "gpu2"]
+    (chat,) = [m for m in spec["models"] if m["name"] == "tiny-chat"]
+    chat["replicas"], chat["placement"] = 1, chat["placement"][:1]
+    smaller = fleet.folder / "fleet-no-gpu2.yaml"
+    smaller.write_text(yaml.safe_dump(spec, sort_keys=False))
+    interface = spec["mesh"].get("interface", "fleet0")
+    try:
+        check = fleet.deploy("--check", spec=smaller)
+        assert check.rc == 0, check.stderr[-2000:]
+        assert check.out["retire"] == {"gpu2": {"result": "checked"}}, check.out
+        assert gpu2.run("podman ps -q --filter label=io.fleet.fleet=mh").stdout.strip()
+
+        began = time.monotonic()
+        result = fleet.deploy("--yes", spec=smaller)
+        assert result.rc == 0, result.stderr[-3000:]
+        retired = result.out["retire"]["gpu2"]
+        assert retired["result"] == "retired", retired
+        assert gpu2.run("podman ps -a -q --filter label=io.fleet.fleet=mh").stdout.strip() == ""
+        assert gpu2.run("podman ps -q --filter name=not-ours").stdout.strip(), "a container not ours was touched"
+        assert (
+            gpu2.run("ls -A /etc/fleet 2>/dev/null; ls -A /var/lib/fleet/deploy 2>/dev/null", check=False).stdout == ""
+        )
+        assert gpu2.run(f"ip link show {interface}", check=False).returncode != 0
+        peers = fleet.hosts["gateway"].run(f"wg show {interface} peers").stdout.split()
+        assert len(peers) == 1, peers  # gpu1 only
+        gw = fleet.hosts["gateway"].address
+        with openai.OpenAI(
+            base_url=f"https://{gw}/v1",
+            api_key=_key(fleet, "alice"),
+            http_client=gateway_client(gw, _ca(fleet)),
+            max_retries=0,
+        ) as client:
+            for _ in range(4):
+                client.chat.completions.create(
+                    model="tiny-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+                )
+        note(f"gpu2 retired in a {time.monotonic() - began:.1f}s deploy; volumes kept: {retired['volumes_kept']}")
+        again = fleet.deploy("--yes", spec=smaller)
+        assert again.rc == 0 and again.out["retire"] == {}, again.out
+    finally:
+        gpu2.run("podman rm -f -t 0 not-ours", check=False)
+        back = fleet.deploy("--yes")
+        assert back.rc == 0, back.stderr[-3000:]
+        assert back.host("gpu2")["result"] == "applied"

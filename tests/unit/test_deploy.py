@@ -15,10 +15,11 @@ import pytest
 
 from controller.deploy import audit, bundle, diff
 from controller.deploy.ansible import Connection, inventory, parse
-from controller.deploy.engine import FleetState, _bundles
+from controller.deploy.engine import FleetState, _bundles, _start_order
 from controller.deploy.lock import LockHeld, fleet_lock
 from controller.errors import DeployError
 from controller.plan import make_plan
+from controller.render.containers import SPEC_PATH
 from controller.spec import load_spec
 from tests.conftest import ROOT
 
@@ -33,9 +34,10 @@ def homelab(tmp_path: Path) -> tuple[Any, Any, dict[str, bundle.HostBundle]]:
 
 
 def probe_of(b: bundle.HostBundle, running: bool = True) -> dict[str, Any]:
-    """What the probe would report on a host that holds exactly ``b`` (deployed, services running)."""
+    """What the probe would report on a host that holds exactly ``b`` (deployed, services running, the files it
+    needs already there)."""
     return {
-        "files": dict(b.digests),
+        "files": {**dict(b.digests), **dict.fromkeys(b.required, "present")},
         "manifest": {"files": dict(b.digests), "services": dict(b.services)},
         "containers": [{"name": f"fleet-{s}", "state": "running" if running else "exited"} for s in b.services],
         "wireguard": {"up": True},
@@ -49,7 +51,7 @@ def test_every_host_gets_the_resolved_spec_and_its_secrets_at_0600(homelab: Any)
     _, _, bundles = homelab
     assert set(bundles) == {"gateway", "tower", "den"}
     for b in bundles.values():
-        assert bundle.SPEC_PATH in b.files
+        assert SPEC_PATH in b.files
         secrets = {p for p, f in b.files.items() if f.secret}
         assert secrets == {
             "/etc/fleet/secrets/worker.key",
@@ -65,7 +67,7 @@ def test_every_host_gets_the_resolved_spec_and_its_secrets_at_0600(homelab: Any)
                 if not other.secret and other.source is None:
                     assert secret not in other.content, f"{path}'s content is in {other.path}"
     # the resolved spec needs no other file: no hosts file, no arch_from
-    spec = bundles["tower"].files[bundle.SPEC_PATH].content
+    spec = bundles["tower"].files[SPEC_PATH].content
     assert b"arch_from" not in spec
     assert b"hosts_file" not in spec
 
@@ -93,6 +95,26 @@ def test_a_changed_file_restarts_only_the_service_that_mounts_it(homelab: Any) -
     assert c.files_changed == ["/etc/fleet/envoy/envoy.yaml"]
     assert c.restart == ["envoy"]
     assert not c.start and not c.remove and not c.files_added
+
+
+def test_a_changed_listener_cluster_or_endpoint_file_restarts_nothing(homelab: Any) -> None:
+    # Envoy watches these folders and reloads a replaced file by itself (LDS, CDS, EDS from files).
+    _, _, bundles = homelab
+    gw = bundles["gateway"]
+    changed = ["/etc/fleet/envoy/xds/listeners.yaml", "/etc/fleet/envoy/xds/clusters.yaml"]
+    changed.append(next(p for p in gw.files if p.startswith("/etc/fleet/envoy/eds/")))
+    old = copy.deepcopy(gw)
+    for path in changed:
+        assert path in gw.files
+        old.files[path] = bundle.RemoteFile(path, None, b"old")
+    old.services = {}
+    old.seal(_containers_of(old), bundle.spec_views(make_plan(load_spec(HOMELAB))))
+    probe = probe_of(gw)
+    probe["files"] = dict(old.digests)
+    probe["manifest"] = {"files": dict(old.digests), "services": dict(old.services)}
+    c = diff.changes(gw, probe, "fleet0")
+    assert c.files_changed == sorted(changed)
+    assert not c.restart and not c.start and not c.remove
 
 
 def _containers_of(b: bundle.HostBundle) -> list[Any]:
@@ -207,6 +229,16 @@ def test_inventory_from_ssh_targets() -> None:
     assert hosts["tower"]["ansible_ssh_private_key_file"] == "/x/key"
     assert "-F /x/ssh_config" in hosts["tower"]["ansible_ssh_common_args"]
     assert "BatchMode=yes" in hosts["tower"]["ansible_ssh_common_args"]
+    assert hosts["tower"]["ansible_become"] is True  # ops@: root's work through sudo
+    root = fleet.model_copy(update={"hosts": [h.model_copy(update={"ssh": "root@tower"}) for h in fleet.hosts or []]})
+    assert "ansible_become" not in inventory(root, ["tower"], Connection())["all"]["hosts"]["tower"]
+
+
+def test_vllm_hosts_need_the_hf_token_already_there(homelab: Any) -> None:
+    _, _, bundles = homelab
+    token = "/etc/fleet/secrets/hf_token"  # examples/homelab.yaml: secrets.hf_token_file
+    assert bundles["tower"].required.get(token) == "vLLM workers: secrets.hf_token_file"
+    assert token not in bundles["gateway"].required  # no vLLM worker there
 
 
 def test_ansible_results_per_host() -> None:
@@ -246,6 +278,7 @@ def test_a_model_at_an_absolute_path_must_be_on_its_host(tmp_path: Path) -> None
     assert bundles["ws"].required == {path: "model gemma-3-4b: source.gguf"}
     assert path not in bundles["ws"].files  # the host's own, not copied
     probe = probe_of(bundles["ws"])
+    del probe["files"][path]  # not (yet) on the host
     probe["cdi_gpus"] = {g.uuid: "x" for g in plan.host("ws").gpus}
     problems = diff.preflight(plan, bundles["ws"], probe, "podman-compose")
     assert problems == [
@@ -262,3 +295,17 @@ def test_the_oidc_secret_is_copied_from_the_controllers_machine(tmp_path: Path) 
         DeployError, match=r"auth.oidc.client_secret_file: /etc/fleet/secrets/oidc_client_secret not found"
     ):
         _bundles(loaded, plan, FleetState.of(tmp_path, plan.fleet.name))
+
+
+def test_services_start_after_what_they_need_once_it_is_healthy() -> None:
+    # Envoy's TLS listener reads the certificate the gatekeeper publishes before it reports healthy: a deploy
+    # that started Envoy first had its listener refused for good (the file it names did not exist yet).
+    plan = make_plan(load_spec(HOMELAB))
+    order, waits = _start_order(plan, "gateway", ["envoy", "caddy", "gatekeeper", "prometheus"])
+    assert sorted(order) == ["caddy", "envoy", "gatekeeper", "prometheus"]
+    assert order.index("gatekeeper") < order.index("envoy")
+    assert [w["name"] for w in waits["envoy"]] == ["gatekeeper"] and waits["envoy"][0]["timeout_s"] > 60
+    assert "gatekeeper" not in waits
+    # Only what is being started is ordered; a dependency already running is waited for, not restarted.
+    order, waits = _start_order(plan, "gateway", ["envoy"])
+    assert order == ["envoy"] and [w["name"] for w in waits["envoy"]] == ["gatekeeper"]

@@ -25,6 +25,7 @@ from controller.deploy import status as st
 from controller.deploy.ansible import HostResult
 from controller.plan import make_plan
 from controller.plan.models import Plan
+from controller.render.containers import SPEC_PATH
 from controller.spec import load_spec
 from tests.conftest import ROOT
 
@@ -90,7 +91,7 @@ def healthy(plan: Plan, pinning: str = "ok") -> dict[str, dict[str, Any]]:
             "now": now,
             "manifest": {
                 "fleet": plan.fleet.name,
-                "files": {bundle.SPEC_PATH: VERSION},
+                "files": {SPEC_PATH: VERSION},
                 "services": services,
                 "deployed_at": "2026-12-02T10:00:00Z",
                 "by": "ops@laptop",
@@ -231,7 +232,7 @@ def test_the_controllers_public_keys_name_the_peers_when_given(plan: Plan) -> No
 
 def test_an_older_deploy_and_a_missing_manifest_are_problems(plan: Plan) -> None:
     docs = healthy(plan)
-    docs["tower"]["manifest"]["files"][bundle.SPEC_PATH] = "cd" * 32
+    docs["tower"]["manifest"]["files"][SPEC_PATH] = "cd" * 32
     docs["den"]["manifest"] = None
     docs["den"]["containers"] = []
     rep = run(plan, docs)
@@ -306,7 +307,7 @@ def test_probe_args_name_each_peer_and_the_port_it_serves_on_the_mesh(plan: Plan
 def test_the_probe_script_runs_on_this_machine(tmp_path: Path) -> None:
     """ansible/files/status_probe.py with this machine's Python, as Ansible's `script` runs it on a host."""
     manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"fleet": "f", "files": {bundle.SPEC_PATH: VERSION}}))
+    manifest.write_text(json.dumps({"fleet": "f", "files": {SPEC_PATH: VERSION}}))
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
         closed = socket.create_server(("127.0.0.1", 0))
@@ -328,7 +329,7 @@ def test_the_probe_script_runs_on_this_machine(tmp_path: Path) -> None:
         arg = base64.b64encode(json.dumps(args).encode()).decode()
         out = subprocess.run([sys.executable, str(PROBE), arg], capture_output=True, text=True, timeout=30, check=True)
     doc = json.loads(out.stdout)
-    assert doc["manifest"]["files"][bundle.SPEC_PATH] == VERSION
+    assert doc["manifest"]["files"][SPEC_PATH] == VERSION
     assert doc["engine_error"] == "no-such-engine not installed" and doc["containers"] == []
     assert doc["tcp"]["up"]["ok"] is True
     assert doc["tcp"]["down"]["ok"] is False and doc["tcp"]["down"]["error"]

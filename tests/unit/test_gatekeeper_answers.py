@@ -6,6 +6,7 @@ import copy
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -126,3 +127,39 @@ def test_a_lease_is_long_while_the_user_is_far_from_the_quota_and_short_near_it(
         assert reserve(650)["x-fleet-lease-ms"] == str(int(LEASE_LONG_S * 1000))  # 300 left: still a quarter
         near = reserve(60)  # 240 left beside it: under a quarter of the quota
         assert near["x-fleet-lease-ms"] == str(int(LEASE_S * 1000))
+
+
+def test_users_are_reloaded_in_place_when_the_spec_changes(tmp_path: Path) -> None:
+    """Deploy replaces the spec by a rename: a new user's key works and a changed rate is answered within a
+    couple of seconds, the epoch Envoy drops held answers by changes, and a spec that does not load keeps the
+    previous one (the gatekeeper keeps answering)."""
+    data = copy.deepcopy(MINIMAL)
+    data["auth"] = {"revocation_delay_s": 2}
+    data["users"] = [{"name": "me", "models": ["*"]}]
+    spec = write_spec(tmp_path / "fleet.yaml", data)
+    store = KeyStore(tmp_path / "keys.db")
+    mine, _ = store.create("me")
+    theirs, _ = store.create("new")  # a key made before its user is in the spec (as `keys create` allows)
+
+    def epoch(client: TestClient) -> str:
+        return client.get("/auth/sync", headers={"x-fleet-since": str(time.time())}).headers["x-fleet-epoch"]
+
+    def until(predicate: Any) -> None:
+        deadline = time.monotonic() + 10
+        while not predicate():
+            assert time.monotonic() < deadline, "the gatekeeper did not reload its spec within 10 s"
+            time.sleep(0.1)
+
+    with TestClient(create_app(spec, tmp_path)) as client:
+        first = epoch(client)
+        assert check(client, theirs)[0] == 401
+        data["users"] = [{"name": "me", "models": ["*"], "rpm": 30}, {"name": "new", "models": ["*"]}]
+        write_spec(tmp_path / "fleet.yaml.new", data).rename(spec)
+        until(lambda: check(client, theirs)[0] == 200)
+        assert check(client, mine)[1].get("x-fleet-rpm") == "30"
+        second = epoch(client)
+        assert second != first
+        spec.write_text("version: 1\nname: [broken\n")
+        time.sleep(2.5)  # two looks at the file
+        assert check(client, theirs)[0] == 200 and epoch(client) == second
+    store.close()
