@@ -113,6 +113,13 @@ class Outcome:
             return "applied"
         return "no change" if self.changes[host].empty else "checked"
 
+    def _retire_result(self, host: str) -> dict[str, Any]:
+        if host in self.retired:
+            return self.retired[host]
+        if host in self.failed:
+            return {"result": "failed", "failure": self.failed[host]}
+        return {"result": "checked" if self.check else "not run"}
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "fleet": self.fleet,
@@ -120,7 +127,7 @@ class Outcome:
             "exit_code": self.exit_code,
             "seconds": round(self.seconds, 2),
             "problems": self.problems,
-            "retire": {h: self.retired.get(h, {"result": "checked" if self.check else "not run"}) for h in self.retire},
+            "retire": {h: self._retire_result(h) for h in self.retire},
             "hosts": {
                 h: {
                     **c.as_dict(),

@@ -16,6 +16,7 @@ import os
 import ssl
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,3 +173,18 @@ def podman(store: tuple[list[str], dict[str, str]], *args: str, timeout: float =
     result = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"podman {' '.join(args)}: {result.stderr[-2000:]}"
     return result.stdout
+
+
+def first_reply(client: openai.OpenAI, model: str, timeout: float = 90) -> Any:
+    """The first chat completion ``model`` answers through the gateway after a deploy: Envoy's health checks put
+    new workers in rotation within a few intervals, so refusals and connection errors are retried until then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=8
+            )
+        except (openai.APIStatusError, openai.APIConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)

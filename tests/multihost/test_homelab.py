@@ -62,7 +62,7 @@ from controller.spec import load_spec
 from tests.conftest import ROOT
 from tests.images import build_stand_in, caddy_stand_in, llamacpp_stand_in, podman_store, vllm_stand_in
 from tests.multihost.conftest import LaptopImages, need_hosts
-from tests.multihost.fleet import VENV_BIN, Deploy, deploy, gateway_client, podman
+from tests.multihost.fleet import VENV_BIN, Deploy, deploy, first_reply, gateway_client, podman
 from tests.multihost.hosts import Hosts, HostSpec, cdi_spec
 
 pytestmark = [pytest.mark.multihost]
@@ -324,8 +324,8 @@ def test_the_homelab_example_deploys(homelab: Homelab, note: Callable[[str], Non
     for line in homelab.changes:
         note(f"homelab: the example's one change: {line.strip()}")
     note(
-        "homelab: why ops@ -> root@: the test hosts let only root in; and deploy (controller/deploy/ansible.py) "
-        "sets no become, so a non-root user (the example's `ops`) could not write /etc/fleet on a real host"
+        "homelab: why ops@ -> root@: the test hosts let only root in and have no sudo; on a real host deploy "
+        "becomes root through sudo for a non-root user such as the example's `ops` (controller/deploy/ansible.py)"
     )
     note(
         "homelab: STAND-INS: GPUs are fake (CDI, the example's UUIDs, no memory); vLLM is the vLLM double; "
@@ -408,17 +408,7 @@ def test_the_family_uses_it_with_the_openai_sdk(homelab: Homelab, note: Callable
     http = gateway_client(gateway.address, homelab.ca, name="llm.example.org")
     alex = openai.OpenAI(base_url=f"https://{gateway.address}/v1", api_key=key, http_client=http, max_retries=0)
     with alex:
-        deadline = time.monotonic() + 120
-        while True:  # Envoy's health checks put the workers in rotation within a few intervals
-            try:
-                reply = alex.chat.completions.create(
-                    model="llama", messages=[{"role": "user", "content": "hello"}], max_tokens=8
-                )
-                break
-            except (openai.APIStatusError, openai.APIConnectionError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(2)
+        reply = first_reply(alex, "llama", timeout=120)
         assert reply.choices[0].message.content
         assert reply.usage is not None and reply.usage.completion_tokens > 0
         code = alex.chat.completions.create(
