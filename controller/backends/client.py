@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 
 from controller import backends
+from controller.backends.vllm import VLLM
 from controller.errors import BackendError
 from controller.spec.models import Model
 
@@ -52,7 +53,10 @@ METRICS = {
 # large model; everything else should answer fast.
 PULL_TIMEOUT_S = 3600.0
 LOAD_TIMEOUT_S = 600.0
-SLEEP_MODE_HINT = "run the worker with VLLM_SERVER_DEV_MODE=1 and the option enable-sleep-mode: true"
+SLEEP_MODE_HINT = (
+    "make the model on demand (`swap`), which runs its worker with VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode "
+    "(behind its guard)"
+)
 
 
 class WorkerClient:
@@ -144,7 +148,7 @@ class WorkerClient:
         if self.backend == "ollama":
             self._call("POST", "/api/generate", "unloading", json={"model": model.name, "keep_alive": 0})
         elif self.backend == "vllm":
-            if model.options.get("enable-sleep-mode") is not True:
+            if not VLLM.sleep_mode(model):
                 raise BackendError(
                     f"{self.backend} at {self.base_url}: without --enable-sleep-mode, sleeping frees no GPU memory; "
                     f"{SLEEP_MODE_HINT}"

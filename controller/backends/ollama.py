@@ -7,6 +7,16 @@ aliases are copies of the tag, so clients' `model` values resolve), `GET
 the OpenAI-compatible `/v1/*` routes, and the variables OLLAMA_CONTEXT_LENGTH,
 OLLAMA_NUM_PARALLEL (the KV cache holds context × parallel tokens),
 OLLAMA_MAX_LOADED_MODELS, OLLAMA_KEEP_ALIVE, OLLAMA_KV_CACHE_TYPE.
+
+One worker holds one model and keeps it loaded: OLLAMA_MAX_LOADED_MODELS=1
+(a second model would evict it: server/sched.go) and OLLAMA_KEEP_ALIVE=-1
+(a model loaded by a request without `keep_alive`, as the OpenAI-compatible
+routes send, stays for good instead of Ollama's 5 minutes: envconfig
+KeepAlive). Both matter most for an on-demand model (`swap`): the swap
+coordinator loads and unloads it (`/api/generate` with `keep_alive` -1 and
+0), so Ollama must never unload it on its own behind the coordinator's back.
+The plan owns both variables (`reserved`), so a spec's options cannot change
+them. Ollama has no speculative decoding (controller/spec/speculative.py).
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ class Ollama:
         "OLLAMA_KV_CACHE_TYPE": "the spec's kv_cache_dtype",
         "OLLAMA_MODELS": "the model cache volume",
         "OLLAMA_ORIGINS": "workers are reached only through the gateway",
-        "OLLAMA_KEEP_ALIVE": "the worker keeps its model loaded",
+        "OLLAMA_KEEP_ALIVE": "the worker keeps its model loaded; the swap coordinator unloads on-demand ones",
     }
 
     def settings(self, model: Model, estimate: Estimate, gpus: list[GpuRef]) -> dict[str, Any]:
@@ -68,6 +78,7 @@ class Ollama:
             "OLLAMA_NUM_PARALLEL": str(s["num_parallel"]),
             "OLLAMA_MAX_LOADED_MODELS": str(s["max_loaded_models"]),
             "OLLAMA_KV_CACHE_TYPE": s["kv_cache_type"],
+            # A model a request without keep_alive loads (the OpenAI-compatible routes) stays until unloaded on purpose.
             "OLLAMA_KEEP_ALIVE": "-1",
         }
         if s["kv_cache_type"] != "f16":

@@ -4,17 +4,32 @@ Documented API used here: `GET /health` (200 when the engine is up),
 `GET /v1/models`, `GET /metrics` (`vllm:*` series), and the flags
 `--gpu-memory-utilization` (fraction of the GPU's *total* memory this
 instance may take: weights, activations and KV cache), `--max-model-len`,
-`--max-num-seqs`, `--tensor-parallel-size`.
+`--max-num-seqs`, `--tensor-parallel-size`, `--speculative-config` (a JSON
+object, vllm/config/speculative.py).
 
 Sleep mode (`/sleep`, `/wake_up`, `/is_sleeping`; controller/backends/client.py)
-needs `VLLM_SERVER_DEV_MODE=1` and `--enable-sleep-mode`. The worker is not
-started in development mode: its routes, sleep mode's among them, are not
-behind the API key (vLLM checks the key only under /v1), and include
-`/collective_rpc`, which runs any worker method.
+needs `VLLM_SERVER_DEV_MODE=1` and `--enable-sleep-mode`. Only an on-demand
+worker (its model has `swap`, which the swap coordinator loads by waking it
+and unloads by putting it to sleep) runs in development mode; every other
+worker does not. Development mode's routes, sleep mode's among them, are not
+behind vLLM's API key (vLLM checks the key only under /v1), and include
+`/collective_rpc`, which runs any worker method: so an on-demand worker runs
+behind a guard (controller/render/guard.py), the Caddy that Ollama workers
+have, which lets through only requests with the worker secret (the health
+route excepted). vLLM itself then listens on loopback only: in its guard's
+network namespace in containers, on a port of its own behind the guard under
+`controller up` (controller/local/processes.py). It still requires the
+worker secret under /v1 itself; the guard passes the header on.
+
+Speculative decoding goes in `--speculative-config`: `{"method": "ngram",
+...}`, `{"method": "mtp", ...}`, or a draft model (`{"model": REPO, ...}`),
+which vLLM 0.11 (the pinned image) refuses: its V1 engine has no draft-model
+speculation (the spec check says so, controller/spec/speculative.py).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Callable
@@ -47,26 +62,59 @@ class VLLM:
         "revision": "the spec's source.revision",
         "api-key": "the worker secret, set from a file as VLLM_API_KEY",
         "download-dir": "the model cache volume",
+        "hf-overrides": "the spec's rope_scaling",
+        "speculative-config": "the spec's speculative",
     }
 
     def settings(self, model: Model, estimate: Estimate, gpus: list[GpuRef]) -> dict[str, Any]:
         smallest = min(g.vram_gib for g in gpus)
-        # Round up to the next hundredth so vLLM gets at least the estimate;
-        # the planner books the rounded amount.
-        util = math.ceil(estimate.total_gib / smallest * 100) / 100
+        # vLLM's fraction covers what its memory profiler sees (weights, activations, KV cache); its CUDA context
+        # and CUDA graphs come on top (estimate.outside_utilization_gib). Round the fraction up to the next
+        # hundredth so vLLM gets at least the estimate; the planner books the rounded fraction plus what is outside.
+        inside = estimate.total_gib - estimate.outside_utilization_gib
+        util = math.ceil(inside / smallest * 100) / 100
         return {
             "gpu_memory_utilization": util,
             "max_model_len": model.context,
             "max_num_seqs": model.parallel,
             "tensor_parallel_size": model.gpus_per_replica,
-            "reserved_gib": round(util * smallest, 3),
+            "reserved_gib": round(util * smallest + estimate.outside_utilization_gib, 3),
         }
 
     def image(self, fleet: Fleet, worker: Worker) -> str:
         return fleet.images.vllm
 
+    @staticmethod
+    def dev_mode(model: Model) -> bool:
+        """Whether the model's workers run in development mode with sleep mode: on-demand ones (`swap`)."""
+        return model.swap is not None
+
+    @staticmethod
+    def sleep_mode(model: Model) -> bool:
+        """Whether the model's workers run with --enable-sleep-mode (so that a sleep frees their GPU memory)."""
+        return VLLM.dev_mode(model) or model.options.get("enable-sleep-mode") is True
+
+    @staticmethod
+    def speculative_config(model: Model) -> dict[str, Any] | None:
+        """`--speculative-config` of the spec's `speculative`, in vLLM's own form (vllm/config/speculative.py)."""
+        spec = model.speculative
+        if spec is None:
+            return None
+        if spec.method == "ngram":  # n-grams of the prompt: match windows of 4 tokens, guess `tokens` after one
+            return {"method": "ngram", "num_speculative_tokens": spec.tokens, "prompt_lookup_max": 4}
+        if spec.method == "mtp":  # the model's own multi-token-prediction layers
+            return {"method": "mtp", "num_speculative_tokens": spec.tokens}
+        assert spec.draft is not None
+        config: dict[str, Any] = {"model": str(spec.draft.huggingface), "num_speculative_tokens": spec.tokens}
+        if spec.draft.revision:
+            config["revision"] = spec.draft.revision
+        return config
+
     def container_args(self, worker: Worker, model: Model, key_file: str) -> list[str]:
-        return [str(model.source.huggingface), *self.serve_flags(worker, model, "0.0.0.0", self.container_port)]
+        # In development mode the container shares its guard's network namespace (controller/render/guard.py):
+        # there it listens on loopback only, where only the guard reaches it.
+        host = "127.0.0.1" if self.dev_mode(model) else "0.0.0.0"
+        return [str(model.source.huggingface), *self.serve_flags(worker, model, host, self.container_port)]
 
     def container_entrypoint(self, key_file: str) -> list[str]:
         # The image's entrypoint is `vllm serve`; vLLM reads its key from the environment only.
@@ -98,19 +146,42 @@ class VLLM:
             args += ["--quantization", model.quantization]
         if model.kv_cache_dtype != "auto":
             args += ["--kv-cache-dtype", model.kv_cache_dtype]
+        if model.rope_scaling is not None and model.arch.max_context:
+            # YaRN over the model's own trained length, as the model's config would say it (vLLM reads the
+            # override into the Hugging Face config before it sizes the context).
+            rope = {
+                "rope_type": "yarn",
+                "factor": model.rope_scaling,
+                "original_max_position_embeddings": model.arch.max_context,
+            }
+            args += ["--hf-overrides", json.dumps({"rope_scaling": rope}, separators=(",", ":"))]
+        speculative = self.speculative_config(model)
+        if speculative is not None:
+            args += ["--speculative-config", json.dumps(speculative, separators=(",", ":"))]
+        if self.dev_mode(model) and model.options.get("enable-sleep-mode") is not True:
+            args.append("--enable-sleep-mode")  # a sleep frees the GPU memory only with it
         return args + option_args(model.options)
 
+    def run_env(self, model: Model) -> dict[str, str]:
+        """What vLLM's environment says, wherever it runs: no usage reports; development mode where it sleeps."""
+        env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        if self.dev_mode(model):
+            env["VLLM_SERVER_DEV_MODE"] = "1"  # the sleep routes (and the other development routes): behind the guard
+        return env
+
     def container_env(self, worker: Worker, model: Model) -> dict[str, str]:
-        return {"HF_HOME": self.cache_dir, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        return {"HF_HOME": self.cache_dir, **self.run_env(model)}
 
     def local_command(
         self, worker: Worker, model: Model, spec_dir: Path, find: Callable[[str], str], key_file: Path
     ) -> tuple[list[str], dict[str, str]]:
         argv = [find("vllm"), "serve", str(model.source.huggingface)]
         argv += self.serve_flags(worker, model, worker.address, worker.port)
-        # /v1/* then needs the worker secret; /health, /metrics and the rest stay open (as in vLLM).
+        # /v1/* then needs the worker secret; /health, /metrics and the rest stay open (as in vLLM), so a worker in
+        # development mode runs behind its guard, which `controller up` binds where the worker was planned and puts
+        # this one behind it on loopback (controller/local/processes.py, worker_process).
         wrapped = env_from_file(sys.executable, "VLLM_API_KEY", str(key_file), argv)
-        return wrapped, {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        return wrapped, self.run_env(model)
 
     def healthcheck(self) -> list[str]:
         return ["CMD", "curl", "-fsS", f"http://127.0.0.1:{self.container_port}{self.health_path}"]

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +28,7 @@ from controller.plan.models import Plan, Worker
 from controller.render import envoy, guard
 from controller.secrets import KEY_FILE
 
-Kind = Literal["worker", "guard", "gatekeeper", "envoy", "caddy", "agent", "prometheus", "alertmanager"]
+Kind = Literal["worker", "guard", "gatekeeper", "envoy", "caddy", "agent", "prometheus", "alertmanager", "swapper"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,9 @@ class ProcessSpec:
     ports: list[int] = field(default_factory=list)
     model: str | None = None
     gpus: list[str] = field(default_factory=list)
+    # An on-demand worker (the model's `swap`): the supervisor starts it only when asked to (`start`, by the swap
+    # coordinator), not at start-up.
+    on_demand: bool = False
 
     @property
     def fingerprint(self) -> str:
@@ -112,7 +115,13 @@ def local_processes(plan: Plan, spec_path: Path, state: StateDir) -> list[Proces
             ports=[ports.gatekeeper],
         )
     ]
-    out += [p for w in plan.workers for p in worker_processes(plan, w, spec_path.parent, state)]
+    on_demand = {w.name for w in plan.on_demand()}
+    for w in plan.workers:
+        for p in worker_processes(plan, w, spec_path.parent, state):
+            # The swap coordinator starts an on-demand worker when its model is asked for, not the supervisor.
+            out.append(replace(p, on_demand=True) if p.kind == "worker" and w.name in on_demand else p)
+    if on_demand:
+        out.append(swapper_process(plan, spec_path, state))
     out.append(
         ProcessSpec(
             name="envoy",
@@ -150,6 +159,33 @@ def local_processes(plan: Plan, spec_path: Path, state: StateDir) -> list[Proces
     out.append(agent_process(plan, spec_path, state))
     out += monitoring_processes(plan, state, files)
     return out
+
+
+def swapper_process(plan: Plan, spec_path: Path, state: StateDir) -> ProcessSpec:
+    """The swap coordinator (controller/swap/): loads and unloads the on-demand workers through this supervisor,
+    holds their requests while they load, and answers Envoy's health checks of them."""
+    port = plan.fleet.gateway.ports.swapper
+    return ProcessSpec(
+        name="swapper",
+        kind="swapper",
+        argv=[
+            sys.executable,
+            "-m",
+            "controller.swap",
+            "--spec",
+            str(spec_path.resolve()),
+            "--secrets-dir",
+            str(state.secrets),
+            "--stack-dir",
+            str(state.root),
+            "--eds-dir",
+            str(state.config / envoy.EDS_FOLDER),
+        ],
+        # It plans from the spec at start: any change of the spec restarts it (it learns what is resident again).
+        env={"FLEET_SPEC_SHA256": hashlib.sha256(spec_path.read_bytes()).hexdigest()[:16]},
+        health_url=f"http://127.0.0.1:{port}/healthz",
+        ports=[port],
+    )
 
 
 def monitoring_processes(plan: Plan, state: StateDir, files: dict[Path, str]) -> list[ProcessSpec]:
@@ -231,33 +267,45 @@ def agent_process(plan: Plan, spec_path: Path, state: StateDir) -> ProcessSpec:
 
 
 def worker_processes(plan: Plan, worker: Worker, spec_dir: Path, state: StateDir) -> list[ProcessSpec]:
-    """The worker's process, after its guard's where it has one (Ollama: see `guard_process`)."""
+    """The worker's process, after its guard's where it has one (Ollama, vLLM in development mode: see
+    `guard_process`)."""
     process = worker_process(plan, worker, spec_dir, state)
-    return [guard_process(plan, worker, state), process] if guard.guarded(worker) else [process]
+    return [guard_process(plan, worker, state), process] if guard.guarded(plan, worker) else [process]
 
 
 def worker_process(plan: Plan, worker: Worker, spec_dir: Path, state: StateDir) -> ProcessSpec:
     """The inference server of one worker, requiring the stack's worker secret.
 
-    Ollama, which cannot require it, runs behind its guard (`guard_process`), which takes the planned port:
-    Ollama itself listens on a loopback port of its own (`upstream_port`). As root that port is in a network
-    namespace of Ollama's own, reached only through a private Unix socket (`in_own_network`); without root
-    it is on this machine's loopback, where any local user can reach it. Everything in the stack (Envoy, the
-    agent, the supervisor) uses the planned port, through the guard. In containers Ollama is reachable only
-    through its guard (controller/render/guard.py).
+    A guarded worker (Ollama, which cannot require it; vLLM in development mode, whose development routes do
+    not) runs behind its guard (`guard_process`), which takes the planned port: the server itself listens on a
+    loopback port of its own (`upstream_port`). As root that port is in a network namespace of the worker's
+    own, reached only through a private Unix socket (`in_own_network`); without root it is on this machine's
+    loopback, where any local user can reach it. Everything in the stack (Envoy, the agent, the supervisor) uses
+    the planned port, through the guard. In containers a guarded worker is reachable only through its guard
+    (controller/render/guard.py).
     """
     key_file = state.secrets / KEY_FILE
     model = plan.model(worker.model)
     backend = backends.get(worker.backend)
-    argv, env = backend.local_command(worker, model, spec_dir, find_program, key_file)
+    guarded = guard.guarded(plan, worker)
     ports = [worker.port]
-    if guard.guarded(worker):
+    if guarded:
         ports = [upstream_port(plan, worker)]
-        env["OLLAMA_HOST"] = f"127.0.0.1:{ports[0]}"
-        if isolated():
-            argv, bridge_env = in_own_network(plan, worker, state, argv)
-            env.update(bridge_env)
-            ports = []  # Ollama's port is in its own network namespace, not this machine's
+        # The server binds loopback at its own port (OLLAMA_HOST; vLLM's --host and --port), behind its guard.
+        bound = worker.model_copy(update={"address": "127.0.0.1", "port": ports[0]})
+        argv, env = backend.local_command(bound, model, spec_dir, find_program, key_file)
+    else:
+        argv, env = backend.local_command(worker, model, spec_dir, find_program, key_file)
+    if guarded and isolated():
+        argv, bridge_env = in_own_network(plan, worker, state, argv)
+        env.update(bridge_env)
+        ports = []  # the server's port is in its own network namespace, not this machine's
+        if worker.backend == "vllm":
+            # Nothing outside the namespace is reachable from it: vLLM takes the model from the Hugging Face cache
+            # (this user's, not the bridge's HOME), at once, and says so when it is not there (download it first:
+            # `hf download REPO`).
+            env["HF_HOME"] = os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
+            env["HF_HUB_OFFLINE"] = "1"
     # Pin to exactly the planned GPUs by UUID; an empty value hides every GPU from CPU workers.
     env["CUDA_VISIBLE_DEVICES"] = ",".join(g.uuid for g in worker.gpus)
     return ProcessSpec(
@@ -273,8 +321,8 @@ def worker_process(plan: Plan, worker: Worker, spec_dir: Path, state: StateDir) 
     )
 
 
-# Ollama's own port behind its guard on a workstation: the worker's port plus this, or the next one the plan leaves
-# free on the host.
+# A guarded server's own port behind its guard on a workstation: the worker's port plus this, or the next one the plan
+# leaves free on the host.
 UPSTREAM_OFFSET = 10000
 
 
@@ -290,7 +338,7 @@ def upstream_port(plan: Plan, worker: Worker) -> int:
         taken |= {int(p) for p in plan.fleet.gateway.ports.model_dump().values()}
     chosen: dict[str, int] = {}
     for w in plan.workers_on(host.name):
-        if not guard.guarded(w):
+        if not guard.guarded(plan, w):
             continue
         port = w.port + UPSTREAM_OFFSET
         while True:
@@ -304,11 +352,12 @@ def upstream_port(plan: Plan, worker: Worker) -> int:
 
 
 def guard_process(plan: Plan, worker: Worker, state: StateDir) -> ProcessSpec:
-    """The guard of a worker that has no authentication of its own (Ollama), on the worker's planned port.
+    """The guard of a worker that cannot keep out all but the gateway itself (Ollama; vLLM in development mode), on
+    the worker's planned port.
 
-    Caddy with the Caddyfile of controller/render/guard.py: it lets through to Ollama's own loopback port
+    Caddy with the Caddyfile of controller/render/guard.py: it lets through to the server's own loopback port
     (`upstream_port`) only requests that carry the worker secret, which it reads from the stack's secrets folder
-    when a request arrives, and strips it; the health route stays open. Its Caddyfile follows from the plan and
+    when a request arrives (and strips for Ollama); the health route stays open. Its Caddyfile follows from the plan and
     the state folder and is written here; its hash is in the guard's environment, so a supervisor never adopts a
     guard running another one. The guard's health URL is its own liveness route: the worker's (the planned port,
     through the guard) is the worker process's, so the worker counts as healthy only when both answer, as Envoy
@@ -340,19 +389,20 @@ def guard_process(plan: Plan, worker: Worker, state: StateDir) -> ProcessSpec:
 
 
 def isolated() -> bool:
-    """Whether an Ollama worker can run in a network namespace of its own here: as root, with unshare, ip and
-    setpriv (util-linux and iproute2, which scripts/bootstrap installs)."""
+    """Whether a guarded worker (Ollama, vLLM in development mode) can run in a network namespace of its own here:
+    as root, with unshare, ip and setpriv (util-linux and iproute2, which scripts/bootstrap installs)."""
     tools = ("unshare", "ip", "setpriv")
     return os.geteuid() == 0 and all(shutil.which(tool) is not None for tool in tools)
 
 
 def bridge_socket(state: StateDir, worker: Worker) -> Path:
-    """The private Unix socket (mode 0600, in the stack's private run/ folder) between a guard and its Ollama."""
+    """The private Unix socket (mode 0600, in the stack's private run/ folder) between a guard and its server."""
     return (state.front_socket.parent / f"{worker.name}.sock").absolute()
 
 
 # Runs in the new network namespace: loopback up, the bridge (Caddy) in the background, ended by the kernel when
-# its parent (this shell, which becomes Ollama) ends, then Ollama itself. argv: CADDY BRIDGE_CADDYFILE OLLAMA [ARGS...]
+# its parent (this shell, which becomes the server) ends, then the server itself (Ollama, vLLM).
+# argv: CADDY BRIDGE_CADDYFILE SERVER [ARGS...]
 NETNS_SCRIPT = (
     'ip link set lo up && { setpriv --pdeathsig TERM -- "$1" run --config "$2" --adapter caddyfile & } ; '
     'shift 2; exec "$@"'
@@ -360,12 +410,14 @@ NETNS_SCRIPT = (
 
 
 def in_own_network(plan: Plan, worker: Worker, state: StateDir, argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Ollama's command line in a network namespace of its own, and the environment its bridge needs.
+    """A guarded server's command line (Ollama's, vLLM's) in a network namespace of its own, and the environment
+    its bridge needs.
 
-    Nothing outside the namespace reaches Ollama's port: only a Unix socket (a file, so it crosses network
+    Nothing outside the namespace reaches the server's port: only a Unix socket (a file, so it crosses network
     namespaces) of mode 0600 in a folder of mode 0700, on which a Caddy inside the namespace passes requests to
-    Ollama's loopback port. The guard, outside, passes to that socket what it lets through. Both Caddys and
-    Ollama are one process group, stopped together.
+    the server's loopback port. The guard, outside, passes to that socket what it lets through. Both Caddys and
+    the server are one process group, stopped together. The namespace has loopback only: the server reaches
+    nothing outside it either (no model download from there).
     """
     socket = bridge_socket(state, worker)
     socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

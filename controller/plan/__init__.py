@@ -51,10 +51,7 @@ def plan_fleet(fleet: Fleet, problem: ProblemAt) -> Plan:
     for w in workers:
         for g in w.gpus:
             by_gpu.setdefault(g.uuid, []).append(w.name)
-    gpus = [
-        GpuUse(gpu=u.gpu, usable_gib=u.usable_gib, used_gib=u.used_gib, workers=by_gpu.get(u.gpu.uuid, []))
-        for u in gpu_uses
-    ]
+    gpus = [u.model_copy(update={"workers": by_gpu.get(u.gpu.uuid, [])}) for u in gpu_uses]
     return Plan(fleet=fleet, workers=workers, gpus=gpus)
 
 

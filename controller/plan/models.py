@@ -23,9 +23,33 @@ class Estimate(PlanModel):
     weights_gib: float
     kv_cache_gib: float
     overhead_gib: float
+    # The sum of every term: weights, KV cache, compute, graphs, draft, overhead.
     total_gib: float
     # How each term was computed, for humans reading `controller plan`.
     basis: dict[str, str]
+    # Activation peak (vLLM's profiling run) or compute buffers (llama.cpp, Ollama).
+    compute_gib: float = 0.0
+    # vLLM's CUDA graphs.
+    graphs_gib: float = 0.0
+    # Speculative decoding: the draft model's weights, KV cache and compute buffers.
+    draft_gib: float = 0.0
+    # Not a term: the part of total_gib that vLLM takes outside `--gpu-memory-utilization` (its CUDA context
+    # and CUDA graphs), so the fraction comes from total_gib less this while the GPU books all of total_gib.
+    outside_utilization_gib: float = 0.0
+    # Not a term: what a sleeping vLLM worker (sleep level 1) still holds on each GPU; None for other backends.
+    sleep_residue_gib: float | None = None
+
+    def terms(self) -> dict[str, float]:
+        """The terms that add up to total_gib, by name (weights, kv cache, …), the zero ones left out."""
+        named = {
+            "weights": self.weights_gib,
+            "kv cache": self.kv_cache_gib,
+            "compute": self.compute_gib,
+            "graphs": self.graphs_gib,
+            "draft": self.draft_gib,
+            "overhead": self.overhead_gib,
+        }
+        return {k: v for k, v in named.items() if v}
 
 
 class GpuRef(PlanModel):
@@ -72,6 +96,10 @@ class GpuUse(PlanModel):
     usable_gib: float
     used_gib: float
     workers: list[str]
+    # A GPU of a swap group: the group's name, and the memory its on-demand workers may fill at once (what the
+    # other workers leave); `used_gib` counts only the group's always-resident workers.
+    swap_group: str | None = None
+    swap_capacity_gib: float | None = None
 
     @property
     def headroom_gib(self) -> float:
@@ -98,6 +126,28 @@ class Plan(PlanModel):
     def workers_of(self, model: str) -> list[Worker]:
         return [w for w in self.workers if w.model == model]
 
+    def on_demand(self) -> list[Worker]:
+        """Workers the swap coordinator loads and unloads (their model has `swap`), always-resident ones included."""
+        return [w for w in self.workers if self.model(w.model).swap is not None]
+
+    def resident_at_most(self, use: GpuUse) -> list[str]:
+        """The most on-demand workers of a swap group's GPU that can be resident at once: the smallest first, up to
+        what the group may fill (always-resident ones count in)."""
+        if use.swap_capacity_gib is None:
+            return []
+        by_name = {w.name: w for w in self.workers}
+
+        def order(w: Worker) -> tuple[bool, float, str]:
+            swap = self.model(w.model).swap
+            return (swap is None or swap.resident != "always", w.footprint_gib, w.name)
+
+        room, out = use.swap_capacity_gib, []
+        for w in sorted((by_name[n] for n in use.workers if n in by_name), key=order):
+            if w.footprint_gib <= room + 1e-9:
+                room -= w.footprint_gib
+                out.append(w.name)
+        return out
+
     @property
     def gateway_host(self) -> Host:
         return self.fleet.host(self.fleet.gateway.host)
@@ -107,5 +157,12 @@ class Plan(PlanModel):
         return {
             "fleet": self.fleet.name,
             "workers": [w.model_dump(mode="json") for w in self.workers],
-            "gpus": [{**g.model_dump(mode="json"), "headroom_gib": g.headroom_gib} for g in self.gpus],
+            "gpus": [
+                {
+                    **g.model_dump(mode="json"),
+                    "headroom_gib": g.headroom_gib,
+                    **({"resident_at_most": self.resident_at_most(g)} if g.swap_group else {}),
+                }
+                for g in self.gpus
+            ],
         }

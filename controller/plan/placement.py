@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from controller import backends
 from controller.errors import PlanError, Problem
 from controller.plan.models import Estimate, GpuRef, GpuUse
-from controller.plan.vram import estimate
+from controller.plan.vram import estimate, fit_hints, gib_pair
 from controller.spec.models import Fleet, Host, Model, Pin
 from controller.spec.refs import gpu_index
+from controller.spec.swap import group_gpus
 
 
 @dataclass
@@ -59,11 +60,15 @@ def place(fleet: Fleet, problem: ProblemAt) -> tuple[list[Placed], list[GpuUse]]
         for i, g in enumerate(h.gpus)
     }
     cpu_free = {h.name: h.cpu_workers for h in hosts}
+    for group in fleet.swap_groups:  # a group of CPU models holds its slots, whichever of its models run in them
+        if group.cpu_slots is not None:
+            cpu_free[group.host] -= group.cpu_slots
     cpu_models: dict[str, set[str]] = {h.name: set() for h in hosts}
     placed: list[Placed] = []
     problems: list[Problem] = []
 
-    requests = [(m, r, estimate(m)) for m in fleet.models for r in range(m.replicas)]
+    grouped = _group_gpus(fleet)
+    requests = [(m, r, estimate(m)) for m in fleet.models if m.swap is None for r in range(m.replicas)]
     requests.sort(key=lambda x: (x[0].device == "cpu", -x[2].total_gib, -x[0].gpus_per_replica, x[0].name, x[1]))
     for model, replica, est in requests:
         mi = fleet.models.index(model)
@@ -76,7 +81,7 @@ def place(fleet: Fleet, problem: ProblemAt) -> tuple[list[Placed], list[GpuUse]]
             settings = backends.get(model.backend).settings(model, est, [])
             placed.append(Placed(model, host, [], est, settings, slot))
             continue
-        choice = _best(model, est, hosts, gpus, host_order)
+        choice = _best(model, est, hosts, gpus, host_order, grouped)
         if isinstance(choice, str):
             problems.append(problem(("models", mi), f"model {model.name} replica {replica + 1}: {choice}"))
             continue
@@ -91,14 +96,122 @@ def place(fleet: Fleet, problem: ProblemAt) -> tuple[list[Placed], list[GpuUse]]
             gpus[key].used = round(gpus[key].used + footprint, 3)
             gpus[key].models.add(model.name)
         placed.append(Placed(model, refs[0].host, refs, est, settings, slot))
+    capacity = {key: gpus[key].free for key in grouped}  # what the non-swap workers leave to each group
+    for group in fleet.swap_groups:
+        members = [m for m in fleet.models if m.swap is not None and m.swap.group == group.name]
+        if group.cpu_slots is not None:
+            for model in members:
+                est = estimate(model)
+                placed.append(
+                    Placed(model, group.host, [], est, backends.get(model.backend).settings(model, est, []), 1)
+                )
+            continue
+        keys = [key for key, name in grouped.items() if name == group.name]
+        for model, est, refs, settings, error in _place_group(members, keys, gpus, capacity):
+            if error:
+                problems.append(problem(("models", fleet.models.index(model)), f"model {model.name}: {error}"))
+                continue
+            placed.append(Placed(model, refs[0].host, refs, est, settings, 1))
     if problems:
         raise PlanError(f"{len(problems)} replica(s) do not fit", problems)
-    uses = [GpuUse(gpu=g.ref, usable_gib=g.usable, used_gib=g.used, workers=[]) for g in gpus.values()]
+    uses = [
+        GpuUse(
+            gpu=g.ref,
+            usable_gib=g.usable,
+            used_gib=g.used,
+            workers=[],
+            swap_group=grouped.get(key),
+            swap_capacity_gib=capacity.get(key),
+        )
+        for key, g in gpus.items()
+    ]
     return placed, uses
 
 
-def _candidates(model: Model, hosts: list[Host], gpus: dict[tuple[str, int], _Gpu]) -> list[list[tuple[str, int]]]:
-    """GPU sets (one host each) this model's replicas may use, by its pins."""
+def _group_gpus(fleet: Fleet) -> dict[tuple[str, int], str]:
+    """(host, GPU index) → the swap group that holds it."""
+    out: dict[tuple[str, int], str] = {}
+    for group in fleet.swap_groups:
+        host = fleet.host(group.host)
+        for index in group_gpus(host, group):
+            out[(host.name, index)] = group.name
+    return out
+
+
+def _place_group(
+    members: list[Model],
+    keys: list[tuple[str, int]],
+    gpus: dict[tuple[str, int], _Gpu],
+    capacity: dict[tuple[str, int], float],
+) -> list[tuple[Model, Estimate, list[GpuRef], dict[str, object], str]]:
+    """Each on-demand model of one swap group onto GPUs of the group.
+
+    The group's GPUs hold what the other workers leave (``capacity``). Models that are always resident are
+    placed first and booked; each other model must fit *alone* beside them, since the swap coordinator evicts
+    the rest before loading it. Among the GPUs where it fits, the one with the least on-demand memory assigned
+    yet, then the lowest index, so the group's models spread over its GPUs.
+    """
+    out: list[tuple[Model, Estimate, list[GpuRef], dict[str, object], str]] = []
+    always: dict[tuple[str, int], float] = dict.fromkeys(keys, 0.0)
+    assigned: dict[tuple[str, int], float] = dict.fromkeys(keys, 0.0)
+    ests = {m.name: estimate(m) for m in members}
+    order = sorted(
+        members, key=lambda m: (m.swap is None or m.swap.resident != "always", -ests[m.name].total_gib, m.name)
+    )
+    for model in order:
+        est = ests[model.name]
+        tp = model.gpus_per_replica
+        candidates = [keys[i : i + tp] for i in range(0, len(keys) - tp + 1)]
+        best: tuple[tuple[float, int], list[tuple[str, int]], float, dict[str, object]] | None = None
+        lines = []
+        for cand in candidates:
+            refs = [gpus[k].ref for k in cand]
+            settings = backends.get(model.backend).settings(model, est, refs)
+            need = float(settings.get("reserved_gib", est.total_gib))
+            room = min(capacity[k] - always[k] for k in cand)
+            if need <= room + 1e-9:
+                rank = (max(assigned[k] for k in cand), cand[0][1])
+                if best is None or rank < best[0]:
+                    best = (rank, cand, need, settings)
+            else:
+                need_s, room_s = gib_pair(need, room)
+                lines.append(
+                    f"{'+'.join(gpus[k].ref.label for k in cand)} has {room_s} GiB for the group"
+                    + (
+                        f" beside its always-resident models ({max(always[k] for k in cand):.2f} GiB)"
+                        if any(always[k] for k in cand)
+                        else ""
+                    )
+                    + f", it needs {need_s}"
+                )
+        if best is None:
+            hints = "; ".join(fit_hints(model, max(capacity[k] - always[k] for k in keys))) or "a larger GPU"
+            out.append(
+                (
+                    model,
+                    est,
+                    [],
+                    {},
+                    f"does not fit its swap group even alone: {'; '.join(lines)}; would fit with: {hints}",
+                )
+            )
+            continue
+        _, cand, need, settings = best
+        for key in cand:
+            assigned[key] += need
+            if model.swap is not None and model.swap.resident == "always":
+                always[key] += need
+                gpus[key].used = round(gpus[key].used + need, 3)
+            gpus[key].models.add(model.name)
+        out.append((model, est, [gpus[k].ref for k in cand], settings, ""))
+    return out
+
+
+def _candidates(
+    model: Model, hosts: list[Host], gpus: dict[tuple[str, int], _Gpu], grouped: dict[tuple[str, int], str]
+) -> list[list[tuple[str, int]]]:
+    """GPU sets (one host each) this model's replicas may use, by its pins; a swap group's GPUs only when a pin
+    names them."""
     tp = model.gpus_per_replica
     pins: list[Pin | None] = list(model.placement) or [None]
     out: list[list[tuple[str, int]]] = []
@@ -110,11 +223,12 @@ def _candidates(model: Model, hosts: list[Host], gpus: dict[tuple[str, int], _Gp
                 indices = [gpu_index(host, ref) for ref in pin.gpus]
                 out.append([(host.name, i) for i in indices if i is not None])
                 continue
+            free = [i for i in range(len(host.gpus)) if (host.name, i) not in grouped]
             if tp == 1:
-                out += [[(host.name, i)] for i in range(len(host.gpus))]
-            elif len(host.gpus) >= tp:
+                out += [[(host.name, i)] for i in free]
+            elif len(free) >= tp:
                 # The tp GPUs with the most room, ties by index.
-                ranked = sorted(range(len(host.gpus)), key=lambda i: (-gpus[(host.name, i)].free, i))
+                ranked = sorted(free, key=lambda i: (-gpus[(host.name, i)].free, i))
                 out.append([(host.name, i) for i in sorted(ranked[:tp])])
     unique: list[list[tuple[str, int]]] = []
     for cand in out:
@@ -129,9 +243,14 @@ def _footprint(model: Model, est: Estimate, refs: list[GpuRef]) -> float:
 
 
 def _best(
-    model: Model, est: Estimate, hosts: list[Host], gpus: dict[tuple[str, int], _Gpu], host_order: dict[str, int]
+    model: Model,
+    est: Estimate,
+    hosts: list[Host],
+    gpus: dict[tuple[str, int], _Gpu],
+    host_order: dict[str, int],
+    grouped: dict[tuple[str, int], str],
 ) -> list[tuple[str, int]] | str:
-    candidates = _candidates(model, hosts, gpus)
+    candidates = _candidates(model, hosts, gpus, grouped)
     if not candidates:
         where = "the pinned hosts" if model.placement else "any host"
         return f"needs {model.gpus_per_replica} GPU(s) of one host, and {where} has fewer"
@@ -147,25 +266,34 @@ def _best(
     if fitting:
         fitting.sort(key=lambda x: x[0])
         return fitting[0][1]
+    booked = _footprint(model, est, [gpus[k].ref for k in candidates[0]])
     lines = []
     for cand in candidates:
-        lines.append(
-            ", ".join(
-                f"{gpus[k].ref.label} ({gpus[k].ref.name}, {gpus[k].ref.uuid}) has {gpus[k].free:.2f} GiB free of "
-                f"{gpus[k].usable:.2f} usable"
-                for k in cand
+        parts = []
+        for k in cand:
+            need_s, free_s = gib_pair(booked, gpus[k].free)
+            parts.append(
+                f"{gpus[k].ref.label} ({gpus[k].ref.name}, {gpus[k].ref.uuid}) has {free_s} GiB free of "
+                f"{gpus[k].usable:.2f} usable ({(booked - gpus[k].free) * 1024:.0f} MiB short of {need_s})"
             )
-        )
-    booked = _footprint(model, est, [gpus[k].ref for k in candidates[0]])
+        lines.append(", ".join(parts))
     needed = f"needs {est.total_gib:.2f} GiB per GPU"
     if abs(booked - est.total_gib) >= 0.005:
         needed += f" ({booked:.2f} as booked by {model.backend})"
+    terms = " + ".join(f"{name} {gib:.2f}" for name, gib in est.terms().items())
+    most = max((gpus[k].free for cand in candidates for k in cand), default=0.0)
+    widest = max((len(h.gpus) for h in hosts), default=0)
+    hints = [h for h in fit_hints(model, most) if not h.startswith("gpus_per_replica") or _tp(h) <= widest]
     return (
-        f"{needed} (weights {est.weights_gib:.2f} + KV cache {est.kv_cache_gib:.2f} + overhead "
-        f"{est.overhead_gib:.2f}) and no GPU has room: "
+        f"{needed} ({terms}) and no GPU has room: "
         + "; ".join(lines)
-        + "; lower context or parallel, quantize, or add a GPU"
+        + (f"; it would fit with {'; or '.join(hints)}" if hints else "; add a GPU with more memory")
     )
+
+
+def _tp(hint: str) -> int:
+    """The GPU count a `gpus_per_replica N: …` hint asks for."""
+    return int(hint.split()[1].rstrip(":"))
 
 
 def _place_cpu(model: Model, hosts: list[Host], free: dict[str, int], models: dict[str, set[str]]) -> str | None:

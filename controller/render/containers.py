@@ -6,6 +6,8 @@ formats, so the two outputs cannot drift apart in what they run.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import posixpath
 from dataclasses import dataclass, field
 
@@ -113,7 +115,8 @@ def agent_container(plan: Plan, host_name: str) -> Container:
     mesh address only (host network, `--host`), and asks the container engine
     which container a GPU process belongs to. The socket is mounted read-only,
     which keeps the file from being replaced but does not make the engine's
-    API read-only: the agent only reads from it.
+    API read-only: the agent reads from it, and starts and stops the host's
+    on-demand workers when the swap coordinator asks (with the worker secret).
     """
     fleet = plan.fleet
     host = plan.host(host_name)
@@ -139,6 +142,8 @@ def agent_container(plan: Plan, host_name: str) -> Container:
             ENGINE_SOCKET,
         ],
         devices=[f"nvidia.com/gpu={g.uuid}" for g in host.gpus],
+        # The worker secret: the bearer token of its load and unload routes (the swap coordinator sends it).
+        secrets=[WORKER_KEY],
         volumes=[
             Volume("fleet-agent-state", "/var/lib/fleet-agent"),
             Volume(SPEC_DIR, SPEC_DIR, read_only=True),
@@ -165,8 +170,9 @@ def agent_container(plan: Plan, host_name: str) -> Container:
 
 
 def worker_containers(plan: Plan, worker: Worker) -> list[Container]:
-    """The worker's container, after its guard's where it has one (Ollama: controller/render/guard.py)."""
-    if guard.guarded(worker):
+    """The worker's container, after its guard's where it has one (Ollama, vLLM in development mode:
+    controller/render/guard.py)."""
+    if guard.guarded(plan, worker):
         return [guard_container(plan, worker), worker_container(plan, worker)]
     return [worker_container(plan, worker)]
 
@@ -174,23 +180,23 @@ def worker_containers(plan: Plan, worker: Worker) -> list[Container]:
 def worker_container(plan: Plan, worker: Worker) -> Container:
     """The inference server of one worker, publishing the worker's planned address and port.
 
-    A guarded worker (Ollama, which has no authentication of its own) publishes nothing: it joins its guard's
-    network namespace and listens on loopback there, so only the guard, which publishes the planned address and
-    port and lets through only the gateway's requests, can reach it.
+    A guarded worker (Ollama, which has no authentication of its own; vLLM in development mode, whose development
+    routes are outside its authentication) publishes nothing: it joins its guard's network namespace and listens
+    on loopback there, so only the guard, which publishes the planned address and port and lets through only the
+    gateway's requests, can reach it.
     """
     fleet = plan.fleet
     model = plan.model(worker.model)
     backend = backends.get(worker.backend)
-    guarded = guard.guarded(worker)
+    guarded = guard.guarded(plan, worker)
     env = dict(backend.container_env(worker, model))
     volumes = [Volume(CACHE_VOLUMES[worker.backend], backend.cache_dir)]
-    # A guarded worker checks no secret itself: its guard does.
-    secrets: list[tuple[str, str, str]] = [] if guarded else [WORKER_KEY]
+    # Ollama checks no secret itself: its guard does. vLLM behind a guard still checks it under /v1.
+    secrets: list[tuple[str, str, str]] = [] if worker.backend == "ollama" else [WORKER_KEY]
     if worker.backend == "llamacpp":
         assert isinstance(backend, LlamaCpp)
-        _, mount = backend.model_location(model)
-        if mount is not None:
-            volumes.append(Volume(mount, "/models", read_only=True))
+        for mount, target in backend.model_mounts(model):  # the main model's folder, and the draft model's
+            volumes.append(Volume(mount, target, read_only=True))
     if worker.backend == "vllm" and fleet.secrets.hf_token_file:
         secrets.append((HF_TOKEN_SECRET, fleet.secrets.hf_token_file, HF_TOKEN_TARGET))
         env["HF_TOKEN_PATH"] = HF_TOKEN_TARGET  # a path, never the token itself
@@ -225,7 +231,8 @@ def worker_labels(plan: Plan, worker: Worker) -> dict[str, str]:
 
 
 def guard_container(plan: Plan, worker: Worker) -> Container:
-    """The guard of a worker whose backend has no authentication (Ollama): Caddy with the worker secret.
+    """The guard of a worker whose backend cannot keep everyone but the gateway out (Ollama, which has no
+    authentication; vLLM in development mode): Caddy with the worker secret.
 
     It owns the network namespace the worker's container joins, publishes the worker's planned address and port
     (as the worker itself would), and passes only requests carrying the worker secret (mounted here, read by
@@ -263,7 +270,62 @@ def gateway_containers(plan: Plan) -> list[Container]:
     Envoy starts once the gatekeeper is healthy, which it reports only after
     writing the (possibly still empty) SDS file Envoy's TLS listener watches.
     """
-    return [*_edge_containers(plan), *monitoring_containers(plan)]
+    return [*_edge_containers(plan), *swapper_containers(plan), *monitoring_containers(plan)]
+
+
+def swapper_containers(plan: Plan) -> list[Container]:
+    """The swap coordinator (controller/swap/), where the spec has on-demand models: on the gateway host's loopback
+    beside Envoy, which asks it about on-demand workers and sends it their requests while they are not resident;
+    it asks each GPU host's agent to load and unload them, with the worker secret."""
+    if not plan.on_demand():
+        return []
+    fleet = plan.fleet
+    port = fleet.gateway.ports.swapper
+    view = json.dumps(
+        [fleet.swap_groups, [(w.name, w.host, w.port, w.footprint_gib) for w in plan.on_demand()]],
+        default=lambda o: o.model_dump(mode="json"),
+        sort_keys=True,
+    )
+    return [
+        Container(
+            name="swapper",
+            description=f"fleet {fleet.name}: swap coordinator, on-demand models",
+            image=fleet.images.gatekeeper,  # the controller's own image
+            args=[
+                "python3",
+                "-m",
+                "controller.swap",
+                "--spec",
+                SPEC_PATH,
+                "--secrets-dir",
+                SWAPPER_SECRETS,
+                "--eds-dir",
+                f"/etc/envoy/{EDS_FOLDER}",
+            ],
+            # It plans from the spec when it starts: what it reads of it changes, it restarts.
+            env={"FLEET_SWAP_VIEW_SHA256": hashlib.sha256(view.encode()).hexdigest()[:16]},
+            volumes=[
+                Volume(SPEC_DIR, SPEC_DIR, read_only=True),
+                Volume(SECRETS_HOST_DIR, SWAPPER_SECRETS, read_only=True),  # the worker secret: the agents ask for it
+                # Envoy's endpoint files: an eviction marks the worker DRAINING there first (Envoy reads it at once).
+                Volume(f"{CONFIG_DIR}/envoy/{EDS_FOLDER}", f"/etc/envoy/{EDS_FOLDER}"),
+            ],
+            health=Health(
+                cmd=[
+                    "CMD",
+                    "python3",
+                    "-c",
+                    f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/healthz', timeout=2)",
+                ],
+                start_period_s=10,
+            ),
+            host_network=True,
+            labels={"io.fleet.fleet": fleet.name, "io.fleet.role": "gateway", "io.fleet.service": "swapper"},
+        )
+    ]
+
+
+SWAPPER_SECRETS = "/run/fleet-secrets"
 
 
 def _edge_containers(plan: Plan) -> list[Container]:

@@ -129,19 +129,27 @@ def eds_files(plan: Plan, draining: frozenset[str] = frozenset()) -> dict[str, d
     """``{file name: EDS document}`` for every model and worker cluster; endpoints of the workers named in
     ``draining`` are marked DRAINING in the model clusters (a worker's own cluster, `/proxy/<worker>`, keeps it)."""
     out: dict[str, dict[str, Any]] = {}
+    swapper = plan.fleet.gateway.ports.swapper
     for m in plan.fleet.models:
         name = model_cluster(m.name)
-        out[f"{name}.yaml"] = _assignment(name, plan.workers_of(m.name), draining)
+        out[f"{name}.yaml"] = _assignment(name, plan.workers_of(m.name), draining, swapper if m.swap else None)
     for w in plan.workers:
         name = worker_cluster(w.name)
-        out[f"{name}.yaml"] = _assignment(name, [w], frozenset())
+        out[f"{name}.yaml"] = _assignment(name, [w], frozenset(), swapper if plan.model(w.model).swap else None)
     return out
 
 
-def _assignment(name: str, workers: list[Worker], draining: frozenset[str]) -> dict[str, Any]:
+def _assignment(
+    name: str, workers: list[Worker], draining: frozenset[str], swapper_port: int | None = None
+) -> dict[str, Any]:
+    """``swapper_port``: the workers are on-demand, and their health is the swap coordinator's answer (see
+    `_cluster`), asked on the gateway host's loopback."""
     endpoints: list[dict[str, Any]] = []
     for w in workers:
-        endpoint: dict[str, Any] = {"endpoint": {"address": _socket(w.address, w.port)}}
+        inner: dict[str, Any] = {"address": _socket(w.address, w.port)}
+        if swapper_port is not None:
+            inner["health_check_config"] = {"address": _socket("127.0.0.1", swapper_port)}
+        endpoint: dict[str, Any] = {"endpoint": inner}
         if w.name in draining:
             endpoint["health_status"] = "DRAINING"
         endpoints.append(endpoint)
@@ -157,6 +165,19 @@ def model_cluster(model: str) -> str:
 
 def worker_cluster(worker: str) -> str:
     return f"worker_{worker}"
+
+
+# On-demand models (`swap`): a request goes to the model's own cluster while its worker is resident, and to the
+# swap coordinator (controller/swap/) otherwise, which loads the model and holds the request meanwhile. An
+# aggregate cluster does the choosing: its first cluster takes every request while it has a healthy host, the
+# next one only when it has none, so a resident model's requests go Envoy → worker with no Python on the path.
+SWAPPER_CLUSTER = "swapper"
+ONDEMAND_CLUSTER_PREFIX = "ondemand_"
+RESIDENT_PATH = "/resident/"  # the coordinator's answer to Envoy's health check of an on-demand worker
+
+
+def ondemand_cluster(model: str) -> str:
+    return f"{ONDEMAND_CLUSTER_PREFIX}{slug(model)}"
 
 
 def bootstrap(
@@ -218,11 +239,69 @@ def _listeners(plan: Plan, usage_log: str, tls_dir: str, front_socket: str, *, d
 
 
 def _clusters(plan: Plan, secrets_dir: str, eds_dir: str | None) -> list[dict[str, Any]]:
+    on_demand = [m for m in plan.fleet.models if m.swap is not None]
+    swapper = [_swapper_cluster(plan.fleet.gateway.ports.swapper)] if on_demand else []
     return [
         _gatekeeper_cluster(plan.fleet.gateway.ports.gatekeeper),
         *(_model_cluster(plan, m.name, secrets_dir, eds_dir) for m in plan.fleet.models),
         *(_worker_cluster(plan, w, secrets_dir, eds_dir) for w in plan.workers),
+        *swapper,
+        *(_ondemand_cluster(m.name, secrets_dir) for m in on_demand),
     ]
+
+
+def _swapper_cluster(port: int) -> dict[str, Any]:
+    """The swap coordinator on the gateway host's loopback: it holds requests for a model that is loading, for as
+    long as the load takes, and streams the answer once it is resident. Its 429/503 are answers, not failures:
+    nothing retries them."""
+    return {
+        "name": SWAPPER_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": SWAPPER_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket("127.0.0.1", port)}}]}],
+        },
+        "per_connection_buffer_limit_bytes": 1 * MIB,
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http_protocol_options": {}},
+                "common_http_protocol_options": {"idle_timeout": "4s"},  # below uvicorn's keep-alive (5 s)
+            }
+        },
+        # Held requests are many and idle: the coordinator's own queue bounds limit them, not these.
+        "circuit_breakers": {
+            "thresholds": [
+                {"priority": "DEFAULT", "max_connections": 10000, "max_pending_requests": 10000, "max_requests": 10000}
+            ]
+        },
+    }
+
+
+def _ondemand_cluster(model: str, secrets_dir: str) -> dict[str, Any]:
+    """The aggregate of an on-demand model's own cluster and the coordinator's. The router runs the upstream
+    filters of the cluster the route names, this one, not those of the cluster that serves: so the worker secret
+    is added here too (the coordinator gets it as well, and ignores it: it adds its own)."""
+    return {
+        "name": ondemand_cluster(model),
+        "connect_timeout": "2s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http_protocol_options": {}},
+                "http_filters": worker_credential(secrets_dir),
+            }
+        },
+        "cluster_type": {
+            "name": "envoy.clusters.aggregate",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+                "clusters": [model_cluster(model), SWAPPER_CLUSTER],
+            },
+        },
+    }
 
 
 def listener(
@@ -491,7 +570,7 @@ def route_config(plan: Plan, validate_clusters: bool = True) -> dict[str, Any]:
                         "safe_regex": {"regex": inference},
                         "headers": [_method("POST"), {"name": "x-fleet-model", "string_match": {"exact": name}}],
                     },
-                    "route": _upstream(model_cluster(model.name)),
+                    "route": _upstream(ondemand_cluster(model.name) if model.swap else model_cluster(model.name)),
                     "request_headers_to_remove": CREDENTIALS,
                 }
             )
@@ -599,12 +678,14 @@ def _upstream(cluster: str, retries: bool = True) -> dict[str, Any]:
 def _model_cluster(plan: Plan, model: str, secrets_dir: str, eds_dir: str | None) -> dict[str, Any]:
     workers = plan.workers_of(model)
     spec = plan.model(model)
-    return _cluster(model_cluster(model), workers, spec.parallel, secrets_dir, eds_dir)
+    swapper = plan.fleet.gateway.ports.swapper if spec.swap else None
+    return _cluster(model_cluster(model), workers, spec.parallel, secrets_dir, eds_dir, swapper)
 
 
 def _worker_cluster(plan: Plan, worker: Worker, secrets_dir: str, eds_dir: str | None) -> dict[str, Any]:
-    slots = plan.model(worker.model).parallel
-    return _cluster(worker_cluster(worker.name), [worker], slots, secrets_dir, eds_dir)
+    spec = plan.model(worker.model)
+    swapper = plan.fleet.gateway.ports.swapper if spec.swap else None
+    return _cluster(worker_cluster(worker.name), [worker], spec.parallel, secrets_dir, eds_dir, swapper)
 
 
 def worker_credential(secrets_dir: str) -> list[dict[str, Any]]:
@@ -647,8 +728,20 @@ def worker_credential(secrets_dir: str) -> list[dict[str, Any]]:
     ]
 
 
-def _cluster(name: str, workers: list[Worker], slots: int, secrets_dir: str, eds_dir: str | None) -> dict[str, Any]:
+def _cluster(
+    name: str,
+    workers: list[Worker],
+    slots: int,
+    secrets_dir: str,
+    eds_dir: str | None,
+    swapper_port: int | None = None,
+) -> dict[str, Any]:
     """A health-checked cluster over ``workers``, each serving ``slots`` requests at once.
+
+    An on-demand worker (``swapper_port``, one worker) is health-checked by asking the swap coordinator
+    (`/resident/<worker>` on the gateway's loopback, every second, one answer decides): healthy only while it is
+    resident and not being evicted. So Envoy stops sending it requests before it is unloaded (a sleeping vLLM
+    would die serving one), and sends them again within a second of its load.
 
     Circuit breakers: each replica gets at most CONNECTIONS_PER_SLOT × slots
     connections (what its HTTP server is sized for, see the llama.cpp
@@ -670,7 +763,9 @@ def _cluster(name: str, workers: list[Worker], slots: int, secrets_dir: str, eds
         endpoints = {
             "type": "STATIC" if all(_is_ip(w.address) for w in workers) else "STRICT_DNS",
             "load_assignment": {
-                k: v for k, v in _assignment(name, workers, frozenset())["resources"][0].items() if k != "@type"
+                k: v
+                for k, v in _assignment(name, workers, frozenset(), swapper_port)["resources"][0].items()
+                if k != "@type"
             },
         }
     return {
@@ -724,6 +819,16 @@ def _cluster(name: str, workers: list[Worker], slots: int, secrets_dir: str, eds
                 "unhealthy_threshold": 2,
                 "healthy_threshold": 1,
                 "http_health_check": {"path": backend.health_path},
+            }
+            if swapper_port is None
+            else {
+                "timeout": "1s",
+                "interval": "1s",
+                "no_traffic_interval": "1s",
+                "unhealthy_interval": "1s",
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "http_health_check": {"path": f"{RESIDENT_PATH}{workers[0].name}"},
             }
         ],
         "common_lb_config": {"healthy_panic_threshold": {"value": 0.0}},  # never send to known-bad hosts

@@ -194,9 +194,64 @@ class Arch(StrictModel):
         Field(
             gt=0,
             le=10_000,
-            description="Size of the weights in GiB; default: params × bytes per weight. "
-            "Read from the file size for a local GGUF.",
+            description="Size of the weights the GPU holds, in GiB; default: params × bits per weight of the "
+            "quantization. For a local GGUF: the sum of its tensors at their own types, less the input "
+            "embeddings, which llama.cpp keeps in system memory when the model has a separate output layer.",
         ),
+    ] = None
+    heads: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=4096,
+            description="Attention (query) heads (num_attention_heads, GGUF attention.head_count); without flash "
+            "attention llama.cpp holds one score per head, token and context position. Default: estimated "
+            "from params_b and layers.",
+        ),
+    ] = None
+    hidden_size: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=65_536,
+            description="Model width (hidden_size, GGUF embedding_length). Default: estimated from params_b and "
+            "layers.",
+        ),
+    ] = None
+    vocab_size: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=4_194_304,
+            description="Vocabulary size (vocab_size, GGUF token count): sizes the 16-bit embeddings of "
+            "AWQ/GPTQ/FP8 checkpoints and llama.cpp's logits buffer. Default: 262144, the largest common one.",
+        ),
+    ] = None
+    tied_embeddings: Annotated[
+        bool | None,
+        Field(description="The output layer reuses the input embeddings (tie_word_embeddings); default: not."),
+    ] = None
+    max_context: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=16_777_216,
+            description="The model's own maximum context in tokens (config.json max_position_embeddings, with "
+            "its rope_scaling; GGUF context_length). A longer `context` is refused unless `rope_scaling` allows it.",
+        ),
+    ] = None
+    projector_gib: Annotated[
+        float | None,
+        Field(
+            ge=0,
+            le=10_000,
+            description="Multimodal projector / vision encoder weights in GiB, held beside the language model "
+            "(llama.cpp `mmproj` file, the vision tower of a config.json's vision_config).",
+        ),
+    ] = None
+    tensor_types: Annotated[
+        dict[str, int] | None,
+        Field(description="GGUF only: how many tensors of each type the file holds (read from it), e.g. q4_K: 193."),
     ] = None
 
     def missing(self) -> list[str]:
@@ -209,6 +264,65 @@ class Pin(StrictModel):
         list[int | str] | None,
         Field(max_length=8, description="GPUs on that host, by index or UUID; omit for any GPU of the host."),
     ] = None
+
+
+Duration = Annotated[
+    str,
+    Field(
+        pattern=r"^[1-9][0-9]{0,6}(s|m|h)$",
+        description="A duration: a whole number of seconds, minutes or hours, e.g. `90s`, `10m`, `2h`.",
+    ),
+]
+
+
+def duration_s(text: str) -> float:
+    """Seconds of a `Duration` (`90s`, `10m`, `2h`)."""
+    return float(text[:-1]) * {"s": 1, "m": 60, "h": 3600}[text[-1]]
+
+
+class Swap(StrictModel):
+    """On-demand loading: the model shares the GPUs of its swap group with the group's other models, more than
+    fit at once, and is made resident when a request asks for it."""
+
+    group: Annotated[str, Field(description="A `swap_groups` entry: the GPUs this model shares.")]
+    ttl: Annotated[
+        Duration | None,
+        Field(description="Unload after this long idle (no request in flight); omit to unload only when evicted."),
+    ] = None
+    resident: Annotated[
+        Literal["always", "on_demand"],
+        Field(description="`always`: loaded at start and never evicted; `on_demand`: loaded when asked for."),
+    ] = "on_demand"
+    swappable: Annotated[
+        bool,
+        Field(description="false: a load of this model that would need to evict others is refused instead."),
+    ] = True
+    preload: Annotated[bool, Field(description="Load at start (it may be evicted later).")] = False
+
+    @property
+    def ttl_s(self) -> float | None:
+        return None if self.ttl is None else duration_s(self.ttl)
+
+
+class Speculative(StrictModel):
+    """Speculative decoding: a cheap guess of the next tokens that the model checks in one step."""
+
+    method: Annotated[
+        Literal["draft", "ngram", "mtp"],
+        Field(
+            description="`draft`: a small model of the same tokenizer guesses (llama.cpp `--model-draft`, vLLM "
+            "`--speculative-config` with a model); `ngram`: guesses from the prompt's own n-grams (no extra "
+            "weights); `mtp`: the model's own multi-token-prediction heads (vLLM)."
+        ),
+    ]
+    draft: Annotated[
+        Source | None,
+        Field(description="`draft` only: the draft model (a GGUF for llama.cpp, a Hugging Face repo for vLLM)."),
+    ] = None
+    draft_arch: Annotated[
+        Arch, Field(description="Architecture numbers of the draft for the VRAM estimate (read from a local file).")
+    ] = Arch()
+    tokens: Annotated[int, Field(ge=1, le=32, description="Tokens guessed per step.")] = 5
 
 
 DType = Literal["auto", "float16", "bfloat16", "float32"]
@@ -246,6 +360,29 @@ class Model(StrictModel):
     placement: Annotated[
         list[Pin], Field(max_length=64, description="Where replicas may go; empty means anywhere that fits.")
     ] = []
+    swap: Annotated[
+        Swap | None,
+        Field(description="Load this model on demand, sharing the GPUs of a swap group (see `swap_groups`)."),
+    ] = None
+    speculative: Annotated[Speculative | None, Field(description="Speculative decoding.")] = None
+    rope_scaling: Annotated[
+        float | None,
+        Field(
+            ge=1,
+            le=64,
+            description="Allow a `context` up to this many times the model's own maximum (arch.max_context) by "
+            "RoPE scaling (YaRN); quality may drop beyond the trained length. Without it a longer context is "
+            "refused.",
+        ),
+    ] = None
+    flash_attention: Annotated[
+        bool,
+        Field(
+            description="llama.cpp: run with flash attention (`--flash-attn on`), so its compute buffer no longer "
+            "holds attention scores for the whole context; a quantized KV cache turns it on. Off, the estimate "
+            "counts those scores. Ollama books them either way."
+        ),
+    ] = False
     options: Annotated[
         dict[str, OptionValue],
         Field(
@@ -301,6 +438,12 @@ class GatewayPorts(StrictModel):
     gatekeeper: Annotated[
         Port, Field(description="The gatekeeper (asked by Envoy who a caller is), loopback only.")
     ] = 9090
+    swapper: Annotated[
+        Port,
+        Field(
+            description="The swap coordinator (loads on-demand models; holds their requests meanwhile), loopback only."
+        ),
+    ] = 9095
     caddy_admin: Annotated[Port, Field(description="Caddy's admin API, loopback only.")] = 2019
     caddy_tls: Annotated[
         Port,
@@ -553,6 +696,49 @@ class Secrets(StrictModel):
     ] = None
 
 
+class SwapGroup(StrictModel):
+    """GPUs of one host shared by on-demand models (each model's `swap.group`): more models than fit at once,
+    the one asked for made resident, others evicted least recently used first."""
+
+    name: Name
+    host: Annotated[str, Field(description="The host whose GPUs the group shares.")]
+    gpus: Annotated[
+        list[int | str] | None,
+        Field(max_length=64, description="GPUs of that host, by index or UUID; omit for all of them."),
+    ] = None
+    cpu_slots: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=256,
+            description="A group of CPU models (device: cpu) instead of GPUs: how many of them run at once, taken "
+            "from the host's cpu_workers.",
+        ),
+    ] = None
+    max_queue: Annotated[
+        int, Field(ge=1, le=100_000, description="Requests that may wait for one model's load; beyond: 429.")
+    ] = 64
+    max_wait_s: Annotated[
+        float, Field(gt=0, le=3600, description="How long a request may wait for its model; beyond: 503.")
+    ] = 300
+    min_resident_s: Annotated[
+        float, Field(ge=0, le=86_400, description="A loaded model is not evicted before this (thrash guard).")
+    ] = 30
+    drain_s: Annotated[
+        float,
+        Field(gt=0, le=86_400, description="How long an eviction waits for the evicted model's requests to finish."),
+    ] = 600
+    user_swaps_per_hour: Annotated[
+        int, Field(ge=1, le=100_000, description="Loads one user's requests may cause per hour; beyond: 429.")
+    ] = 60
+    concurrency: Annotated[
+        int | None,
+        Field(
+            ge=1, le=4096, description="Queued requests sent on at once after a load; default: the model's parallel."
+        ),
+    ] = None
+
+
 class Fleet(StrictModel):
     version: Annotated[Literal[1], Field(description="Spec format version.")]
     name: Name
@@ -564,6 +750,9 @@ class Fleet(StrictModel):
     images: Images = Images()
     secrets: Secrets = Secrets()
     models: Annotated[list[Model], Field(min_length=1, max_length=256)]
+    swap_groups: Annotated[
+        list[SwapGroup], Field(max_length=64, description="GPUs shared by on-demand models (`models[].swap`).")
+    ] = []
     gateway: Gateway
     auth: Auth = Auth()
     groups: Annotated[list[Group], Field(max_length=256)] = []

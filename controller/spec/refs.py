@@ -11,6 +11,7 @@ import ipaddress
 from collections.abc import Callable, Iterable
 
 from controller.errors import Problem
+from controller.spec import speculative, swap
 from controller.spec.models import Fleet, Host, Model
 
 ProblemAt = Callable[[tuple[str | int, ...], str], Problem]
@@ -42,6 +43,8 @@ def check(fleet: Fleet, problem: ProblemAt) -> list[Problem]:
     out += _served_names(fleet, problem)
     for index, model in enumerate(fleet.models):
         out += _model(fleet, model, ("models", index), problem)
+    out += swap.check(fleet, problem)
+    out += speculative.check(fleet, problem)
     out += _access(fleet, problem)
     out += _gateway(fleet, problem)
     out += _observability(fleet, problem)
@@ -200,6 +203,14 @@ def _model(fleet: Fleet, model: Model, where: tuple[str | int, ...], problem: Pr
             )
         if model.gpus_per_replica > 1:
             out.append(problem((*where, "gpus_per_replica"), f"model {name}: device cpu uses no GPUs"))
+    if model.backend == "ollama" and model.rope_scaling is not None:
+        out.append(
+            problem(
+                (*where, "rope_scaling"),
+                f"model {name}: Ollama has no RoPE scaling setting (it cuts the context to the model's own length); "
+                "remove rope_scaling, or use llamacpp or vllm",
+            )
+        )
     out += _pins(fleet, model, where, problem)
     out += _options(model, where, problem)
     return out

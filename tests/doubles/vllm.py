@@ -7,6 +7,15 @@ Follows vLLM's CLI (the flags the controller renders, refusing unknown ones as v
 `vllm:num_requests_waiting` the ones queued behind them. Like vLLM it exits when CUDA_VISIBLE_DEVICES names fewer
 GPUs than the tensor-parallel size. With `--api-key` or `VLLM_API_KEY` every `/v1` route needs that bearer key.
 
+`--speculative-config` is a JSON object, as vLLM 0.11.0 reads it (vllm/engine/arg_utils.py: `optional_type(json.loads)`,
+so a value that is no JSON is an argparse error), then checked as vllm/config/speculative.py's SpeculativeConfig
+checks it at start, exiting with its error: an unknown key (a TypeError of the dataclass), an unknown method;
+`num_speculative_tokens` without a model unless the method is ngram or mtp (ValueError); ngram's prompt_lookup_min/max
+(both default to the other, 5 when neither is given; each > 0, min <= max); and a draft model that is no EAGLE head
+(by name: `eagle-`, `eagle3`) is refused: "Speculative decoding with draft model is not supported yet" (a
+NotImplementedError: vLLM 0.11's V1 engine has no draft-model speculation). `num_speculative_tokens` must then be
+given and > 0. Whether a model really has MTP layers (method mtp) needs its config, which the double does not read.
+
 Sleep mode, as vLLM 0.11.0 has it (the `vllm` 0.11.0 wheel on PyPI, the source of the v0.11.0 tag):
 - the routes `POST /sleep?level=N`, `POST /wake_up[?tags=T...]`, `GET /is_sleeping` and `POST /collective_rpc` exist
   only when `VLLM_SERVER_DEV_MODE` is a non-zero integer (vllm/entrypoints/openai/api_server.py: they are defined
@@ -31,6 +40,7 @@ Sleep mode, as vLLM 0.11.0 has it (the `vllm` 0.11.0 wheel on PyPI, the source o
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import threading
@@ -69,6 +79,92 @@ PASSTHROUGH_VALUE = [
 ]
 
 
+# vllm/config/speculative.py (0.11.0): SpeculativeConfig's fields a user may give, its methods, the MTP model types.
+SPECULATIVE_FIELDS = {
+    "enforce_eager",
+    "num_speculative_tokens",
+    "model",
+    "method",
+    "draft_tensor_parallel_size",
+    "disable_logprobs",
+    "quantization",
+    "max_model_len",
+    "revision",
+    "code_revision",
+    "disable_by_batch_size",
+    "disable_padded_drafter_batch",
+    "prompt_lookup_max",
+    "prompt_lookup_min",
+    "speculative_token_tree",
+}
+MTP_MODEL_TYPES = ("deepseek_mtp", "mimo_mtp", "glm4_moe_mtp", "ernie_mtp", "qwen3_next_mtp", "longcat_flash_mtp")
+SPECULATIVE_METHODS = {"ngram", "eagle", "eagle3", "medusa", "mlp_speculator", "draft_model", "mtp", *MTP_MODEL_TYPES}
+
+
+def json_value(value: str) -> Any:
+    """vLLM's `optional_type(json.loads)`: "" and "None" are None; anything else must be JSON."""
+    if value in ("", "None"):
+        return None
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"Value {value} cannot be converted to {json.loads}.") from exc
+
+
+def speculative_error(config: Any) -> str | None:
+    """What SpeculativeConfig(**config) raises at start (see the module's docstring), or None."""
+    if not isinstance(config, dict):
+        return f"TypeError: vllm.config.speculative.SpeculativeConfig() argument after ** must be a mapping, not {type(config).__name__}"
+    unknown = sorted(set(config) - SPECULATIVE_FIELDS)
+    if unknown:
+        return f"TypeError: SpeculativeConfig.__init__() got an unexpected keyword argument '{unknown[0]}'"
+    method, model, tokens = config.get("method"), config.get("model"), config.get("num_speculative_tokens")
+    if method is not None and method not in SPECULATIVE_METHODS and method != "[ngram]":
+        return f"pydantic_core.ValidationError: method: Input should be one of {sorted(SPECULATIVE_METHODS)} [input_value={method!r}]"
+    if method in MTP_MODEL_TYPES:
+        method = "mtp"  # "deprecated and replaced with mtp"
+    if model is None and tokens is not None:
+        if method == "mtp":
+            model = "the target model"  # its own MTP layers
+        elif method in ("ngram", "[ngram]"):
+            model = "ngram"
+        else:
+            return "ValueError: num_speculative_tokens was provided but without speculative model."
+    if method is None and model in ("ngram", "[ngram]"):
+        method = "ngram"
+    if method in ("ngram", "[ngram]"):
+        given_low, given_high = config.get("prompt_lookup_min"), config.get("prompt_lookup_max")
+        if given_low is None and given_high is None:
+            given_low = given_high = 5
+        low = given_high if given_low is None else given_low
+        high = low if given_high is None else given_high
+        if not isinstance(low, int) or not isinstance(high, int):
+            return (
+                f"pydantic_core.ValidationError: prompt_lookup_min/max: Input should be a valid integer ({low}, {high})"
+            )
+        if low < 1:
+            return f"ValueError: prompt_lookup_min={low} must be > 0"
+        if high < 1:
+            return f"ValueError: prompt_lookup_max={high} must be > 0"
+        if low > high:
+            return f"ValueError: prompt_lookup_min={low} must be <= prompt_lookup_max={high}"
+    elif model is not None and method != "mtp":
+        eagle = method in ("eagle", "eagle3") or "eagle-" in str(model).lower() or "eagle3" in str(model).lower()
+        if not eagle:
+            return (
+                "NotImplementedError: Speculative decoding with draft model is not supported yet. Please consider "
+                "using other speculative decoding methods such as ngram, medusa, eagle, or mtp."
+            )
+    if tokens is None:
+        return (
+            "ValueError: num_speculative_tokens must be provided with speculative model unless the draft model "
+            "config contains an n_predict parameter."
+        )
+    if not isinstance(tokens, int) or tokens <= 0:
+        return f"ValueError: Expected num_speculative_tokens to be greater than zero ({tokens})."
+    return None
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="vllm")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +182,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--quantization", choices=["awq", "gptq", "fp8", "bitsandbytes", "gguf"])
     s.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"], default="auto")
     s.add_argument("--enable-sleep-mode", action="store_true")
+    s.add_argument("--speculative-config", type=json_value)
+    s.add_argument("--hf-overrides", type=json_value)  # a JSON object merged into the model's config
     s.add_argument("--api-key")  # as vLLM: else VLLM_API_KEY
     for flag in PASSTHROUGH_BOOL:
         s.add_argument(flag, action="store_true")
@@ -154,6 +252,10 @@ def main(argv: list[str] | None = None) -> None:
             f"RuntimeError: tensor_parallel_size={args.tensor_parallel_size} but only {len(devices)} GPU(s) "
             f"are visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
         )
+    if args.speculative_config is not None:
+        error = speculative_error(args.speculative_config)
+        if error:
+            sys.exit(error)
     raw = os.environ.get("VLLM_SERVER_DEV_MODE", "0")
     try:
         dev_mode = bool(int(raw))  # as vllm/envs.py reads it

@@ -152,7 +152,7 @@ def test_a_healthy_fleet_is_all_ok(plan: Plan) -> None:
     assert data["ok"] is True and data["spec_sha256"] == VERSION
     assert "TCP connect" in data["mesh"]["method"] and "handshake" in data["mesh"]["method"]
     table = text(rep)
-    assert re.search(r"tower\s+ok\s+current 2026-12-02T10:00:00Z\s+3/3 running\s+ok", table), table
+    assert re.search(r"tower\s+ok\s+current 2026-12-02T10:00:00Z\s+4/4 running\s+ok", table), table
     assert re.search(r"den\s+ok\s+ok\s+-", table), table  # the mesh matrix's den row
     assert "processes" not in table
 
@@ -248,7 +248,7 @@ def test_an_older_deploy_and_a_missing_manifest_are_problems(plan: Plan) -> None
 def test_workers_down_pinned_wrong_or_missing_and_containers_stopped_are_problems(plan: Plan) -> None:
     docs = healthy(plan)
     tower = docs["tower"]
-    first, second = tower["agent"]["status"]["workers"]
+    first, second, *_ = tower["agent"]["status"]["workers"]
     first["health"] = {"url": "http://10.77.0.2:8100/health", "up": False, "latency_seconds": None, "error": "HTTP 503"}
     second |= {"pinning": "wrong_gpu", "pinning_reason": "processes on GPU-x; planned: GPU-y"}
     den_worker = docs["den"]["agent"]["status"]["workers"].pop()
@@ -265,7 +265,7 @@ def test_workers_down_pinned_wrong_or_missing_and_containers_stopped_are_problem
         "run `controller deploy SPEC`",
     ]
     den = next(h for h in rep.hosts if h["name"] == "den")
-    assert (den["containers"]["running"], den["containers"]["total"]) == (1, 3)
+    assert (den["containers"]["running"], den["containers"]["total"]) == (0, 2)  # its agent and its one worker
 
 
 def test_an_agent_that_does_not_answer_leaves_its_workers_unknown(plan: Plan) -> None:
@@ -345,7 +345,7 @@ def test_print_report_lists_each_problem_on_its_own_line(plan: Plan, capsys: pyt
     out = capsys.readouterr().out
     problems = [line for line in out.splitlines() if line.startswith("problem: ")]
     assert problems == [f"problem: {p}" for p in rep.problems] and len(problems) == 1
-    assert "note: tower: GPU pinning unknown for 2 worker(s)" in out
+    assert "note: tower: GPU pinning unknown for 3 worker(s)" in out
     assert "mesh checked by: TCP connect" in out
     assert out.rstrip().endswith("1 problem(s)")
 

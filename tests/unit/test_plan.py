@@ -26,10 +26,15 @@ def test_estimate_terms_by_hand(tmp_path: Path) -> None:
     est = estimate(spec.fleet.models[0])
     weights = 8.0e9 * 2 / GIB  # 16-bit weights
     kv = 2 * 32 * 8 * 128 * 8192 * 4 * 2 / GIB  # K and V × layers × kv heads × head dim × ctx × slots × 2 bytes
+    # vLLM's activation peak, 1.26 GiB for an 8.03B 32-layer model, × √(params per layer ratio)
+    compute = 1.26 * (8.0 / 8.03) ** 0.5
     assert est.weights_gib == pytest.approx(weights, abs=1e-3)
     assert est.kv_cache_gib == pytest.approx(kv, abs=1e-3) and kv == 4.0
-    assert est.overhead_gib == 2.0
-    assert est.total_gib == pytest.approx(weights + kv + 2.0, abs=1e-3)
+    assert est.compute_gib == pytest.approx(compute, abs=1e-3)
+    assert est.graphs_gib == 0.5  # CUDA graphs, up to 15B params per GPU, batches of at most 8 (2 × 4 slots)
+    assert est.overhead_gib == 0.9  # CUDA context 0.5 + cuBLAS 0.4
+    assert est.total_gib == pytest.approx(weights + kv + compute + 0.5 + 0.9, abs=2e-3)
+    assert est.outside_utilization_gib == 1.0  # the CUDA context and graphs lie outside the utilization fraction
     assert "8192 ctx × 4 slots" in est.basis["kv_cache"]
 
 
@@ -39,15 +44,18 @@ def test_kv_cache_dtype_and_tensor_parallel_split(tmp_path: Path) -> None:
     est = estimate(load_spec(write_spec(tmp_path / "f.yaml", data)).fleet.models[0])
     assert est.kv_cache_gib == pytest.approx(1.0)  # 4 GiB at 2 bytes → 2 at 1 byte → split over 2 GPUs
     assert est.weights_gib == pytest.approx(8.0e9 * 2 / GIB / 2, abs=1e-3)
-    assert est.overhead_gib == 2.0  # paid on each GPU
+    assert est.overhead_gib == 1.25 and est.graphs_gib == 0.5  # paid on each GPU (with NCCL: 0.75 beside the context)
 
 
 def test_vllm_settings_make_the_estimate_true(tmp_path: Path) -> None:
     plan = plan_of(tmp_path, MINIMAL)
     (worker,) = plan.workers
     util = worker.settings["gpu_memory_utilization"]
-    assert util * 24 >= worker.estimate.total_gib  # vLLM may take at least the estimate
-    assert util * 24 - worker.estimate.total_gib < 0.24 + 1e-9  # and at most one hundredth more
+    outside = worker.estimate.outside_utilization_gib  # CUDA context and graphs: vLLM takes them beyond the fraction
+    assert outside > 0
+    assert util * 24 + outside >= worker.estimate.total_gib  # vLLM may take at least the estimate
+    assert util * 24 + outside - worker.estimate.total_gib < 0.24 + 1e-9  # and at most one hundredth more
+    assert worker.footprint_gib == round(util * 24 + outside, 3)  # and the GPU books all of it
     assert worker.settings["max_model_len"] == 8192 and worker.settings["max_num_seqs"] == 4
 
 
@@ -86,6 +94,7 @@ def test_replicas_spread_over_gpus_and_names_are_deterministic(tmp_path: Path) -
 def test_small_models_share_a_gpu_best_fit(tmp_path: Path) -> None:
     data = copy.deepcopy(MINIMAL)
     big = copy.deepcopy(data["models"][0])
+    big["context"] = 4096  # 20.4 GiB: room beside it for the small one (2 GiB)
     small = {
         "name": "small",
         "backend": "llamacpp",
@@ -124,10 +133,12 @@ def test_does_not_fit_names_gpus_needed_and_free(tmp_path: Path) -> None:
     with pytest.raises(PlanError) as info:
         plan_of(tmp_path, data)
     (line,) = info.value.lines()
-    assert "models[0]: model m8b replica 1: needs 80.90 GiB per GPU (81.12 as booked by vllm)" in line
-    assert "weights 14.90 + KV cache 64.00 + overhead 2.00" in line
+    assert "models[0]: model m8b replica 1: needs 81.56 GiB per GPU (81.64 as booked by vllm)" in line
+    assert "(weights 14.90 + kv cache 64.00 + compute 1.26 + graphs 0.50 + overhead 0.90)" in line
     assert "ws/gpu0 (Test GPU, GPU-00000000-0000-4000-8000-000000000001) has 23.50 GiB free of 23.50 usable" in line
-    assert "ws/gpu1" in line
+    assert "(59535 MiB short of 81.64)" in line and "ws/gpu1" in line
+    # What would make it fit, with the total it would then need (a long context on a 24 GiB card).
+    assert "it would fit with context 11264: 23.06 GiB" in line
 
 
 def test_never_spills_across_gpus(tmp_path: Path) -> None:

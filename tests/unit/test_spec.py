@@ -226,7 +226,9 @@ def test_arch_read_from_local_gguf(tmp_path: Path) -> None:
     arch = spec.fleet.models[0].arch
     assert (arch.layers, arch.kv_heads, arch.head_dim) == (2, 2, 16)
     assert arch.params_b == pytest.approx(260 * 64 / 1e9)
-    assert arch.weights_gib == pytest.approx(model_file.stat().st_size / 1024**3)
+    # The tensors at their own types (here one f32 embedding, tied, so also the output layer on the GPU)
+    assert arch.weights_gib == pytest.approx(260 * 64 * 4 / 1024**3) and model_file.stat().st_size > 260 * 64 * 4
+    assert arch.max_context == 256 and arch.heads == 4 and arch.hidden_size == 64 and arch.tied_embeddings
 
 
 def test_arch_from_config_json_and_spec_wins(tmp_path: Path) -> None:
