@@ -5,9 +5,22 @@ It knows the workers the plan puts on its host and answers:
 
     GET /metrics   Prometheus: per GPU (UUID) utilization, memory, power, temperature,
                    clocks, throttle reasons, ECC errors, process memory; per worker
-                   pinning state, health and health-check latency; NVML up or down
-    GET /status    the same facts as JSON, with reasons
+                   pinning state, health and health-check latency, GPU memory taken
+                   against the plan's estimate (memory.py); NVML up or down
+    GET /status    the same facts as JSON, with reasons (a `memory_warning` per worker
+                   whose memory misses its estimate by more than 10 %)
     GET /healthz   the agent itself answers
+
+and, for the swap coordinator, with "Authorization: Bearer <worker secret>" (else 401),
+for the on-demand workers of its host (their model has `swap`; residency.py):
+
+    POST /v1/workers/{name}/load       make it resident; {"worker", "state": "resident",
+                                       "load_s", "measured_gib", "estimate_gib", ...}
+    POST /v1/workers/{name}/unload     free its GPU memory; {"worker", "state", "unload_s", ...}
+    GET  /v1/workers/{name}/residency  {"worker", "state": resident|sleeping|starting|unloaded, ...}
+
+A failure is {"worker", "detail"} with 404 (no such worker here), 409 (not on demand, or
+not possible in its state or setup), 500 (it failed) or 503 (no worker secret here).
 
 Everything is collected when asked (a custom Prometheus collector, no
 background loop), within bounded time: NVML under a timeout, worker health
@@ -26,37 +39,50 @@ socket both serve.
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import os
 import re
-import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import docker
 import docker.constants
 import docker.errors
 import httpx
 import requests
-from fastapi import FastAPI
-from fastapi.responses import Response
+from fastapi import FastAPI, Header
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from controller import backends
+from controller.agent.memory import MemoryCheck, measure
 from controller.agent.nvml import GpuFacts, Nvml, NvmlReader, NvmlReading, Pynvml
+from controller.agent.residency import (
+    RESIDENT,
+    DockerEngine,
+    Engine,
+    Residency,
+    ResidencyError,
+    api_version,
+    listening,
+)
+from controller.agent.residency import engine_socket as engine_socket  # where it was: tests import it from here
 from controller.errors import ControllerError
 from controller.plan import make_plan
 from controller.plan.models import Worker
+from controller.render.containers import SECRETS_HOST_DIR, WORKER_KEY
+from controller.secrets import KEY_FILE
 from controller.spec import load_spec
-from controller.spec.models import Host
+from controller.spec.models import Host, Model
 
 PINNING_STATES = ("ok", "wrong_gpu", "not_found")
 HEALTH_TIMEOUT_S = 1.0  # per worker; checks run in parallel, so a scrape waits about this long for all
@@ -176,52 +202,7 @@ class EngineNames:
         return self._client
 
     def _api_version(self, url: str) -> str:
-        """The engine's API version, from the API-Version header of ``GET /_ping`` (as the Docker CLI learns it).
-
-        Not the SDK's ``version="auto"``, which asks ``GET /version``: podman answers that only after probing
-        its host (0.4 s on an idle machine here, past a second on a busy one), so lookups would time out.
-        No fixed version would do: podman 4.3 names 1.41, and Docker 29.0 refuses anything below 1.44.
-        """
-        probe = docker.APIClient(
-            base_url=url, version=docker.constants.MINIMUM_DOCKER_API_VERSION, timeout=self.timeout_s
-        )
-        try:
-            response = probe.get(f"{probe.base_url}/_ping", timeout=self.timeout_s)  # a Session's get: no default
-            response.raise_for_status()
-            version = response.headers.get("API-Version")
-        finally:
-            probe.close()
-        if not version:
-            raise docker.errors.DockerException(f"{url}: GET /_ping named no API-Version")
-        return str(version)
-
-
-def listening(path: Path, timeout_s: float) -> bool:
-    """Whether a connection to the Unix socket ``path`` is accepted (a stale socket refuses at once).
-
-    Asked before a new client connects, because docker 7.1.0 leaves the socket of a refused connect for the
-    garbage collector to close, with a ResourceWarning (transport/unixconn.py; docker/docker-py#3356): so a
-    dead engine costs no socket per lookup, only the one refusal a connected client meets when it dies. Not
-    asked on every lookup: podman logs a warning for each connection closed without a request.
-    """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout_s)
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
-def engine_socket() -> Path | None:
-    """The Docker Engine API socket: $DOCKER_HOST if it is unix://, else Docker's or podman's usual place."""
-    host = os.environ.get("DOCKER_HOST", "")
-    candidates = [Path(host.removeprefix("unix://"))] if host.startswith("unix://") else []
-    candidates += [Path("/var/run/docker.sock"), Path("/run/podman/podman.sock")]
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        candidates.append(Path(runtime) / "podman" / "podman.sock")
-    return next((p for p in candidates if p.is_socket()), None)
+        return api_version(url, self.timeout_s)
 
 
 class ProcessOwners:
@@ -326,6 +307,7 @@ class WorkerView:
     pinning: Pinning
     health: Health
     processes: list[tuple[str, int, int | None]]  # (GPU UUID, PID, GPU memory bytes)
+    memory: MemoryCheck | None = None  # None for a worker with no GPU
 
 
 @dataclass(frozen=True)
@@ -390,12 +372,21 @@ class Agent:
         owners: ProcessOwners,
         max_age_s: float = SNAPSHOT_MAX_AGE_S,
         health_timeout_s: float = HEALTH_TIMEOUT_S,
+        models: Mapping[str, Model] | None = None,
+        residency: Residency | None = None,
+        worker_key: Callable[[], str | None] = lambda: None,
     ) -> None:
+        """``models``: the spec's models by name (the workers' own); ``residency``: loads and unloads on-demand
+        workers (none: the load routes refuse); ``worker_key``: the worker secret, the bearer token those routes
+        require (None: refused)."""
         self.host = host
         self.workers = workers
         self.reader = reader
         self.owners = owners
         self.max_age_s = max_age_s
+        self.models = dict(models or {})
+        self.residency = residency
+        self.worker_key = worker_key
         self.http = httpx.Client(timeout=health_timeout_s, trust_env=False)  # mesh and loopback only: no proxies
         self.pool = ThreadPoolExecutor(max_workers=HEALTH_PARALLEL, thread_name_prefix="health")
         self._lock = threading.Lock()
@@ -408,12 +399,38 @@ class Agent:
             self._last = self._collect()
             return self._last
 
+    def fresh_snapshot(self) -> Snapshot:
+        """A snapshot taken now, not one from before (after a load: what the worker holds now)."""
+        with self._lock:
+            self._last = self._collect()
+            return self._last
+
+    def forget(self) -> None:
+        """Drop the shared snapshot: a load or unload changed what it would say."""
+        with self._lock:
+            self._last = None
+
+    def on_demand(self, name: str) -> tuple[Worker, Model]:
+        """The worker of this host's plan named ``name`` and its model, if that model is on demand (`swap`)."""
+        worker = next((w for w in self.workers if w.name == name), None)
+        if worker is None:
+            known = ", ".join(w.name for w in self.workers) or "none"
+            raise ResidencyError(404, f"no worker {name!r} on host {self.host.name}; its workers: {known}")
+        model = self.models.get(worker.model)
+        if model is None or model.swap is None:
+            raise ResidencyError(
+                409, f"worker {name} is not an on-demand worker (its model {worker.model} has no `swap`)"
+            )
+        return worker, model
+
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.http.close()
         self.reader.close()
         if isinstance(self.owners.container_names, EngineNames):
             self.owners.container_names.close()
+        if self.residency is not None:
+            self.residency.close()
 
     def _collect(self) -> Snapshot:
         checks = {w.name: self.pool.submit(probe, self.http, health_url(w)) for w in self.workers}
@@ -425,10 +442,29 @@ class Agent:
             found = [
                 (g.uuid, p.pid, p.memory_bytes) for g in gpus for p in g.processes or [] if owners[p.pid] == worker.name
             ]
-            views.append(WorkerView(worker, pinning(worker, found, reading), checks[worker.name].result(), found))
+            views.append(
+                WorkerView(
+                    worker,
+                    pinning(worker, found, reading),
+                    checks[worker.name].result(),
+                    found,
+                    self._memory(worker, found),
+                )
+            )
         seen = {g.uuid for g in gpus}
         missing = [g.uuid for g in self.host.gpus if g.uuid not in seen] if reading.up and not reading.errors else []
         return Snapshot(self.host.name, time.monotonic(), reading, owners, views, missing)
+
+    def _memory(self, worker: Worker, found: list[tuple[str, int, int | None]]) -> MemoryCheck | None:
+        if not worker.gpus:
+            return None
+        # An on-demand worker is compared once this agent has loaded it, until it unloads it: asleep or unloaded it
+        # holds less than booked by design (a sleeping vLLM keeps its CUDA context), which is no miss.
+        model = self.models.get(worker.model)
+        compared = True
+        if model is not None and model.swap is not None:
+            compared = self.residency is not None and self.residency.left.get(worker.name) == RESIDENT
+        return measure(worker.name, worker.footprint_gib, [g.uuid for g in worker.gpus], found, compared)
 
 
 # -- Prometheus -------------------------------------------------------------------
@@ -506,6 +542,22 @@ def worker_families(snap: Snapshot) -> list[Metric]:
     latency = GaugeMetricFamily(
         "fleet_worker_health_latency_seconds", "Time the worker's health endpoint took to answer.", labels=["worker"]
     )
+    measured = GaugeMetricFamily(
+        "fleet_worker_memory_measured_bytes",
+        "GPU memory the worker's processes hold on this GPU (NVML, per process), where known.",
+        labels=["worker", "gpu"],
+    )
+    estimate = GaugeMetricFamily(
+        "fleet_worker_memory_estimate_bytes",
+        "GPU memory the plan books for the worker on each of its GPUs (its footprint).",
+        labels=["worker", "gpu"],
+    )
+    miss = GaugeMetricFamily(
+        "fleet_worker_memory_estimate_miss_ratio",
+        "measured / estimate - 1 on the worker's GPU furthest from its estimate; absent when nothing is measured, "
+        "and for an on-demand worker but between this agent's load and unload of it. Beyond +-0.1 the agent warns.",
+        labels=["worker"],
+    )
     for view in snap.workers:
         name, model = view.worker.name, view.worker.model
         if view.pinning.state in PINNING_STATES:
@@ -514,7 +566,15 @@ def worker_families(snap: Snapshot) -> list[Metric]:
         up.add_metric([name, model], float(view.health.up))
         if view.health.latency_seconds is not None:
             latency.add_metric([name], view.health.latency_seconds)
-    return [pin, up, latency]
+        if view.memory is not None:
+            for uuid in view.memory.planned:
+                estimate.add_metric([name, uuid], float(view.memory.estimate_bytes))
+            for uuid, used in sorted(view.memory.measured.items()):
+                measured.add_metric([name, uuid], float(used))
+            ratio = view.memory.miss_ratio
+            if ratio is not None:
+                miss.add_metric([name], ratio)
+    return [pin, up, latency, measured, estimate, miss]
 
 
 def gpu_labels(snap: Snapshot, gpu: GpuFacts) -> list[str]:
@@ -588,6 +648,8 @@ def status(snap: Snapshot) -> dict[str, Any]:
                     "latency_seconds": v.health.latency_seconds,
                     "error": v.health.error,
                 },
+                "memory": None if v.memory is None else v.memory.as_dict(),
+                "memory_warning": None if v.memory is None else v.memory.warning,
             }
             for v in snap.workers
         ],
@@ -609,8 +671,12 @@ def build_agent(
     state_dir: Path | None = None,
     nvml: Nvml | None = None,
     container_names: ContainerNames | None = None,
+    engine: Engine | None = None,
+    worker_key_file: Path | None = None,
     **options: Any,
 ) -> Agent:
+    """``engine``: the container engine on-demand workers are started and stopped through (default: the Docker
+    Engine API at the usual places); ``worker_key_file``: the worker secret (default: see `key_files`)."""
     plan = make_plan(load_spec(spec_path))
     try:
         host = plan.host(host_name)
@@ -619,7 +685,97 @@ def build_agent(
         raise ControllerError(f"{spec_path}: no host {host_name!r}; hosts: {known}") from None
     workers = plan.workers_on(host_name)
     owners = ProcessOwners([w.name for w in workers], state_dir, container_names or EngineNames())
-    return Agent(host, workers, NvmlReader(nvml or Pynvml()), owners, **options)
+    key = worker_key_reader(key_files(worker_key_file, state_dir))
+    models = {m.name: m for m in plan.fleet.models}
+    residency = Residency(engine or DockerEngine(), key)
+    return Agent(
+        host,
+        workers,
+        NvmlReader(nvml or Pynvml()),
+        owners,
+        models=models,
+        residency=residency,
+        worker_key=key,
+        **options,
+    )
+
+
+def key_files(given: Path | None, state_dir: Path | None) -> list[Path]:
+    """Where the agent looks for the worker secret: the file given, else a local stack's (``<state>/secrets``),
+    the agent container's secret (``/run/secrets/worker_key``) and the host's (``/etc/fleet/secrets``)."""
+    if given is not None:
+        return [given]
+    out = [state_dir / "secrets" / KEY_FILE] if state_dir is not None else []
+    return [*out, Path(WORKER_KEY[2]), Path(SECRETS_HOST_DIR) / KEY_FILE]
+
+
+def worker_key_reader(paths: list[Path]) -> Callable[[], str | None]:
+    """The worker secret from the first of ``paths`` that holds one, read at each call (a replaced key counts)."""
+
+    def read() -> str | None:
+        for path in paths:
+            try:
+                key = path.read_text(encoding="utf-8").strip()
+            except OSError:
+                continue
+            if key:
+                return key
+        return None
+
+    return read
+
+
+def refusal(agent: Agent, authorization: str | None) -> JSONResponse | None:
+    """None when ``authorization`` is "Bearer <worker secret>"; else the answer (401; 503 without a secret)."""
+    key = agent.worker_key()
+    if not key:
+        return JSONResponse(
+            {"detail": "this agent has no worker secret (--worker-key-file): loading and unloading are off"},
+            status_code=503,
+        )
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        return JSONResponse(
+            {"detail": "a bearer token, the worker secret, is required"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return None
+
+
+def residency_call(agent: Agent, name: str, authorization: str | None, action: str) -> JSONResponse:
+    """One load, unload or residency question, authenticated, as JSON; a failure is {"worker", "detail"}."""
+    refused = refusal(agent, authorization)
+    if refused is not None:
+        return refused
+    try:
+        if agent.residency is None:
+            raise ResidencyError(503, "this agent does not load or unload workers")
+        worker, model = agent.on_demand(name)
+        if action == "state":
+            answer = agent.residency.state(worker, model)
+            view = next((v for v in agent.snapshot().workers if v.worker.name == name), None)
+            memory = None if view is None else view.memory
+            answer |= {
+                "measured_gib": None if memory is None else memory.measured_gib,
+                "estimate_gib": round(worker.footprint_gib, 2),
+            }
+            return JSONResponse(answer)
+        try:
+            answer = agent.residency.load(worker, model) if action == "load" else agent.residency.unload(worker, model)
+        finally:
+            agent.forget()
+        if action == "load":
+            view = next(v for v in agent.fresh_snapshot().workers if v.worker.name == name)
+            memory = view.memory
+            answer |= {
+                "measured_gib": None if memory is None else memory.measured_gib,
+                "estimate_gib": round(worker.footprint_gib, 2),
+                "memory_warning": None if memory is None else memory.warning,
+            }
+        return JSONResponse(answer)
+    except ResidencyError as exc:
+        return JSONResponse({"worker": name, "detail": exc.message}, status_code=exc.status)
 
 
 def create_app(agent: Agent) -> FastAPI:
@@ -646,6 +802,20 @@ def create_app(agent: Agent) -> FastAPI:
     def prometheus() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    # On-demand workers, for the swap coordinator; each needs "Authorization: Bearer <worker secret>". Plain `def`:
+    # a load (up to LOAD_TIMEOUT_S) waits in a worker thread, never in the event loop.
+    @app.post("/v1/workers/{name}/load")
+    def load(name: str, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
+        return residency_call(agent, name, authorization, "load")
+
+    @app.post("/v1/workers/{name}/unload")
+    def unload(name: str, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
+        return residency_call(agent, name, authorization, "unload")
+
+    @app.get("/v1/workers/{name}/residency")
+    def residency(name: str, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
+        return residency_call(agent, name, authorization, "state")
+
     return app
 
 
@@ -671,6 +841,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--engine-socket", type=Path, help="Docker Engine API socket (default: $DOCKER_HOST, usual places)"
     )
+    parser.add_argument(
+        "--worker-key-file",
+        type=Path,
+        help="the worker secret, the bearer token of the load/unload routes (default: <state-dir>/secrets/worker.key, "
+        "/run/secrets/worker_key, /etc/fleet/secrets/worker.key)",
+    )
     args = parser.parse_args(argv)
     nvml: Nvml | None = None
     seam = os.environ.get("FLEET_AGENT_NVML")
@@ -685,7 +861,13 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
     try:
         agent = build_agent(
-            args.spec, args.host_name, args.state_dir, nvml=nvml, container_names=EngineNames(args.engine_socket)
+            args.spec,
+            args.host_name,
+            args.state_dir,
+            nvml=nvml,
+            container_names=EngineNames(args.engine_socket),
+            engine=DockerEngine(args.engine_socket),
+            worker_key_file=args.worker_key_file,
         )
     except ControllerError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -7,16 +7,21 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+import httpx
 import typer
 from rich import box
 from rich.table import Table
 
+from controller.agent import memory
 from controller.cli.common import JsonOpt, StateOpt, console, emit_json, state_dir
 from controller.errors import ControllerError
 from controller.local import stack
 
 if TYPE_CHECKING:
     from controller.deploy.status import Report
+
+
+AGENT_TIMEOUT_S = 3.0  # the agent's /status checks every worker's health first (about a second)
 
 
 class StatusUsageError(ControllerError):
@@ -59,6 +64,7 @@ def status(
             "--fleet, --ssh-config and --ssh-key need the fleet's SPEC: controller status SPEC --fleet"
         )
     info = stack.status(state_dir(state_opt))
+    info["warnings"] = agent_warnings(info["processes"]) if info["running"] else []
     if as_json:
         emit_json(info)
     else:
@@ -71,6 +77,8 @@ def status(
                 f"base URL: {info['base_url']}\nCA cert:  {info['ca_cert']}\nspec:     {info['spec']}", soft_wrap=True
             )
         out.print(process_table(info["processes"], time.time()))
+        for warning in info["warnings"]:
+            out.print(f"warning: {warning}", soft_wrap=True)
     if not info["running"]:
         raise typer.Exit(1)
 
@@ -98,6 +106,20 @@ def process_table(procs: dict[str, dict[str, Any]], now: float) -> Table:
     for r in rows:
         table.add_row(*r)
     return table
+
+
+def agent_warnings(procs: dict[str, dict[str, Any]]) -> list[str]:
+    """The local stack's agent's warnings (a worker's GPU memory against its estimate, from the agent's /status);
+    none when the agent is not healthy or does not answer within AGENT_TIMEOUT_S."""
+    agent = next((r for r in procs.values() if r.get("kind") == "agent" and r.get("state") == "healthy"), None)
+    if agent is None or not agent.get("ports"):
+        return []
+    try:
+        answer = httpx.get(f"http://127.0.0.1:{agent['ports'][0]}/status", timeout=AGENT_TIMEOUT_S, trust_env=False)
+        doc = answer.json() if answer.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return []
+    return memory.warnings_of(doc) if isinstance(doc, dict) else []
 
 
 def uptime(seconds: float) -> str:
@@ -144,6 +166,9 @@ def print_report(rep: Report) -> None:
         out.print(f"mesh checked by: {rep.mesh_method}", soft_wrap=True)
     for note in rep.notes:
         out.print(f"note: {note}", soft_wrap=True)
+    for w in rep.workers:  # the agent's words, where the report carries them (controller/deploy/status.py)
+        if w.get("memory_warning"):
+            out.print(f"warning: {w['memory_warning']}", soft_wrap=True)
     for problem in rep.problems:
         out.print(f"problem: {problem}", soft_wrap=True)
     out.print(f"{len(rep.problems)} problem(s)" if rep.problems else "all ok")

@@ -266,6 +266,7 @@ def _host(
             "agent_gpus": None,
             "deployed_spec_sha256": None,
             "current": None,
+            "memory_warning": None,
         }
         for w in planned
     ]
@@ -386,6 +387,7 @@ def _workers(
         w["pinning"] = str(found.get("pinning") or "unknown")
         w["pinning_reason"] = str(found.get("pinning_reason") or "")
         w["agent_gpus"] = list(found.get("gpus") or [])
+        w["memory_warning"] = found.get("memory_warning")  # its memory far from the estimate (controller/agent)
         planned = sorted(g["uuid"] for g in w["gpus"])
         if sorted(w["agent_gpus"]) != planned:
             problems.append(
