@@ -16,7 +16,7 @@ from rich.table import Table
 from controller.cli.common import JsonOpt, StateOpt, emit_json, state_dir
 from controller.errors import ControllerError
 from controller.local import stack
-from controller.local.demo import DEMO_USER, DemoKey, DemoPorts, demo_key, write_demo
+from controller.local.demo import DEMO_USER, ON_DEMAND, DemoKey, DemoPorts, demo_key, write_demo
 
 
 def up(
@@ -76,6 +76,8 @@ def up(
             f'  {shlex.quote(sys.executable)} -c "import openai; s = openai.OpenAI().chat.completions.create('
             "model='tiny-chat', messages=[{'role': 'user', 'content': 'hi'}], max_tokens=32, stream=True); "
             "[print(c.choices[0].delta.content or '', end='', flush=True) for c in s if c.choices]; print()\"",
+            f"on demand: {' and '.join(ON_DEMAND)} share one slot: a request for the one not loaded loads it "
+            "(a few seconds; the other is unloaded once its requests finish); use it as model= above",
         ]
     where = "" if state_opt is None else f" --state-dir {shlex.quote(str(state.root))}"
     ctl = own_program("controller")

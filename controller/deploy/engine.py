@@ -359,7 +359,10 @@ def _replace_worker(
     else:
         why = "it was not serving" if not serving else f"{worker.model} has no other replica"
         progress(host, f"{name}: replaced in place ({why})")
-    progress(host, f"{name}: starting, gated on a one-token inference")
+    if plan.model(worker.model).swap is not None:
+        progress(host, f"{name}: on demand: created, left stopped until its model is asked for")
+    else:
+        progress(host, f"{name}: starting, gated on a one-token inference")
     gate = _worker_gate(plan, name, host_vars["fleet_engine"])
     gate["digest"] = bundles[host].services[name]
     result = run_playbook(
@@ -377,7 +380,7 @@ def _replace_worker(
         outcome.failed[host] = {"step": result.failed_task or "?", "message": result.message}
         progress(host, f"FAILED at {result.failed_task}: {result.message}")
         return False
-    progress(host, f"{name}: serving")
+    progress(host, f"{name}: ready, loaded when asked for" if plan.model(worker.model).swap else f"{name}: serving")
     return True
 
 
@@ -537,7 +540,13 @@ def _worker_gate(plan: Plan, name: str, engine: str) -> dict[str, Any]:
         "timeout_s": START_PERIOD_S[worker.backend],
         "prepare": _prepare(plan, worker, f"http://{address}:{worker.port}"),
     }
-    return {"name": name, "services": [name], "gate": base64.b64encode(json.dumps(gate).encode()).decode()}
+    return {
+        "name": name,
+        "services": [name],
+        "gate": base64.b64encode(json.dumps(gate).encode()).decode(),
+        # Created, not started: the swap coordinator loads it (through the host agent) when its model is asked for.
+        "on_demand": plan.model(worker.model).swap is not None,
+    }
 
 
 def _prepare(plan: Plan, worker: Worker, base: str) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""The demo fleet: a tiny model on CPU as two models, one with two replicas; and the demo user's key."""
+"""The demo fleet: a tiny model on CPU as two models, one with two replicas, and as two on-demand models that
+share one CPU slot (one is loaded at a time, the one asked for); and the demo user's key."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from controller.local.demo_model import write_demo_model
 from controller.local.state import StateDir
 
 DEMO_USER = "demo"
+ON_DEMAND = ("tiny-story", "tiny-poem")  # on-demand models of the demo, one CPU slot between them
+WORKER_PORTS = 5  # the demo's workers take this many ports from DemoPorts.workers
 DEMO_KEY_FILE = "demo-key"  # in the gatekeeper's private folder, beside the key store
 DEMO_KEY_LIFETIME_S = 30 * 86400
 DEMO_KEY_RENEW_S = 86400  # a key with less than this left is replaced rather than handed out again
@@ -32,6 +35,7 @@ class DemoPorts:
     gatekeeper: int = 18002
     caddy_admin: int = 18003
     caddy_tls: int = 18004
+    swapper: int = 18005
     workers: int = 18100
     agent: int = 18400
     prometheus: int = 18091
@@ -50,7 +54,7 @@ def demo_fleet(ports: DemoPorts) -> dict[str, Any]:
             {
                 "name": "local",
                 "address": "127.0.0.1",
-                "cpu_workers": 3,
+                "cpu_workers": 4,
                 "worker_port_base": ports.workers,
                 "agent_port": ports.agent,
             }
@@ -67,6 +71,19 @@ def demo_fleet(ports: DemoPorts) -> dict[str, Any]:
                 "replicas": 2,
                 "options": {"threads": 1},
             },
+            *(
+                {
+                    "name": name,
+                    "backend": "llamacpp",
+                    "device": "cpu",
+                    "source": {"gguf": model},
+                    "context": 2048,
+                    "parallel": 2,
+                    "options": {"threads": 1},
+                    "swap": {"group": "demo-swap"},
+                }
+                for name in ON_DEMAND
+            ),
             {
                 "name": "tiny-embed",
                 "backend": "llamacpp",
@@ -77,6 +94,8 @@ def demo_fleet(ports: DemoPorts) -> dict[str, Any]:
                 "options": {"embeddings": True, "pooling": "mean", "threads": 1},
             },
         ],
+        # More models than slots: the on-demand ones share one, and a request for the one not loaded swaps it in.
+        "swap_groups": [{"name": "demo-swap", "host": "local", "cpu_slots": 1, "min_resident_s": 2}],
         "gateway": {
             "host": "local",
             "public_name": "localhost",
@@ -91,6 +110,7 @@ def demo_fleet(ports: DemoPorts) -> dict[str, Any]:
                 "gatekeeper": ports.gatekeeper,
                 "caddy_admin": ports.caddy_admin,
                 "caddy_tls": ports.caddy_tls,
+                "swapper": ports.swapper,
                 "prometheus": ports.prometheus,
                 "alertmanager": ports.alertmanager,
                 "grafana": ports.grafana,

@@ -108,7 +108,8 @@ class Supervisor:
         self.log_max_bytes = log_max_bytes
         self.log_failures: set[str] = set()
         self.spec_path = spec_path
-        self.procs = {s.name: Managed(s) for s in specs}
+        # An on-demand worker waits, held, until the swap coordinator starts it.
+        self.procs = {s.name: Managed(s, held=True, state="unloaded") if s.on_demand else Managed(s) for s in specs}
         # Run once a worker first answers its health check; it counts as healthy only after.
         self.preparers = preparers or {}
         self.lock = threading.RLock()
@@ -244,12 +245,12 @@ class Supervisor:
             os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
         while time.monotonic() < deadline and proc.alive():
-            time.sleep(0.05)
+            time.sleep(0.01)
         if proc.alive():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
             while proc.alive():
-                time.sleep(0.05)
+                time.sleep(0.01)
         proc.pid = proc.started = None
         proc.popen = None
 
@@ -349,7 +350,7 @@ class Supervisor:
                 return {"ok": True, "message": f"restarted {target} (pid {proc.pid})"}
             if action == "stop":
                 self.kill(proc)
-                proc.held, proc.state, proc.health = True, "stopped", "down"
+                proc.held, proc.state, proc.health = True, "unloaded" if proc.spec.on_demand else "stopped", "down"
                 return {"ok": True, "message": f"stopped {target}; `controller start {target}` brings it back"}
             if action == "start":
                 proc.held = False

@@ -25,7 +25,7 @@ import httpx
 import openai
 import yaml
 
-from controller.local.demo import DemoPorts, write_demo
+from controller.local.demo import WORKER_PORTS, DemoPorts, write_demo
 from controller.local.state import StateDir
 from controller.secrets import read_worker_key
 from tests.conftest import need_tool
@@ -64,7 +64,7 @@ class Stack:
         return self._ssl
 
     def http(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(verify=self.ssl_context(), timeout=30, **kwargs)
+        return httpx.Client(verify=self.ssl_context(), **{"timeout": 30, **kwargs})
 
     def openai(self, key: str | None = None) -> openai.OpenAI:
         """An SDK client for this stack (one per key, closed when the stack stops)."""
@@ -104,8 +104,9 @@ class Stack:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             procs = self.processes()
+            # An on-demand worker (held until the swap coordinator loads it) counts as it is: not loaded.
             if (
-                all(p["state"] == "healthy" for p in procs.values())
+                all(p["state"] == "healthy" or p.get("held") for p in procs.values())
                 and self.envoy_healthy_endpoints() == self.endpoint_count()
             ):
                 return procs
@@ -116,8 +117,8 @@ class Stack:
         return httpx.get(f"http://127.0.0.1:{self.ports.envoy_admin}{path}", timeout=5).text
 
     def endpoint_count(self) -> int:
-        # one endpoint per worker in its model's cluster, and one in its own /proxy cluster
-        return 2 * len(self.workers())
+        # one endpoint per running worker in its model's cluster, and one in its own /proxy cluster
+        return 2 * len([w for w in self.workers().values() if not w.get("held")])
 
     def envoy_healthy_endpoints(self) -> int:
         return envoy_healthy(self.envoy_admin("/clusters"))
@@ -177,13 +178,17 @@ FRONT = os.environ.get("FLEET_TEST_FRONT", "envoy")
 def start_stack(tmp: Path, customize: Any = None, env: dict[str, str] | None = None) -> Stack:
     """Bring up the demo fleet on free loopback ports; ``customize(spec_dict)`` may change it first."""
     state = StateDir(tmp / "state")
-    workers = free_port_run(3)
+    workers = free_port_run(WORKER_PORTS)
     names = [f.name for f in dataclasses.fields(DemoPorts) if f.name != "workers"]
-    singles = free_ports(len(names), exclude=range(workers, workers + 3))
+    singles = free_ports(len(names), exclude=range(workers, workers + WORKER_PORTS))
     ports = DemoPorts(workers=workers, **dict(zip(names, singles, strict=True)))
     spec = write_demo(state, ports)
     data = yaml.safe_load(spec.read_text())
     data["gateway"]["front"] = FRONT
+    # The demo's on-demand models (a swap group) are tests/e2e/test_swap.py's and the demo test's; the other
+    # tests run the rest of the demo fleet, every worker of it resident.
+    data["swap_groups"] = []
+    data["models"] = [m for m in data["models"] if "swap" not in m]
     if customize is not None:
         customize(data)
     spec.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from controller.local import logcap
-from controller.local.demo import DemoPorts
+from controller.local.demo import WORKER_PORTS, DemoPorts
 from controller.local.processes import ProcessSpec, local_processes
 from controller.local.state import StateDir
 from controller.local.supervisor import Supervisor
@@ -235,9 +235,9 @@ def test_the_supervisor_keeps_each_log_within_its_cap(tmp_path: Path) -> None:
 
 
 def demo_ports() -> DemoPorts:
-    workers = free_port_run(3)
+    workers = free_port_run(WORKER_PORTS)
     names = [f.name for f in dataclasses.fields(DemoPorts) if f.name != "workers"]
-    singles = free_ports(len(names), exclude=range(workers, workers + 3))
+    singles = free_ports(len(names), exclude=range(workers, workers + WORKER_PORTS))
     return DemoPorts(workers=workers, **dict(zip(names, singles, strict=True)))
 
 
@@ -294,6 +294,11 @@ def test_up_demo_twice_prints_one_key_and_commands_that_work(tmp_path: Path) -> 
         answer = in_a_new_shell(f"{export}\n{python}")
         assert answer.returncode == 0, answer.stderr
         assert answer.stdout.strip() and printable(answer.stdout), answer.stdout
+        # More models than slots: each on-demand model answers in turn, the one not loaded after a swap.
+        assert any(ln.startswith("on demand: tiny-story and tiny-poem share one slot") for ln in lines), lines
+        for model in ("tiny-story", "tiny-poem", "tiny-story"):
+            swapped = in_a_new_shell(f"{export}\n{python.replace('tiny-chat', model)}")
+            assert swapped.returncode == 0 and swapped.stdout.strip(), (model, swapped.stderr)
         (where,) = [ln for ln in lines if ln.startswith("status: ")]
         status_line, down_line = (part.strip() for part in where.removeprefix("status: ").split("stop: "))
         shown = in_a_new_shell(status_line)

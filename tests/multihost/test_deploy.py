@@ -219,6 +219,75 @@ def test_a_new_user_with_a_limit_reaches_envoy_without_a_restart(fleet: Fleet, d
     assert limited.value.response.headers.get("retry-after"), limited.value.response.headers
 
 
+@pytest.mark.timeout(900)
+def test_on_demand_models_are_loaded_by_the_host_agent(fleet: Fleet, deployed: Deploy) -> None:
+    """Two on-demand models sharing one CPU slot of gpu2 (a swap group): deploy creates their containers and
+    leaves them stopped; a request for each, through the gateway, is answered after the swap coordinator on the
+    gateway had gpu2's agent stop the other one's container and start its own; then the spec is put back."""
+    import yaml
+
+    spec = yaml.safe_load(fleet.spec.read_text())
+    (gpu2,) = [h for h in spec["hosts"] if h["name"] == "gpu2"]
+    gpu2["cpu_workers"] = 1
+    spec["swap_groups"] = [{"name": "spare", "host": "gpu2", "cpu_slots": 1, "min_resident_s": 1}]
+    for name in ("swap-x", "swap-y"):
+        spec["models"].append(
+            {
+                "name": name,
+                "backend": "llamacpp",
+                "device": "cpu",
+                "source": {"gguf": "models/tiny.gguf"},
+                "context": 512,
+                "options": {"threads": 1},
+                "swap": {"group": "spare"},
+            }
+        )
+    changed = fleet.folder / "fleet-swap.yaml"
+    changed.write_text(yaml.safe_dump(spec, sort_keys=False))
+
+    def states() -> dict[str, str]:
+        return {
+            name.removeprefix("fleet-").split("-gpu2")[0]: state.rsplit(":", 1)[1]
+            for name, state in _containers(fleet.hosts)["gpu2"].items()
+            if name.startswith("fleet-swap-")
+        }
+
+    try:
+        result = fleet.deploy("--yes", spec=changed)
+        assert result.rc == 0, result.stderr[-3000:]
+        assert set(states()) == {"swap-x", "swap-y"}
+        assert "running" not in states().values(), states()  # created, not started: nothing loaded at deploy
+        gw = fleet.hosts["gateway"].address
+        client = openai.OpenAI(
+            base_url=f"https://{gw}/v1",
+            api_key=_key(fleet, "alice"),
+            http_client=gateway_client(gw, _ca(fleet)),
+            max_retries=0,
+        )
+        with client:
+            assert first_reply(client, "swap-x").choices[0].message.content is not None
+            assert states()["swap-x"] == "running" and states()["swap-y"] != "running", states()
+            time.sleep(1.5)  # past min_resident_s
+            for model in ("swap-y", "swap-x"):
+                reply = client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+                )
+                assert reply.usage is not None and reply.usage.completion_tokens > 0
+                assert states()[model] == "running" and "running" not in (
+                    v for k, v in states().items() if k != model
+                ), states()
+                time.sleep(1.5)
+        port = spec["gateway"].get("ports", {}).get("swapper", 9095)
+        status = json.loads(fleet.hosts["gateway"].run(f"curl -fsS http://127.0.0.1:{port}/swap/status").stdout)
+        by_model = {w["model"]: w for w in status["workers"].values()}
+        assert by_model["swap-x"]["state"] == "resident" and by_model["swap-y"]["state"] == "unloaded", by_model
+        assert by_model["swap-x"]["loads"] == 2 and by_model["swap-y"]["loads"] == 1, by_model
+    finally:
+        back = fleet.deploy("--yes")
+        assert back.rc == 0, back.stderr[-3000:]
+    assert not states(), states()  # the models that left the spec took their containers along
+
+
 @pytest.mark.timeout(600)
 def test_a_rolling_deploy_under_load_drops_nothing(fleet: Fleet, deployed: Deploy, note: Callable[[str], None]) -> None:
     """Both tiny-chat replicas are replaced (a changed option) while 50 streams are live and a steady load runs:

@@ -1,0 +1,3 @@
+from controller.swap.service import main
+
+main()

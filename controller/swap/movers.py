@@ -1,0 +1,150 @@
+"""How the swap coordinator loads and unloads a worker, per backend and per place.
+
+- llama.cpp: a single-model llama-server cannot unload, so its worker process (or container) is started to load
+  and stopped to unload; loaded means its `/health` answers 200 (503 while it loads the weights).
+- vLLM: started at its first load (not before: a vLLM takes its whole `--gpu-memory-utilization` share when it
+  starts), then sleep mode: `POST /sleep?level=1` (weights to CPU memory, KV cache dropped) to unload, `POST
+  /wake_up` to load, so a later load costs a copy back, not a start. The coordinator drains it first: vLLM
+  aborts what is in flight when it sleeps, and its engine dies serving a request while asleep.
+- Ollama: `/api/generate` with `keep_alive: -1` to load and `0` to unload (the worker's server keeps running).
+
+`LocalMover` does it on this machine through the stack's supervisor (`controller up`); `AgentMover` asks each
+GPU host's agent (`POST /v1/workers/<name>/load|unload` with the worker secret), which does the same there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+
+from controller.backends import client as worker_client
+from controller.backends.client import WorkerClient
+from controller.errors import BackendError, ControllerError
+from controller.local import stack
+from controller.local.processes import url_host
+from controller.local.state import StateDir
+from controller.plan.models import Plan, Worker
+from controller.spec.models import Model
+
+HEALTH_POLL_S = 0.02  # how often a starting worker is asked whether it has loaded: the swap waits no longer than this
+
+
+class LocalMover:
+    """Workers of a `controller up` stack: processes of its supervisor."""
+
+    def __init__(self, state: StateDir, key: str) -> None:
+        self.state = state
+        self.key = key
+
+    def _url(self, worker: Worker) -> str:
+        return f"http://{url_host(worker.address)}:{worker.port}"
+
+    def _row(self, worker: Worker) -> dict[str, object]:
+        reply = stack.request(self.state, "status")
+        row = (reply.get("processes") or {}).get(worker.name)
+        if row is None:
+            raise ControllerError(f"the supervisor has no process {worker.name}")
+        return dict(row)
+
+    async def _start(self, worker: Worker) -> None:
+        """Start the worker's process and wait until it answers its health check (it has loaded its model)."""
+        row = await asyncio.to_thread(self._row, worker)
+        restarts = row.get("restarts")
+        await asyncio.to_thread(stack.request, self.state, "start", worker.name)
+        deadline = time.monotonic() + worker_client.LOAD_TIMEOUT_S
+        async with httpx.AsyncClient(timeout=2.0) as http:
+            while True:
+                try:
+                    if (await http.get(self._url(worker) + "/health")).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                row = await asyncio.to_thread(self._row, worker)
+                if row.get("restarts") != restarts or row.get("state") == "backoff":
+                    raise BackendError(
+                        f"{worker.name} exited while loading (exit {row.get('last_exit')}); see "
+                        f"`controller logs {worker.name}`"
+                    )
+                if time.monotonic() > deadline:
+                    raise BackendError(f"{worker.name} did not load in {worker_client.LOAD_TIMEOUT_S:.0f}s")
+                await asyncio.sleep(HEALTH_POLL_S)
+
+    async def load(self, worker: Worker, model: Model) -> None:
+        row = await asyncio.to_thread(self._row, worker)
+        running = not row.get("held") and row.get("pid") is not None
+        if worker.backend == "llamacpp" or not running:
+            await self._start(worker)
+            if worker.backend == "llamacpp":
+                return
+        await asyncio.to_thread(self._client_call, worker, model, "load")
+
+    async def unload(self, worker: Worker, model: Model) -> None:
+        if worker.backend == "llamacpp":
+            await asyncio.to_thread(stack.request, self.state, "stop", worker.name)
+            return
+        row = await asyncio.to_thread(self._row, worker)
+        if row.get("held") or row.get("pid") is None:
+            return  # never started: it holds nothing
+        await asyncio.to_thread(self._client_call, worker, model, "unload")
+
+    async def resident(self, worker: Worker, model: Model) -> bool:
+        row = await asyncio.to_thread(self._row, worker)
+        if row.get("held") or row.get("health") != "healthy":
+            return False
+        if worker.backend == "llamacpp":
+            return True
+        return bool(await asyncio.to_thread(self._client_call, worker, model, "loaded"))
+
+    async def gpu_free(self, worker: Worker) -> dict[str, float]:
+        return {}
+
+    def _client_call(self, worker: Worker, model: Model, action: str) -> object:
+        with WorkerClient(worker.backend, self._url(worker), key=self.key) as client:
+            return getattr(client, action)(model)
+
+
+class AgentMover:
+    """Workers of a deployed fleet: each GPU host's agent loads and unloads its own."""
+
+    def __init__(self, plan: Plan, key: str) -> None:
+        self.plan = plan
+        self.http = httpx.AsyncClient(
+            headers={"Authorization": f"Bearer {key}"}, timeout=worker_client.LOAD_TIMEOUT_S + 30
+        )
+
+    def _url(self, worker: Worker, action: str) -> str:
+        host = self.plan.host(worker.host)
+        return f"http://{url_host(str(host.address))}:{host.agent_port}/v1/workers/{worker.name}/{action}"
+
+    async def _call(self, method: str, worker: Worker, action: str) -> dict[str, object]:
+        try:
+            response = await self.http.request(method, self._url(worker, action))
+        except httpx.HTTPError as exc:
+            raise BackendError(
+                f"the agent of host {worker.host} did not answer ({action} {worker.name}): {exc}"
+            ) from None
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        if response.status_code >= 400:
+            detail = body.get("detail") if isinstance(body, dict) else None
+            raise BackendError(
+                f"the agent of host {worker.host}: {action} {worker.name} answered {response.status_code}: "
+                f"{detail or response.text[:300]}"
+            )
+        return body if isinstance(body, dict) else {}
+
+    async def load(self, worker: Worker, model: Model) -> None:
+        await self._call("POST", worker, "load")
+
+    async def unload(self, worker: Worker, model: Model) -> None:
+        await self._call("POST", worker, "unload")
+
+    async def resident(self, worker: Worker, model: Model) -> bool:
+        return (await self._call("GET", worker, "residency")).get("state") == "resident"
+
+    async def gpu_free(self, worker: Worker) -> dict[str, float]:
+        return {}
