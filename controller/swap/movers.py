@@ -19,6 +19,7 @@ import time
 
 import httpx
 
+from controller import backends
 from controller.backends import client as worker_client
 from controller.backends.client import WorkerClient
 from controller.errors import BackendError, ControllerError
@@ -28,15 +29,17 @@ from controller.local.state import StateDir
 from controller.plan.models import Plan, Worker
 from controller.spec.models import Model
 
+ROW_POLL_S = 0.5  # how often a load asks the supervisor whether the starting worker is still there
 HEALTH_POLL_S = 0.02  # how often a starting worker is asked whether it has loaded: the swap waits no longer than this
 
 
 class LocalMover:
     """Workers of a `controller up` stack: processes of its supervisor."""
 
-    def __init__(self, state: StateDir, key: str) -> None:
+    def __init__(self, state: StateDir, key: str, plan: Plan) -> None:
         self.state = state
         self.key = key
+        self.plan = plan
 
     def _url(self, worker: Worker) -> str:
         return f"http://{url_host(worker.address)}:{worker.port}"
@@ -48,20 +51,25 @@ class LocalMover:
             raise ControllerError(f"the supervisor has no process {worker.name}")
         return dict(row)
 
-    async def _start(self, worker: Worker) -> None:
-        """Start the worker's process and wait until it answers its health check (it has loaded its model)."""
+    async def _start(self, worker: Worker, model: Model) -> None:
+        """Start the worker's process and wait until it answers its health check (it has loaded its model); an
+        Ollama or vLLM worker then answers to the model's names (an Ollama worker pulls and names it first)."""
         row = await asyncio.to_thread(self._row, worker)
         restarts = row.get("restarts")
         await asyncio.to_thread(stack.request, self.state, "start", worker.name)
         deadline = time.monotonic() + worker_client.LOAD_TIMEOUT_S
+        health = backends.get(worker.backend).health_path
+        next_row = time.monotonic() + ROW_POLL_S
         async with httpx.AsyncClient(timeout=2.0) as http:
             while True:
                 try:
-                    if (await http.get(self._url(worker) + "/health")).status_code == 200:
-                        return
+                    if (await http.get(self._url(worker) + health)).status_code == 200:
+                        break
                 except httpx.HTTPError:
                     pass
-                row = await asyncio.to_thread(self._row, worker)
+                if time.monotonic() >= next_row:  # the supervisor's word on it, now and then: it exited?
+                    next_row = time.monotonic() + ROW_POLL_S
+                    row = await asyncio.to_thread(self._row, worker)
                 if row.get("restarts") != restarts or row.get("state") == "backoff":
                     raise BackendError(
                         f"{worker.name} exited while loading (exit {row.get('last_exit')}); see "
@@ -70,12 +78,14 @@ class LocalMover:
                 if time.monotonic() > deadline:
                     raise BackendError(f"{worker.name} did not load in {worker_client.LOAD_TIMEOUT_S:.0f}s")
                 await asyncio.sleep(HEALTH_POLL_S)
+        if worker.backend != "llamacpp":
+            await asyncio.to_thread(self._client_call, worker, model, "ensure_model")
 
     async def load(self, worker: Worker, model: Model) -> None:
         row = await asyncio.to_thread(self._row, worker)
         running = not row.get("held") and row.get("pid") is not None
         if worker.backend == "llamacpp" or not running:
-            await self._start(worker)
+            await self._start(worker, model)
             if worker.backend == "llamacpp":
                 return
         await asyncio.to_thread(self._client_call, worker, model, "load")
@@ -97,8 +107,8 @@ class LocalMover:
             return True
         return bool(await asyncio.to_thread(self._client_call, worker, model, "loaded"))
 
-    async def gpu_free(self, worker: Worker) -> dict[str, float]:
-        return {}
+    async def gpu_unmanaged(self, worker: Worker) -> dict[str, float]:
+        return await unmanaged_gib(self.plan, worker)
 
     def _client_call(self, worker: Worker, model: Model, action: str) -> object:
         with WorkerClient(worker.backend, self._url(worker), key=self.key) as client:
@@ -146,5 +156,27 @@ class AgentMover:
     async def resident(self, worker: Worker, model: Model) -> bool:
         return (await self._call("GET", worker, "residency")).get("state") == "resident"
 
-    async def gpu_free(self, worker: Worker) -> dict[str, float]:
+    async def gpu_unmanaged(self, worker: Worker) -> dict[str, float]:
+        return await unmanaged_gib(self.plan, worker)
+
+
+GIB = 1024**3
+
+
+async def unmanaged_gib(plan: Plan, worker: Worker) -> dict[str, float]:
+    """Per GPU of the worker: GiB held by processes the host agent finds owned by no worker of the fleet (its
+    `/status`, from NVML); empty when the agent or NVML cannot tell."""
+    host = plan.host(worker.host)
+    url = f"http://{url_host(str(host.address))}:{host.agent_port}/status"
+    try:
+        async with httpx.AsyncClient(timeout=2.0) as http:
+            doc = (await http.get(url)).json()
+    except (httpx.HTTPError, ValueError):
         return {}
+    mine = {g.uuid for g in worker.gpus}
+    out: dict[str, float] = {}
+    for gpu in doc.get("gpus") or []:
+        if gpu.get("uuid") in mine and gpu.get("processes") is not None:
+            held = sum(int(p.get("memory_bytes") or 0) for p in gpu["processes"] if p.get("worker") is None)
+            out[str(gpu["uuid"])] = held / GIB
+    return out

@@ -4,6 +4,8 @@ them is resident at a time; and what tests and bench/swap.py ask of it (tests/e2
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from controller.local.demo_model import write_demo_model
 from controller.plan import make_plan
 from controller.secrets import read_worker_key
 from controller.spec import load_spec
+from tests.conftest import ROOT
 from tests.e2e.stack import Stack, running_stack
 from tests.stubs import free_ports
 
@@ -34,24 +37,47 @@ def on_demand_model(name: str, swappable: bool = True) -> dict[str, Any]:
     }
 
 
-def booked_gib(tmp: Path) -> float:
-    """What one of the models books on a GPU, by the plan (the estimate of the tiny demo GGUF)."""
+def booked(tmp: Path, models: list[dict[str, Any]], gpu: str = GPU) -> list[float]:
+    """What each of ``models`` (of swap group gpu0) books on a GPU, by the plan; the tiny demo GGUF written for
+    them first."""
     write_demo_model(tmp / "models" / "demo.gguf")
     data = {
         "version": 1,
         "name": "probe",
         "mesh": {"kind": "none"},
-        "hosts": [{"name": "local", "address": "127.0.0.1", "gpus": [{"uuid": GPU, "name": "G", "vram_gib": 80}]}],
+        "hosts": [{"name": "local", "address": "127.0.0.1", "gpus": [{"uuid": gpu, "name": "G", "vram_gib": 80}]}],
         "swap_groups": [{"name": "gpu0", "host": "local"}],
-        "models": [on_demand_model("swap-a")],
+        "models": models,
         "gateway": {"host": "local", "public_name": "localhost", "tls": {"mode": "internal"}},
     }
     (tmp / "fleet.yaml").write_text(yaml.safe_dump(data))
-    return make_plan(load_spec(tmp / "fleet.yaml")).workers[0].footprint_gib
+    plan = make_plan(load_spec(tmp / "fleet.yaml"))
+    return [plan.workers_of(m["name"])[0].footprint_gib for m in models]
+
+
+def booked_gib(tmp: Path) -> float:
+    """What one of the models books on a GPU (the estimate of the tiny demo GGUF)."""
+    return booked(tmp, [on_demand_model("swap-a")])[0]
+
+
+def doubles_on_path(tmp: Path) -> dict[str, str]:
+    """An environment whose PATH finds `vllm` and `ollama` as the doubles in tests/doubles (no real ones here)."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    for name in ("vllm", "ollama"):
+        shim = bin_dir / name
+        shim.write_text(f'#!/bin/sh\nPYTHONPATH="{ROOT}" exec "{sys.executable}" -m tests.doubles.{name} "$@"\n')
+        shim.chmod(0o755)
+    print(f"\n[backends] vllm and ollama run as the doubles in tests/doubles ({bin_dir})")
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
 def add_swap_group(
-    data: dict[str, Any], booked: float, min_resident_s: float = 1, not_swappable: tuple[str, ...] = ("swap-c",)
+    data: dict[str, Any],
+    booked: float,
+    min_resident_s: float = 1,
+    not_swappable: tuple[str, ...] = ("swap-c",),
+    **group: Any,
 ) -> None:
     (port,) = free_ports(1)
     data["gateway"]["ports"]["swapper"] = port
@@ -60,7 +86,9 @@ def add_swap_group(
     data["hosts"][0]["reserve_vram_gib"] = 0
     data["models"] = [m for m in data["models"] if m["name"] == "tiny-chat"]
     data["models"][0]["replicas"] = 1
-    data["swap_groups"] = [{"name": "gpu0", "host": "local", "min_resident_s": min_resident_s, "max_queue": 64}]
+    data["swap_groups"] = [
+        {"name": "gpu0", "host": "local", "min_resident_s": min_resident_s, "max_queue": 64, **group}
+    ]
     data["models"] += [on_demand_model(name, swappable=name not in not_swappable) for name in MODELS]
 
 

