@@ -417,9 +417,11 @@ def test_the_family_uses_it_with_the_openai_sdk(homelab: Homelab, note: Callable
         assert code.choices[0].message.content
         emb = alex.embeddings.create(model="nomic-embed", input="hello")
         assert len(emb.data[0].embedding) > 0
-    # The embedding model came from its URL: the worker downloaded it into its cache volume.
-    den = homelab.hosts["den"]
-    cache = den.run("podman volume inspect fleet-llamacpp-cache --format '{{.Mountpoint}}'").stdout.strip()
-    listing = den.run(f"ls {cache}").stdout.split()
+    # The embedding model came from its URL: the worker downloaded it into its cache volume, on the host the plan
+    # put it on.
+    (embed,) = make_plan(load_spec(homelab.spec)).workers_of("nomic-embed")
+    host = homelab.hosts[embed.host]
+    cache = host.run("podman volume inspect fleet-llamacpp-cache --format '{{.Mountpoint}}'").stdout.strip()
+    listing = host.run(f"ls {cache}").stdout.split()
     assert "nomic-embed-text-v1.5.Q8_0.gguf" in listing, listing
     note("homelab: chat on llama and coder (vLLM double), embedding on nomic-embed (llama.cpp, downloaded by URL)")
