@@ -159,16 +159,12 @@ def drain(state: StateDir, workers: set[str], timeout: float) -> None:
         if path.is_file():
             for cla in yaml.safe_load(path.read_text(encoding="utf-8"))["resources"]:
                 for group in cla.get("endpoints", []):
-                    addresses |= {_address(e) for e in group.get("lb_endpoints", [])}
+                    addresses |= {envoy.endpoint_address(e) for e in group.get("lb_endpoints", [])}
     models: list[str] = []
     for path in sorted(folder.glob(f"{envoy.MODEL_CLUSTER_PREFIX}*.yaml")):
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-        for cla in doc["resources"]:
-            models.append(cla["cluster_name"])
-            for group in cla.get("endpoints", []):
-                for e in group.get("lb_endpoints", []):
-                    if _address(e) in addresses:
-                        e["health_status"] = "DRAINING"
+        models += [cla["cluster_name"] for cla in doc["resources"]]
+        envoy.set_draining(doc, addresses, True)
         write_file(path, envoy.dump(doc))
     admin = yaml.safe_load((state.config / "envoy.yaml").read_text(encoding="utf-8"))["admin"]["address"]
     url = f"http://127.0.0.1:{admin['socket_address']['port_value']}/clusters?format=json"
@@ -190,11 +186,6 @@ def drain(state: StateDir, workers: set[str], timeout: float) -> None:
         if seen and active == 0:
             return
         time.sleep(0.2)
-
-
-def _address(lb_endpoint: dict[str, Any]) -> tuple[str, int]:
-    sa = lb_endpoint["endpoint"]["address"]["socket_address"]
-    return str(sa["address"]), int(sa["port_value"])
 
 
 def hand_over(state: StateDir, timeout: float = 30) -> None:

@@ -156,6 +156,28 @@ def _assignment(
     return {"resources": [{"@type": CLA_TYPE, "cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]}]}
 
 
+def endpoint_address(lb_endpoint: dict[str, Any]) -> tuple[str, int]:
+    sa = lb_endpoint["endpoint"]["address"]["socket_address"]
+    return str(sa["address"]), int(sa["port_value"])
+
+
+def set_draining(doc: dict[str, Any], addresses: set[tuple[str, int]], draining: bool) -> bool:
+    """In an EDS document (as `eds_files` makes them), set or clear DRAINING on the endpoints at ``addresses``
+    (deploy's and `controller up`'s drains, the swap coordinator's evictions); whether anything changed."""
+    changed = False
+    for cla in doc.get("resources", []):
+        for group in cla.get("endpoints", []):
+            for e in group.get("lb_endpoints", []):
+                if endpoint_address(e) not in addresses:
+                    continue
+                if draining and e.get("health_status") != "DRAINING":
+                    e["health_status"], changed = "DRAINING", True
+                elif not draining and "health_status" in e:
+                    del e["health_status"]
+                    changed = True
+    return changed
+
+
 MODEL_CLUSTER_PREFIX = "model_"
 
 

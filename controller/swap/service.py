@@ -110,19 +110,7 @@ def mark_endpoints(eds_dir: Path, clusters: list[str], worker: Worker, draining:
             doc = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError):
             continue
-        changed = False
-        for cla in doc.get("resources", []):
-            for group in cla.get("endpoints", []):
-                for e in group.get("lb_endpoints", []):
-                    sa = e["endpoint"]["address"]["socket_address"]
-                    if (str(sa["address"]), int(sa["port_value"])) != address:
-                        continue
-                    if draining and e.get("health_status") != "DRAINING":
-                        e["health_status"], changed = "DRAINING", True
-                    elif not draining and "health_status" in e:
-                        del e["health_status"]
-                        changed = True
-        if changed:
+        if envoy.set_draining(doc, {address}, draining):
             write_file(path, envoy.dump(doc))
 
 
