@@ -42,6 +42,9 @@ log = logging.getLogger("fleet.swap")
 
 POLL_S = 0.02  # how often an eviction looks whether Envoy has taken the model out and its requests are done
 RECONCILE_S = 5.0  # how often idle slots are checked against their workers
+MISSING_TIMES = (
+    2  # a resident worker found not loaded this many reconciles in a row is unloaded (one slow answer is not)
+)
 EVICT_SEEN_S = 5.0  # how long an evicted worker's health answer may take to reach Envoy before it is unloaded anyway
 HOUR_S = 3600.0
 
@@ -111,6 +114,7 @@ class Slot:
     last_load: dict[str, float] = field(default_factory=dict)
     last_unload: dict[str, float] = field(default_factory=dict)  # its last eviction, by phase
     last_error: str | None = None
+    missing: int = 0  # reconciles in a row that found its worker not loaded while it was booked resident
 
     @property
     def gpus(self) -> tuple[str, ...]:
@@ -331,7 +335,7 @@ class Coordinator:
                     slot, "load_failed", Refused(503, f"loading model {slot.model.name} failed: {exc}", 10)
                 ) from None
             now = self.clock()
-            slot.state, slot.loaded_at, slot.last_active = "resident", now, now
+            slot.state, slot.loaded_at, slot.last_active, slot.missing = "resident", now, now, 0
             # Off the request's path: Envoy's health check brings it into rotation either way.
             self._background(self.traffic.mark(slot.clusters, slot.worker, False))
             slot.loads += 1
@@ -492,17 +496,26 @@ class Coordinator:
         for s in self.slots.values():
             if s.state not in ("resident", "unloaded") or s.busy or s.waiting or self.locks[s.group.name].locked():
                 continue
+            before = (s.state, s.loads, s.evictions)
             try:
                 really = await self.mover.resident(s.worker, s.model)
             except Exception as exc:  # an agent that does not answer: nothing learned
                 log.warning("%s: cannot tell whether it is loaded: %s", s.worker.name, exc)
                 continue
-            if self.locks[s.group.name].locked() or s.busy or s.waiting:
-                continue  # a load or a request came meanwhile: it decides
+            if self.locks[s.group.name].locked() or s.busy or s.waiting or (s.state, s.loads, s.evictions) != before:
+                continue  # a load, an eviction or a request came meanwhile: the answer is stale, and it decides
             if s.state == "resident" and not really:
+                # Booked as resident, it holds GPU memory as far as the loads of its group know: one answer that
+                # says otherwise (a health probe that timed out on a busy host) must not free it for another load.
+                s.missing += 1
+                if s.missing < MISSING_TIMES:
+                    log.warning("%s: found not loaded once; asked again at the next reconcile", s.worker.name)
+                    continue
                 log.warning("%s: found not loaded (stopped or redeployed behind the coordinator)", s.worker.name)
-                s.state = "unloaded"
-            elif s.state == "unloaded" and really:
+                s.state, s.missing = "unloaded", 0
+                continue
+            s.missing = 0
+            if s.state == "unloaded" and really:
                 log.warning("%s: found loaded (started behind the coordinator): counted as resident", s.worker.name)
                 now = self.clock()
                 s.state, s.loaded_at, s.last_active = "resident", now - s.group.min_resident_s, now

@@ -100,11 +100,16 @@ class LocalMover:
         await asyncio.to_thread(self._client_call, worker, model, "unload")
 
     async def resident(self, worker: Worker, model: Model) -> bool:
+        """Whether it holds its model now. The worker itself is asked, not the supervisor's health column, which
+        lags a start by up to its probe interval (a model loaded a moment ago would read as not loaded); a worker
+        that does not answer raises: nothing is learned from it."""
         row = await asyncio.to_thread(self._row, worker)
-        if row.get("held") or row.get("health") != "healthy":
+        if row.get("held") or row.get("pid") is None:
             return False
         if worker.backend == "llamacpp":
-            return True
+            health = backends.get(worker.backend).health_path
+            async with httpx.AsyncClient(timeout=5.0) as http:
+                return (await http.get(self._url(worker) + health)).status_code == 200
         return bool(await asyncio.to_thread(self._client_call, worker, model, "loaded"))
 
     async def gpu_unmanaged(self, worker: Worker) -> dict[str, float]:

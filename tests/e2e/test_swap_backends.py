@@ -21,7 +21,7 @@ from controller.secrets import read_worker_key
 from controller.spec import load_spec
 from tests.conftest import need_tool
 from tests.e2e.stack import Stack, start_stack, stop_stack
-from tests.e2e.swapping import booked, chat, doubles_on_path, swap_worker
+from tests.e2e.swapping import booked, chat, doubles_on_path, swap_status, swap_worker
 from tests.stubs import free_ports
 
 pytestmark = pytest.mark.e2e
@@ -98,5 +98,6 @@ def test_vllm_sleeps_and_wakes_and_ollama_unloads_as_they_swap(backends: Stack) 
     assert reply.status_code == 200, reply.text
     assert worker_get(backends, "vl", "/is_sleeping").json() == {"is_sleeping": False}
     assert backends.workers("vl")[next(iter(backends.workers("vl")))]["pid"] == pid, "vLLM was restarted, not woken"
-    assert worker_get(backends, "ol", "/api/ps").json()["models"] == [], "ol still loaded"
+    loaded = worker_get(backends, "ol", "/api/ps").json()["models"]
+    assert loaded == [], f"ol still loaded; the coordinator's view: {swap_status(backends)['workers']}"
     assert swap_worker(backends, "vl")["loads"] == 2 and swap_worker(backends, "ol")["loads"] == 1
