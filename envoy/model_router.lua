@@ -23,8 +23,8 @@
 --
 -- Identity comes from the gatekeeper: the filter asks it (`GET /auth/check`
 -- with the request's credential headers) and takes X-Fleet-User, -Groups,
--- -Models (the served names the caller may use, "*" for all) and -Key-Id from
--- its answer. Without an answer, nothing passes (fail closed). For an API key
+-- -Models (the served names the caller may use, "*" for all), -Key-Id and -App
+-- (the app the key names, for the usage log and the console) from its answer. Without an answer, nothing passes (fail closed). For an API key
 -- the answer says how long it may be kept (X-Fleet-Cache-Ms: up to 15 minutes,
 -- never past the key's expiry); revocation keeps its bound through the sync
 -- (see `sync` below). Those answers are kept per worker thread, so a known
@@ -241,7 +241,7 @@ local function may_use(allowed, name)
 end
 
 -- Authentication: the gatekeeper's answers, reused while they say they may be.
-local IDENTITY = { "x-fleet-user", "x-fleet-groups", "x-fleet-models", "x-fleet-key-id", "x-fleet-rpm" }
+local IDENTITY = { "x-fleet-user", "x-fleet-groups", "x-fleet-models", "x-fleet-key-id", "x-fleet-app", "x-fleet-rpm" }
 local CREDENTIALS = { "authorization", "x-api-key", "cookie" }
 local CACHE_MAX = 10000
 local answers, answer_count = {}, 0 -- credential -> { expires (ms), identity = {...}, allowed, daily }
@@ -498,9 +498,12 @@ function envoy_on_request(handle)
   local headers = handle:headers()
   -- A client's x-fleet-* and x-envoy-* headers are gone already (the header_mutation filter before this one).
 
-  -- Browser sign-in pages go to the gatekeeper itself, which decides there (route "gatekeeper-pages").
+  -- Browser sign-in pages and the operator console go to the gatekeeper itself, which decides there
+  -- (routes "gatekeeper-pages" and "console").
   local path = headers:get(":path") or ""
   if string.sub(path, 1, 6) == "/auth/" then return end
+  local page = string.match(path, "^[^?]*")
+  if page == "/console" or string.sub(page, 1, 9) == "/console/" then return end
 
   -- Fail closed: without the gatekeeper's answer nobody gets anything.
   local answer = authenticate(handle, headers)
@@ -689,8 +692,11 @@ function envoy_on_response(handle)
     local bound = bytes > events and bytes or events
     if bound > seen then
       seen = bound
-      -- Kept current chunk by chunk: if the stream is cut, the access log reads what was counted so far.
-      handle:streamInfo():dynamicMetadata():set("fleet", "seen_tokens", tostring(seen))
+      -- Kept current chunk by chunk: if the stream is cut, the access log reads what was counted so far;
+      -- the events so far are the console's tokens of a request in flight (the live log, once a second).
+      local counted = handle:streamInfo():dynamicMetadata()
+      counted:set("fleet", "seen_tokens", tostring(seen))
+      counted:set("fleet", "events", tostring(events))
     end
     if pending or string.find(text, '"usage"', 1, true)
         or string.find(string.sub(prev, -8) .. string.sub(text, 1, 8), '"usage"', 1, true) then

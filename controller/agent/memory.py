@@ -4,7 +4,7 @@ The planner books each worker a footprint on each of its GPUs (`Worker.footprint
 backend is told to reserve). The agent sums the GPU memory of the worker's processes per GPU and compares: a miss
 of more than MISS_WARN_RATIO either way is a warning with both numbers (a worker that takes more than booked can
 starve its neighbours; one that takes far less wastes a GPU the planner thinks is full). The same words reach
-`controller status` (`warnings_of` reads them from an agent's /status) and the metrics
+the warnings engine (controller/warnings.py: FleetWorkerMemoryOffEstimate, from an agent's /status) and the metrics
 `fleet_worker_memory_{measured,estimate}_bytes` and `fleet_worker_memory_estimate_miss_ratio`.
 
 Only a fact is compared: a worker with no process of known memory on a GPU has no measurement there. An on-demand
@@ -19,8 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-GIB = 1024**3
-MISS_WARN_RATIO = 0.10  # |measured / estimate - 1| beyond this is a warning
+from controller.plan.vram import GIB as GIB  # re-exported: the agent and its tests count in it
+from controller.plan.vram import MISS_WARN_RATIO as MISS_WARN_RATIO  # |measured / estimate - 1| beyond it is a warning
 
 
 @dataclass(frozen=True)
@@ -94,12 +94,3 @@ def memory_warning(worker: str, gpu: str, measured_bytes: int, estimate_bytes: i
         f"worker {worker} took {measured_bytes / GIB:.2f} GiB on {gpu}, "
         f"the estimate was {estimate_bytes / GIB:.2f} GiB ({ratio * 100:+.0f} %)"
     )
-
-
-def warnings_of(agent_status: dict[str, Any]) -> list[str]:
-    """The memory warnings in an agent's /status JSON (one line per worker that has one), for `controller status`."""
-    out = []
-    for worker in agent_status.get("workers") or []:
-        if isinstance(worker, dict) and isinstance(worker.get("memory_warning"), str):
-            out.append(worker["memory_warning"])
-    return out

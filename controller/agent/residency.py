@@ -262,6 +262,23 @@ class Residency:
             self.left[worker.name] = state
             return {"worker": worker.name, "state": state, "unload_s": round(time.monotonic() - began, 3), "done": done}
 
+    def restart(self, worker: Worker) -> dict[str, Any]:
+        """Stop and start a running worker's container; one that is not running is refused (an on-demand worker
+        is loaded through the swap coordinator instead, which books its memory)."""
+        with self._lock(worker):
+            name = container_name(worker)
+            status = self._status(worker, required=True)
+            if status != "running":
+                raise ResidencyError(409, f"container {name} is {status}, not running: nothing to restart")
+            began = time.monotonic()
+            self._engine_do(lambda engine: engine.stop(name, self.stop_timeout_s))
+            self._engine_do(lambda engine: engine.start(name))
+            return {
+                "worker": worker.name,
+                "message": f"restarted container {name}",
+                "restart_s": round(time.monotonic() - began, 3),
+            }
+
     # -- per backend
 
     def _load(self, worker: Worker, model: Model, deadline: float) -> str:

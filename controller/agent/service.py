@@ -18,6 +18,7 @@ for the on-demand workers of its host (their model has `swap`; residency.py):
                                        "load_s", "measured_gib", "estimate_gib", ...}
     POST /v1/workers/{name}/unload     free its GPU memory; {"worker", "state", "unload_s", ...}
     GET  /v1/workers/{name}/residency  {"worker", "state": resident|sleeping|starting|unloaded, ...}
+    POST /v1/workers/{name}/restart    restart a running worker's container (any worker of this host)
 
 A failure is {"worker", "detail"} with 404 (no such worker here), 409 (not on demand, or
 not possible in its state or setup), 500 (it failed) or 503 (no worker secret here).
@@ -76,6 +77,7 @@ from controller.agent.residency import (
     listening,
 )
 from controller.agent.residency import engine_socket as engine_socket  # where it was: tests import it from here
+from controller.backends.client import listed_names, missing_names, models_path
 from controller.errors import ControllerError
 from controller.plan import make_plan
 from controller.plan.models import Worker
@@ -308,6 +310,9 @@ class WorkerView:
     health: Health
     processes: list[tuple[str, int, int | None]]  # (GPU UUID, PID, GPU memory bytes)
     memory: MemoryCheck | None = None  # None for a worker with no GPU
+    # The served names of the worker's model that it does not list (its /v1/models, Ollama's /api/tags): [] all
+    # there; None not known (the worker is down, or its list did not come back).
+    missing: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -361,6 +366,22 @@ def probe(http: httpx.Client, url: str) -> Health:
     latency = time.monotonic() - began
     ok = response.status_code == 200
     return Health(url, ok, latency, None if ok else f"HTTP {response.status_code}")
+
+
+def serves(http: httpx.Client, worker: Worker, model: Model | None, key: str | None) -> tuple[Health, list[str] | None]:
+    """The worker's health and, once it answers, the names of its model it does not list (see WorkerView)."""
+    health = probe(http, health_url(worker))
+    if not health.up or model is None:
+        return health, None
+    host = f"[{worker.address}]" if ":" in worker.address else worker.address
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        answer = http.get(f"http://{host}:{worker.port}{models_path(worker.backend)}", headers=headers)
+        if answer.status_code != 200:
+            return health, None
+        return health, missing_names(worker.backend, model, listed_names(worker.backend, answer.json()))
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+        return health, None
 
 
 class Agent:
@@ -433,7 +454,8 @@ class Agent:
             self.residency.close()
 
     def _collect(self) -> Snapshot:
-        checks = {w.name: self.pool.submit(probe, self.http, health_url(w)) for w in self.workers}
+        key = self.worker_key()
+        checks = {w.name: self.pool.submit(serves, self.http, w, self.models.get(w.model), key) for w in self.workers}
         reading = self.reader.read()
         gpus = reading.gpus or []
         owners = self.owners.owners(p.pid for g in gpus for p in g.processes or [])
@@ -442,14 +464,9 @@ class Agent:
             found = [
                 (g.uuid, p.pid, p.memory_bytes) for g in gpus for p in g.processes or [] if owners[p.pid] == worker.name
             ]
+            health, missing = checks[worker.name].result()
             views.append(
-                WorkerView(
-                    worker,
-                    pinning(worker, found, reading),
-                    checks[worker.name].result(),
-                    found,
-                    self._memory(worker, found),
-                )
+                WorkerView(worker, pinning(worker, found, reading), health, found, self._memory(worker, found), missing)
             )
         seen = {g.uuid for g in gpus}
         missing = [g.uuid for g in self.host.gpus if g.uuid not in seen] if reading.up and not reading.errors else []
@@ -558,8 +575,16 @@ def worker_families(snap: Snapshot) -> list[Metric]:
         "and for an on-demand worker but between this agent's load and unload of it. Beyond +-0.1 the agent warns.",
         labels=["worker"],
     )
+    absent = GaugeMetricFamily(
+        "fleet_worker_model_missing",
+        "1 when the worker answers but does not list a name of its model the spec has it serve (absent while "
+        "that is not known: the worker is down, or its model list did not come back).",
+        labels=["worker", "model"],
+    )
     for view in snap.workers:
         name, model = view.worker.name, view.worker.model
+        if view.missing is not None:
+            absent.add_metric([name, model], float(bool(view.missing)))
         if view.pinning.state in PINNING_STATES:
             for state in PINNING_STATES:
                 pin.add_metric([name, model, state], float(state == view.pinning.state))
@@ -574,7 +599,7 @@ def worker_families(snap: Snapshot) -> list[Metric]:
             ratio = view.memory.miss_ratio
             if ratio is not None:
                 miss.add_metric([name], ratio)
-    return [pin, up, latency, measured, estimate, miss]
+    return [pin, up, latency, measured, estimate, miss, absent]
 
 
 def gpu_labels(snap: Snapshot, gpu: GpuFacts) -> list[str]:
@@ -650,6 +675,7 @@ def status(snap: Snapshot) -> dict[str, Any]:
                 },
                 "memory": None if v.memory is None else v.memory.as_dict(),
                 "memory_warning": None if v.memory is None else v.memory.warning,
+                "missing_names": v.missing,
             }
             for v in snap.workers
         ],
@@ -815,6 +841,26 @@ def create_app(agent: Agent) -> FastAPI:
     @app.get("/v1/workers/{name}/residency")
     def residency(name: str, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
         return residency_call(agent, name, authorization, "state")
+
+    @app.post("/v1/workers/{name}/restart")
+    def restart(name: str, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
+        """Restart a running worker's container (the console's restart, controller/console/actions.py)."""
+        refused = refusal(agent, authorization)
+        if refused is not None:
+            return refused
+        try:
+            if agent.residency is None:
+                raise ResidencyError(503, "this agent has no container engine to restart workers with")
+            worker = next((w for w in agent.workers if w.name == name), None)
+            if worker is None:
+                known = ", ".join(w.name for w in agent.workers) or "none"
+                raise ResidencyError(404, f"no worker {name!r} on host {agent.host.name}; its workers: {known}")
+            try:
+                return JSONResponse(agent.residency.restart(worker))
+            finally:
+                agent.forget()
+        except ResidencyError as exc:
+            return JSONResponse({"worker": name, "detail": exc.message}, status_code=exc.status)
 
     return app
 

@@ -99,22 +99,17 @@ class WorkerClient:
 
     def served_models(self) -> list[str]:
         """The model names this worker answers to."""
-        if self.backend == "ollama":
-            tags = self._call("GET", "/api/tags", "listing models").json().get("models") or []
-            return [str(m.get("name") or m.get("model")) for m in tags]
-        data = self._call("GET", "/v1/models", "listing models").json().get("data") or []
-        names = [str(m["id"]) for m in data]
-        for m in data:
-            names += [str(a) for a in m.get("aliases") or []]
-        return names
+        return listed_names(self.backend, self._call("GET", models_path(self.backend), "listing models").json())
+
+    def missing_names(self, model: Model) -> list[str]:
+        """The names of ``model`` this worker should answer to and does not (none: all there)."""
+        return missing_names(self.backend, model, self.served_models())
 
     def ensure_model(self, model: Model) -> list[str]:
         """Make the worker answer to every served name of ``model``; return what was done."""
         present = set(self.served_models())
         if self.backend != "ollama":
-            # vLLM serves --served-model-name; llama.cpp answers to --alias (and ignores `model` when single).
-            wanted = model.served_names if self.backend == "vllm" else [model.name]
-            missing = [n for n in wanted if n not in present]
+            missing = missing_names(self.backend, model, present)
             if missing:
                 raise BackendError(f"{self.backend} at {self.base_url} does not serve {', '.join(missing)}")
             return []
@@ -207,6 +202,37 @@ def parse_prometheus(text: str) -> dict[str, float]:
         if match:
             out[match.group(1)] = out.get(match.group(1), 0.0) + float(match.group(3))
     return out
+
+
+def models_path(backend: str) -> str:
+    """Where a worker of ``backend`` lists the models it answers to."""
+    return "/api/tags" if backend == "ollama" else "/v1/models"
+
+
+def listed_names(backend: str, answer: Any) -> list[str]:
+    """The model names in a worker's answer at `models_path` (Ollama's tags; OpenAI's list, llama.cpp's aliases)."""
+    if not isinstance(answer, dict):
+        raise ValueError("the model list is not a JSON object")
+    if backend == "ollama":
+        return [str(m.get("name") or m.get("model")) for m in answer.get("models") or []]
+    data = answer.get("data") or []
+    names = [str(m["id"]) for m in data]
+    for m in data:
+        names += [str(a) for a in m.get("aliases") or []]
+    return names
+
+
+def missing_names(backend: str, model: Model, present: list[str] | set[str]) -> list[str]:
+    """The names of ``model`` a worker of ``backend`` that lists ``present`` should answer to and does not.
+
+    vLLM serves --served-model-name (every served name); llama.cpp answers to --alias, the model's name (a
+    single-model server ignores `model` in requests); Ollama lists tags, ``name`` and ``name:latest`` alike.
+    """
+    have = set(present)
+    if backend == "ollama":
+        return [n for n in model.served_names if n not in have and _with_latest(n) not in have]
+    wanted = model.served_names if backend == "vllm" else [model.name]
+    return [n for n in wanted if n not in have]
 
 
 def _with_latest(name: str) -> str:

@@ -13,7 +13,7 @@ from rich.table import Table
 from controller.cli.common import JsonOpt, StateOpt, console, emit_json, state_dir
 from controller.errors import ControllerError
 from controller.gateway.access import Access
-from controller.gateway.keystore import KeyStore
+from controller.gateway.keystore import KeyStore, app_problem
 from controller.local.state import StateDir
 from controller.spec import load_spec
 
@@ -48,12 +48,19 @@ def create(
     models: Annotated[str | None, typer.Option("--models", help="Restrict the key to these models, A,B.")] = None,
     expires: Annotated[str | None, typer.Option("--expires", help="Lifetime, e.g. 30d, 12h.")] = None,
     label: Annotated[str | None, typer.Option("--label", help="A note shown in `keys list`.")] = None,
+    app_name: Annotated[
+        str | None,
+        typer.Option("--app", help="The app the key is for; its requests carry it in usage and the console."),
+    ] = None,
     spec: SpecOpt = None,
     state_opt: StateOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a key and print it once."""
     state = state_dir(state_opt)
+    problem = None if app_name is None else app_problem(app_name)
+    if problem is not None:
+        raise ControllerError(f"--app {problem}")
     fleet = load_spec(_spec_path(state, spec)).fleet
     if not Access(fleet).user_exists(user):
         known = ", ".join(sorted(u.name for u in fleet.users)) or "none"
@@ -64,11 +71,12 @@ def create(
         if name not in served:
             raise ControllerError(f"--models: unknown model {name!r}; known: {', '.join(sorted(served))}")
     until = time.time() + parse_duration(expires) if expires else None
-    key, record = _store(state).create(user, wanted, until, label)
+    key, record = _store(state).create(user, wanted, until, label, app_name)
     if as_json:
         emit_json({"key": key, **record.as_dict()})
         return
-    console().print(f"{key}\n(key id {record.id}, user {user}; shown once, store it now)", markup=False)
+    for_app = f", app {app_name}" if app_name else ""
+    console().print(f"{key}\n(key id {record.id}, user {user}{for_app}; shown once, store it now)", markup=False)
 
 
 @app.command("list")
@@ -79,13 +87,14 @@ def list_keys(state_opt: StateOpt = None, as_json: JsonOpt = False) -> None:
         emit_json([r.as_dict() for r in records])
         return
     table = Table()
-    for col in ("id", "user", "models", "label", "created", "expires", "state"):
+    for col in ("id", "user", "app", "models", "label", "created", "expires", "state"):
         table.add_column(col)
     for r in records:
         state = "revoked" if r.revoked else ("expired" if not r.active() else "active")
         table.add_row(
             r.id,
             r.user,
+            r.app or "",
             ",".join(r.models) if r.models else "(user's)",
             r.label or "",
             _when(r.created),

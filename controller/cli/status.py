@@ -12,10 +12,12 @@ import typer
 from rich import box
 from rich.table import Table
 
-from controller.agent import memory
 from controller.cli.common import JsonOpt, StateOpt, console, emit_json, state_dir
 from controller.errors import ControllerError
 from controller.local import stack
+from controller.plan import make_plan
+from controller.spec import load_spec
+from controller.warnings import Facts, Warning, evaluate
 
 if TYPE_CHECKING:
     from controller.deploy.status import Report
@@ -64,7 +66,8 @@ def status(
             "--fleet, --ssh-config and --ssh-key need the fleet's SPEC: controller status SPEC --fleet"
         )
     info = stack.status(state_dir(state_opt))
-    info["warnings"] = agent_warnings(info["processes"]) if info["running"] else []
+    found = stack_warnings(info) if info["running"] else []
+    info["warnings"] = [w.as_dict() for w in found]
     if as_json:
         emit_json(info)
     else:
@@ -77,8 +80,8 @@ def status(
                 f"base URL: {info['base_url']}\nCA cert:  {info['ca_cert']}\nspec:     {info['spec']}", soft_wrap=True
             )
         out.print(process_table(info["processes"], time.time()))
-        for warning in info["warnings"]:
-            out.print(f"warning: {warning}", soft_wrap=True)
+        for w in found:
+            out.print(f"{w.severity}: {w.code}: {w.message} (runbook: {w.runbook})", soft_wrap=True, markup=False)
     if not info["running"]:
         raise typer.Exit(1)
 
@@ -108,18 +111,36 @@ def process_table(procs: dict[str, dict[str, Any]], now: float) -> Table:
     return table
 
 
-def agent_warnings(procs: dict[str, dict[str, Any]]) -> list[str]:
-    """The local stack's agent's warnings (a worker's GPU memory against its estimate, from the agent's /status);
-    none when the agent is not healthy or does not answer within AGENT_TIMEOUT_S."""
+def stack_warnings(info: dict[str, Any]) -> list[Warning]:
+    """The warnings engine (controller/warnings.py) over what the local stack knows: its agent's /status and each
+    worker's state as the supervisor's health checks see it (a worker that is starting is not down yet)."""
+    try:
+        plan = make_plan(load_spec(Path(info["spec"])))
+    except (ControllerError, OSError, KeyError, TypeError):
+        return []  # no spec to say what should run: the table says what does
+    procs: dict[str, dict[str, Any]] = info["processes"]
+    up = {
+        name: row["state"] == "healthy"
+        for name, row in procs.items()
+        if row.get("kind") == "worker" and row.get("state") in ("healthy", "unhealthy", "backoff", "stopped")
+    }
+    doc = agent_status(procs)
+    agents = {str(doc.get("host")): doc} if doc is not None else {}
+    return evaluate(plan, Facts(agents=agents, workers_up=up))
+
+
+def agent_status(procs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The local stack's agent's /status; None when the agent is not healthy or does not answer within
+    AGENT_TIMEOUT_S."""
     agent = next((r for r in procs.values() if r.get("kind") == "agent" and r.get("state") == "healthy"), None)
     if agent is None or not agent.get("ports"):
-        return []
+        return None
     try:
         answer = httpx.get(f"http://127.0.0.1:{agent['ports'][0]}/status", timeout=AGENT_TIMEOUT_S, trust_env=False)
         doc = answer.json() if answer.status_code == 200 else None
     except (httpx.HTTPError, ValueError):
-        return []
-    return memory.warnings_of(doc) if isinstance(doc, dict) else []
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def uptime(seconds: float) -> str:
@@ -166,9 +187,10 @@ def print_report(rep: Report) -> None:
         out.print(f"mesh checked by: {rep.mesh_method}", soft_wrap=True)
     for note in rep.notes:
         out.print(f"note: {note}", soft_wrap=True)
-    for w in rep.workers:  # the agent's words, where the report carries them (controller/deploy/status.py)
-        if w.get("memory_warning"):
-            out.print(f"warning: {w['memory_warning']}", soft_wrap=True)
+    for w in rep.warnings:  # the warnings engine over the agents' answers (controller/warnings.py)
+        out.print(
+            f"{w['severity']}: {w['code']}: {w['message']} (runbook: {w['runbook']})", soft_wrap=True, markup=False
+        )
     for problem in rep.problems:
         out.print(f"problem: {problem}", soft_wrap=True)
     out.print(f"{len(rep.problems)} problem(s)" if rep.problems else "all ok")

@@ -55,6 +55,7 @@ def up(
                 "stopped": list(info.stopped),
                 "state_dir": str(state.root),
                 "prometheus_url": info.prometheus_url,
+                "console_url": f"{info.base_url.removesuffix('/v1')}/console",
             }
         )
         return
@@ -63,6 +64,8 @@ def up(
         *([reload_line(info)] if info.restarted or info.started or info.stopped else []),
         f"base URL:  {info.base_url}",
         f"CA cert:   {info.ca_cert}",
+        f"console:   {info.base_url.removesuffix('/v1')}/console  (admins: sign in with an admin's API key"
+        + (", the demo's below)" if key else ")"),
     ]
     if info.prometheus_url:
         lines.append(f"metrics:   {info.prometheus_url}  (Prometheus: GPU, model, gateway and usage series; alerts)")

@@ -1,4 +1,4 @@
-"""`controller usage`: tokens per user, model and key, from the ledger (streams included)."""
+"""`controller usage`: tokens per user, model, key and app, from the ledger (streams included)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from controller.gateway.ledger import GROUPS, Ledger
 
 def usage(
     since: Annotated[str, typer.Option("--since", help="How far back, e.g. 1h, 24h, 7d.")] = "24h",
-    by: Annotated[str, typer.Option("--by", help="Group by user, model, key, day (comma-separated).")] = "user,model",
+    by: Annotated[
+        str, typer.Option("--by", help="Group by user, model, key, app, day (comma-separated).")
+    ] = "user,model",
     state_opt: StateOpt = None,
     as_json: JsonOpt = False,
 ) -> None:

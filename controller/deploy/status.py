@@ -34,6 +34,7 @@ from controller.mesh import wireguard
 from controller.plan.models import Plan
 from controller.render.containers import SPEC_PATH
 from controller.spec import LoadedSpec
+from controller.warnings import Facts, evaluate
 
 PLAYBOOK = "status.yml"
 TASK = "status"  # the playbook's one task
@@ -153,6 +154,7 @@ class Report:
     workers: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    warnings: list[dict[str, Any]] = field(default_factory=list)  # the warnings engine's (controller/warnings.py)
     seconds: float = 0.0
 
     @property
@@ -172,6 +174,7 @@ class Report:
             "workers": self.workers,
             "problems": self.problems,
             "notes": self.notes,
+            "warnings": self.warnings,
         }
 
 
@@ -218,6 +221,13 @@ def report(
             f"{host}: GPU pinning unknown for {len(reasons)} worker(s): {why}; not counted as a failure "
             "(NVML could not tell which GPU a worker uses)"
         )
+    agents: dict[str, dict[str, Any] | None] = {}
+    for name in names:
+        if agent_url(plan, name) is not None:
+            agent = (probes[name].doc or {}).get("agent")
+            ok = isinstance(agent, dict) and agent.get("ok") and isinstance(agent.get("status"), dict)
+            agents[name] = agent["status"] if ok and isinstance(agent, dict) else None
+    rep.warnings = [w.as_dict() for w in evaluate(plan, Facts(agents=agents))]
     if fleet.mesh.kind != "none":
         for src in names:
             for dst in names:

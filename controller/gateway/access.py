@@ -31,6 +31,7 @@ class Identity:
     key_id: str | None = None
     rpm: int | None = None  # requests per minute; None: unlimited
     daily_tokens: int | None = None  # prompt + completion tokens per UTC day; None: unlimited
+    app: str | None = None  # the app the key names (controller keys create --app), written with its usage
 
     def may_use(self, model: str) -> bool:
         return ALL in self.models or model in self.models
@@ -44,6 +45,8 @@ class Identity:
         }
         if self.key_id:
             out["X-Fleet-Key-Id"] = self.key_id
+        if self.app:
+            out["X-Fleet-App"] = self.app
         if self.rpm is not None:  # Envoy holds the rate: a token bucket per user (controller/render/envoy.py)
             out["X-Fleet-Rpm"] = str(self.rpm)
         return out
@@ -60,11 +63,13 @@ class Access:
     def user_exists(self, user: str) -> bool:
         return user in self._users
 
-    def identity(self, user: str, key_models: list[str] | None = None, key_id: str | None = None) -> Identity | None:
+    def identity(
+        self, user: str, key_models: list[str] | None = None, key_id: str | None = None, app: str | None = None
+    ) -> Identity | None:
         spec_user = self._users.get(user)
         if spec_user is None:
             return None  # a key of a user removed from the spec grants nothing
-        identity = self._build(user, spec_user, list(spec_user.groups), key_id)
+        identity = replace(self._build(user, spec_user, list(spec_user.groups), key_id), app=app)
         if key_models is None:
             return identity
         allowed = self._intersect(set(identity.models), self._expand(key_models))

@@ -38,15 +38,23 @@ import hashlib
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from controller.console.actions import AUDIT_FILE, Actions, Audit
+from controller.console.auth import Sessions as ConsoleSessions
+from controller.console.live import LiveLog
+from controller.console.routes import Console
+from controller.console.routes import mount as mount_console
+from controller.console.snapshot import Collector
+from controller.console.warnings import console_warnings
 from controller.errors import ControllerError
 from controller.gateway.access import Access, Identity, gatekeeper_view
 from controller.gateway.certs import Publisher, Source, served_certificate
@@ -61,6 +69,9 @@ from controller.gateway.oidc import (
     Provider,
     Sessions,
 )
+from controller.local.state import StateDir
+from controller.plan.models import Plan
+from controller.render.envoy import LIVE_LOG_NAME, live_log_path
 from controller.spec import load_spec
 from controller.spec.models import Fleet
 
@@ -173,10 +184,7 @@ class CertificateExpiry:
         self._cached: tuple[float, float | None] = (0.0, None)
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        checked, expiry = self._cached
-        if time.monotonic() - checked > 60:
-            expiry = self._fetch()
-            self._cached = (time.monotonic(), expiry)
+        expiry = self.expiry()
         family = GaugeMetricFamily(
             "fleet_tls_cert_expiry_timestamp_seconds",
             "When the certificate the gateway serves expires (unix time).",
@@ -185,6 +193,14 @@ class CertificateExpiry:
         if expiry is not None:
             family.add_metric([self.name], expiry)
         yield family
+
+    def expiry(self) -> float | None:
+        """When the served certificate expires (unix time), fetched at most once a minute; None: not known."""
+        checked, expiry = self._cached
+        if time.monotonic() - checked > 60:
+            expiry = self._fetch()
+            self._cached = (time.monotonic(), expiry)
+        return expiry
 
     def _fetch(self) -> float | None:
         cert = served_certificate(self.address, self.port, self.name)
@@ -217,7 +233,7 @@ class Gatekeeper:
             record = self.keys.check(key)
             identity, expires = None, None
             if record is not None:
-                identity = self.access.identity(record.user, record.models, record.id)
+                identity = self.access.identity(record.user, record.models, record.id, record.app)
                 expires = record.expires
             if len(self._cache) >= CACHE_MAX:
                 self._cache.clear()
@@ -320,8 +336,12 @@ def create_app(
     usage_log: Path | None = None,
     tls_dir: Path | None = None,
     caddy_data: Path | None = None,
+    secrets_dir: Path | None = None,
+    stack_dir: Path | None = None,
 ) -> FastAPI:
-    """The gatekeeper; with ``tls_dir`` it also publishes the certificate Envoy serves there."""
+    """The gatekeeper; with ``tls_dir`` it also publishes the certificate Envoy serves there. It serves the operator
+    console too (controller/console/): ``secrets_dir`` holds the worker secret its actions need, ``stack_dir`` is
+    the `controller up` stack it runs in (its supervisor), if any."""
     fleet = load_spec(spec_path).fleet
     publisher = Publisher(cert_source(fleet, spec_path.parent, caddy_data), tls_dir) if tls_dir else None
     settings = oidc_settings(fleet, spec_path.parent)
@@ -331,7 +351,8 @@ def create_app(
     ledger = Ledger(state_dir / "usage.db")
     gate = Gatekeeper(Access(fleet), keys, ledger, cache_ttl_s=min(float(fleet.auth.revocation_delay_s), 5.0))
     metrics = Metrics()
-    metrics.registry.register(CertificateExpiry(fleet))
+    certificate = CertificateExpiry(fleet)
+    metrics.registry.register(certificate)
     metrics.registry.register(UsageTotals(ledger))
     stop = threading.Event()
 
@@ -352,8 +373,10 @@ def create_app(
         threading.Thread(target=watch_spec, name="spec", daemon=True).start()
         if publisher is not None:
             publisher.start()
+        console.collector.start()
         yield
         stop.set()
+        console.collector.stop()
         if publisher is not None:
             publisher.stop()
 
@@ -511,6 +534,22 @@ def create_app(
             return found
         return JSONResponse({"user": found.user, "groups": list(found.groups), "models": sorted(found.models)})
 
+    def sso_identity(request: Request) -> Identity | None:
+        """A browser's single sign-on (an OIDC session, or Caddy's outpost), for the console; None without one."""
+        outpost = outpost_login(request)
+        if outpost is not None:
+            return outpost
+        session = request.cookies.get(SESSION_COOKIE)
+        found = sessions.get(session) if session and sessions is not None else None
+        return None if found is None else gate.access.identity_for_login(found.user, found.groups)
+
+    console = build_console(
+        spec_path, state_dir, usage_log, secrets_dir, stack_dir, gate, keys, ledger, certificate.expiry
+    )
+    console.sso_identity = sso_identity
+    console.sso_configured = provider is not None
+    mount_console(app, console)
+
     @app.api_route("/auth/check", methods=["GET", "POST", "HEAD"])
     def check(request: Request) -> Response:
         began = time.perf_counter()
@@ -620,6 +659,70 @@ def create_app(
     return app
 
 
+def build_console(
+    spec_path: Path,
+    state_dir: Path,
+    usage_log: Path | None,
+    secrets_dir: Path | None,
+    stack_dir: Path | None,
+    gate: Gatekeeper,
+    keys: KeyStore,
+    ledger: Ledger,
+    cert_expiry: Callable[[], float | None] = lambda: None,
+) -> Console:
+    """The operator console's parts (controller/console/), over the gatekeeper's own key store and ledger."""
+    from controller.plan import make_plan
+    from controller.secrets import read_worker_key
+
+    plans: dict[str, Any] = {}
+
+    def plan_of() -> Plan:
+        """The plan of the spec as it is now (deploy replaces it; `controller up` rewrites it)."""
+        stamp = _file_stamp(spec_path)
+        if plans.get("stamp") != stamp or "plan" not in plans:
+            try:
+                plans["plan"] = make_plan(load_spec(spec_path))
+            except (ControllerError, OSError) as exc:
+                if "plan" not in plans:
+                    raise
+                print(f"console: spec {spec_path} does not plan; showing the previous one: {exc}", flush=True)
+            plans["stamp"] = stamp
+        plan: Plan = plans["plan"]
+        return plan
+
+    def worker_key() -> str | None:
+        if secrets_dir is None:
+            return None
+        try:
+            return read_worker_key(secrets_dir)
+        except (ControllerError, OSError):
+            return None
+
+    def worker_of(upstream: str | None) -> str | None:
+        if not upstream:
+            return None
+        plan = plan_of()
+        for w in plan.workers:
+            if upstream in (f"{w.address}:{w.port}", f"[{w.address}]:{w.port}"):
+                return w.name
+        return "swap coordinator" if upstream.endswith(f":{plan.fleet.gateway.ports.swapper}") else upstream
+
+    stack = StateDir(stack_dir) if stack_dir is not None else None
+    live = LiveLog(Path(live_log_path(str(usage_log))) if usage_log else state_dir / LIVE_LOG_NAME, worker_of)
+    audit = Audit(state_dir / AUDIT_FILE)
+    return Console(
+        fleet_of=lambda: gate.access.fleet,
+        identify_key=lambda key: gate.identify(key)[0] if key.startswith("sk-") else None,
+        sso_identity=lambda _: None,
+        sso_configured=False,
+        collector=Collector(plan_of, state_dir / "usage.db", live, stack, console_warnings(cert_expiry)),
+        actions=Actions(plan_of, keys, audit, worker_key, stack),
+        audit=audit,
+        keys=keys,
+        sessions=ConsoleSessions(),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
@@ -629,10 +732,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--usage-log", type=Path, help="Envoy's usage log to read into the ledger")
     parser.add_argument("--tls-dir", type=Path, help="publish the certificate Envoy serves here (its SDS folder)")
     parser.add_argument("--caddy-data", type=Path, help="Caddy's data folder: where it keeps what it issued")
+    parser.add_argument("--secrets-dir", type=Path, help="the worker secret, for the console's load/unload/restart")
+    parser.add_argument("--stack-dir", type=Path, help="the `controller up` stack this runs in (its supervisor)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
-    app = create_app(args.spec, args.state_dir, args.usage_log, args.tls_dir, args.caddy_data)
+    app = create_app(
+        args.spec, args.state_dir, args.usage_log, args.tls_dir, args.caddy_data, args.secrets_dir, args.stack_dir
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import sqlite3
 import threading
@@ -27,6 +28,10 @@ KEY_PREFIX = "sk-fleet-"
 ID_LENGTH = 12
 # Bound what we even look at: a real key is ~65 characters.
 MAX_KEY_LENGTH = 200
+# An app a key is for (`controller keys create --app need-job`): carried to Envoy with the identity, written
+# in the usage log, the ledger and the console's request rows, so "whose requests are these" has an answer.
+APP_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+APP_RULE = "1-64 of lower-case letters, digits, '.', '_', '-', starting with a letter or digit"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -37,7 +42,8 @@ CREATE TABLE IF NOT EXISTS keys (
     label TEXT,
     created REAL NOT NULL,
     expires REAL,            -- unix time, or NULL for never
-    revoked REAL             -- unix time, or NULL
+    revoked REAL,            -- unix time, or NULL
+    app TEXT                 -- the app the key is for, or NULL
 );
 -- Envoy asks which keys were revoked lately (the gatekeeper's /auth/sync), about once a second.
 CREATE INDEX IF NOT EXISTS keys_revoked ON keys (revoked) WHERE revoked IS NOT NULL;
@@ -53,6 +59,7 @@ class KeyRecord:
     created: float
     expires: float | None
     revoked: float | None
+    app: str | None = None
 
     def active(self, now: float | None = None) -> bool:
         now = time.time() if now is None else now
@@ -67,8 +74,12 @@ class KeyRecord:
             "created": self.created,
             "expires": self.expires,
             "revoked": self.revoked,
+            "app": self.app,
             "active": self.active(),
         }
+
+
+SELECT_KEYS = "SELECT id, hash, user, models, label, created, expires, revoked, app FROM keys"
 
 
 def key_id(key: str) -> str | None:
@@ -81,6 +92,13 @@ def key_id(key: str) -> str | None:
     if not all(c in "0123456789abcdef" for c in ident):
         return None
     return ident
+
+
+def app_problem(app: str) -> str | None:
+    """Why ``app`` cannot name an app (None: it can)."""
+    if APP_PATTERN.fullmatch(app) is None:
+        return f"{app!r} is not an app name: use {APP_RULE}"
+    return None
 
 
 def digest(key: str) -> bytes:
@@ -98,21 +116,42 @@ class KeyStore:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                columns = {str(row[1]) for row in self._db.execute("PRAGMA table_info(keys)")}
+                if "app" not in columns:  # a store written before keys named apps: its keys keep working
+                    self._db.execute("ALTER TABLE keys ADD COLUMN app TEXT")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         self._db.close()
 
     def create(
-        self, user: str, models: list[str] | None = None, expires: float | None = None, label: str | None = None
+        self,
+        user: str,
+        models: list[str] | None = None,
+        expires: float | None = None,
+        label: str | None = None,
+        app: str | None = None,
     ) -> tuple[str, KeyRecord]:
-        """A new key for ``user``; the key itself is returned once and never stored."""
+        """A new key for ``user`` (for ``app``, if given); the key itself is returned once and never stored."""
+        problem = None if app is None else app_problem(app)
+        if problem is not None:
+            raise ValueError(problem)
         ident = secrets.token_hex(ID_LENGTH // 2)
         key = f"{KEY_PREFIX}{ident}-{secrets.token_urlsafe(32)}"
-        record = KeyRecord(ident, user, models, label, time.time(), expires, None)
+        record = KeyRecord(ident, user, models, label, time.time(), expires, None, app)
         with self._lock:
             self._db.execute(
-                "INSERT INTO keys (id, hash, user, models, label, created, expires, revoked) VALUES (?,?,?,?,?,?,?,NULL)",
+                "INSERT INTO keys (id, hash, user, models, label, created, expires, revoked, app) "
+                "VALUES (?,?,?,?,?,?,?,NULL,?)",
                 (
                     ident,
                     digest(key),
@@ -121,6 +160,7 @@ class KeyStore:
                     label,
                     record.created,
                     expires,
+                    app,
                 ),
             )
         return key, record
@@ -132,9 +172,7 @@ class KeyStore:
         row = None
         if ident is not None:
             with self._lock:
-                row = self._db.execute(
-                    "SELECT id, hash, user, models, label, created, expires, revoked FROM keys WHERE id = ?", (ident,)
-                ).fetchone()
+                row = self._db.execute(SELECT_KEYS + " WHERE id = ?", (ident,)).fetchone()
         stored = row[1] if row is not None else b"\0" * 32
         if not hmac.compare_digest(presented, stored) or row is None:
             return None
@@ -143,16 +181,12 @@ class KeyStore:
 
     def get(self, ident: str) -> KeyRecord | None:
         with self._lock:
-            row = self._db.execute(
-                "SELECT id, hash, user, models, label, created, expires, revoked FROM keys WHERE id = ?", (ident,)
-            ).fetchone()
+            row = self._db.execute(SELECT_KEYS + " WHERE id = ?", (ident,)).fetchone()
         return _record(row) if row else None
 
     def list(self) -> list[KeyRecord]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT id, hash, user, models, label, created, expires, revoked FROM keys ORDER BY created, id"
-            ).fetchall()
+            rows = self._db.execute(SELECT_KEYS + " ORDER BY created, id").fetchall()
         return [_record(r) for r in rows]
 
     def revoke(self, ident: str) -> bool:
@@ -173,13 +207,13 @@ class KeyStore:
         old = self.get(ident)
         if old is None or old.revoked is not None:
             return None
-        new = self.create(old.user, old.models, old.expires, old.label)
+        new = self.create(old.user, old.models, old.expires, old.label, old.app)
         self.revoke(ident)
         return new
 
 
 def _record(row: tuple[object, ...]) -> KeyRecord:
-    ident, _, user, models, label, created, expires, revoked = row
+    ident, _, user, models, label, created, expires, revoked, app = row
     return KeyRecord(
         id=str(ident),
         user=str(user),
@@ -188,4 +222,5 @@ def _record(row: tuple[object, ...]) -> KeyRecord:
         created=float(created),  # type: ignore[arg-type]
         expires=float(expires) if expires is not None else None,  # type: ignore[arg-type]
         revoked=float(revoked) if revoked is not None else None,  # type: ignore[arg-type]
+        app=str(app) if app is not None else None,
     )

@@ -43,6 +43,7 @@ CREATE TABLE usage (
     estimated INTEGER NOT NULL DEFAULT 0,  -- 1: the backend's numbers never came (see metered)
     lease TEXT,                  -- the quota lease it was admitted under, and the bound it spent from it
     reserved INTEGER,
+    app TEXT,                    -- the app the request's key names (controller keys create --app), or NULL
     PRIMARY KEY (ts, request_id)
 ) WITHOUT ROWID
 """
@@ -114,9 +115,7 @@ CREATE TRIGGER IF NOT EXISTS usage_daily AFTER INSERT ON usage BEGIN
         completion_tokens = completion_tokens + excluded.completion_tokens;
 END
 """
-COLUMNS = (
-    "request_id, ts, day, user, key_id, model, status, prompt_tokens, completion_tokens, estimated, lease, reserved"
-)
+COLUMNS = "request_id, ts, day, user, key_id, model, status, prompt_tokens, completion_tokens, estimated, lease, reserved, app"
 # Read at most this much per transaction (about 1,300 requests), so reading it and committing it are short.
 BATCH_BYTES = 256 * 1024
 # More than this waiting (about 20,000 requests): a paced reader has fallen behind, and catches up unpaced.
@@ -124,8 +123,8 @@ BEHIND_BYTES = 4 * 1024 * 1024
 # Lines parsed and recorded between two pauses: about a quarter of a millisecond of CPU, so a reader that
 # paces itself (the gatekeeper) never holds a core long enough to delay the requests it shares cores with.
 SLICE_LINES = 64
-GROUPS = {"user": "user", "model": "model", "key": "key_id", "day": "day"}
-Row = tuple[str, float, str, str, str | None, str, int, int, int, int, str | None, int | None]
+GROUPS = {"user": "user", "model": "model", "key": "key_id", "app": "app", "day": "day"}
+Row = tuple[str, float, str, str, str | None, str, int, int, int, int, str | None, int | None, str | None]
 
 
 class Lease(NamedTuple):
@@ -202,15 +201,19 @@ class Ledger:
         if usage is not None and "WITHOUT ROWID" not in usage.upper():  # keyed by request id alone
             self._db.execute("ALTER TABLE usage RENAME TO usage_v1")  # its indexes and trigger go with it
             self._db.execute(USAGE)
-            v1 = COLUMNS.removesuffix(", estimated, lease, reserved")  # v1 had only the backends' own numbers
+            v1 = COLUMNS.removesuffix(", estimated, lease, reserved, app")  # v1 had only the backends' own numbers
             self._db.execute(f"INSERT OR IGNORE INTO usage ({v1}) SELECT {v1} FROM usage_v1")
             self._db.execute("DROP TABLE usage_v1")
         elif usage is None:
             self._db.execute(USAGE)
-        elif "estimated" not in usage:  # written before estimates were recorded: every row was the backend's
-            self._db.execute("ALTER TABLE usage ADD COLUMN estimated INTEGER NOT NULL DEFAULT 0")
-            self._db.execute("ALTER TABLE usage ADD COLUMN lease TEXT")
-            self._db.execute("ALTER TABLE usage ADD COLUMN reserved INTEGER")
+        else:
+            columns = {str(row[1]) for row in self._db.execute("PRAGMA table_info(usage)")}
+            if "estimated" not in columns:  # written before estimates were recorded: every row was the backend's
+                self._db.execute("ALTER TABLE usage ADD COLUMN estimated INTEGER NOT NULL DEFAULT 0")
+                self._db.execute("ALTER TABLE usage ADD COLUMN lease TEXT")
+                self._db.execute("ALTER TABLE usage ADD COLUMN reserved INTEGER")
+            if "app" not in columns:  # written before keys named apps: those requests had none
+                self._db.execute("ALTER TABLE usage ADD COLUMN app TEXT")
         self._db.execute(SOURCE)
         self._db.execute(LEASES)
         self._db.execute(LEASES_BY_USER)
@@ -265,7 +268,7 @@ class Ledger:
                     rows = _rows(lines[start : start + SLICE_LINES])
                     # A request already recorded (the log read again) or repeated is ignored, and fires no trigger.
                     added += self._db.executemany(
-                        f"INSERT OR IGNORE INTO usage ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows
+                        f"INSERT OR IGNORE INTO usage ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows
                     ).rowcount
                 self._db.execute(
                     "INSERT INTO source (path, inode, offset) VALUES (?,?,?) "
@@ -393,7 +396,7 @@ def _rows(lines: list[bytes]) -> list[Row]:
             if not rid or not user or not model:
                 continue
             ts = float(raw["time"])
-            key_id = raw.get("key_id")
+            key_id, app = raw.get("key_id"), raw.get("app")
             prompt, completion, estimated = metered(raw)
             lease, reserved = raw.get("lease"), raw.get("reserved")
             lease_of = str(lease) if lease not in (None, "", "-") and reserved not in (None, "", "-") else None
@@ -411,6 +414,7 @@ def _rows(lines: list[bytes]) -> list[Row]:
                     int(estimated),
                     lease_of,
                     int(reserved) if lease_of is not None else None,
+                    str(app) if app not in (None, "", "-") else None,
                 )
             )
         except (KeyError, ValueError, TypeError, AttributeError):

@@ -117,7 +117,7 @@ def demo_fleet(ports: DemoPorts) -> dict[str, Any]:
             },
         },
         "auth": {"api_keys": True, "revocation_delay_s": 2},
-        "users": [{"name": DEMO_USER, "models": ["*"]}],
+        "users": [{"name": DEMO_USER, "models": ["*"], "admin": True}],  # the console opens for the demo's key
     }
 
 

@@ -105,6 +105,12 @@ def local_processes(plan: Plan, spec_path: Path, state: StateDir) -> list[Proces
                 str(state.tls),
                 "--caddy-data",
                 str(state.caddy / "data"),
+                # The console (controller/console/): the worker secret for its load, unload and restart actions,
+                # and this stack's supervisor, which it asks about the processes and has restart one.
+                "--secrets-dir",
+                str(state.secrets),
+                "--stack-dir",
+                str(state.root),
                 "--host",
                 "127.0.0.1",
                 "--port",

@@ -56,10 +56,18 @@ def supervisor_pid(state: StateDir) -> int | None:
     return None
 
 
-def base_url(plan: Plan) -> str:
+def gateway_url(plan: Plan) -> str:
     gw = plan.fleet.gateway
     port = "" if gw.ports.https == 443 else f":{gw.ports.https}"
-    return f"https://{gw.public_name}{port}/v1"
+    return f"https://{gw.public_name}{port}"
+
+
+def base_url(plan: Plan) -> str:
+    return f"{gateway_url(plan)}/v1"
+
+
+def console_url(plan: Plan) -> str:
+    return f"{gateway_url(plan)}/console"
 
 
 def up(spec_path: Path, state: StateDir, wait_s: float, progress: Callable[[dict[str, Any]], None]) -> StackInfo:

@@ -31,6 +31,9 @@ from controller.plan.models import Estimate
 from controller.spec.models import Arch, Model
 
 GIB = 1024**3
+# The memory a backend really took (NVML, per process) may miss the estimate by this much either way before it is a
+# warning (controller/agent/memory.py measures; the alert FleetWorkerMemoryOffEstimate and the console say it).
+MISS_WARN_RATIO = 0.10
 MIB = 1024**2
 
 # -- weights ------------------------------------------------------------------------

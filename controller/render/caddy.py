@@ -30,6 +30,7 @@ IDENTITY_HEADERS = [
     "X-Fleet-Groups",
     "X-Fleet-Models",
     "X-Fleet-Key-Id",
+    "X-Fleet-App",
     "X-Fleet-Rpm",
     "X-Fleet-Daily-Tokens",
 ]

@@ -389,6 +389,8 @@ def _edge_containers(plan: Plan) -> list[Container]:
                 TLS_DIR,
                 "--caddy-data",
                 "/caddy-data",
+                "--secrets-dir",  # the console's load, unload and restart go to the swapper and agents with it
+                SWAPPER_SECRETS,
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -396,7 +398,9 @@ def _edge_containers(plan: Plan) -> list[Container]:
             ],
             volumes=[
                 Volume("fleet-gatekeeper-state", "/var/lib/fleet"),
-                Volume("/var/log/fleet", "/var/log/fleet", read_only=True),
+                # The usage log (read) and the console's live log (read, and cut back when it grows).
+                Volume("/var/log/fleet", "/var/log/fleet"),
+                Volume(SECRETS_HOST_DIR, SWAPPER_SECRETS, read_only=True),
                 Volume(SPEC_DIR, SPEC_DIR, read_only=True),
                 Volume("fleet-tls", TLS_DIR),
                 Volume("fleet-caddy-data", "/caddy-data", read_only=True),

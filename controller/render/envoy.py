@@ -24,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
@@ -40,6 +41,8 @@ INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 MAX_N = 8
 # Where Envoy writes the usage log on a gateway host (shared with the gatekeeper).
 USAGE_LOG = "/var/log/fleet/usage.log"
+LIVE_LOG_NAME = "live.log"  # beside the usage log: the console's requests in flight (controller/console/live.py)
+LIVE_FLUSH_S = 1  # how often a running request's line is written there
 # Where Envoy finds the certificate it serves on a gateway host: an SDS file the gatekeeper publishes
 # (controller/gateway/certs.py).
 TLS_DIR = "/etc/fleet/tls"
@@ -393,7 +396,15 @@ def listener(
                             "request_timeout": "0s",  # off: streams may run long
                             "stream_idle_timeout": f"{gw.stream_idle_timeout_s}s",
                             "server_name": "fleet-gateway",
-                            "access_log": [access_log(), usage_log_config(usage_log)],
+                            # Each request's log lines are written when it ends, and while it runs once a second
+                            # (DownstreamPeriodic), for the console's live view; the usage and stdout logs take only
+                            # the end (a request is metered once), the live log both.
+                            "access_log_options": {"access_log_flush_interval": f"{LIVE_FLUSH_S}s"},
+                            "access_log": [
+                                _at_end(access_log()),
+                                _at_end(usage_log_config(usage_log)),
+                                live_log_config(live_log_path(usage_log)),
+                            ],
                             "route_config": route_config(plan, validate_clusters=not dynamic),
                             "local_reply_config": local_replies(),
                             "http_filters": [
@@ -621,6 +632,14 @@ def route_config(plan: Plan, validate_clusters: bool = True) -> dict[str, Any]:
     # Browser sign-in (OIDC) and the gatekeeper's own pages; its decision endpoints are Envoy's alone.
     for internal in ("/auth/check", "/auth/reserve", "/auth/sync"):
         routes.append(_direct({"path": internal}, 404, _error_json("Not found", "invalid_request_error", "not_found")))
+    # The operator console: the gatekeeper decides who may see it (controller/console/); its event stream runs on.
+    routes.append(
+        {
+            "name": "console",
+            "match": {"path_separated_prefix": "/console"},
+            "route": {"cluster": GATEKEEPER_CLUSTER, "timeout": "0s"},
+        }
+    )
     routes.append(
         {
             "name": "gatekeeper-pages",
@@ -923,6 +942,7 @@ def access_log() -> dict[str, Any]:
         "flags": "%RESPONSE_FLAGS%",
         "model": "%REQ(X-FLEET-MODEL)%",
         "user": "%REQ(X-FLEET-USER)%",
+        "app": "%REQ(X-FLEET-APP)%",
         "upstream": "%UPSTREAM_HOST%",
         "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
         "ms": "%DURATION%",
@@ -961,6 +981,57 @@ def access_log() -> dict[str, Any]:
     }
 
 
+def _at_end(logger: dict[str, Any]) -> dict[str, Any]:
+    """``logger`` writing only the line of a request's end, not the periodic ones of a request still running."""
+    at_end = {"log_type_filter": {"types": ["DownstreamEnd"]}}
+    own = logger.get("filter")
+    return {**logger, "filter": at_end if own is None else {"and_filter": {"filters": [at_end, own]}}}
+
+
+def live_log_path(usage_log: str) -> str:
+    return str(PurePosixPath(usage_log).with_name(LIVE_LOG_NAME))
+
+
+def live_log_config(path: str) -> dict[str, Any]:
+    """The console's live view of inference requests (controller/console/live.py): one line per second while a
+    request runs, and one when it ends: who, which app and model, where it went, how long so far, when the first
+    byte came back and the stream events counted so far (the Lua filter's)."""
+    fields = {
+        "type": "%ACCESS_LOG_TYPE%",
+        "time": "%START_TIME(%s.%3f)%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+        "user": "%REQ(X-FLEET-USER)%",
+        "key_id": "%REQ(X-FLEET-KEY-ID)%",
+        "app": "%REQ(X-FLEET-APP)%",
+        "model": "%DYNAMIC_METADATA(fleet:model)%",
+        "upstream": "%UPSTREAM_HOST%",
+        "ms": "%DURATION%",
+        "ttfb_ms": "%RESPONSE_DURATION%",
+        "stream": "%DYNAMIC_METADATA(fleet:stream)%",
+        "events": "%DYNAMIC_METADATA(fleet:events)%",
+        "status": "%RESPONSE_CODE%",
+        "flags": "%RESPONSE_FLAGS%",
+        "prompt_tokens": "%DYNAMIC_METADATA(fleet:prompt_tokens)%",
+        "completion_tokens": "%DYNAMIC_METADATA(fleet:completion_tokens)%",
+    }
+    routed = {
+        "metadata_filter": {
+            "matcher": {"filter": "fleet", "path": [{"key": "model"}], "value": {"present_match": True}},
+            "match_if_key_not_found": False,
+        }
+    }
+    when = {"log_type_filter": {"types": ["DownstreamPeriodic", "DownstreamEnd"]}}
+    return {
+        "name": "envoy.access_loggers.file",
+        "filter": {"and_filter": {"filters": [when, routed]}},
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": path,
+            "log_format": {"json_format": fields},
+        },
+    }
+
+
 def usage_log_config(path: str) -> dict[str, Any]:
     """The usage ledger's source: one JSON line per inference request, in a file.
 
@@ -975,6 +1046,7 @@ def usage_log_config(path: str) -> dict[str, Any]:
         "request_id": "%REQ(X-REQUEST-ID)%",
         "user": "%REQ(X-FLEET-USER)%",
         "key_id": "%REQ(X-FLEET-KEY-ID)%",
+        "app": "%REQ(X-FLEET-APP)%",
         "model": "%DYNAMIC_METADATA(fleet:model)%",
         "status": "%RESPONSE_CODE%",
         "prompt_tokens": "%DYNAMIC_METADATA(fleet:prompt_tokens)%",

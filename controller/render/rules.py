@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from controller.plan.models import Plan
+from controller.plan.vram import MISS_WARN_RATIO
 from controller.render.containers import CONFIG_DIR
 from controller.render.envoy import model_cluster, worker_cluster
 
@@ -91,6 +92,17 @@ def inventory(plan: Plan) -> list[dict[str, Any]]:
             },
         }
         for w in plan.workers
+    ]
+    # On-demand workers (their model has `swap`): unloaded on purpose, they fail health checks like a dead one.
+    out += [
+        {"record": "fleet:worker_on_demand_info", "expr": "vector(1)", "labels": {"worker": w.name, "model": w.model}}
+        for w in plan.on_demand()
+    ]
+    # The hosts the spec gives GPUs: there NVML must answer (a CPU-only host's agent has no NVML to read).
+    out += [
+        {"record": "fleet:host_gpu_info", "expr": "vector(1)", "labels": {"host": h.name}}
+        for h in plan.fleet.hosts or []
+        if h.gpus
     ]
     return out
 
@@ -208,17 +220,18 @@ def alerts(plan: Plan) -> list[Alert]:
         Alert(
             "FleetWorkerDown",
             "warning",
-            "min by (worker, model, host) (fleet:worker_healthy) == 0 "
-            'or min by (worker, model, host) (fleet_worker_up{job="agents"}) == 0',
+            "(min by (worker, model, host) (fleet:worker_healthy) == 0 "
+            'or min by (worker, model, host) (fleet_worker_up{job="agents"}) == 0) '
+            "unless on (worker) fleet:worker_on_demand_info",
             "worker {{ $labels.worker }} of {{ $labels.model }} on {{ $labels.host }} is down",
             "Envoy's health checks or the host agent find the worker not answering; its model runs on the "
-            "other replicas, if any.",
+            "other replicas, if any. (On-demand workers are left out: unloaded, they fail health checks too.)",
             for_="2m",
         ),
         Alert(
             "FleetModelUnavailable",
             "critical",
-            "fleet:model_healthy_replicas == 0",
+            "fleet:model_healthy_replicas == 0 unless on (model) fleet:worker_on_demand_info",
             f"{model} has no healthy replica",
             "Every replica fails Envoy's health checks; requests for this model get 503 at once.",
             for_="1m",
@@ -229,6 +242,15 @@ def alerts(plan: Plan) -> list[Alert]:
             f'max by ({GPU}) (fleet_gpu_throttle_active{{job="agents", reason="thermal"}}) == 1',
             f"{gpu} is throttling its clocks for heat",
             "NVML reports thermal clock throttling: the GPU is slower than it should be.",
+            for_="5m",
+        ),
+        Alert(
+            "FleetGpuHardwareSlowdown",
+            "warning",
+            f'max by ({GPU}) (fleet_gpu_throttle_active{{job="agents", reason="hw_slowdown"}}) == 1',
+            f"{gpu} is slowed down by its hardware",
+            "NVML reports hardware slowdown or a power brake: the board itself holds the clocks down (power supply, "
+            "overheating sensors outside the GPU, a failing fan).",
             for_="5m",
         ),
         Alert(
@@ -264,6 +286,34 @@ def alerts(plan: Plan) -> list[Alert]:
             "The host agent found the worker's processes on another GPU than planned: the VRAM "
             "estimate no longer holds for either GPU.",
             for_="2m",
+        ),
+        Alert(
+            "FleetWorkerMemoryOnManyGpus",
+            "critical",
+            'count by (worker, host) (fleet_worker_memory_measured_bytes{job="agents"}) '
+            '> count by (worker, host) (fleet_worker_memory_estimate_bytes{job="agents"})',
+            "worker {{ $labels.worker }} on {{ $labels.host }} holds memory on more GPUs than planned",
+            "The worker's processes hold memory on more GPUs than the plan gave it (a spill across GPUs): the "
+            "other GPUs' bookings no longer hold.",
+            for_="2m",
+        ),
+        Alert(
+            "FleetWorkerMemoryOffEstimate",
+            "warning",
+            f'max by (worker, host) (abs(fleet_worker_memory_estimate_miss_ratio{{job="agents"}})) '
+            f"> {_num(MISS_WARN_RATIO)}",
+            "worker {{ $labels.worker }} on {{ $labels.host }} holds GPU memory far from its estimate",
+            f"The memory its processes hold (NVML, per process) misses the plan's estimate by more than "
+            f"{_num(MISS_WARN_RATIO * 100)}% on one of its GPUs: more starves its neighbours, less wastes the GPU.",
+            for_="10m",
+        ),
+        Alert(
+            "FleetWorkerModelMissing",
+            "critical",
+            'max by (worker, model, host) (fleet_worker_model_missing{job="agents"}) == 1',
+            "worker {{ $labels.worker }} on {{ $labels.host }} does not serve {{ $labels.model }}",
+            "The worker answers, but its model list lacks a name the spec has it serve: requests routed to it fail.",
+            for_="5m",
         ),
         Alert(
             "FleetGpuUnmanagedProcess",
@@ -343,9 +393,10 @@ def alerts(plan: Plan) -> list[Alert]:
         Alert(
             "FleetAgentNvmlDown",
             "warning",
-            'max by (host) (fleet_agent_nvml_up{job="agents"}) == 0',
+            'max by (host) (fleet_agent_nvml_up{job="agents"}) == 0 and on (host) fleet:host_gpu_info',
             "the host agent on {{ $labels.host }} cannot read NVML",
-            "The driver does not answer the agent: GPU telemetry is missing, often a driver problem.",
+            "The host has GPUs in the spec, but the driver does not answer the agent: GPU telemetry is missing, "
+            "often a driver problem.",
             for_="5m",
         ),
         certificate_alert(plan),

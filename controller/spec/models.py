@@ -596,9 +596,13 @@ class Auth(StrictModel):
     ] = 5
 
 
+ADMIN_HELP = "May open the operator console (/console) and act there: load, unload, restart, keys."
+
+
 class Group(StrictModel):
     name: Name
     models: Annotated[list[ModelRef], Field(description="Models members may use.")] = []
+    admin: Annotated[bool, Field(description=ADMIN_HELP)] = False
     rpm: PerMinute | None = None
     daily_tokens: DailyTokens | None = None
 
@@ -608,6 +612,7 @@ class User(StrictModel):
     email: Annotated[str | None, Field(pattern=r"^[^@\s]+@[^@\s]+$")] = None
     groups: list[str] = []
     models: Annotated[list[ModelRef], Field(description="Models this user may use besides their groups'.")] = []
+    admin: Annotated[bool, Field(description=ADMIN_HELP)] = False
     rpm: PerMinute | None = None
     daily_tokens: DailyTokens | None = None
 

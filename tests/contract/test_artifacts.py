@@ -33,6 +33,7 @@ from controller.render.envoy import (
     USAGE_LOG,
     XDS_DIR,
     XDS_FOLDER,
+    live_log_path,
 )
 from controller.secrets import ensure_worker_secret
 from tests.conftest import ROOT, need_tool, run
@@ -72,6 +73,7 @@ def test_envoy_validate(rendered: Path, tmp_path: Path, example_plan: Plan) -> N
     ensure_worker_secret(tmp_path / "secrets")  # as deploy puts it on the gateway host
     moves = {
         USAGE_LOG: str(tmp_path / "usage.log"),
+        live_log_path(USAGE_LOG): str(tmp_path / "live.log"),
         TLS_DIR: str(tls),
         SECRETS_DIR: str(tmp_path / "secrets"),
         EDS_DIR: str(config.parent / "eds"),

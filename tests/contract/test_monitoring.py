@@ -40,7 +40,8 @@ CONTRACT = frozenset(
 fleet_gpu_utilization_ratio fleet_gpu_memory_used_bytes fleet_gpu_memory_total_bytes fleet_gpu_power_watts
 fleet_gpu_power_limit_watts fleet_gpu_temperature_celsius fleet_gpu_sm_clock_hertz fleet_gpu_memory_clock_hertz
 fleet_gpu_throttle_active fleet_gpu_ecc_errors_total fleet_gpu_process_memory_bytes fleet_worker_pinning
-fleet_gpu_unmanaged_processes fleet_worker_up fleet_worker_health_latency_seconds fleet_agent_nvml_up
+fleet_gpu_unmanaged_processes fleet_worker_up fleet_worker_model_missing fleet_worker_memory_measured_bytes
+fleet_worker_memory_estimate_bytes fleet_worker_memory_estimate_miss_ratio fleet_worker_health_latency_seconds fleet_agent_nvml_up
 fleet_gatekeeper_decisions_total fleet_tokens_total fleet_usage_requests_total fleet_ledger_last_ingest_timestamp_seconds
 envoy_cluster_upstream_rq_total envoy_cluster_upstream_rq_xx envoy_cluster_upstream_rq_time_bucket
 envoy_cluster_upstream_rq_time_sum envoy_cluster_upstream_rq_time_count envoy_cluster_upstream_rq_active
@@ -53,7 +54,11 @@ vllm:generation_tokens_total vllm:time_to_first_token_seconds_bucket vllm:e2e_re
 )
 # Alerts may also read Prometheus's own `up`, and the certificate expiry that a
 # fleet service exports (no consumer here exports one; see rules.py).
-ALERT_EXTRAS = frozenset({"up", "fleet_tls_cert_expiry_timestamp_seconds"})
+# Inventory series a plan may have none of (no on-demand worker, no host with GPUs): the rules still name them, and
+# Prometheus reads a series no rule records as empty.
+ALERT_EXTRAS = frozenset(
+    {"up", "fleet_tls_cert_expiry_timestamp_seconds", "fleet:worker_on_demand_info", "fleet:host_gpu_info"}
+)
 
 # -- reading PromQL -------------------------------------------------------------------
 
@@ -214,6 +219,7 @@ class Case:
     labels: dict[str, str]  # the alert's labels besides alertname and severity
     fire: list[dict[str, str]]
     calm: list[dict[str, str]]  # a near miss: the alert must not fire
+    silent: bool = False  # the plan rules the alert out for these labels (an on-demand worker): ``fire`` is quiet too
 
 
 class Fleet:
@@ -225,7 +231,10 @@ class Fleet:
         gw = plan.fleet.gateway
         self.envoy = {"job": "envoy", "instance": f"127.0.0.1:{gw.ports.envoy_admin}"}
         self.gatekeeper = {"job": "gatekeeper", "instance": f"127.0.0.1:{gw.ports.gatekeeper}"}
-        self.worker = plan.workers[0]
+        on_demand = {w.name for w in plan.on_demand()}
+        # On-demand workers are never "down" (unloaded looks the same): a resident one, where the plan has one.
+        self.worker = next((w for w in plan.workers if w.name not in on_demand), plan.workers[0])
+        self.worker_on_demand = self.worker.name in on_demand
         self.vllm = next((w for w in plan.workers if w.backend == "vllm"), self.worker)
         self.gpu = plan.gpus[0].gpu
         self.gpu_key = {"host": self.gpu.host, "index": str(self.gpu.index), "uuid": self.gpu.uuid}
@@ -248,10 +257,24 @@ class Fleet:
     def cluster(self, name: str) -> dict[str, str]:
         return {**self.envoy, "envoy_cluster_name": name}
 
-    def throttle(self, thermal: int, power_cap: int) -> list[dict[str, str]]:
+    def throttle(self, thermal: int, power_cap: int, hw_slowdown: int = 0) -> list[dict[str, str]]:
         return [
             series("fleet_gpu_throttle_active", {**self.gpu_series, "reason": "thermal"}, flat(thermal)),
             series("fleet_gpu_throttle_active", {**self.gpu_series, "reason": "power_cap"}, flat(power_cap)),
+            series("fleet_gpu_throttle_active", {**self.gpu_series, "reason": "hw_slowdown"}, flat(hw_slowdown)),
+        ]
+
+    def memory(self, w: Worker, on: int, miss: float) -> list[dict[str, str]]:
+        """A GPU worker's memory series: booked on its GPUs, held on ``on`` GPUs, ``miss`` from its estimate."""
+        labels = {**self.agent(w.host), "worker": w.name}
+        booked = round(w.footprint_gib * 2**30)
+        gpus = [g.uuid for g in w.gpus] + [
+            g.gpu.uuid for g in self.plan.gpus if g.gpu.uuid not in {x.uuid for x in w.gpus}
+        ]
+        return [
+            *(series("fleet_worker_memory_estimate_bytes", {**labels, "gpu": g.uuid}, flat(booked)) for g in w.gpus),
+            *(series("fleet_worker_memory_measured_bytes", {**labels, "gpu": u}, flat(booked)) for u in gpus[:on]),
+            series("fleet_worker_memory_estimate_miss_ratio", labels, flat(miss)),
         ]
 
     def pinning(self, state: str) -> list[dict[str, str]]:
@@ -318,12 +341,19 @@ def cases(plan: Plan) -> dict[str, Case]:
     cert_firing = cert(0.5 / 24) if internal else cert(t.cert_expiry_days - 1)
     cert_quiet = cert(2 / 24) if internal else cert(t.cert_expiry_days + 1)
 
+    on_gpu = next(x for x in plan.workers if len(x.gpus) == 1)
+    on_gpu_key = {"worker": on_gpu.name, "host": on_gpu.host}
+
+    def missing(value: int) -> list[dict[str, str]]:
+        labels = {**f.agent(on_gpu.host), "worker": on_gpu.name, "model": on_gpu.model}
+        return [series("fleet_worker_model_missing", labels, flat(value))]
+
     latency = "envoy_cluster_upstream_rq_time_bucket"
     ttft = "vllm:time_to_first_token_seconds_bucket"
     agent = f.agent(f.gpu.host)
     return {
-        "FleetWorkerDown": Case(worker_key, worker_down(0), worker_down(1)),
-        "FleetModelUnavailable": Case({"model": w.model}, model_health(0), model_health(1)),
+        "FleetWorkerDown": Case(worker_key, worker_down(0), worker_down(1), silent=f.worker_on_demand),
+        "FleetModelUnavailable": Case({"model": w.model}, model_health(0), model_health(1), silent=f.worker_on_demand),
         "FleetGpuThermalThrottling": Case(f.gpu_key, f.throttle(1, 0), f.throttle(0, 1)),
         "FleetGpuTemperatureHigh": Case(
             f.gpu_key,
@@ -331,6 +361,12 @@ def cases(plan: Plan) -> dict[str, Case]:
             [series("fleet_gpu_temperature_celsius", gpu, flat(t.gpu_temp_c - 1))],
         ),
         "FleetGpuPowerCapThrottling": Case(f.gpu_key, f.throttle(0, 1), f.throttle(1, 0)),
+        "FleetGpuHardwareSlowdown": Case(f.gpu_key, f.throttle(0, 0, 1), f.throttle(1, 1, 0)),
+        "FleetWorkerMemoryOnManyGpus": Case(on_gpu_key, f.memory(on_gpu, 2, 0.0), f.memory(on_gpu, 1, 0.0)),
+        "FleetWorkerMemoryOffEstimate": Case(on_gpu_key, f.memory(on_gpu, 1, 0.3), f.memory(on_gpu, 1, -0.05)),
+        "FleetWorkerModelMissing": Case(
+            {"worker": on_gpu.name, "model": on_gpu.model, "host": on_gpu.host}, missing(1), missing(0)
+        ),
         "FleetGpuMemoryNearlyFull": Case(
             f.gpu_key,
             [
@@ -406,7 +442,8 @@ def unit_tests(rules: dict[str, dict[str, Any]], plan: Plan) -> dict[str, Any]:
         labels = {**case.labels, **rule["labels"]}
         annotations = {k: expand(v, labels) for k, v in rule["annotations"].items()}
         expected = [{"exp_labels": labels, "exp_annotations": annotations}]
-        for kind, inputs, alerts in (("fires", case.fire, expected), ("stays quiet", case.calm, [])):
+        fired = [] if case.silent else expected
+        for kind, inputs, alerts in (("fires", case.fire, fired), ("stays quiet", case.calm, [])):
             tests.append(
                 {
                     "name": f"{name} {kind}",

@@ -81,7 +81,7 @@ def fleet_spec(hosts: Hosts, model: str = "models/tiny.gguf") -> dict[str, Any]:
             "max_body_mib": 4,
         },
         "auth": {"api_keys": True, "revocation_delay_s": 2},
-        "groups": [{"name": "parents", "models": ["*"]}],
+        "groups": [{"name": "parents", "models": ["*"], "admin": True}],  # the console is theirs
         "users": [
             {"name": "alice", "groups": ["parents"]},
             {"name": "bob", "models": ["tiny-embed"]},

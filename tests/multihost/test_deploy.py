@@ -19,6 +19,8 @@ import openai
 import pytest
 
 from controller.deploy.lock import fleet_lock
+from controller.plan import make_plan
+from controller.spec import load_spec
 from controller.spec.models import Images
 from tests.images import broken_stand_in, build_stand_in, build_stand_ins
 from tests.multihost.fleet import Deploy, Fleet, first_reply, gateway_client, podman
@@ -142,6 +144,33 @@ def test_the_openai_sdk_through_the_gateway(fleet: Fleet, deployed: Deploy) -> N
         wrong.models.list()
     for client in (alice, bob, wrong):
         client.close()
+
+
+@pytest.mark.timeout(120)
+def test_the_console_shows_every_host_from_its_agent_over_the_mesh(fleet: Fleet, deployed: Deploy) -> None:
+    """The deployed gatekeeper's console (controller/console/): every worker of the plan, healthy, on the host the
+    plan put it on, and every GPU host's agent answering over the mesh; for an admin (alice, group parents) only."""
+    gw_address = fleet.hosts["gateway"].address
+    ca = _ca(fleet)
+    plan = make_plan(load_spec(fleet.spec))
+    alice, bob = _key(fleet, "alice"), _key(fleet, "bob")
+    with gateway_client(gw_address, ca) as http:
+        url = f"https://{gw_address}/console/api/snapshot"
+        assert http.get(url, headers={"Authorization": f"Bearer {bob}"}).status_code == 403
+        assert http.get(url).status_code == 401
+        deadline = time.monotonic() + 60
+        while True:
+            reply = http.get(url, headers={"Authorization": f"Bearer {alice}"})
+            assert reply.status_code == 200, reply.text
+            doc = reply.json()
+            cards = {w["name"]: w for w in doc["workers"]}
+            agents = {h["name"]: h["agent"] for h in doc["hosts"] if h["name"] in {w.host for w in plan.workers}}
+            if all(c["health"] == "up" for c in cards.values()) and set(agents.values()) == {"ok"}:
+                break
+            assert time.monotonic() < deadline, f"not all up after 60 s: {cards}, agents {agents}"
+            time.sleep(1)
+    assert {n: c["host"] for n, c in cards.items()} == {w.name: w.host for w in plan.workers}
+    assert doc["mode"] == "fleet" and doc["sources"]["envoy"] == "ok"
 
 
 @pytest.mark.timeout(300)

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller.agent.memory import GIB, memory_warning, warnings_of
-from controller.cli.status import agent_warnings
+from controller.agent.memory import GIB, memory_warning
+from controller.cli.status import agent_status
+from controller.warnings import Facts, evaluate
 from tests.stubs import free_port
 from tests.unit.test_agent_residency import Setup, auth, call, made_setup
 
@@ -156,9 +157,6 @@ def test_the_warning_text() -> None:
     )
     assert memory_warning("w", gpu, int(8.82 * GIB), int(8.02 * GIB)) is None  # +10.0 %: not beyond
     assert memory_warning("w", gpu, GIB, 0) is None
-    status = {"workers": [{"name": "a", "memory_warning": "worker a took ..."}, {"name": "b", "memory_warning": None}]}
-    assert warnings_of(status) == ["worker a took ..."]
-    assert warnings_of({}) == []
 
 
 @pytest.fixture
@@ -198,7 +196,12 @@ def test_controller_status_shows_the_agents_warning(setup: Setup, agent_port: in
         "agent": {"kind": "agent", "state": "healthy", "ports": [agent_port]},
         "w": {"kind": "worker"},
     }
-    (warning,) = agent_warnings(procs)
-    assert warning.startswith(f"worker {worker.name} took ") and warning.endswith("(+30 %)")
-    assert agent_warnings({"agent": {**procs["agent"], "state": "unhealthy"}}) == []  # not asked
-    assert agent_warnings({"agent": {**procs["agent"], "ports": [free_port()]}}) == []  # no answer: nothing to say
+    doc = agent_status(procs)
+    assert doc is not None
+    found = [
+        w for w in evaluate(setup.plan, Facts(agents={doc["host"]: doc})) if w.code == "FleetWorkerMemoryOffEstimate"
+    ]
+    assert [w.subject for w in found] == [{"worker": worker.name, "host": worker.host}]
+    assert f"worker {worker.name} took " in found[0].message and found[0].message.endswith("(+30 %)")
+    assert agent_status({"agent": {**procs["agent"], "state": "unhealthy"}}) is None  # not asked
+    assert agent_status({"agent": {**procs["agent"], "ports": [free_port()]}}) is None  # no answer: nothing to say

@@ -464,3 +464,21 @@ def test_a_vllm_worker_neither_running_nor_in_a_container_cannot_load(setup: Set
         assert call(client, "GET", worker.name, "residency", headers=auth()).json()["state"] == "unloaded"
         unload = call(client, "POST", worker.name, "unload", headers=auth())  # nothing holds memory: done
         assert unload.status_code == 200 and unload.json()["state"] == "unloaded"
+
+
+def test_a_running_worker_is_restarted_and_a_stopped_one_is_not(setup: Setup) -> None:
+    """The console's restart (controller/console/actions.py): stop and start its container, with the secret."""
+    worker = setup.worker("od-llama")
+    name = setup.container(worker, "running")
+    with setup.client() as client:
+        assert call(client, "POST", worker.name, "restart").status_code == 401
+        assert setup.engine.calls == []
+        restarted = call(client, "POST", worker.name, "restart", headers=auth())
+        assert restarted.status_code == 200, restarted.text
+        assert restarted.json()["message"] == f"restarted container {name}"
+        assert setup.engine.calls == [("stop", name, 30), ("start", name)]
+        setup.engine.containers[name] = "exited"
+        refused = call(client, "POST", worker.name, "restart", headers=auth())
+        assert refused.status_code == 409 and "exited, not running" in refused.json()["detail"]
+        assert call(client, "POST", "nope", "restart", headers=auth()).status_code == 404
+    assert setup.engine.calls == [("stop", name, 30), ("start", name)]

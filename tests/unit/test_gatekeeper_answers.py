@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,3 +164,41 @@ def test_users_are_reloaded_in_place_when_the_spec_changes(tmp_path: Path) -> No
         time.sleep(2.5)  # two looks at the file
         assert check(client, theirs)[0] == 200 and epoch(client) == second
     store.close()
+
+
+def test_a_keys_app_goes_to_envoy_with_its_identity_and_survives_a_rotation(
+    setup: tuple[TestClient, dict[str, str], KeyStore],
+) -> None:
+    client, keys, store = setup
+    for_app, record = store.create("me", app="need-job")
+    status, answer = check(client, for_app)
+    assert (status, answer["x-fleet-user"], answer["x-fleet-app"]) == (200, "me", "need-job")
+    assert "x-fleet-app" not in check(client, keys["me"])[1]  # a key without one sends none
+    rotated = store.rotate(record.id)
+    assert rotated is not None and rotated[1].app == "need-job"
+    assert check(client, rotated[0])[1]["x-fleet-app"] == "need-job"
+    with pytest.raises(ValueError, match="not an app name"):
+        store.create("me", app="Need Job")
+
+
+def test_a_key_store_from_before_apps_keeps_its_keys(tmp_path: Path) -> None:
+    path = tmp_path / "keys.db"
+    first = KeyStore(path)
+    old_key, old = first.create("me", label="old")
+    first.close()
+    raw = sqlite3.connect(path)
+    # the table as it was before keys named apps: the same columns less `app`
+    raw.executescript(
+        "CREATE TABLE old AS SELECT id, hash, user, models, label, created, expires, revoked FROM keys;"
+        " DROP TABLE keys; ALTER TABLE old RENAME TO keys;"
+    )
+    assert "app" not in {row[1] for row in raw.execute("PRAGMA table_info(keys)")}
+    raw.close()
+    store = KeyStore(path)
+    try:
+        found = store.check(old_key)
+        assert found is not None and (found.id, found.label, found.app) == (old.id, "old", None)
+        _, new = store.create("me", app="need-job")
+        assert store.get(new.id) == new
+    finally:
+        store.close()

@@ -262,3 +262,38 @@ def test_a_ledger_from_before_estimates_keeps_its_rows(tmp_path: Path) -> None:
     (row,) = ledger.summary(0, ["user"])
     assert (row["requests"], row["total_tokens"], row["estimated_requests"]) == (1, 8, 0)
     ledger.close()
+
+
+def test_usage_is_grouped_by_the_app_its_key_names(tmp_path: Path) -> None:
+    log = tmp_path / "usage.log"
+    with_app = json.loads(line("b", completion=9))
+    with_app["app"] = "need-job"
+    unset = json.loads(line("c", completion=1))
+    unset["app"] = None  # Envoy writes a missing header as null
+    log.write_text(line("a") + json.dumps(with_app) + "\n" + json.dumps(unset) + "\n")
+    ledger = Ledger(tmp_path / "usage.db")
+    ledger.ingest(log)
+    rows = {(r["user"], r["app"]): r["total_tokens"] for r in ledger.summary(0, ["user", "app"])}
+    assert rows == {("me", None): 12, ("me", "need-job"): 12}
+    ledger.close()
+
+
+def test_a_ledger_from_before_apps_gets_the_column_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "usage.db"
+    log = tmp_path / "usage.log"
+    log.write_text(line("a"))
+    ledger = Ledger(path)
+    ledger.ingest(log)
+    ledger.close()
+    raw = sqlite3.connect(path)
+    raw.execute("ALTER TABLE usage DROP COLUMN app")
+    raw.commit()
+    raw.close()
+    ledger = Ledger(path)
+    entry = json.loads(line("b"))
+    entry["app"] = "need-job"
+    with log.open("a") as out:
+        out.write(json.dumps(entry) + "\n")
+    assert ledger.ingest(log) == 1
+    assert {r["app"]: r["requests"] for r in ledger.summary(0, ["app"])} == {None: 1, "need-job": 1}
+    ledger.close()

@@ -1,0 +1,216 @@
+"""The console's parts without a stack: the live log's reading, who is an admin, CSRF and origin checks, and the
+actions' audit log. The page itself, through the real chain, is tests/browser/test_console.py."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from starlette.requests import Request
+
+from controller.console import auth
+from controller.console.actions import ActionError, Actions, Audit
+from controller.console.live import MAX_BYTES, STALE_S, LiveLog
+from controller.gateway.keystore import KeyStore
+from controller.plan import make_plan
+from controller.spec import load_spec
+from controller.spec.models import Fleet
+
+
+def line(kind: str, rid: str = "r1", **fields: Any) -> str:
+    base = {"type": kind, "request_id": rid, "time": "1796248393.935", "user": "alice", "model": "m", "stream": "1"}
+    return json.dumps({**base, **fields}) + "\n"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_live_log_shows_a_request_while_it_runs_and_after(tmp_path: Path) -> None:
+    path = tmp_path / "live.log"
+    path.write_text(line("DownstreamEnd", "before"))  # ended before the console started: not replayed
+    clock = Clock()
+    log = LiveLog(path, lambda up: "w1" if up == "127.0.0.1:9" else None, clock)
+    log.refresh()
+    with path.open("a") as f:
+        f.write(line("DownstreamPeriodic", ms="1000", upstream="127.0.0.1:9"))  # no byte back yet
+    log.refresh()
+    (row,) = log.view()["in_flight"]
+    assert row["phase"] == "prefill" and row["worker"] == "w1" and row["user"] == "alice"
+    with path.open("a") as f:
+        f.write(line("DownstreamPeriodic", ms="3000", ttfb_ms="1000", events="40", upstream="127.0.0.1:9"))
+        f.write('{"type": "DownstreamPeri')  # torn: the rest comes with the next write
+    log.refresh()
+    (row,) = log.view()["in_flight"]
+    assert (row["phase"], row["tokens"], row["tokens_per_s"]) == ("generating", 40, 20.0)
+    with path.open("a") as f:
+        f.write('odic"}\n' + line("DownstreamEnd", status="200", ms="4000", prompt_tokens="3", completion_tokens="60"))
+    log.refresh()
+    view = log.view()
+    assert view["in_flight"] == []
+    (done,) = view["recent"]
+    assert (done["request_id"], done["status"], done["completion_tokens"]) == ("r1", 200, 60)
+
+
+def test_a_request_whose_end_was_lost_leaves_the_view(tmp_path: Path) -> None:
+    path = tmp_path / "live.log"
+    path.write_text("")
+    clock = Clock()
+    log = LiveLog(path, lambda _: None, clock)
+    log.refresh()
+    path.write_text(line("DownstreamPeriodic"))
+    log.refresh()
+    assert len(log.view()["in_flight"]) == 1
+    clock.now += STALE_S + 0.1
+    log.refresh()
+    assert log.view()["in_flight"] == []
+
+
+def test_the_live_log_is_cut_back_when_it_grows(tmp_path: Path) -> None:
+    path = tmp_path / "live.log"
+    path.write_text("")
+    log = LiveLog(path, lambda _: None, Clock())
+    log.refresh()
+    with path.open("a") as f:  # Envoy appends; a cut file starts again at 0
+        for i in range(MAX_BYTES // 100 + 10):
+            f.write(line("DownstreamEnd", f"r{i}", status="200"))
+    while path.stat().st_size:
+        log.refresh()
+    assert path.stat().st_size == 0 and log.offset == 0
+    with path.open("a") as f:
+        f.write(line("DownstreamEnd", "after", status="200"))
+    log.refresh()
+    assert log.view()["recent"][0]["request_id"] == "after"
+
+
+def fleet(tmp_path: Path) -> Path:
+    data = {
+        "version": 1,
+        "name": "t",
+        "mesh": {"kind": "none"},
+        "hosts": [{"name": "local", "address": "127.0.0.1", "cpu_workers": 2}],
+        "swap_groups": [{"name": "g", "host": "local", "cpu_slots": 1}],
+        "models": [
+            {
+                "name": "m",
+                "backend": "llamacpp",
+                "source": {"gguf": "m.gguf"},
+                "context": 512,
+                "arch": {"layers": 2, "kv_heads": 2, "head_dim": 16, "params_b": 0.01},
+                "device": "cpu",
+            },
+            {
+                "name": "od",
+                "backend": "llamacpp",
+                "source": {"gguf": "m.gguf"},
+                "context": 512,
+                "arch": {"layers": 2, "kv_heads": 2, "head_dim": 16, "params_b": 0.01},
+                "device": "cpu",
+                "swap": {"group": "g"},
+            },
+        ],
+        "groups": [{"name": "ops", "admin": True}, {"name": "staff"}],
+        "users": [
+            {"name": "root", "admin": True},
+            {"name": "olga", "groups": ["ops"]},
+            {"name": "sam", "groups": ["staff"]},
+        ],
+        "gateway": {"host": "local", "public_name": "localhost", "tls": {"mode": "internal"}},
+    }
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_admins_are_the_users_and_groups_the_spec_marks(tmp_path: Path) -> None:
+    spec: Fleet = load_spec(fleet(tmp_path)).fleet
+    assert auth.is_admin(spec, "root", ())
+    assert auth.is_admin(spec, "olga", ("ops",))
+    assert not auth.is_admin(spec, "sam", ("staff",))
+    assert not auth.is_admin(spec, "nobody", ())
+    assert "set `admin: true`" in auth.not_admin_message(spec, "sam")
+
+
+def request(headers: dict[str, str]) -> Request:
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": raw})
+
+
+def test_csrf_needs_the_sessions_token_and_this_hosts_origin() -> None:
+    sessions = auth.Sessions()
+    token, session = sessions.create("root", (), "api key x")
+    assert sessions.get(token) == session
+    good = {"host": "gw:8443", "x-csrf-token": session.csrf}
+    assert auth.csrf_ok(session, request(good))
+    assert auth.csrf_ok(session, request({**good, "origin": "https://gw:8443", "sec-fetch-site": "same-origin"}))
+    assert not auth.csrf_ok(session, request({**good, "x-csrf-token": "other"}))
+    assert not auth.csrf_ok(session, request({"host": "gw:8443"}))
+    assert not auth.csrf_ok(session, request({**good, "origin": "https://evil.example"}))
+    assert not auth.csrf_ok(session, request({**good, "sec-fetch-site": "cross-site"}))
+    sessions.end(token)
+    assert sessions.get(token) is None
+
+
+def actions(tmp_path: Path) -> tuple[Actions, KeyStore, Audit]:
+    plan = make_plan(load_spec(fleet(tmp_path)))
+    keys = KeyStore(tmp_path / "keys.db")
+    audit = Audit(tmp_path / "audit.log")
+    return Actions(lambda: plan, keys, audit, lambda: None, None), keys, audit
+
+
+def test_each_action_is_audited_before_and_after_with_who(tmp_path: Path) -> None:
+    act, keys, audit = actions(tmp_path)
+    session = auth.Session("root", (), "api key abc", "csrf", 0)
+    made = act.run(session, {"action": "create_key", "target": "sam", "label": "ci", "expires_days": "7"})
+    record = keys.get(made["id"])
+    assert record is not None and record.user == "sam" and record.label == "ci" and record.expires is not None
+    assert keys.check(made["key"]) is not None
+    act.run(session, {"action": "revoke_key", "target": made["id"]})
+    assert keys.check(made["key"]) is None
+    entries = [json.loads(x) for x in (tmp_path / "audit.log").read_text().splitlines()]
+    assert [(e["action"], e["phase"]) for e in entries] == [
+        ("create_key", "asked"),
+        ("create_key", "done"),
+        ("revoke_key", "asked"),
+        ("revoke_key", "done"),
+    ]
+    assert all(e["actor"] == "root" and e["via"] == "api key abc" for e in entries)
+    assert made["key"] not in (tmp_path / "audit.log").read_text()  # the key itself is never written
+    assert audit.last(1)[0]["action"] == "revoke_key"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"action": "format_disk", "target": "x"}, 400, "unknown"),
+        ({"action": "create_key", "target": "mallory"}, 400, "not a user of the spec"),
+        ({"action": "create_key", "target": "sam", "app": "Need Job"}, 400, "app 'Need Job'"),
+        ({"action": "create_key", "target": "sam", "expires_days": "-1"}, 400, "expires_days"),
+        ({"action": "revoke_key", "target": "000000000000"}, 404, "no such key"),
+        ({"action": "load", "target": "m"}, 400, "not on demand; on-demand models: od"),
+        ({"action": "restart", "target": "ghost"}, 400, "not in the plan"),
+    ],
+)
+def test_a_bad_action_is_refused_with_what_to_do(tmp_path: Path, body: dict[str, Any], status: int, words: str) -> None:
+    act, keys, _ = actions(tmp_path)
+    with pytest.raises(ActionError) as refused:
+        act.run(auth.Session("root", (), "api key abc", "", 0), body)
+    assert refused.value.status == status and words in str(refused.value)
+    assert keys.list() == []
+
+
+def test_an_action_whose_audit_cannot_be_written_is_not_done(tmp_path: Path) -> None:
+    act, keys, audit = actions(tmp_path)
+    audit.path = tmp_path / "no-such-folder" / "audit.log"
+    with pytest.raises(ActionError) as refused:
+        act.run(auth.Session("root", (), "api key abc", "", 0), {"action": "create_key", "target": "sam"})
+    assert refused.value.status == 503 and "nothing was done" in str(refused.value)
+    assert keys.list() == [] and not os.path.exists(audit.path)
