@@ -135,3 +135,15 @@ def test_console_benchmark_runs() -> None:
         assert r["rps_c64"] > 0 and r["errors"] == 0, r
         assert (r["events_per_s"] is None) == (r["consoles"] == 0), r
         assert r["consoles"] == 0 or r["events_per_s"] >= 0.5, r
+
+
+def test_control_plane_benchmark_runs() -> None:
+    """bench.control_plane's short run on two small fleets: every stage timed, the one-model change found as a
+    diff, and the growth from one size to the next reported."""
+    data = run_json("bench.control_plane", "--hosts", "3,6", "--json", timeout=300)
+    assert [r["hosts"] for r in data["rows"]] == [3, 6]
+    for r in data["rows"]:
+        assert r["replicas"] == 2 * r["hosts"] and r["gpus"] == 4 * r["hosts"], r
+        assert min(r["validate_s"], r["plan_s"], r["render_s"], r["deploy_check_s"]) > 0, r
+        assert r["hosts_changed"] >= 1 and r["peak_rss_mib"] > 0, r
+    assert [(s["from"], s["to"]) for s in data["growth"]] == [(3, 6)]
