@@ -66,35 +66,37 @@ def place(fleet: Fleet, problem: ProblemAt) -> tuple[list[Placed], list[GpuUse]]
     cpu_models: dict[str, set[str]] = {h.name: set() for h in hosts}
     placed: list[Placed] = []
     problems: list[Problem] = []
+    index_of = {m.name: i for i, m in enumerate(fleet.models)}
+    host_models: dict[str, set[str]] = {h.name: set() for h in hosts}  # the models with a replica on each host
+    slots: dict[tuple[str, str, tuple[str, ...]], int] = {}  # (model, host, GPU UUIDs) → replicas placed there
 
     grouped = _group_gpus(fleet)
     requests = [(m, r, estimate(m)) for m in fleet.models if m.swap is None for r in range(m.replicas)]
     requests.sort(key=lambda x: (x[0].device == "cpu", -x[2].total_gib, -x[0].gpus_per_replica, x[0].name, x[1]))
     for model, replica, est in requests:
-        mi = fleet.models.index(model)
+        mi = index_of[model.name]
         if model.device == "cpu":
             host = _place_cpu(model, hosts, cpu_free, cpu_models)
             if host is None:
                 problems.append(_cpu_problem(problem, mi, model, hosts, cpu_free))
                 continue
-            slot = sum(1 for p in placed if p.model.name == model.name and p.host == host) + 1
+            slot = slots[(model.name, host, ())] = slots.get((model.name, host, ()), 0) + 1
             settings = backends.get(model.backend).settings(model, est, [])
             placed.append(Placed(model, host, [], est, settings, slot))
             continue
-        choice = _best(model, est, hosts, gpus, host_order, grouped)
+        choice = _best(model, est, hosts, gpus, host_order, grouped, host_models)
         if isinstance(choice, str):
             problems.append(problem(("models", mi), f"model {model.name} replica {replica + 1}: {choice}"))
             continue
         refs = [gpus[k].ref for k in choice]
         settings = backends.get(model.backend).settings(model, est, refs)
         footprint = float(settings.get("reserved_gib", est.total_gib))
-        slot = (
-            sum(1 for p in placed if p.model.name == model.name and [g.uuid for g in p.gpus] == [g.uuid for g in refs])
-            + 1
-        )
+        where = (model.name, "", tuple(g.uuid for g in refs))  # GPU UUIDs are unique fleet-wide
+        slot = slots[where] = slots.get(where, 0) + 1
         for key in choice:
             gpus[key].used = round(gpus[key].used + footprint, 3)
             gpus[key].models.add(model.name)
+        host_models[refs[0].host].add(model.name)
         placed.append(Placed(model, refs[0].host, refs, est, settings, slot))
     capacity = {key: gpus[key].free for key in grouped}  # what the non-swap workers leave to each group
     for group in fleet.swap_groups:
@@ -230,11 +232,10 @@ def _candidates(
                 # The tp GPUs with the most room, ties by index.
                 ranked = sorted(free, key=lambda i: (-gpus[(host.name, i)].free, i))
                 out.append([(host.name, i) for i in sorted(ranked[:tp])])
-    unique: list[list[tuple[str, int]]] = []
+    unique: dict[tuple[tuple[str, int], ...], list[tuple[str, int]]] = {}
     for cand in out:
-        if cand not in unique:
-            unique.append(cand)
-    return unique
+        unique.setdefault(tuple(cand), cand)  # first seen first, as pins list them
+    return list(unique.values())
 
 
 def _footprint(model: Model, est: Estimate, refs: list[GpuRef]) -> float:
@@ -249,7 +250,10 @@ def _best(
     gpus: dict[tuple[str, int], _Gpu],
     host_order: dict[str, int],
     grouped: dict[tuple[str, int], str],
+    host_models: dict[str, set[str]],
 ) -> list[tuple[str, int]] | str:
+    """``host_models``: the models with a replica on each host so far (a fleet-wide scan per candidate made
+    placement grow with replicas × GPUs², issue 17)."""
     candidates = _candidates(model, hosts, gpus, grouped)
     if not candidates:
         where = "the pinned hosts" if model.placement else "any host"
@@ -259,7 +263,7 @@ def _best(
         refs = [gpus[k].ref for k in cand]
         need = _footprint(model, est, refs)
         if all(gpus[k].free >= need for k in cand):
-            host_has = any(model.name in g.models for (h, _), g in gpus.items() if h == cand[0][0])
+            host_has = model.name in host_models[cand[0][0]]
             gpu_has = any(model.name in gpus[k].models for k in cand)
             leftover = min(gpus[k].free - need for k in cand)
             fitting.append(((host_has, gpu_has, round(leftover, 3), host_order[cand[0][0]], cand), cand))
