@@ -127,24 +127,23 @@ class Actions:
         if model not in names:
             known = ", ".join(sorted({w.model for w in plan.on_demand()})) or "none"
             raise ActionError(400, f"model {model!r} is not on demand; on-demand models: {known}")
-        key = self.worker_key()
-        if key is None:
-            raise ActionError(503, "the worker secret is not readable here; the gatekeeper needs --secrets-dir")
         port = plan.fleet.gateway.ports.swapper
-        try:
-            reply = httpx.post(
-                f"http://127.0.0.1:{port}/swap/{action}/{model}",
-                headers={"Authorization": f"Bearer {key}"},
-                timeout=LOAD_TIMEOUT_S,
-                trust_env=False,
-            )
-        except httpx.HTTPError as exc:
-            raise ActionError(502, f"the swap coordinator did not answer: {exc}") from None
+        reply = self._post(f"http://127.0.0.1:{port}/swap/{action}/{model}", "the swap coordinator")
         doc = _json(reply)
         if reply.status_code >= 400:
             message = (doc.get("error") or {}).get("message") if isinstance(doc.get("error"), dict) else None
             raise ActionError(reply.status_code, f"{action} {model}: {message or reply.text[:300]}")
         return {"message": f"{model}: {action}ed", "swap": doc}
+
+    def _post(self, url: str, who: str) -> httpx.Response:
+        """A POST with the worker secret, which the swap coordinator's and the agents' routes require."""
+        key = self.worker_key()
+        if key is None:
+            raise ActionError(503, "the worker secret is not readable here; the gatekeeper needs --secrets-dir")
+        try:
+            return httpx.post(url, headers={"Authorization": f"Bearer {key}"}, timeout=LOAD_TIMEOUT_S, trust_env=False)
+        except httpx.HTTPError as exc:
+            raise ActionError(502, f"{who} did not answer: {exc}") from None
 
     def _load(self, target: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._swap("load", target)
@@ -164,20 +163,11 @@ class Actions:
 
             answer = stack.request(self.stack, "restart", target)
             return {"message": str(answer.get("message") or f"restarted {target}")}
-        key = self.worker_key()
-        if key is None:
-            raise ActionError(503, "the worker secret is not readable here; the gatekeeper needs --secrets-dir")
         host = plan.host(worker.host)
         address = f"[{host.address}]" if ":" in str(host.address) else str(host.address)
-        try:
-            reply = httpx.post(
-                f"http://{address}:{host.agent_port}/v1/workers/{target}/restart",
-                headers={"Authorization": f"Bearer {key}"},
-                timeout=LOAD_TIMEOUT_S,
-                trust_env=False,
-            )
-        except httpx.HTTPError as exc:
-            raise ActionError(502, f"the agent of host {worker.host} did not answer: {exc}") from None
+        reply = self._post(
+            f"http://{address}:{host.agent_port}/v1/workers/{target}/restart", f"the agent of host {worker.host}"
+        )
         doc = _json(reply)
         if reply.status_code >= 400:
             raise ActionError(reply.status_code, f"restart {target}: {doc.get('detail') or reply.text[:300]}")

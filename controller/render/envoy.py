@@ -992,6 +992,16 @@ def live_log_path(usage_log: str) -> str:
     return str(PurePosixPath(usage_log).with_name(LIVE_LOG_NAME))
 
 
+# Who sent an inference request and for which model, in both request logs (the gatekeeper's identity headers).
+REQUEST_WHO = {
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "user": "%REQ(X-FLEET-USER)%",
+    "key_id": "%REQ(X-FLEET-KEY-ID)%",
+    "app": "%REQ(X-FLEET-APP)%",
+    "model": "%DYNAMIC_METADATA(fleet:model)%",
+}
+
+
 def live_log_config(path: str) -> dict[str, Any]:
     """The console's live view of inference requests (controller/console/live.py): one line per second while a
     request runs, and one when it ends: who, which app and model, where it went, how long so far, when the first
@@ -999,11 +1009,7 @@ def live_log_config(path: str) -> dict[str, Any]:
     fields = {
         "type": "%ACCESS_LOG_TYPE%",
         "time": "%START_TIME(%s.%3f)%",
-        "request_id": "%REQ(X-REQUEST-ID)%",
-        "user": "%REQ(X-FLEET-USER)%",
-        "key_id": "%REQ(X-FLEET-KEY-ID)%",
-        "app": "%REQ(X-FLEET-APP)%",
-        "model": "%DYNAMIC_METADATA(fleet:model)%",
+        **REQUEST_WHO,
         "upstream": "%UPSTREAM_HOST%",
         "ms": "%DURATION%",
         "ttfb_ms": "%RESPONSE_DURATION%",
@@ -1043,11 +1049,7 @@ def usage_log_config(path: str) -> dict[str, Any]:
     """
     fields = {
         "time": "%START_TIME(%s.%3f)%",
-        "request_id": "%REQ(X-REQUEST-ID)%",
-        "user": "%REQ(X-FLEET-USER)%",
-        "key_id": "%REQ(X-FLEET-KEY-ID)%",
-        "app": "%REQ(X-FLEET-APP)%",
-        "model": "%DYNAMIC_METADATA(fleet:model)%",
+        **REQUEST_WHO,
         "status": "%RESPONSE_CODE%",
         "prompt_tokens": "%DYNAMIC_METADATA(fleet:prompt_tokens)%",
         "completion_tokens": "%DYNAMIC_METADATA(fleet:completion_tokens)%",
