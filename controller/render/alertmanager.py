@@ -17,10 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
-
 from controller.plan.models import Plan
-from controller.render import Files, renderer
+from controller.render import Files, dump_yaml, renderer
 from controller.spec.models import Receiver
 
 HEADER = "# Rendered by `controller render` from the fleet spec; do not edit.\n"
@@ -40,7 +38,7 @@ MODEL_DOWN_EXPLAINS = (
 @renderer("alertmanager")
 def render(plan: Plan) -> Files:
     path = f"{plan.fleet.gateway.host}/alertmanager/alertmanager.yml"
-    text = yaml.safe_dump(config(plan), sort_keys=False, default_flow_style=False, width=1000, allow_unicode=True)
+    text = dump_yaml(config(plan))
     return {path: HEADER + text}
 
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
-
 from controller.plan.models import Plan
-from controller.render import Files, renderer
+from controller.render import Files, dump_yaml, renderer
 from controller.render.containers import Container, host_containers, host_files
 
 HEADER = "# Rendered by `controller render` from the fleet spec; do not edit.\n"
@@ -93,4 +91,4 @@ def _ip(address: str) -> str:
 
 
 def dump(doc: dict[str, Any]) -> str:
-    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1000, allow_unicode=True)
+    return dump_yaml(doc)

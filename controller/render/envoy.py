@@ -27,12 +27,10 @@ import re
 from pathlib import PurePosixPath
 from typing import Any
 
-import yaml
-
 from controller import backends
 from controller.plan import slug
 from controller.plan.models import Plan, Worker
-from controller.render import Files, asset, renderer
+from controller.render import Files, asset, dump_yaml, renderer
 from controller.secrets import SDS_FILE, SDS_NAME
 
 MIB = 1024 * 1024
@@ -80,7 +78,7 @@ def render(plan: Plan) -> Files:
 
 
 def dump(doc: dict[str, Any]) -> str:
-    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1000, allow_unicode=True)
+    return dump_yaml(doc)
 
 
 # Listeners and clusters, in a folder Envoy watches (LDS and CDS from files): a changed spec (a model, a user's

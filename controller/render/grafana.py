@@ -21,7 +21,7 @@ import yaml
 
 from controller.errors import RenderError
 from controller.plan.models import Plan
-from controller.render import ASSETS, Files, renderer
+from controller.render import ASSETS, Files, dump_yaml, renderer
 from controller.spec.models import Thresholds
 
 DATASOURCE = {"type": "prometheus", "uid": "fleet-prometheus"}
@@ -49,7 +49,7 @@ def render(plan: Plan) -> Files:
 
 
 def _yaml(doc: dict[str, Any]) -> str:
-    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1000, allow_unicode=True)
+    return dump_yaml(doc)
 
 
 def datasources(plan: Plan) -> dict[str, Any]:

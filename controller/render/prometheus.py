@@ -18,11 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
-
 from controller import backends
 from controller.plan.models import Plan
-from controller.render import Files, asset, renderer
+from controller.render import Files, asset, dump_yaml, renderer
 from controller.render.rules import rules
 
 HEADER = "# Rendered by `controller render` from the fleet spec; do not edit.\n"
@@ -49,7 +47,7 @@ def render(plan: Plan) -> Files:
 
 
 def dump(doc: dict[str, Any]) -> str:
-    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1000, allow_unicode=True)
+    return dump_yaml(doc)
 
 
 def target(address: str, port: int) -> str:
