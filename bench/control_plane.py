@@ -242,7 +242,12 @@ def main() -> None:
     parser.add_argument("--write", type=Path, help="update the control-plane section of this Markdown file")
     args = parser.parse_args()
     if args.one is not None:
-        print(json.dumps(measure(args.one)))
+        from controller.errors import ControllerError
+
+        try:
+            print(json.dumps(measure(args.one)))
+        except ControllerError as exc:  # the spec refuses this size (its bounds): say which, no traceback
+            raise SystemExit("\n".join([f"{args.one} hosts: {exc.message}", *exc.lines()])) from None
         return
     try:
         sizes = [int(x) for x in args.hosts.split(",") if x.strip()]
