@@ -98,7 +98,7 @@ class Collector:
             with self.changed:
                 self.changed.notify_all()
 
-    def snapshot(self, wait_s: float = 3.0) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         """The latest picture; the first one is made now."""
         self.want()
         if self.latest is None:
@@ -290,7 +290,7 @@ class Collector:
         seen = next((x for x in agent_doc.get("workers") or [] if x.get("name") == w.name), None)
         proc = (procs or {}).get(w.name)
         slot = ((swap or {}).get("workers") or {}).get(w.name)
-        on_demand = w.name in {x.name for x in plan.on_demand()}
+        on_demand = plan.model(w.model).swap is not None  # as plan.on_demand() says, without a walk per card
         residency = None
         if slot is not None:
             residency = slot.get("state")
@@ -303,7 +303,10 @@ class Collector:
             health = "up" if stats.get("membership_healthy", 0) > 0 else "down"
         if proc is not None:
             latency_ms = proc.get("latency_ms")
-            if proc.get("pid") is None or proc.get("state") in ("backoff", "stopped", "unhealthy"):
+            # A resident worker serves only once its process passed a health check: one that was killed and
+            # restarted within a health-check interval is still down while it starts, whatever Envoy last saw.
+            down = ("backoff", "stopped", "unhealthy") if on_demand else ("backoff", "stopped", "unhealthy", "starting")
+            if proc.get("pid") is None or proc.get("state") in down:
                 health = "down" if not (on_demand and proc.get("held")) else health
         elif seen is not None:
             h = seen.get("health") or {}
@@ -356,7 +359,7 @@ class Collector:
                 used, total = r.get("memory_used_bytes"), r.get("memory_total_bytes")
                 gpus.append(
                     {
-                        "index": next((u.gpu.index for u in plan.gpus if u.gpu.uuid == g.uuid), None),
+                        "index": None if use is None else use.gpu.index,
                         "uuid": g.uuid,
                         "name": r.get("name") or g.name,
                         "utilization": r.get("utilization_ratio"),

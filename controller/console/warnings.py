@@ -11,8 +11,9 @@ from controller.warnings import Facts, evaluate
 
 def console_facts(doc: dict[str, Any], cert_expiry: float | None = None) -> Facts:
     """The engine's facts from one refresh of the console (controller/console/snapshot.py): each host's agent
-    /status (None where it did not answer), each worker's health as Envoy routes by it (its card: up or down;
-    unknown, idle and starting are not down), the requests in flight and waiting per model at the gateway."""
+    /status (None where it did not answer), each worker's health as its card shows it (up or down: Envoy's view,
+    down while a resident worker's process starts again; unknown and idle are not down), the requests in flight and
+    waiting per model at the gateway."""
     cards = doc.get("workers") or []
     queues: dict[str, int] = {}
     for card in cards:

@@ -15,8 +15,10 @@ from starlette.requests import Request
 from controller.console import auth
 from controller.console.actions import ActionError, Actions, Audit
 from controller.console.live import MAX_BYTES, STALE_S, LiveLog
+from controller.console.snapshot import Collector
 from controller.gateway.keystore import KeyStore
 from controller.plan import make_plan
+from controller.render.envoy import worker_cluster
 from controller.spec import load_spec
 from controller.spec.models import Fleet
 
@@ -214,3 +216,37 @@ def test_an_action_whose_audit_cannot_be_written_is_not_done(tmp_path: Path) -> 
         act.run(auth.Session("root", (), "api key abc", "", 0), {"action": "create_key", "target": "sam"})
     assert refused.value.status == 503 and "nothing was done" in str(refused.value)
     assert keys.list() == [] and not os.path.exists(audit.path)
+
+
+def card_health(tmp_path: Path, model: str, proc: dict[str, Any], swap: dict[str, Any] | None = None) -> str:
+    """The health a worker's card shows while Envoy still counts it healthy and the supervisor says ``proc``."""
+    plan = make_plan(load_spec(fleet(tmp_path)))
+    worker = next(w for w in plan.workers if w.model == model)
+    collector = Collector(lambda: plan, tmp_path / "usage.db", LiveLog(tmp_path / "live.log", lambda _: None), None)
+    try:
+        envoy = {worker_cluster(worker.name): {"membership_healthy": 1}}
+        slots = None if swap is None else {"workers": {worker.name: swap}}
+        return str(collector._card(plan, worker, envoy, {worker.name: proc}, slots)["health"])
+    finally:
+        collector.http.close()
+        collector.pool.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("state", "pid", "health"),
+    [
+        ("healthy", 11, "up"),
+        # Killed and restarted before Envoy's next health check: Envoy still routes to it, but it is not serving.
+        ("starting", 12, "down"),
+        ("backoff", None, "down"),
+        ("unhealthy", 11, "down"),
+    ],
+)
+def test_a_resident_workers_card_is_up_only_once_its_process_passed_a_health_check(
+    tmp_path: Path, state: str, pid: int | None, health: str
+) -> None:
+    assert card_health(tmp_path, "m", {"state": state, "pid": pid}) == health
+
+
+def test_an_on_demand_worker_that_is_loading_is_not_shown_down(tmp_path: Path) -> None:
+    assert card_health(tmp_path, "od", {"state": "starting", "pid": 12}, {"state": "loading"}) == "up"
