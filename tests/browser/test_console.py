@@ -24,8 +24,15 @@ from tests.e2e.test_monitoring_stack import GPU_MODEL
 
 pytestmark = pytest.mark.browser
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"  # the screenshots the README shows
 DOWN_WITHIN_S = 2.0  # the issue's bound: a killed worker's card shows it down within this
+
+
+@pytest.fixture
+def shots(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """Where a test's screenshots go: docs/ with `--update-golden` (as golden files are refreshed), else a
+    temporary folder, so a test run leaves the checkout as it was."""
+    return DOCS if request.config.getoption("--update-golden") else tmp_path
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +96,7 @@ def test_a_plain_user_is_refused_and_so_is_a_forged_action(browser: Browser, con
     page.context.close()
 
 
-def test_the_admin_sees_every_worker_and_gpu(browser: Browser, console: Console) -> None:
+def test_the_admin_sees_every_worker_and_gpu(browser: Browser, console: Console, shots: Path) -> None:
     page = signed_in(browser, console, console.stack.key)
     live(page)
     plan = make_plan(load_spec(console.stack.spec))
@@ -105,11 +112,13 @@ def test_the_admin_sees_every_worker_and_gpu(browser: Browser, console: Console)
     (gpu,) = next(w for w in plan.workers if w.model == GPU_MODEL).gpus
     expect(page.locator(f"[data-gpu='{gpu.uuid}']")).to_contain_text(f"{console.vllm_pid}: 2 GiB {console.vllm_worker}")
     expect(page.locator(f"[data-worker='{console.vllm_worker}']")).to_contain_text("pinning")
-    page.screenshot(path=str(DOCS / "console.png"), full_page=True)
+    page.screenshot(path=str(shots / "console.png"), full_page=True)
     page.context.close()
 
 
-def test_a_streaming_request_appears_while_it_runs_and_then_in_the_activity(browser: Browser, console: Console) -> None:
+def test_a_streaming_request_appears_while_it_runs_and_then_in_the_activity(
+    browser: Browser, console: Console, shots: Path
+) -> None:
     page = signed_in(browser, console, console.stack.key)
     live(page)
     done: dict[str, Any] = {}
@@ -128,7 +137,7 @@ def test_a_streaming_request_appears_while_it_runs_and_then_in_the_activity(brow
     expect(row.first).to_contain_text("demo")
     expect(row.first.locator(".phase")).to_have_text("generating")
     expect(row.first).to_contain_text(console.vllm_worker)
-    page.screenshot(path=str(DOCS / "console-live.png"), full_page=False)
+    page.screenshot(path=str(shots / "console-live.png"), full_page=False)
     rid = row.first.get_attribute("data-request")
     thread.join(timeout=30)
     assert done.get("chunks"), "the stream did not finish"

@@ -382,4 +382,7 @@ def test_a_restarted_gatekeeper_is_asked_again_about_kept_keys(stack: Stack) -> 
         # Asked again (the epoch dropped the kept answer), once per worker thread that took a request: not 0, and
         # not once per request.
         threads = json.loads(stack.envoy_admin("/server_info"))["command_line_options"]["concurrency"]
-        assert 1 <= allowed_decisions(stack) <= threads < 12
+        assert threads < 12, f"Envoy runs {threads} worker threads: once per thread is not told from once per request"
+        asked = allowed_decisions(stack)
+        assert asked >= 1, "the restarted gatekeeper was never asked: Envoy kept the old epoch's answer"
+        assert asked <= threads, f"asked {asked:.0f} times for 12 requests, more than Envoy's {threads} worker threads"
