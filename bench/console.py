@@ -15,7 +15,6 @@ admin's `/console/events` stream, read as a browser would) it measures:
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import httpx
 from bench.load import Target, wrk
 from bench.paths import chain_stack
 from bench.procs import cpu_seconds
-from bench.report import machine, write_section
+from bench.report import machine, publish
 
 CONSOLES = (0, 1, 10)
 BEGIN, END = "<!-- bench:console:begin -->", "<!-- bench:console:end -->"
@@ -153,14 +152,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write", type=Path, help="update the console section of this Markdown file")
     args = parser.parse_args()
-    rows = run(args.seconds)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    command = ("python -m bench.console " + " ".join(sys.argv[1:])).strip()
-    if args.write:
-        write_section(args.write, BEGIN, END, markdown(rows, command), "Operator console")
-    if not args.json:
-        print(markdown(rows, command))
+    publish(
+        run(args.seconds),
+        markdown,
+        prog="bench.console",
+        as_json=args.json,
+        write=args.write,
+        section=(BEGIN, END, "Operator console"),
+    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from bench.report import machine, write_section
+from bench.report import machine, publish
 
 SIZES = (10, 50, 200, 1000)
 GPUS_PER_HOST = 4
@@ -256,13 +256,15 @@ def main() -> None:
     if not sizes or min(sizes) < 1:
         raise SystemExit(f"--hosts {args.hosts!r}: give at least one size, each 1 or more")
     rows = run(sizes)
-    command = ("python -m bench.control_plane " + " ".join(sys.argv[1:])).strip()
-    if args.json:
-        print(json.dumps({"rows": rows, "growth": growth(rows), "verdicts": verdicts(rows)}, indent=2))
-    if args.write:
-        write_section(args.write, BEGIN, END, markdown(rows, command), "Control plane at fleet scale")
-    if not args.json:
-        print(markdown(rows, command))
+    publish(
+        rows,
+        markdown,
+        prog="bench.control_plane",
+        as_json=args.json,
+        write=args.write,
+        section=(BEGIN, END, "Control plane at fleet scale"),
+        document={"rows": rows, "growth": growth(rows), "verdicts": verdicts(rows)},
+    )
 
 
 if __name__ == "__main__":

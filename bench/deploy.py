@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shutil
 import statistics
@@ -40,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from bench.report import machine, write_section
+from bench.report import machine, publish
 
 BEGIN, END = "<!-- bench:deploy:begin -->", "<!-- bench:deploy:end -->"
 HOSTS = ("gateway", "gpu1", "gpu2")
@@ -229,14 +228,14 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench.deploy needs root (network and mount namespaces, a bridge), as the multihost tests do")
-    result = run(args.noop_runs)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    command = ("python -m bench.deploy " + " ".join(sys.argv[1:])).strip()
-    if args.write:
-        write_section(args.write, BEGIN, END, markdown(result, command), "Deploy")
-    if not args.json:
-        print(markdown(result, command))
+    publish(
+        run(args.noop_runs),
+        markdown,
+        prog="bench.deploy",
+        as_json=args.json,
+        write=args.write,
+        section=(BEGIN, END, "Deploy"),
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Any
 
 from bench.load import Target, wrk
 from bench.paths import stub_fleet, stub_path
-from bench.report import machine, write_section
+from bench.report import machine, publish
 
 FRONTS = ("envoy", "caddy")
 CONNECTIONS = (1, 64)
@@ -107,14 +107,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write", type=Path, help="update the metering section of this Markdown file")
     args = parser.parse_args()
-    rows = run(args.seconds)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    command = "python -m bench.metering " + " ".join(sys.argv[1:])
-    if args.write:
-        write_section(args.write, BEGIN, END, markdown(rows, command.strip()), "Metering and front doors")
-    if not args.json:
-        print(markdown(rows, command.strip()))
+    publish(
+        run(args.seconds),
+        markdown,
+        prog="bench.metering",
+        as_json=args.json,
+        write=args.write,
+        section=(BEGIN, END, "Metering and front doors"),
+    )
 
 
 if __name__ == "__main__":
