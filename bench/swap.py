@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import datetime
 import json
 import os
@@ -98,8 +97,8 @@ def direct(stack: Any, runs: int) -> dict[str, Any]:
     unloads: list[float] = []
     unloads_open: list[float] = []
     for i in range(2 * runs):
-        # Every other run the client keeps its keep-alive connection open while the worker is stopped, as Envoy's
-        # and the coordinator's connection pools do in a stack.
+        # Every other run an idle keep-alive connection stays open while the worker is stopped, as Envoy's health
+        # checks and connection pools hold them in a stack.
         keep_open = i % 2 == 1
         port = free_port()
         argv = list(spec.argv)
@@ -113,28 +112,33 @@ def direct(stack: Any, runs: int) -> dict[str, Any]:
             start_new_session=True,
         )
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+        idle: httpx.Client | None = None
         try:
-            with contextlib.ExitStack() as closing:
-                if not keep_open:
-                    closing.enter_context(http)
-                while True:
-                    try:
-                        if http.get("/health").status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    if time.monotonic() - began > 60:
-                        raise RuntimeError("the worker did not load in 60 s")
-                    time.sleep(0.005)
-                loads.append(time.monotonic() - began)
-                http.headers["Authorization"] = f"Bearer {key}"
-                firsts.append(first_token_s(http, "/v1/chat/completions", PROMPT)[0])
+            while True:
+                try:
+                    if http.get("/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() - began > 60:
+                    raise RuntimeError("the worker did not load in 60 s")
+                time.sleep(0.005)
+            loads.append(time.monotonic() - began)
+            http.headers["Authorization"] = f"Bearer {key}"
+            firsts.append(first_token_s(http, "/v1/chat/completions", PROMPT)[0])
+            if keep_open:
+                # llama-server closes a connection after a stream, so the stream's own is gone; a plain request on a
+                # client of its own leaves one open and idle.
+                idle = httpx.Client(base_url=http.base_url, timeout=60)
+                idle.get("/health").raise_for_status()
         finally:
+            http.close()
             stopping = time.monotonic()
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(30)
             (unloads_open if keep_open else unloads).append(time.monotonic() - stopping)
-            http.close()
+            if idle is not None:
+                idle.close()
     return {
         "runs": runs,
         "load_ms": ms(statistics.median(loads)),
