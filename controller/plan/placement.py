@@ -10,6 +10,8 @@ for tensor parallelism, and then only GPUs of one host.
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,6 +35,73 @@ class _Gpu:
     @property
     def free(self) -> float:
         return round(self.usable - self.used, 3)
+
+
+_Row = tuple[float, int, int, tuple[str, int]]  # (free GiB, host order, GPU index, key)
+
+
+class _ByFree:
+    """The GPUs a replica without pins may take (those of no swap group), per GPU size, sorted by free memory.
+
+    A single-GPU replica's best fit among hosts without its model yet (the ranking `_best` starts with) is then a
+    bisect and a short walk, instead of a footprint and a rank for every GPU of the fleet: placement grew with
+    replicas × GPUs (issue 17). Kept in step with every booking by `take`.
+    """
+
+    def __init__(self, gpus: dict[tuple[str, int], _Gpu], grouped: dict[tuple[str, int], str], order: dict[str, int]):
+        self.gpus = gpus
+        self.order = order
+        self.rows: dict[float, list[_Row]] = {}  # GPU size → its GPUs' rows, ascending
+        for key, g in gpus.items():
+            if key not in grouped:
+                self.rows.setdefault(g.ref.vram_gib, []).append(self._row(key))
+        for rows in self.rows.values():
+            rows.sort()
+
+    def _row(self, key: tuple[str, int]) -> _Row:
+        return (self.gpus[key].free, self.order[key[0]], key[1], key)
+
+    def take(self, key: tuple[str, int], gib: float) -> None:
+        """Book ``gib`` on one GPU, and move its row."""
+        g = self.gpus[key]
+        rows = self.rows.get(g.ref.vram_gib, [])
+        row = self._row(key)
+        at = bisect.bisect_left(rows, row)
+        listed = at < len(rows) and rows[at] == row  # not where a pin put it on a swap group's GPU
+        if listed:
+            del rows[at]
+        g.used = round(g.used + gib, 3)
+        if listed:
+            bisect.insort(rows, self._row(key))
+
+    def best(
+        self, model: Model, est: Estimate, host_models: dict[str, set[str]], footprint: Callable[[list[GpuRef]], float]
+    ) -> list[tuple[str, int]] | None:
+        """The GPU `_best`'s ranking puts first when some host without a replica of ``model`` has one with room:
+        the least room left (rounded as `_best` rounds it), then host order, then index. None where no such GPU
+        has room (`_best` ranks every candidate then)."""
+        found: tuple[bool, bool, float, int, list[tuple[str, int]]] | None = None
+        for rows in self.rows.values():
+            if not rows:
+                continue
+            need = footprint([self.gpus[rows[0][3]].ref])
+            least: float | None = None
+            at = bisect.bisect_left(rows, (need,))
+            while at < len(rows):
+                free, order, _, key = rows[at]
+                left = round(free - need, 3)
+                if least is not None and left > least:
+                    break  # rows ascend by free, so by room left: nothing further ranks first
+                if model.name in host_models[key[0]]:
+                    at += 1
+                    continue
+                least = left
+                rank = (False, False, left, order, [key])
+                if found is None or rank < found:
+                    found = rank
+                # The rest with this much free come later in host order: the next that may rank first has more.
+                at = bisect.bisect_left(rows, (free, math.inf), at)
+        return None if found is None else found[4]
 
 
 @dataclass(frozen=True)
@@ -71,6 +140,7 @@ def place(fleet: Fleet, problem: ProblemAt) -> tuple[list[Placed], list[GpuUse]]
     slots: dict[tuple[str, str, tuple[str, ...]], int] = {}  # (model, host, GPU UUIDs) → replicas placed there
 
     grouped = _group_gpus(fleet)
+    by_free = _ByFree(gpus, grouped, host_order)
     requests = [(m, r, estimate(m)) for m in fleet.models if m.swap is None for r in range(m.replicas)]
     requests.sort(key=lambda x: (x[0].device == "cpu", -x[2].total_gib, -x[0].gpus_per_replica, x[0].name, x[1]))
     for model, replica, est in requests:
@@ -84,7 +154,7 @@ def place(fleet: Fleet, problem: ProblemAt) -> tuple[list[Placed], list[GpuUse]]
             settings = backends.get(model.backend).settings(model, est, [])
             placed.append(Placed(model, host, [], est, settings, slot))
             continue
-        choice = _best(model, est, hosts, gpus, host_order, grouped, host_models)
+        choice = _best(model, est, hosts, gpus, host_order, grouped, host_models, by_free)
         if isinstance(choice, str):
             problems.append(problem(("models", mi), f"model {model.name} replica {replica + 1}: {choice}"))
             continue
@@ -94,7 +164,7 @@ def place(fleet: Fleet, problem: ProblemAt) -> tuple[list[Placed], list[GpuUse]]
         where = (model.name, "", tuple(g.uuid for g in refs))  # GPU UUIDs are unique fleet-wide
         slot = slots[where] = slots.get(where, 0) + 1
         for key in choice:
-            gpus[key].used = round(gpus[key].used + footprint, 3)
+            by_free.take(key, footprint)
             gpus[key].models.add(model.name)
         host_models[refs[0].host].add(model.name)
         placed.append(Placed(model, refs[0].host, refs, est, settings, slot))
@@ -243,6 +313,20 @@ def _footprint(model: Model, est: Estimate, refs: list[GpuRef]) -> float:
     return float(settings.get("reserved_gib", est.total_gib))
 
 
+def _footprints(model: Model, est: Estimate) -> Callable[[list[GpuRef]], float]:
+    """`_footprint` for one replica, once per set of GPU sizes: what a backend books depends on its GPUs' sizes
+    only (vLLM's fraction of the smallest), and a fleet has few of those."""
+    seen: dict[tuple[float, ...], float] = {}
+
+    def of(refs: list[GpuRef]) -> float:
+        sizes = tuple(g.vram_gib for g in refs)
+        if sizes not in seen:
+            seen[sizes] = _footprint(model, est, refs)
+        return seen[sizes]
+
+    return of
+
+
 def _best(
     model: Model,
     est: Estimate,
@@ -251,17 +335,23 @@ def _best(
     host_order: dict[str, int],
     grouped: dict[tuple[str, int], str],
     host_models: dict[str, set[str]],
+    by_free: _ByFree,
 ) -> list[tuple[str, int]] | str:
     """``host_models``: the models with a replica on each host so far (a fleet-wide scan per candidate made
-    placement grow with replicas × GPUs², issue 17)."""
+    placement grow with replicas × GPUs², issue 17); ``by_free``: the unpinned GPUs by free memory, which answer
+    a single-GPU replica without pins at once where a host without its model has room."""
+    footprint = _footprints(model, est)
+    if model.gpus_per_replica == 1 and not model.placement:
+        quick = by_free.best(model, est, host_models, footprint)
+        if quick is not None:
+            return quick
     candidates = _candidates(model, hosts, gpus, grouped)
     if not candidates:
         where = "the pinned hosts" if model.placement else "any host"
         return f"needs {model.gpus_per_replica} GPU(s) of one host, and {where} has fewer"
     fitting = []
     for cand in candidates:
-        refs = [gpus[k].ref for k in cand]
-        need = _footprint(model, est, refs)
+        need = footprint([gpus[k].ref for k in cand])
         if all(gpus[k].free >= need for k in cand):
             host_has = model.name in host_models[cand[0][0]]
             gpu_has = any(model.name in gpus[k].models for k in cand)
@@ -270,7 +360,7 @@ def _best(
     if fitting:
         fitting.sort(key=lambda x: x[0])
         return fitting[0][1]
-    booked = _footprint(model, est, [gpus[k].ref for k in candidates[0]])
+    booked = footprint([gpus[k].ref for k in candidates[0]])
     lines = []
     for cand in candidates:
         parts = []

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from controller.errors import PlanError
-from controller.plan import make_plan, slug
+from controller.plan import make_plan, placement, slug
 from controller.plan.vram import estimate
 from controller.spec import load_spec
 from tests.helpers import MINIMAL, write_spec
@@ -215,3 +216,88 @@ def test_monitoring_ports_collide_like_any_other(tmp_path: Path) -> None:
         "gateway.ports.prometheus: host ws: port 9090 for gateway prometheus is already taken by gateway gatekeeper"
         in line
     )
+
+
+def random_fleet(seed: int) -> dict[str, Any]:
+    """A fleet of mixed GPU sizes, vLLM and llama.cpp models of mixed sizes, some tensor-parallel, some pinned,
+    some with more replicas than hosts (so hosts and GPUs hold two of one model), and a swap group."""
+    rng = random.Random(seed)
+    hosts = []
+    for h in range(rng.randint(2, 7)):
+        sizes = [rng.choice([12, 16, 24, 24, 48]) for _ in range(rng.randint(1, 4))]
+        gpus = [
+            {"uuid": f"GPU-{h:08x}-{g:04x}-4000-8000-{seed:012x}", "name": "Test GPU", "vram_gib": v}
+            for g, v in enumerate(sizes)
+        ]
+        hosts.append(
+            {
+                "name": f"h{h}",
+                "address": f"10.80.0.{h + 1}",
+                "ssh": f"ops@h{h}.example.org",
+                "endpoint": f"h{h}.example.org:51820",
+                "gpus": gpus,
+            }
+        )
+    models: list[dict[str, Any]] = []
+    for m in range(rng.randint(3, 10)):
+        params = rng.choice([0.5, 1.5, 3.0, 7.0, 8.0])
+        model: dict[str, Any] = {
+            "name": f"m{m}",
+            "backend": rng.choice(["vllm", "llamacpp"]),
+            "arch": {"layers": 24, "kv_heads": 4, "head_dim": 64, "params_b": params},
+            "context": rng.choice([2048, 4096, 8192]),
+            "parallel": rng.choice([1, 2, 4]),
+            "replicas": rng.randint(1, 4),
+        }
+        model["source"] = {"huggingface": f"org/m{m}"} if model["backend"] == "vllm" else {"gguf": f"m{m}.gguf"}
+        roll = rng.random()
+        if roll < 0.15 and model["backend"] == "vllm":
+            model["gpus_per_replica"] = 2
+        elif roll < 0.3:
+            host = rng.choice(hosts)
+            model["placement"] = [{"host": host["name"]}]
+        models.append(model)
+    first = hosts[0]
+    swap = []
+    if len(first["gpus"]) > 1 and seed % 3 == 0:  # h0's first GPU is a swap group's: no replica above may take it
+        swap = [{"name": "g", "host": first["name"], "gpus": [0]}]
+        models.append(
+            {
+                "name": "od",
+                "backend": "llamacpp",
+                "source": {"gguf": "od.gguf"},
+                "arch": {"layers": 24, "kv_heads": 4, "head_dim": 64, "params_b": 0.5},
+                "context": 2048,
+                "swap": {"group": "g"},
+            }
+        )
+    return {
+        **copy.deepcopy(MINIMAL),
+        "mesh": {"kind": "wireguard", "subnet": "10.80.0.0/16", "listen_port": 51820},
+        "hosts": hosts,
+        "secrets": {"hf_token_file": "/etc/fleet/secrets/hf_token"},
+        "models": models,
+        "swap_groups": swap,
+        "gateway": {**MINIMAL["gateway"], "host": first["name"]},
+    }
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_the_placement_index_picks_what_ranking_every_gpu_picks(
+    tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index of GPUs by free memory (placement._ByFree, issue 17) answers single-GPU replicas without a scan;
+    with it answering nothing, `_best` ranks every candidate as before. Both give the same plan, or the same
+    refusal, on random fleets."""
+    data = random_fleet(seed)
+
+    def outcome() -> list[tuple[str, str, tuple[str, ...]]] | str:
+        try:
+            plan = plan_of(tmp_path, data)
+        except PlanError as exc:
+            return "\n".join([str(exc), *exc.lines()])
+        return sorted((w.name, w.host, tuple(g.uuid for g in w.gpus)) for w in plan.workers)
+
+    indexed = outcome()
+    monkeypatch.setattr(placement._ByFree, "best", lambda *_: None)
+    assert outcome() == indexed
