@@ -6,6 +6,7 @@ renderers read typed fields. The plan carries the spec it came from.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -115,16 +116,33 @@ class Plan(PlanModel):
         return self.fleet.host(name)
 
     def model(self, name: str) -> Model:
-        for model in self.fleet.models:
-            if model.name == name:
-                return model
-        raise KeyError(name)
+        return self._models[name]  # KeyError for a model not in the spec
 
     def workers_on(self, host: str) -> list[Worker]:
-        return [w for w in self.workers if w.host == host]
+        return list(self._by_host.get(host, ()))
 
     def workers_of(self, model: str) -> list[Worker]:
-        return [w for w in self.workers if w.model == model]
+        return list(self._by_model.get(model, ()))
+
+    # Indexes made once per plan (a plan is frozen): renderers ask these for every worker, and a walk of the
+    # fleet's models or workers each time made a large fleet's render grow with its square (issue 17).
+    @functools.cached_property
+    def _models(self) -> dict[str, Model]:
+        return {m.name: m for m in self.fleet.models}
+
+    @functools.cached_property
+    def _by_host(self) -> dict[str, list[Worker]]:
+        out: dict[str, list[Worker]] = {}
+        for w in self.workers:
+            out.setdefault(w.host, []).append(w)
+        return out
+
+    @functools.cached_property
+    def _by_model(self) -> dict[str, list[Worker]]:
+        out: dict[str, list[Worker]] = {}
+        for w in self.workers:
+            out.setdefault(w.model, []).append(w)
+        return out
 
     def on_demand(self) -> list[Worker]:
         """Workers the swap coordinator loads and unloads (their model has `swap`), always-resident ones included."""

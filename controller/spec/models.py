@@ -8,6 +8,7 @@ after parsing, in ``controller.spec.refs``.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Annotated, Literal
@@ -771,7 +772,9 @@ class Fleet(StrictModel):
         return self
 
     def host(self, name: str) -> Host:
-        for host in self.hosts or []:
-            if host.name == name:
-                return host
-        raise KeyError(name)
+        return self._hosts[name]  # KeyError for a host not in the spec
+
+    @functools.cached_property
+    def _hosts(self) -> dict[str, Host]:
+        """Hosts by name, made once (the spec is frozen): renderers ask for every worker's host."""
+        return {h.name: h for h in self.hosts or []}
