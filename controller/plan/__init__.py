@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable
 
 from controller.errors import PlanError, Problem
+from controller.gcpause import collector_paused
 from controller.plan.models import GpuUse, Plan, Worker
 from controller.plan.placement import Placed, place
 from controller.spec.load import LoadedSpec
@@ -18,6 +19,7 @@ from controller.spec.models import Fleet
 ProblemAt = Callable[[tuple[str | int, ...], str], Problem]
 
 
+@collector_paused()
 def make_plan(spec: LoadedSpec) -> Plan:
     return plan_fleet(spec.fleet, spec.locations.problem)
 

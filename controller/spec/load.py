@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from controller.errors import Problem, SpecError
+from controller.gcpause import collector_paused
 from controller.spec import arch as arch_mod
 from controller.spec import refs
 from controller.spec.models import Fleet
@@ -51,6 +52,7 @@ class LoadedSpec:
         return self.path.parent
 
 
+@collector_paused()
 def load_spec(path: str | Path) -> LoadedSpec:
     """Read, validate and cross-check a fleet file; raise ``SpecError`` listing every problem."""
     spec_path = Path(path)
