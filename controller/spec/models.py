@@ -749,13 +749,13 @@ class Fleet(StrictModel):
     version: Annotated[Literal[1], Field(description="Spec format version.")]
     name: Name
     mesh: Mesh
-    hosts: Annotated[list[Host] | None, Field(max_length=256)] = None
+    hosts: Annotated[list[Host] | None, Field(max_length=2048)] = None
     hosts_file: Annotated[
         str | None, Field(description="A YAML file (relative to this one) with a `hosts:` list, instead of `hosts`.")
     ] = None
     images: Images = Images()
     secrets: Secrets = Secrets()
-    models: Annotated[list[Model], Field(min_length=1, max_length=256)]
+    models: Annotated[list[Model], Field(min_length=1, max_length=2048)]
     swap_groups: Annotated[
         list[SwapGroup], Field(max_length=64, description="GPUs shared by on-demand models (`models[].swap`).")
     ] = []

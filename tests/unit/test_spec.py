@@ -259,3 +259,19 @@ def test_arch_missing_numbers(tmp_path: Path) -> None:
     path = write_spec(tmp_path / "f.yaml", data)
     (line,) = problems(path)
     assert "model m8b: unknown kv_heads, head_dim, params_b" in line
+
+
+def test_a_fleet_of_more_than_2048_hosts_is_refused_with_the_bound(tmp_path: Path) -> None:
+    """The spec holds fleets of up to 2,048 hosts (bench/control_plane.py plans and renders 1,000); past that, one
+    line names the field and the bound."""
+    hosts = [
+        {"name": f"h{i}", "address": f"10.80.{i // 250}.{i % 250 + 2}", "ssh": f"ops@h{i}", "endpoint": f"h{i}:51820"}
+        for i in range(2049)
+    ]
+    data = spec_with(mesh={"kind": "wireguard", "subnet": "10.80.0.0/16", "listen_port": 51820}, hosts=hosts)
+    data["gateway"] = {**data["gateway"], "host": "h0"}
+    data["models"] = [{**data["models"][0], "backend": "llamacpp", "source": {"gguf": "m.gguf"}, "device": "cpu"}]
+    with pytest.raises(SpecError) as caught:
+        load_spec(write_spec(tmp_path / "f.yaml", data))
+    (line,) = caught.value.lines()
+    assert "hosts: List should have at most 2048 items" in line and "not 2049" in line
