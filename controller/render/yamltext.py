@@ -111,18 +111,32 @@ def _anchors(doc: Any) -> dict[int, str]:
     return anchors
 
 
+class _Shared(Exception):
+    """A mapping or list met twice: the document needs anchors (`_anchors`)."""
+
+
 def _events(doc: Any, token: str, longs: list[tuple[str, str]]) -> list[Event]:
     """The events PyYAML's SafeDumper emits for ``doc``; a string longer than `LONG` that is a mapping's value
-    becomes the placeholder ``token`` + its number in ``longs``, which keeps (key, string)."""
-    anchors = _anchors(doc)
+    becomes the placeholder ``token`` + its number in ``longs``, which keeps (key, string). Most documents share
+    no part, so they are walked once without anchors; one that does is walked again with them."""
+    try:
+        return _walk(doc, token, longs, None)
+    except _Shared:
+        longs.clear()
+        return _walk(doc, token, longs, _anchors(doc))
+
+
+STR = _TAG + "str"
+
+
+def _walk(doc: Any, token: str, longs: list[tuple[str, str]], anchors: dict[int, str] | None) -> list[Event]:
     done: set[int] = set()
     out: list[Event] = [StreamStartEvent(), DocumentStartEvent(explicit=False)]
     emit = out.append
+    implicit = _implicit
 
-    def scalar(tag: str, value: str) -> None:
-        emit(ScalarEvent(None, tag, _implicit(tag, value), value))
-
-    def node(data: Any, key: Any = None, is_key: bool = False) -> None:
+    def scalar(data: Any, key: Any, is_key: bool) -> ScalarEvent:
+        """A scalar's event; the strings and keys `container` does not make itself."""
         kind = type(data)
         if kind is str:
             if is_key and not data:
@@ -132,37 +146,62 @@ def _events(doc: Any, token: str, longs: list[tuple[str, str]]) -> list[Event]:
                     raise _PureOnly
                 longs.append((key, data))
                 data = f"{token}{len(longs) - 1}"
-            scalar(_TAG + "str", data)
-        elif kind is dict or kind is list:
-            at = id(data)
-            anchor = anchors.get(at)
-            if anchor is not None and at in done:
-                emit(AliasEvent(anchor))
-                return
-            done.add(at)
-            if kind is dict:
-                emit(MappingStartEvent(anchor, _TAG + "map", True, flow_style=False))
-                for k, v in data.items():
-                    node(k, is_key=True)
-                    node(v, key=k)
-                emit(MappingEndEvent())
-            else:
-                emit(SequenceStartEvent(anchor, _TAG + "seq", True, flow_style=False))
-                for v in data:
-                    node(v)
-                emit(SequenceEndEvent())
+            tag = STR
         elif kind is bool:
-            scalar(_TAG + "bool", "true" if data else "false")
+            tag, data = _TAG + "bool", "true" if data else "false"
         elif kind is int:
-            scalar(_TAG + "int", str(data))
+            tag, data = _TAG + "int", str(data)
         elif kind is float:
-            scalar(_TAG + "float", _float(data))
+            tag, data = _TAG + "float", _float(data)
         elif data is None:
-            scalar(_TAG + "null", "null")
+            tag, data = _TAG + "null", "null"
         else:
             raise _PureOnly  # anything else (a subclass, a tuple): the representer says what it makes of it
+        return ScalarEvent(None, tag, implicit(tag, data), data)
 
-    node(doc)
+    def container(data: Any) -> None:
+        at = id(data)
+        anchor = None
+        if at in done:
+            if anchors is None:
+                raise _Shared
+            emit(AliasEvent(anchors[at]))
+            return
+        done.add(at)
+        if anchors is not None:
+            anchor = anchors.get(at)
+        # The common cases (a short string key, a short string or a container value) without a call each.
+        if type(data) is dict:
+            emit(MappingStartEvent(anchor, _TAG + "map", True, flow_style=False))
+            for k, v in data.items():
+                if type(k) is str and 0 < len(k) <= LONG:
+                    emit(ScalarEvent(None, STR, implicit(STR, k), k))
+                else:
+                    emit(scalar(k, None, True))
+                kind = type(v)
+                if kind is str and len(v) <= LONG:
+                    emit(ScalarEvent(None, STR, implicit(STR, v), v))
+                elif kind is dict or kind is list:
+                    container(v)
+                else:
+                    emit(scalar(v, k, False))
+            emit(MappingEndEvent())
+        else:
+            emit(SequenceStartEvent(anchor, _TAG + "seq", True, flow_style=False))
+            for v in data:
+                kind = type(v)
+                if kind is str and len(v) <= LONG:
+                    emit(ScalarEvent(None, STR, implicit(STR, v), v))
+                elif kind is dict or kind is list:
+                    container(v)
+                else:
+                    emit(scalar(v, None, False))
+            emit(SequenceEndEvent())
+
+    if type(doc) is dict or type(doc) is list:
+        container(doc)
+    else:
+        emit(scalar(doc, None, False))
     out += [DocumentEndEvent(explicit=False), StreamEndEvent()]
     return out
 
