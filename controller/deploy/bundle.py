@@ -133,18 +133,20 @@ class Secrets:
 
 def build(plan: Plan, loaded: LoadedSpec, secrets: Secrets, mesh_files: dict[str, str]) -> dict[str, HostBundle]:
     """Every host's bundle, by host name (hosts in spec order)."""
-    rendered = render_all(plan)
     spec_text = resolved_spec(loaded).encode()
+    views = spec_views(plan)
+    # Each host's files (paths `<host>/…`), sorted out once: a walk of the whole fleet's files for every host made
+    # a large fleet's deploy grow with its square (issue 17).
+    files: dict[str, list[tuple[str, str]]] = {}
+    for rel, text in [*render_all(plan).items(), *mesh_files.items()]:
+        host_name, _, inside = rel.partition("/")
+        if inside:
+            files.setdefault(host_name, []).append((inside, text))
     out: dict[str, HostBundle] = {}
     for host in plan.fleet.hosts or []:
         b = HostBundle(host.name, host.runtime)
-        prefix = f"{host.name}/"
-        for rel, text in rendered.items():
-            if rel.startswith(prefix):
-                b.add(RemoteFile(_remote_path(rel[len(prefix) :]), None, text.encode()))
-        for rel, text in mesh_files.items():
-            if rel.startswith(prefix):
-                b.add(RemoteFile(_remote_path(rel[len(prefix) :]), None, text.encode()))
+        for inside, text in files.get(host.name, []):
+            b.add(RemoteFile(_remote_path(inside), None, text.encode()))
         b.add(RemoteFile(SPEC_PATH, None, spec_text))
         for name in (KEY_FILE, SDS_FILE):
             b.add(RemoteFile(f"{SECRETS_HOST_DIR}/{name}", secrets.worker_dir / name, mode=0o600, secret=True))
@@ -174,7 +176,7 @@ def build(plan: Plan, loaded: LoadedSpec, secrets: Secrets, mesh_files: dict[str
                 )
         containers = host_containers(plan, host.name)
         b.workers = [w.name for w in plan.workers_on(host.name)]
-        b.seal(containers, spec_views(plan))
+        b.seal(containers, views)
         out[host.name] = b
     return out
 
