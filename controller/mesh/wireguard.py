@@ -373,14 +373,18 @@ def mesh_hosts(
             decode_key(public_keys[h.name])
         except ValueError as exc:
             raise MeshKeyError(f"host {h.name}: public key is not a WireGuard key ({exc})") from exc
+    # Every host is every other's peer (a full mesh: its configs grow with the square of the hosts); what a peer
+    # is does not depend on whose config it is in, so it is worked out once per host.
+    ends = {h.name: dial_endpoint(h, mesh.listen_port) for h in hosts}
+    ips = {h.name: f"{h.address}/32" for h in hosts}
     out: list[HostMesh] = []
     for host in hosts:
         peers = tuple(
             Peer(
                 name=peer.name,
                 public_key=public_keys[peer.name],
-                allowed_ips=f"{peer.address}/32",
-                endpoint=dial_endpoint(peer, mesh.listen_port),
+                allowed_ips=ips[peer.name],
+                endpoint=ends[peer.name],
                 keepalive=KEEPALIVE_S if not host.endpoint and peer.endpoint else None,
             )
             for peer in hosts
@@ -393,7 +397,7 @@ def mesh_hosts(
                 address=f"{host.address}/{mesh.subnet.prefixlen}",
                 listen_port=mesh.listen_port,
                 public_key=public_keys[host.name],
-                endpoint=dial_endpoint(host, mesh.listen_port),
+                endpoint=ends[host.name],
                 peers=peers,
             )
         )
