@@ -7,6 +7,7 @@ renderers read typed fields. The plan carries the spec it came from.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -132,17 +133,11 @@ class Plan(PlanModel):
 
     @functools.cached_property
     def _by_host(self) -> dict[str, list[Worker]]:
-        out: dict[str, list[Worker]] = {}
-        for w in self.workers:
-            out.setdefault(w.host, []).append(w)
-        return out
+        return _grouped(self.workers, lambda w: w.host)
 
     @functools.cached_property
     def _by_model(self) -> dict[str, list[Worker]]:
-        out: dict[str, list[Worker]] = {}
-        for w in self.workers:
-            out.setdefault(w.model, []).append(w)
-        return out
+        return _grouped(self.workers, lambda w: w.model)
 
     def on_demand(self) -> list[Worker]:
         """Workers the swap coordinator loads and unloads (their model has `swap`), always-resident ones included."""
@@ -184,3 +179,11 @@ class Plan(PlanModel):
                 for g in self.gpus
             ],
         }
+
+
+def _grouped(workers: list[Worker], key: Callable[[Worker], str]) -> dict[str, list[Worker]]:
+    """``workers`` by ``key``, each group in plan order."""
+    out: dict[str, list[Worker]] = {}
+    for w in workers:
+        out.setdefault(key(w), []).append(w)
+    return out

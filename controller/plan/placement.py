@@ -75,7 +75,7 @@ class _ByFree:
             bisect.insort(rows, self._row(key))
 
     def best(
-        self, model: Model, est: Estimate, host_models: dict[str, set[str]], footprint: Callable[[list[GpuRef]], float]
+        self, model: Model, host_models: dict[str, set[str]], footprint: Callable[[list[GpuRef]], float]
     ) -> list[tuple[str, int]] | None:
         """The GPU `_best`'s ranking puts first when some host without a replica of ``model`` has one with room:
         the least room left (rounded as `_best` rounds it), then host order, then index. None where no such GPU
@@ -342,7 +342,7 @@ def _best(
     a single-GPU replica without pins at once where a host without its model has room."""
     footprint = _footprints(model, est)
     if model.gpus_per_replica == 1 and not model.placement:
-        quick = by_free.best(model, est, host_models, footprint)
+        quick = by_free.best(model, host_models, footprint)
         if quick is not None:
             return quick
     candidates = _candidates(model, hosts, gpus, grouped)

@@ -13,6 +13,7 @@ sends the whole document to the pure emitter. tests/unit/test_render_yaml.py com
 from __future__ import annotations
 
 import functools
+import itertools
 import uuid
 from typing import Any
 
@@ -37,6 +38,8 @@ LONG = LINE_WIDTH // 2  # a string longer than this may be folded by the pure em
 _C_DUMPER = getattr(yaml, "CSafeDumper", None)  # libyaml's, where PyYAML's wheel has it
 _RESOLVER = yaml.resolver.Resolver()
 _TAG = "tag:yaml.org,2002:"
+STR = _TAG + "str"
+_NO_KEY = object()  # a list item's "key" in `_walk`'s one loop over mapping pairs and list items
 
 
 def pure(doc: Any) -> str:
@@ -126,9 +129,6 @@ def _events(doc: Any, token: str, longs: list[tuple[str, str]]) -> list[Event]:
         return _walk(doc, token, longs, _anchors(doc))
 
 
-STR = _TAG + "str"
-
-
 def _walk(doc: Any, token: str, longs: list[tuple[str, str]], anchors: dict[int, str] | None) -> list[Event]:
     done: set[int] = set()
     out: list[Event] = [StreamStartEvent(), DocumentStartEvent(explicit=False)]
@@ -170,33 +170,26 @@ def _walk(doc: Any, token: str, longs: list[tuple[str, str]], anchors: dict[int,
         done.add(at)
         if anchors is not None:
             anchor = anchors.get(at)
-        # The common cases (a short string key, a short string or a container value) without a call each.
-        if type(data) is dict:
+        mapping = type(data) is dict
+        if mapping:
             emit(MappingStartEvent(anchor, _TAG + "map", True, flow_style=False))
-            for k, v in data.items():
+        else:
+            emit(SequenceStartEvent(anchor, _TAG + "seq", True, flow_style=False))
+        # The common cases (a short string key, a short string or a container value) without a call each.
+        for k, v in data.items() if mapping else zip(itertools.repeat(_NO_KEY), data):
+            if k is not _NO_KEY:
                 if type(k) is str and 0 < len(k) <= LONG:
                     emit(ScalarEvent(None, STR, implicit(STR, k), k))
                 else:
                     emit(scalar(k, None, True))
-                kind = type(v)
-                if kind is str and len(v) <= LONG:
-                    emit(ScalarEvent(None, STR, implicit(STR, v), v))
-                elif kind is dict or kind is list:
-                    container(v)
-                else:
-                    emit(scalar(v, k, False))
-            emit(MappingEndEvent())
-        else:
-            emit(SequenceStartEvent(anchor, _TAG + "seq", True, flow_style=False))
-            for v in data:
-                kind = type(v)
-                if kind is str and len(v) <= LONG:
-                    emit(ScalarEvent(None, STR, implicit(STR, v), v))
-                elif kind is dict or kind is list:
-                    container(v)
-                else:
-                    emit(scalar(v, None, False))
-            emit(SequenceEndEvent())
+            kind = type(v)
+            if kind is str and len(v) <= LONG:
+                emit(ScalarEvent(None, STR, implicit(STR, v), v))
+            elif kind is dict or kind is list:
+                container(v)
+            else:
+                emit(scalar(v, k, False))  # a long list item (its key _NO_KEY): the pure emitter's
+        emit(MappingEndEvent() if mapping else SequenceEndEvent())
 
     if type(doc) is dict or type(doc) is list:
         container(doc)
