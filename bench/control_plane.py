@@ -172,11 +172,12 @@ def envoy_at(hosts: int) -> dict[str, Any]:
     loopback address 127.80.x.y, so its health checks stay on this machine): seconds to `/ready`, resident memory, and the clusters and endpoints it holds."""
     import httpx
 
+    from bench.procs import rss_mib
     from controller.plan import make_plan
     from controller.render import render_all
     from controller.spec import load_spec
     from tests.envoy_static import static_bootstrap
-    from tests.stubs import free_ports
+    from tests.stubs import free_ports, wait_ready
 
     envoy = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
     with tempfile.TemporaryDirectory(prefix="bench-envoy-") as tmp:
@@ -225,30 +226,23 @@ def envoy_at(hosts: int) -> dict[str, Any]:
                     f"envoy --mode validate refused the {hosts}-host configuration:\n{valid.stderr[-3000:]}"
                 )
             began = time.monotonic()
-            proc = subprocess.Popen(
-                [envoy, "-c", str(checked), "--log-level", "warn", "--base-id", str(admin)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+            log = folder / "envoy.log"
+            with log.open("wb") as out:
+                proc = subprocess.Popen(
+                    [envoy, "-c", str(checked), "--log-level", "warn", "--base-id", str(admin)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
             try:
+                try:
+                    wait_ready(f"http://127.0.0.1:{admin}/ready", proc, log, timeout=120)
+                except RuntimeError as exc:  # it exited, or never got ready: what its log said, no traceback
+                    raise SystemExit(f"envoy with the {hosts}-host configuration: {exc}") from None
+                ready_s = time.monotonic() - began
                 with httpx.Client(base_url=f"http://127.0.0.1:{admin}", timeout=5, trust_env=False) as http:
-                    while True:
-                        if proc.poll() is not None:
-                            raise SystemExit(f"envoy exited with {proc.returncode}: {proc.stderr.read()[-3000:]}")
-                        try:
-                            if http.get("/ready").status_code == 200:
-                                break
-                        except httpx.HTTPError:
-                            pass
-                        if time.monotonic() - began > 120:
-                            raise SystemExit("envoy was not ready within 120 s")
-                        time.sleep(0.02)
-                    ready_s = time.monotonic() - began
                     clusters = http.get("/clusters", params={"format": "json"}).json().get("cluster_statuses") or []
-                    inotify = sum(1 for fd in Path(f"/proc/{proc.pid}/fd").iterdir() if _is_inotify(fd))
-                    status = Path(f"/proc/{proc.pid}/status").read_text()
-                    rss_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+                inotify = sum(1 for fd in Path(f"/proc/{proc.pid}/fd").iterdir() if _is_inotify(fd))
+                rss = rss_mib({"envoy": proc.pid})["envoy"]
             finally:
                 proc.terminate()
                 proc.wait(30)
@@ -256,7 +250,7 @@ def envoy_at(hosts: int) -> dict[str, Any]:
         "hosts": hosts,
         "validate_s": round(validate_s, 2),
         "ready_s": round(ready_s, 2),
-        "rss_mib": round(rss_kib / 1024, 1),
+        "rss_mib": rss,
         "clusters": len(clusters),
         "endpoints": sum(len(c.get("host_statuses") or []) for c in clusters),
         "endpoints_rendered": endpoints,
