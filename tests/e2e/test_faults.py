@@ -114,23 +114,35 @@ def test_only_replica_down_is_fast_503(stack: Stack) -> None:
 def test_more_requests_than_the_circuit_breaker_allows(stack: Stack) -> None:
     """tiny-chat: 2 replicas × 2 slots; the breaker bounds what is admitted at once, the rest get a clear 503.
 
-    All requests are released at once by a barrier; each is a long stream that the client reads to its end.
+    All requests are released at once by a barrier; each is a stream that the client reads to its end. The breaker
+    admits 2 connections per slot plus as many pending, 16 in all, of which 4 generate at once, so the last admitted
+    waits about four streams for its first byte: the streams are of 1500 tokens (2-5 s each with four at once on a
+    2-core machine), long enough that every request is sent before the first ends (checked: the bound holds only
+    for requests that were in flight together), and the client's timeout covers the wait.
     """
     results: list[tuple[int, dict[str, Any] | None]] = []
+    sent: list[float] = []
+    ended: list[float] = []
     started = threading.Barrier(24, timeout=60)
-    body = LONG_STREAM
+    body = {**LONG_STREAM, "max_tokens": 1500}
     auth = {"Authorization": f"Bearer {stack.key}"}
 
     def one(_: int) -> None:
-        with stack.http() as client:
+        with stack.http(timeout=120) as client:
             client.get(f"{stack.root}/")  # connect and handshake first, so the requests themselves race
             started.wait()
+            sent.append(time.monotonic())
             with client.stream("POST", f"{stack.base_url}/chat/completions", json=body, headers=auth) as response:
                 data = response.read()  # admitted streams are read to their end
+                if response.status_code == 200:
+                    ended.append(time.monotonic())
                 results.append((response.status_code, json.loads(data) if response.status_code != 200 else None))
 
     with ThreadPoolExecutor(max_workers=24) as pool:
         list(pool.map(one, range(24)))
+    assert ended and min(ended) > max(sent), (
+        f"a stream ended {max(sent) - min(ended):.2f}s before the last request was sent: they did not all overlap"
+    )
     codes = sorted(code for code, _ in results)
     assert set(codes) <= {200, 503}, codes
     overloaded = [body for code, body in results if code == 503]
