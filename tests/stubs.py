@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import socket
 import subprocess
 import sys
@@ -51,11 +52,12 @@ def gateway_ports(exclude: Iterable[int] = ()) -> dict[str, int]:
 
 
 def free_port_run(count: int) -> int:
-    """A base port with ``count`` consecutive free ports after it."""
+    """A base port with ``count`` consecutive free ports after it, below the kernel's ephemeral range: a run picked
+    inside it is free when picked, but any outgoing connection may take one of its ports before the test binds it
+    (an Ollama double once failed with "Address already in use" that way)."""
+    low = _ephemeral_low()
     for _ in range(200):
-        base = free_port()
-        if base + count > 65000:
-            continue
+        base = random.randrange(10000, max(10001, low - count))
         try:
             socks = []
             for port in range(base, base + count):
@@ -69,6 +71,14 @@ def free_port_run(count: int) -> int:
             for s in socks:
                 s.close()
     raise RuntimeError("no run of free ports")
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections (net.ipv4.ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 class StubWorker:
