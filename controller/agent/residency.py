@@ -7,6 +7,7 @@ the workers of its host's plan whose model has `swap`, through each backend's ow
     llama.cpp  start its container, wait until /health is 200   stop its container (SIGTERM, then the timeout)
     vLLM       first load: start its container, as llama.cpp;   sleep at level 1 (`WorkerClient.unload`: refused
                after that: wake up (`WorkerClient.load`)        while requests run; the coordinator drains first)
+               with `swap.unload: stop`: as llama.cpp           with `swap.unload: stop`: as llama.cpp
     Ollama     `WorkerClient.load` (keep_alive -1)              `WorkerClient.unload` (keep_alive 0)
 
 Containers are the plan's (`fleet-<worker>`, controller/render/containers.py), reached through the Docker Engine
@@ -289,7 +290,8 @@ class Residency:
                 self._backend(lambda: client.load(model), f"loading {model.name} into Ollama worker {worker.name}")
             return f"loaded {model.name} (keep_alive -1)"
         name = container_name(worker)
-        status = self._status(worker, required=worker.backend == "llamacpp")
+        restarts = backends.unloads_by_stopping(model)
+        status = self._status(worker, required=restarts)
         if status is None:  # vLLM in no container of this engine (a process of its own): it must be running
             with self._client(worker) as client:
                 if not client.healthy():
@@ -306,7 +308,7 @@ class Residency:
             return f"started container {name}"
         else:  # running: it may still be starting, then a vLLM worker may be asleep
             self._wait_healthy(worker, deadline, stop_on_failure=False)
-        if worker.backend == "llamacpp":
+        if restarts:
             return "already running"
         with self._client(worker) as client:
             if not self._vllm_sleeping(client, model):  # None: no development mode, so it cannot be asleep
@@ -320,8 +322,9 @@ class Residency:
                 self._backend(lambda: client.unload(model), f"unloading {model.name} from Ollama worker {worker.name}")
             return UNLOADED, f"unloaded {model.name} (keep_alive 0)"
         name = container_name(worker)
-        status = self._status(worker, required=worker.backend == "llamacpp")
-        if worker.backend == "llamacpp":
+        restarts = backends.unloads_by_stopping(model)
+        status = self._status(worker, required=restarts)
+        if restarts:
             if status != "running":
                 return UNLOADED, f"container {name} was not running ({status})"
             self._engine_do(lambda engine: engine.stop(name, self.stop_timeout_s))

@@ -48,6 +48,13 @@ class Backend(Protocol):
         ...
 
 
+def unloads_by_stopping(model: Model) -> bool:
+    """Whether an on-demand model's worker is unloaded by stopping it (and loaded by starting it): llama.cpp's
+    always (a single-model llama-server cannot unload), vLLM's with `swap.unload: stop`; a sleeping vLLM and
+    Ollama keep their process."""
+    return model.backend == "llamacpp" or (model.swap is not None and model.swap.unload == "stop")
+
+
 # Runs a program with one environment variable set from a file: for a backend that reads its API key only
 # from the environment (vLLM's VLLM_API_KEY), so the secret is in no command line, unit file or log. No `$`
 # or `%`, which unit files and shells would expand. argv: VARIABLE FILE PROGRAM [ARGS...]

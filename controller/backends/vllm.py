@@ -86,8 +86,9 @@ class VLLM:
 
     @staticmethod
     def dev_mode(model: Model) -> bool:
-        """Whether the model's workers run in development mode with sleep mode: on-demand ones (`swap`)."""
-        return model.swap is not None
+        """Whether the model's workers run in development mode with sleep mode: on-demand ones (`swap`) that
+        unload by sleeping (not `unload: stop`)."""
+        return model.swap is not None and model.swap.unload != "stop"
 
     @staticmethod
     def sleep_mode(model: Model) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from controller.cli.common import JsonOpt, SpecArg, console, emit_json, load_plan
-from controller.plan.models import Plan, Worker
+from controller.plan.models import Plan
 
 
 def plan(spec: SpecArg, as_json: JsonOpt = False) -> None:
@@ -82,7 +82,15 @@ def swap_lines(plan: Plan) -> list[str]:
             continue
         members = [by_name[n] for n in use.workers if plan.model(by_name[n].model).swap is not None]
         listed = ", ".join(
-            f"{w.model} {w.footprint_gib:.2f}" + (" (always resident)" if _always(plan, w) else "") for w in members
+            f"{w.model} {w.footprint_gib:.2f}"
+            + (
+                " (always resident)"
+                if plan.always_resident(w)
+                else f" ({w.asleep_gib:.2f} kept asleep)"
+                if w.asleep_gib
+                else ""
+            )
+            for w in members
         )
         at_once = plan.resident_at_most(use)
         lines.append(
@@ -91,8 +99,3 @@ def swap_lines(plan: Plan) -> list[str]:
             f"({', '.join(by_name[n].model for n in at_once)})"
         )
     return lines
-
-
-def _always(plan: Plan, worker: Worker) -> bool:
-    swap = plan.model(worker.model).swap
-    return swap is not None and swap.resident == "always"

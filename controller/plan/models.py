@@ -38,7 +38,8 @@ class Estimate(PlanModel):
     # Not a term: the part of total_gib that vLLM takes outside `--gpu-memory-utilization` (its CUDA context
     # and CUDA graphs), so the fraction comes from total_gib less this while the GPU books all of total_gib.
     outside_utilization_gib: float = 0.0
-    # Not a term: what a sleeping vLLM worker (sleep level 1) still holds on each GPU; None for other backends.
+    # Not a term: what a sleeping vLLM worker (sleep level 1) still holds on each GPU; None for other backends and
+    # for a vLLM model that unloads by stopping (`swap.unload: stop`).
     sleep_residue_gib: float | None = None
 
     def terms(self) -> dict[str, float]:
@@ -91,6 +92,12 @@ class Worker(PlanModel):
     def footprint_gib(self) -> float:
         """Memory this worker will actually take on each of its GPUs."""
         return float(self.settings.get("reserved_gib", self.estimate.total_gib))
+
+    @property
+    def asleep_gib(self) -> float:
+        """Memory it keeps on each of its GPUs while unloaded: a sleeping vLLM's residue (its process stays up),
+        nothing for the backends that unload by stopping (llama.cpp) or by freeing the model (Ollama)."""
+        return min(self.footprint_gib, self.estimate.sleep_residue_gib or 0.0)
 
 
 class GpuUse(PlanModel):
@@ -145,21 +152,31 @@ class Plan(PlanModel):
 
     def resident_at_most(self, use: GpuUse) -> list[str]:
         """The most on-demand workers of a swap group's GPU that can be resident at once: the smallest first, up to
-        what the group may fill (always-resident ones count in)."""
+        what the group may fill (always-resident ones count in, and every sleeping vLLM's residue is held
+        whichever are loaded)."""
         if use.swap_capacity_gib is None:
             return []
-        by_name = {w.name: w for w in self.workers}
+        workers = [w for n in use.workers if (w := self._by_name.get(n)) and self.model(w.model).swap is not None]
+        always = {w.name for w in workers if self.always_resident(w)}
 
-        def order(w: Worker) -> tuple[bool, float, str]:
-            swap = self.model(w.model).swap
-            return (swap is None or swap.resident != "always", w.footprint_gib, w.name)
+        def extra(w: Worker) -> float:  # what loading it adds to what it holds unloaded
+            return w.footprint_gib - (0.0 if w.name in always else w.asleep_gib)
 
-        room, out = use.swap_capacity_gib, []
-        for w in sorted((by_name[n] for n in use.workers if n in by_name), key=order):
-            if w.footprint_gib <= room + 1e-9:
-                room -= w.footprint_gib
+        room = use.swap_capacity_gib - sum(w.asleep_gib for w in workers if w.name not in always)
+        out = []
+        for w in sorted(workers, key=lambda w: (w.name not in always, extra(w), w.name)):
+            if extra(w) <= room + 1e-9:
+                room -= extra(w)
                 out.append(w.name)
         return out
+
+    def always_resident(self, worker: Worker) -> bool:
+        swap = self.model(worker.model).swap
+        return swap is not None and swap.resident == "always"
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, Worker]:
+        return {w.name: w for w in self.workers}
 
     @property
     def gateway_host(self) -> Host:

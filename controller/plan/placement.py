@@ -220,44 +220,42 @@ def _place_group(
 
     The group's GPUs hold what the other workers leave (``capacity``). Models that are always resident are
     placed first and booked; each other model must fit *alone* beside them, since the swap coordinator evicts
-    the rest before loading it. Among the GPUs where it fits, the one with the least on-demand memory assigned
-    yet, then the lowest index, so the group's models spread over its GPUs.
+    the rest before loading it, and beside the residue every other on-demand vLLM model of its GPU keeps while
+    asleep (its process stays up); nor may its own residue leave an earlier one no room. Among the GPUs where it
+    fits, the one with the least on-demand memory assigned yet, then the lowest index, so the group's models
+    spread over its GPUs.
     """
     out: list[tuple[Model, Estimate, list[GpuRef], dict[str, object], str]] = []
     always: dict[tuple[str, int], float] = dict.fromkeys(keys, 0.0)
     assigned: dict[tuple[str, int], float] = dict.fromkeys(keys, 0.0)
+    asleep: dict[tuple[str, int], float] = dict.fromkeys(keys, 0.0)  # residues of the vLLM models placed there
+    awake: dict[tuple[str, int], tuple[float, str]] = dict.fromkeys(keys, (0.0, ""))  # the most one adds awake
     ests = {m.name: estimate(m) for m in members}
     order = sorted(
         members, key=lambda m: (m.swap is None or m.swap.resident != "always", -ests[m.name].total_gib, m.name)
     )
     for model in order:
         est = ests[model.name]
+        resident = model.swap is not None and model.swap.resident == "always"
         tp = model.gpus_per_replica
         candidates = [keys[i : i + tp] for i in range(0, len(keys) - tp + 1)]
-        best: tuple[tuple[float, int], list[tuple[str, int]], float, dict[str, object]] | None = None
+        best: tuple[tuple[float, int], list[tuple[str, int]], float, float, dict[str, object]] | None = None
         lines = []
         for cand in candidates:
             refs = [gpus[k].ref for k in cand]
             settings = backends.get(model.backend).settings(model, est, refs)
             need = float(settings.get("reserved_gib", est.total_gib))
-            room = min(capacity[k] - always[k] for k in cand)
-            if need <= room + 1e-9:
+            residue = 0.0 if resident else min(need, est.sleep_residue_gib or 0.0)
+            why = _group_shortfall(cand, gpus, capacity, always, asleep, awake, need, residue)
+            if why is None:
                 rank = (max(assigned[k] for k in cand), cand[0][1])
                 if best is None or rank < best[0]:
-                    best = (rank, cand, need, settings)
+                    best = (rank, cand, need, residue, settings)
             else:
-                need_s, room_s = gib_pair(need, room)
-                lines.append(
-                    f"{'+'.join(gpus[k].ref.label for k in cand)} has {room_s} GiB for the group"
-                    + (
-                        f" beside its always-resident models ({max(always[k] for k in cand):.2f} GiB)"
-                        if any(always[k] for k in cand)
-                        else ""
-                    )
-                    + f", it needs {need_s}"
-                )
+                lines.append(why)
         if best is None:
-            hints = "; ".join(fit_hints(model, max(capacity[k] - always[k] for k in keys))) or "a larger GPU"
+            room = max(capacity[k] - always[k] - asleep[k] for k in keys)
+            hints = "; ".join(fit_hints(model, room)) or "a larger GPU"
             out.append(
                 (
                     model,
@@ -268,15 +266,60 @@ def _place_group(
                 )
             )
             continue
-        _, cand, need, settings = best
+        _, cand, need, residue, settings = best
         for key in cand:
             assigned[key] += need
-            if model.swap is not None and model.swap.resident == "always":
+            if resident:
                 always[key] += need
                 gpus[key].used = round(gpus[key].used + need, 3)
+            else:
+                asleep[key] += residue
+                awake[key] = max(awake[key], (need - residue, model.name))
             gpus[key].models.add(model.name)
         out.append((model, est, [gpus[k].ref for k in cand], settings, ""))
     return out
+
+
+def _group_shortfall(
+    cand: list[tuple[str, int]],
+    gpus: dict[tuple[str, int], _Gpu],
+    capacity: dict[tuple[str, int], float],
+    always: dict[tuple[str, int], float],
+    asleep: dict[tuple[str, int], float],
+    awake: dict[tuple[str, int], tuple[float, str]],
+    need: float,
+    residue: float,
+) -> str | None:
+    """Why a model needing ``need`` (``residue`` asleep) does not fit on GPUs ``cand`` of its swap group, or None."""
+    label = "+".join(gpus[k].ref.label for k in cand)
+    room = min(capacity[k] - always[k] - asleep[k] for k in cand)
+    if need > room + 1e-9:
+        beside = [
+            f"its always-resident models ({max(always[k] for k in cand):.2f} GiB)"
+            if any(always[k] for k in cand)
+            else "",
+            f"the residue its sleeping vLLM models keep ({max(asleep[k] for k in cand):.2f} GiB)"
+            if any(asleep[k] for k in cand)
+            else "",
+        ]
+        need_s, room_s = gib_pair(need, room)
+        said = " and ".join(b for b in beside if b)
+        stop = " (`swap.unload: stop` on them leaves none)" if any(asleep[k] for k in cand) else ""
+        return (
+            f"{label} has {room_s} GiB for the group"
+            + (f" beside {said}" if said else "")
+            + f", it needs {need_s}{stop}"
+        )
+    for k in cand:
+        other, name = awake[k]
+        left = capacity[k] - always[k] - asleep[k] - residue
+        if other > left + 1e-9:
+            other_s, left_s = gib_pair(other, left)
+            return (
+                f"{label}: asleep it would keep {residue:.2f} GiB (vLLM sleep residue), leaving {left_s} GiB for "
+                f"model {name} to wake in, which needs {other_s} more (with `swap.unload: stop` it would keep none)"
+            )
+    return None
 
 
 def _candidates(

@@ -478,7 +478,7 @@ def _finish(
     if assumed:
         basis["assumed"] = "; ".join(assumed) + " — give them under `arch` for a tighter figure"
     residue = None
-    if model.backend == "vllm":
+    if model.backend == "vllm" and (model.swap is None or model.swap.unload != "stop"):
         kept = terms["o"] + terms["g"] + terms["c"]
         residue = round(min(total, max(VLLM_SLEEP_RESIDUE_MIN_GIB, kept)), 3)
     outside = _up(outside)

@@ -299,6 +299,16 @@ class Swap(StrictModel):
         Field(description="false: a load of this model that would need to evict others is refused instead."),
     ] = True
     preload: Annotated[bool, Field(description="Load at start (it may be evicted later).")] = False
+    unload: Annotated[
+        Literal["sleep", "stop"] | None,
+        Field(
+            description="vLLM only: how an eviction frees the GPU. `sleep` (the default): sleep mode level 1, the "
+            "weights to CPU memory, fast to wake, but vLLM keeps its CUDA context and graphs (about 5 GiB, which "
+            "the plan books beside every other model of its GPU); `stop`: the worker is stopped, and started again "
+            "at its next load (slower, frees everything). A llama.cpp worker is always stopped; Ollama frees its "
+            "model."
+        ),
+    ] = None
 
     @property
     def ttl_s(self) -> float | None:

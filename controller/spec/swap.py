@@ -144,6 +144,15 @@ def check(fleet: Fleet, problem: ProblemAt) -> list[Problem]:
                     f"{len(group_gpus(host, own))}",
                 )
             )
+        if model.swap.unload is not None and model.backend != "vllm":
+            out.append(
+                problem(
+                    (*at, "unload"),
+                    f"model {name}: only a vLLM model chooses how it unloads (sleep or stop); "
+                    + ("a llama.cpp worker is stopped" if model.backend == "llamacpp" else "Ollama frees its model")
+                    + "; remove `unload`",
+                )
+            )
         if model.swap.resident == "always" and model.swap.ttl is not None:
             out.append(
                 problem((*at, "ttl"), f"model {name}: resident: always is never unloaded, so a ttl cannot apply")

@@ -101,6 +101,7 @@ class Slot:
     group: SwapGroup
     need_gib: float  # the worker's footprint on each of its GPUs
     concurrency: int
+    asleep_gib: float = 0.0  # what it keeps on each of them while unloaded (a sleeping vLLM's residue)
     state: str = "unloaded"  # unloaded, loading, resident, draining, unloading
     loaded_at: float = 0.0
     last_active: float = 0.0
@@ -126,6 +127,16 @@ class Slot:
     @property
     def always(self) -> bool:
         return self.model.swap is not None and self.model.swap.resident == "always"
+
+    @property
+    def holds_gib(self) -> float:
+        """What it holds on each of its GPUs now: all of its footprint unless unloaded, then its residue."""
+        return self.asleep_gib if self.state == "unloaded" else self.need_gib
+
+    @property
+    def frees_gib(self) -> float:
+        """What its eviction gives back on each of its GPUs."""
+        return self.need_gib - self.asleep_gib
 
     @property
     def busy(self) -> int:
@@ -158,7 +169,10 @@ class Coordinator:
             assert model.swap is not None
             group = groups[model.swap.group]
             need = 1.0 if group.cpu_slots is not None else w.footprint_gib  # a CPU group counts slots
-            slot = Slot(w, model, group, need, group.concurrency or model.parallel)
+            # A vLLM worker's residue is booked from the start, though it holds nothing before its first load:
+            # the plan made room for it, and counting it early never lets a load in that a later sleep overfills.
+            asleep = 0.0 if group.cpu_slots is not None or model.swap.resident == "always" else w.asleep_gib
+            slot = Slot(w, model, group, need, group.concurrency or model.parallel, asleep)
             slot.gate = asyncio.Semaphore(slot.concurrency)
             self.slots[w.name] = slot
             for name in model.served_names:
@@ -292,8 +306,9 @@ class Coordinator:
     # -- loading --------------------------------------------------------------------
 
     def booked(self, uuid: str, but: Slot | None = None) -> float:
-        """Memory the coordinator's slots hold on a GPU (loading, resident or on their way out)."""
-        return sum(s.need_gib for s in self.slots.values() if s is not but and uuid in s.gpus and s.state != "unloaded")
+        """Memory the coordinator's slots hold on a GPU (loading, resident or on their way out; a sleeping vLLM its
+        residue)."""
+        return sum(s.holds_gib for s in self.slots.values() if s is not but and uuid in s.gpus)
 
     async def _load(self, slot: Slot, deadline: float) -> None:
         async with self.locks[slot.group.name]:
@@ -361,7 +376,7 @@ class Coordinator:
             return []
         others = [s for s in self.slots.values() if s is not slot and not s.always and set(s.gpus) & set(slot.gpus)]
         for u in slot.gpus:
-            possible = free[u] + sum(s.need_gib for s in others if u in s.gpus and s.state != "unloaded")
+            possible = free[u] + sum(s.frees_gib for s in others if u in s.gpus and s.state != "unloaded")
             if possible + 1e-9 < slot.need_gib:
                 raise self._refuse(slot, "vram", Refused(503, self.shortfall(slot, u, free[u], source[u]), 60))
         if slot.model.swap is not None and not slot.model.swap.swappable:
@@ -391,7 +406,7 @@ class Coordinator:
                 chosen.append(s)
                 for u in s.gpus:
                     if u in left:
-                        left[u] -= s.need_gib
+                        left[u] -= s.frees_gib
         if all(v <= 1e-9 for v in left.values()):
             return chosen
         # Not enough can go now: look again when the next one passes its minimum residency, or a transition ends.
@@ -453,7 +468,9 @@ class Coordinator:
     def shortfall(self, slot: Slot, uuid: str, free: float, source: str) -> str:
         """The VRAM guard's refusal: the estimate by term, the GPU's free memory and where it comes from, the
         shortfall."""
-        held = [s.model.name for s in self.slots.values() if s is not slot and uuid in s.gpus and s.state != "unloaded"]
+        others = [s for s in self.slots.values() if s is not slot and uuid in s.gpus]
+        held = [s.model.name for s in others if s.state != "unloaded"]
+        asleep = [s for s in others if s.state == "unloaded" and s.asleep_gib]
         if slot.group.cpu_slots is not None:
             return (
                 f"model {slot.model.name} needs one of the {slot.group.cpu_slots} CPU slot(s) of swap group "
@@ -475,6 +492,12 @@ class Coordinator:
             f"model {slot.model.name} needs {need_s} GiB on {self.labels.get(uuid, uuid)} ({uuid}) "
             f"(estimate {terms}; booked {slot.need_gib:.3f}) and that GPU has {free_s} GiB free {where}"
             + (f" while {', '.join(held)} {'is' if len(held) == 1 else 'are'} loaded" if held else "")
+            + (
+                f" ({', '.join(s.model.name for s in asleep)} asleep keep "
+                f"{sum(s.asleep_gib for s in asleep):.2f} GiB: vLLM's sleep residue)"
+                if asleep
+                else ""
+            )
             + f": {short_mib:.0f} MiB short; free the GPU, lower the model's context or parallel, or quantize"
         )
 
@@ -602,6 +625,7 @@ class Coordinator:
                     "loads": s.loads,
                     "evictions": s.evictions,
                     "need_gib": s.need_gib,
+                    "asleep_gib": s.asleep_gib,
                     "last_load": s.last_load or None,
                     "last_unload": s.last_unload or None,
                     "last_error": s.last_error,

@@ -5,7 +5,8 @@
 - vLLM: started at its first load (not before: a vLLM takes its whole `--gpu-memory-utilization` share when it
   starts), then sleep mode: `POST /sleep?level=1` (weights to CPU memory, KV cache dropped) to unload, `POST
   /wake_up` to load, so a later load costs a copy back, not a start. The coordinator drains it first: vLLM
-  aborts what is in flight when it sleeps, and its engine dies serving a request while asleep.
+  aborts what is in flight when it sleeps, and its engine dies serving a request while asleep. With
+  `swap.unload: stop` it is started and stopped as llama.cpp is (no sleep residue left on the GPU).
 - Ollama: `/api/generate` with `keep_alive: -1` to load and `0` to unload (the worker's server keeps running).
 
 `LocalMover` does it on this machine through the stack's supervisor (`controller up`); `AgentMover` asks each
@@ -84,14 +85,15 @@ class LocalMover:
     async def load(self, worker: Worker, model: Model) -> None:
         row = await asyncio.to_thread(self._row, worker)
         running = not row.get("held") and row.get("pid") is not None
-        if worker.backend == "llamacpp" or not running:
+        restarts = backends.unloads_by_stopping(model)
+        if restarts or not running:
             await self._start(worker, model)
-            if worker.backend == "llamacpp":
+            if restarts:
                 return
         await asyncio.to_thread(self._client_call, worker, model, "load")
 
     async def unload(self, worker: Worker, model: Model) -> None:
-        if worker.backend == "llamacpp":
+        if backends.unloads_by_stopping(model):
             await asyncio.to_thread(stack.request, self.state, "stop", worker.name)
             return
         row = await asyncio.to_thread(self._row, worker)
@@ -106,7 +108,7 @@ class LocalMover:
         row = await asyncio.to_thread(self._row, worker)
         if row.get("held") or row.get("pid") is None:
             return False
-        if worker.backend == "llamacpp":
+        if backends.unloads_by_stopping(model):
             health = backends.get(worker.backend).health_path
             async with httpx.AsyncClient(timeout=5.0) as http:
                 return (await http.get(self._url(worker) + health)).status_code == 200

@@ -14,7 +14,7 @@ import httpx
 import yaml
 
 from controller.local.demo_model import write_demo_model
-from controller.plan import make_plan
+from controller.plan import Plan, make_plan
 from controller.secrets import read_worker_key
 from controller.spec import load_spec
 from tests.conftest import ROOT
@@ -37,22 +37,34 @@ def on_demand_model(name: str, swappable: bool = True) -> dict[str, Any]:
     }
 
 
-def booked(tmp: Path, models: list[dict[str, Any]], gpu: str = GPU) -> list[float]:
-    """What each of ``models`` (of swap group gpu0) books on a GPU, by the plan; the tiny demo GGUF written for
-    them first."""
+def booked(tmp: Path, models: list[dict[str, Any]], gpu: str = GPU, vram_gib: float = 80) -> list[float]:
+    """What each of ``models`` (of swap group gpu0) books on a GPU of ``vram_gib`` (a vLLM's booking depends on
+    it: its utilization fraction is rounded up to a hundredth), by the plan."""
+    plan = probe_plan(tmp, models, gpu, vram_gib)
+    return [plan.workers_of(m["name"])[0].footprint_gib for m in models]
+
+
+def probe_plan(tmp: Path, models: list[dict[str, Any]], gpu: str, vram_gib: float) -> Plan:
+    """The plan of ``models`` as swap group gpu0 on one GPU of ``vram_gib``; the tiny demo GGUF written first."""
     write_demo_model(tmp / "models" / "demo.gguf")
     data = {
         "version": 1,
         "name": "probe",
         "mesh": {"kind": "none"},
-        "hosts": [{"name": "local", "address": "127.0.0.1", "gpus": [{"uuid": gpu, "name": "G", "vram_gib": 80}]}],
+        "hosts": [
+            {
+                "name": "local",
+                "address": "127.0.0.1",
+                "reserve_vram_gib": 0,
+                "gpus": [{"uuid": gpu, "name": "G", "vram_gib": vram_gib}],
+            }
+        ],
         "swap_groups": [{"name": "gpu0", "host": "local"}],
         "models": models,
         "gateway": {"host": "local", "public_name": "localhost", "tls": {"mode": "internal"}},
     }
     (tmp / "fleet.yaml").write_text(yaml.safe_dump(data))
-    plan = make_plan(load_spec(tmp / "fleet.yaml"))
-    return [plan.workers_of(m["name"])[0].footprint_gib for m in models]
+    return make_plan(load_spec(tmp / "fleet.yaml"))
 
 
 def booked_gib(tmp: Path) -> float:

@@ -72,6 +72,14 @@ def fleet(port_base: int) -> dict[str, Any]:
                 "swap": {"group": "shared"},
             },
             {
+                "name": "od-vllm-stop",
+                "backend": "vllm",
+                "source": {"huggingface": "org/small"},
+                "arch": {"layers": 2, "kv_heads": 1, "head_dim": 64, "params_b": 0.1},
+                "context": 2048,
+                "swap": {"group": "shared", "unload": "stop"},
+            },
+            {
                 "name": "steady",
                 "backend": "vllm",
                 "source": {"huggingface": "org/steady"},
@@ -450,6 +458,25 @@ def test_a_vllm_first_load_starts_its_container(setup: Setup) -> None:
         loaded = call(client, "POST", worker.name, "load", headers=auth())
     assert loaded.status_code == 200, loaded.text
     assert loaded.json()["done"] == f"started container {name}" and setup.engine.calls == [("start", name)]
+
+
+def test_a_vllm_worker_that_unloads_by_stopping_is_started_and_stopped(setup: Setup) -> None:
+    """`swap.unload: stop`: no sleep routes asked (its worker runs without development mode), its container
+    started to load and stopped to unload, as llama.cpp's."""
+    worker = setup.worker("od-vllm-stop")
+    assert worker.asleep_gib == 0 and worker.estimate.sleep_residue_gib is None
+    name = setup.container(worker, "exited", loading=2)
+    with setup.client() as client:
+        loaded = call(client, "POST", worker.name, "load", headers=auth())
+        assert loaded.status_code == 200, loaded.text
+        assert loaded.json()["done"] == f"started container {name}" and loaded.json()["state"] == "resident"
+        again = call(client, "POST", worker.name, "load", headers=auth())
+        assert again.status_code == 200 and again.json()["done"] == "already running"
+        unloaded = call(client, "POST", worker.name, "unload", headers=auth())
+        assert unloaded.status_code == 200, unloaded.text
+        assert unloaded.json()["state"] == "unloaded" and unloaded.json()["done"] == f"stopped container {name}"
+        assert call(client, "GET", worker.name, "residency", headers=auth()).json()["state"] == "unloaded"
+    assert setup.engine.calls == [("start", name), ("stop", name, 30)]
 
 
 def test_a_vllm_worker_neither_running_nor_in_a_container_cannot_load(setup: Setup) -> None:

@@ -68,6 +68,28 @@ def test_an_on_demand_vllm_container_runs_in_development_mode_behind_its_guard(t
     assert "flush_interval -1" in gateway
 
 
+def test_an_on_demand_vllm_that_unloads_by_stopping_runs_as_a_plain_one(tmp_path: Path) -> None:
+    """`swap.unload: stop`: the agent stops and starts its container, so no development mode, no sleep mode, no
+    guard, and no sleep residue booked."""
+    data = copy.deepcopy(MINIMAL)
+    data["swap_groups"] = [{"name": "g", "host": "ws"}]
+    data["models"] = [{**data["models"][0], "swap": {"group": "g", "unload": "stop"}}]
+    plan = make_plan(load_spec(write_spec(tmp_path / "fleet.yaml", data)))
+    (w,) = plan.workers
+    assert not guard.guarded(plan, w) and w.asleep_gib == 0
+    service = yaml.safe_load(render_all(plan)["ws/compose.yaml"])["services"][w.name]
+    assert "VLLM_SERVER_DEV_MODE" not in service["environment"] and "--enable-sleep-mode" not in service["command"]
+    assert service["ports"] == [f"{w.address}:{w.port}:8000"]
+
+
+def test_only_vllm_chooses_how_it_unloads(tmp_path: Path) -> None:
+    with pytest.raises(SpecError) as caught:
+        ollama_plan(tmp_path, swap={"group": "g", "unload": "sleep"})
+    (problem,) = caught.value.problems
+    assert "models[0].swap.unload" in str(problem) and "only a vLLM model chooses how it unloads" in str(problem)
+    assert "Ollama frees its model; remove `unload`" in str(problem)
+
+
 def test_on_demand_models_are_refused_on_quadlet_hosts_for_now(tmp_path: Path) -> None:
     """A Quadlet unit restarts a container the agent stops (and removes it), so on-demand loading would fight
     systemd: refused with the reason, until the units are rendered for it."""

@@ -8,6 +8,7 @@ resident, not swappable, the queue and wait bounds, the per-user limit, drains t
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,13 @@ def spec(tmp_path: Path, fits: float = 2.2, group: dict[str, Any] | None = None,
     return _spec(tmp_path, round(fits * probe.workers[0].footprint_gib, 3), group, models)
 
 
-def _spec(tmp_path: Path, vram: float, group: dict[str, Any] | None, models: dict[str, dict[str, Any]]) -> Plan:
+def _spec(
+    tmp_path: Path,
+    vram: float,
+    group: dict[str, Any] | None,
+    models: dict[str, dict[str, Any]],
+    fields: dict[str, dict[str, Any]] | None = None,
+) -> Plan:
     data = {
         "version": 1,
         "name": "swap",
@@ -55,6 +62,7 @@ def _spec(tmp_path: Path, vram: float, group: dict[str, Any] | None, models: dic
                 "arch": ARCH,
                 "context": 512,
                 "swap": {"group": "g", **swap},
+                **(fields or {}).get(name, {}),
             }
             for name, swap in (models or {"a": {}, "b": {}, "c": {}}).items()
         ],
@@ -63,6 +71,17 @@ def _spec(tmp_path: Path, vram: float, group: dict[str, Any] | None, models: dic
     path = tmp_path / "fleet.yaml"
     path.write_text(yaml.safe_dump(data))
     return make_plan(load_spec(path))
+
+
+# A vLLM model of 3B parameters: 8 GiB booked awake, 4.75 GiB kept asleep (the residue vllm-project/vllm#17117
+# reports, the estimate's floor).
+VLLM: dict[str, Any] = {"backend": "vllm", "source": {"huggingface": "org/m"}, "arch": {**ARCH, "params_b": 3}}
+
+
+def vllm_spec(tmp_path: Path, vram: float, names: dict[str, str]) -> Plan:
+    """One GPU of ``vram`` GiB as one swap group of the models named, each of the backend named (vllm or llamacpp)."""
+    fields = {name: VLLM for name, backend in names.items() if backend == "vllm"}
+    return _spec(tmp_path, vram, None, {name: {} for name in names}, fields)
 
 
 class Mover:
@@ -137,6 +156,83 @@ def test_the_plan_shows_what_is_resident_at_most_at_once(tmp_path: Path) -> None
     assert use.swap_group == "g" and use.swap_capacity_gib == use.usable_gib
     assert len(use.workers) == 3 and use.used_gib == 0.0  # on-demand models book nothing for themselves
     assert plan.resident_at_most(use) == ["a-local-gpu0", "b-local-gpu0"]  # 2 of the 2.2 that would fit
+
+
+def test_a_sleeping_vllm_keeps_its_residue_booked_in_the_plan(tmp_path: Path) -> None:
+    """Each of two vLLM models fits the GPU alone (about 7 GiB of 10), but while one is awake the other sleeps and
+    keeps 4.75 GiB: the plan refuses, naming the residue; with 13 GiB it plans them, one resident at a time."""
+    with pytest.raises(PlanError) as caught:
+        vllm_spec(tmp_path, 10.0, {"a": "vllm", "b": "vllm"})
+    message = str(caught.value.problems[0])
+    found = re.search(
+        r"has 5\.25 GiB for the group beside the residue its sleeping vLLM models keep \(4\.75 GiB\), "
+        r"it needs ([0-9.]+)",
+        message,
+    )
+    assert found and 5.25 < float(found[1]) <= 10, message
+    plan = vllm_spec(tmp_path, 13.0, {"a": "vllm", "b": "vllm"})
+    (use,) = plan.gpus
+    assert [w.asleep_gib for w in plan.workers] == [4.75, 4.75]
+    assert all(w.footprint_gib + 4.75 <= 13 < 2 * w.footprint_gib for w in plan.workers)
+    assert plan.resident_at_most(use) == ["a-local-gpu0"]  # one awake beside the other's residue; not two awake
+
+
+def test_a_later_vllm_model_may_not_leave_an_earlier_one_no_room_to_wake(tmp_path: Path) -> None:
+    """A llama.cpp model (the larger, so placed first) fits the GPU alone, and so does a vLLM model; but asleep the
+    vLLM would keep 4.75 GiB and leave the llama.cpp model too little to load: refused, with both numbers."""
+    fields = {"l": {"arch": {**ARCH, "params_b": 4}}, "v": VLLM}
+    alone = {w.model: w.footprint_gib for w in _spec(tmp_path, 100.0, None, {"l": {}, "v": {}}, fields).workers}
+    vram = round(max(alone.values()) + 0.5, 3)
+    assert alone["l"] > alone["v"] and alone["l"] + 4.75 > vram
+    with pytest.raises(PlanError) as caught:
+        _spec(tmp_path, vram, None, {"l": {}, "v": {}}, fields)
+    message = str(caught.value.problems[0])
+    assert "model v: " in message and "asleep it would keep 4.75 GiB (vLLM sleep residue), leaving" in message
+    assert "for model l to wake in, which needs" in message, message
+
+
+def test_a_sleeping_vllm_holds_its_residue_in_the_coordinator(tmp_path: Path) -> None:
+    """Loading b evicts a, which sleeps: the GPU stays booked with b and a's residue."""
+    plan = vllm_spec(tmp_path, 13.0, {"a": "vllm", "b": "vllm"})
+
+    async def go() -> tuple[list[tuple[str, str]], float, float, float]:
+        mover = Mover()
+        c = Coordinator(plan, mover, Traffic())
+        await c.load("a")
+        await c.load("b")
+        return mover.calls, c.booked(GPU), c.slots["a-local-gpu0"].holds_gib, c.slots["b-local-gpu0"].need_gib
+
+    calls, booked, holds, need = run(go())
+    assert calls == [("load", "a"), ("unload", "a"), ("load", "b")]
+    assert holds == 4.75 and booked == pytest.approx(need + 4.75)
+
+
+def test_the_guard_counts_a_sleeping_vllms_residue(tmp_path: Path) -> None:
+    """A llama.cpp model loads beside a sleeping vLLM's residue; once memory that is not the fleet's appears
+    (NVML), its next load is refused with numbers that name the sleeping model, and nothing is evicted: putting
+    the vLLM to sleep again would free nothing."""
+    fields = {"v": VLLM, "l": {"arch": {**ARCH, "params_b": 3}}}
+    llama = _spec(tmp_path, 100.0, None, {"l": {}}, fields).workers[0].footprint_gib
+    plan = _spec(tmp_path, round(llama + 4.75 + 0.5, 3), None, {"v": {}, "l": {}}, fields)
+
+    async def go() -> tuple[float, float, Refused, list[tuple[str, str]]]:
+        mover = Mover()
+        c = Coordinator(plan, mover, Traffic())
+        await c.load("v")
+        await c.load("l")  # v sleeps: l fits beside its residue
+        booked, holds = c.booked(GPU), c.slots["v-local-gpu0"].holds_gib
+        await c.unload("l")
+        mover.unmanaged = {GPU: 1.0}
+        await c.watch_gpus()
+        with pytest.raises(Refused) as caught:
+            await c.load("l")
+        return booked, holds, caught.value, mover.calls
+
+    booked, holds, refused, calls = run(go())
+    assert holds == 4.75 and booked == pytest.approx(llama + 4.75)
+    assert calls == [("load", "v"), ("unload", "v"), ("load", "l"), ("unload", "l")]
+    assert "(v asleep keep 4.75 GiB: vLLM's sleep residue)" in refused.message, refused.message
+    assert "MiB short" in refused.message
 
 
 def test_many_requests_for_a_model_cause_one_load(tmp_path: Path) -> None:
