@@ -21,6 +21,7 @@ from controller.cli import process as process_cmd
 from controller.cli import render as render_cmd
 from controller.cli import schema as schema_cmd
 from controller.cli import status as status_cmd
+from controller.cli import swap as swap_cmd
 from controller.cli import up as up_cmd
 from controller.cli import usage as usage_cmd
 from controller.cli import validate as validate_cmd
@@ -44,6 +45,8 @@ app.command("restart")(process_cmd.restart)
 app.command("stop")(process_cmd.stop)
 app.command("start")(process_cmd.start)
 app.command("logs")(logs_cmd.logs)
+app.command("load")(swap_cmd.load)
+app.command("unload")(swap_cmd.unload)
 app.command("usage")(usage_cmd.usage)
 app.command("mesh")(mesh_cmd.mesh)
 app.command("deploy")(deploy_cmd.deploy)

@@ -11,6 +11,7 @@ usage of swapped requests is metered; a resident model's requests no longer pass
 from __future__ import annotations
 
 import concurrent.futures
+import getpass
 import json
 import time
 from collections.abc import Iterator
@@ -196,3 +197,35 @@ def test_swapped_requests_are_metered(swapping: Stack) -> None:
             break
         assert time.monotonic() < deadline, f"swap-b's usage never reached the ledger: {rows}"
         time.sleep(0.5)
+
+
+def test_controller_load_and_unload_act_through_the_coordinator_and_are_audited(swapping: Stack) -> None:
+    """`controller load|unload MODEL`: the console's action from a shell, with the coordinator's refusal as the
+    error, each written to the console's audit log under the operator's login name."""
+    unload_all(swapping)
+    loaded = swapping.ctl("load", "swap-b")
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.startswith("swap-b: resident after ") and ", load " in loaded.stdout, loaded.stdout
+    assert worker_state(swapping, "swap-b") == "resident"
+    unloaded = swapping.ctl("unload", "swap-b", "--json")
+    assert unloaded.returncode == 0, unloaded.stderr
+    doc = json.loads(unloaded.stdout)
+    assert doc["model"] == "swap-b" and doc["action"] == "unload" and doc["state"] == "unloaded", doc
+    assert worker_state(swapping, "swap-b") == "unloaded"
+    assert swapping.ctl("load", "swap-a").returncode == 0
+    refused = swapping.ctl("load", "swap-c")  # not swappable, and swap-a holds the GPU
+    assert refused.returncode == 1 and refused.stdout == "", refused
+    assert refused.stderr.startswith("error: load swap-c: model swap-c needs ") and "not swappable" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+    unknown = swapping.ctl("load", "no-such-model")
+    assert unknown.returncode == 1 and "model 'no-such-model' is not on demand; on-demand models: " in unknown.stderr
+    audit = [json.loads(line) for line in (swapping.state.gatekeeper / "console-audit.log").read_text().splitlines()]
+    done = [(e["action"], e["target"], e["ok"]) for e in audit if e["phase"] == "done" and e["via"] == "controller CLI"]
+    assert done[-5:] == [
+        ("load", "swap-b", True),
+        ("unload", "swap-b", True),
+        ("load", "swap-a", True),
+        ("load", "swap-c", False),
+        ("load", "no-such-model", False),
+    ], done
+    assert {e["actor"] for e in audit if e["via"] == "controller CLI"} == {getpass.getuser()}
