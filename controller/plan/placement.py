@@ -240,19 +240,30 @@ def _place_group(
         tp = model.gpus_per_replica
         candidates = [keys[i : i + tp] for i in range(0, len(keys) - tp + 1)]
         best: tuple[tuple[float, int], list[tuple[str, int]], float, float, dict[str, object]] | None = None
-        lines = []
+        lines: list[str] = []
+        residue_only = True  # every GPU set where it fits alone is refused only for the residue it keeps asleep
         for cand in candidates:
             refs = [gpus[k].ref for k in cand]
             settings = backends.get(model.backend).settings(model, est, refs)
             need = float(settings.get("reserved_gib", est.total_gib))
             residue = 0.0 if resident else min(need, est.sleep_residue_gib or 0.0)
-            why = _group_shortfall(cand, gpus, capacity, always, asleep, awake, need, residue)
+            why, asleep_only = _group_shortfall(cand, gpus, capacity, always, asleep, awake, need, residue)
             if why is None:
                 rank = (max(assigned[k] for k in cand), cand[0][1])
                 if best is None or rank < best[0]:
                     best = (rank, cand, need, residue, settings)
             else:
                 lines.append(why)
+                residue_only = residue_only and asleep_only
+        if best is None and residue_only and lines:
+            why = "; ".join(lines)
+            error = (
+                f"fits its swap group alone, but asleep (vLLM sleep mode) it would leave the group's other models "
+                f"no room: {why}; set `swap.unload: stop` on it (nothing is kept asleep; each load starts vLLM "
+                "again), or give it a GPU of its own"
+            )
+            out.append((model, est, [], {}, error))
+            continue
         if best is None:
             room = max(capacity[k] - always[k] - asleep[k] for k in keys)
             hints = "; ".join(fit_hints(model, room)) or "a larger GPU"
@@ -289,8 +300,9 @@ def _group_shortfall(
     awake: dict[tuple[str, int], tuple[float, str]],
     need: float,
     residue: float,
-) -> str | None:
-    """Why a model needing ``need`` (``residue`` asleep) does not fit on GPUs ``cand`` of its swap group, or None."""
+) -> tuple[str | None, bool]:
+    """Why a model needing ``need`` (``residue`` asleep) does not fit on GPUs ``cand`` of its swap group (None when
+    it does), and whether the reason is only the residue it would keep asleep."""
     label = "+".join(gpus[k].ref.label for k in cand)
     room = min(capacity[k] - always[k] - asleep[k] for k in cand)
     if need > room + 1e-9:
@@ -308,7 +320,8 @@ def _group_shortfall(
         return (
             f"{label} has {room_s} GiB for the group"
             + (f" beside {said}" if said else "")
-            + f", it needs {need_s}{stop}"
+            + f", it needs {need_s}{stop}",
+            False,
         )
     for k in cand:
         other, name = awake[k]
@@ -316,10 +329,11 @@ def _group_shortfall(
         if other > left + 1e-9:
             other_s, left_s = gib_pair(other, left)
             return (
-                f"{label}: asleep it would keep {residue:.2f} GiB (vLLM sleep residue), leaving {left_s} GiB for "
-                f"model {name} to wake in, which needs {other_s} more (with `swap.unload: stop` it would keep none)"
+                f"{label}: asleep it would keep {residue:.2f} GiB, leaving {left_s} GiB for model {name}, which "
+                f"needs {other_s} GiB to load",
+                True,
             )
-    return None
+    return None, False
 
 
 def _candidates(

@@ -187,8 +187,12 @@ def test_a_later_vllm_model_may_not_leave_an_earlier_one_no_room_to_wake(tmp_pat
     with pytest.raises(PlanError) as caught:
         _spec(tmp_path, vram, None, {"l": {}, "v": {}}, fields)
     message = str(caught.value.problems[0])
-    assert "model v: " in message and "asleep it would keep 4.75 GiB (vLLM sleep residue), leaving" in message
-    assert "for model l to wake in, which needs" in message, message
+    assert "model v: fits its swap group alone, but asleep (vLLM sleep mode) it would leave" in message, message
+    found = re.search(
+        r"asleep it would keep 4\.75 GiB, leaving ([0-9.]+) GiB for model l, which needs ([0-9.]+)", message
+    )
+    assert found and float(found[1]) < float(found[2]) == pytest.approx(alone["l"], abs=0.005), message
+    assert "set `swap.unload: stop` on it" in message and "would fit with" not in message, message
 
 
 def test_a_sleeping_vllm_holds_its_residue_in_the_coordinator(tmp_path: Path) -> None:
