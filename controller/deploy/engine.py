@@ -97,6 +97,11 @@ class Outcome:
     retired: dict[str, dict[str, Any]] = field(default_factory=dict)  # host -> what was removed, what was kept
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # What took the time: each step that ran on hosts, in order: {"step", "hosts", "seconds"}.
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    def timed(self, step: str, hosts: list[str], began: float) -> None:
+        self.steps.append({"step": step, "hosts": hosts, "seconds": round(time.monotonic() - began, 2)})
 
     @property
     def exit_code(self) -> int:
@@ -127,6 +132,7 @@ class Outcome:
             "exit_code": self.exit_code,
             "seconds": round(self.seconds, 2),
             "problems": self.problems,
+            "steps": self.steps,
             "retire": {h: self._retire_result(h) for h in self.retire},
             "hosts": {
                 h: {
@@ -156,7 +162,9 @@ def deploy(loaded: LoadedSpec, plan: Plan, state_dir: Path, opts: Options, progr
     with fleet_lock(state.lock, fleet.name, command, opts.wait_s) as holder:
         bundles = _bundles(loaded, plan, state)
         progress("", f"probing {len(hosts)} host(s)")
+        began = time.monotonic()
         probes = _probe(plan, bundles, hosts, opts)
+        outcome.timed("probe", hosts, began)
         for host in hosts:
             problems = diff.preflight(plan, bundles[host], probes[host], _compose(opts, probes[host]))
             outcome.problems += problems
@@ -308,14 +316,19 @@ def _apply(
     opts: Options,
     progress: Progress,
 ) -> None:
-    """Phase 1, every host at once: files, mesh, images, services that are not workers. Phase 2, one worker at a
-    time across the fleet: out of the gateway's rotation (drained), replaced, gated, back in rotation."""
+    """Phase 1, every host at once: files, mesh, images, services that are not workers. Phase 2, the workers:
+    those with no requests to drain (new, or the only replica of their model) in waves of one per host, every host
+    at once, so a fleet's first deploy takes as long as its busiest host, not the sum of all; then those that serve
+    beside another replica, one at a time across the fleet: out of the gateway's rotation (drained), replaced,
+    gated, back in rotation, so a model never loses more than one replica at once."""
     common = {"fleet_deploy_dir": bundle.DEPLOY_DIR}
     with tempfile.TemporaryDirectory(prefix="fleet-deploy-") as tmp:
         host_vars = {h: _host_vars(plan, bundles[h], probes[h], outcome.changes[h], Path(tmp) / h, opts) for h in todo}
         for h in todo:
             progress(h, "pushing files, mesh, images, services")
+        began = time.monotonic()
         results = run_playbook("deploy.yml", plan.fleet, todo, opts.conn, common, host_vars)
+        outcome.timed("files, mesh, images, services", todo, began)
     for h in todo:
         r = results[h]
         if not r.ok:
@@ -323,65 +336,90 @@ def _apply(
             progress(h, f"FAILED at {r.failed_task}: {r.message}")
     gateway = plan.fleet.gateway.host
     envoy_up = gateway not in outcome.failed and (bool(probes.get(gateway, {}).get("manifest")) or gateway in todo)
+    waves: dict[str, list[str]] = {}
+    drains: list[tuple[str, str]] = []
     for h in todo:
-        if h in outcome.failed:
-            continue
         c = outcome.changes[h]
         for name in [s for s in c.start + c.restart if s in bundles[h].workers]:
             serving = envoy_up and name in c.restart  # a worker that was not running has no requests to drain
-            if not _replace_worker(plan, bundles, h, name, host_vars[h], serving, outcome, opts, progress):
-                break
+            if serving and len(plan.workers_of(_worker(plan, name).model)) > 1:
+                drains.append((h, name))
+            else:
+                waves.setdefault(h, []).append(name)
+    while True:
+        wave = {h: names.pop(0) for h, names in waves.items() if names and h not in outcome.failed}
+        if not wave:
+            break
+        ran = {h: envoy_up and name in outcome.changes[h].restart for h, name in wave.items()}
+        began = time.monotonic()
+        _replace_workers(plan, bundles, wave, host_vars, ran, outcome, opts, progress)
+        outcome.timed("workers " + ", ".join(wave.values()), list(wave), began)
+    for h, name in drains:
+        if h not in outcome.failed:
+            began = time.monotonic()
+            _replace_workers(plan, bundles, {h: name}, host_vars, {h: True}, outcome, opts, progress)
+            outcome.timed(f"drain and replace {name}", [h], began)
+    for h in todo:
         if h not in outcome.failed:
             outcome.applied.append(h)
             progress(h, "applied")
 
 
-def _replace_worker(
+def _worker(plan: Plan, name: str) -> Worker:
+    return next(w for w in plan.workers if w.name == name)
+
+
+def _replace_workers(
     plan: Plan,
     bundles: dict[str, bundle.HostBundle],
-    host: str,
-    name: str,
-    host_vars: dict[str, Any],
-    serving: bool,
+    wave: dict[str, str],
+    host_vars: dict[str, dict[str, Any]],
+    serving: dict[str, bool],
     outcome: Outcome,
     opts: Options,
     progress: Progress,
-) -> bool:
-    """One worker, without dropping requests where its model has another replica: drained, replaced, gated, back."""
-    worker = next(w for w in plan.workers if w.name == name)
-    others = [w for w in plan.workers_of(worker.model) if w.name != name]
+) -> None:
+    """One worker per host of ``wave``, those hosts at once, each replaced and gated; a worker that serves beside
+    another replica of its model (only ever alone in its wave) is drained first and put back in rotation after.
+    A host whose worker fails is rolled back (replace.yml) and marked failed; the others go on."""
     gateway = plan.fleet.gateway.host
-    drain = serving and bool(others)
-    if drain:
-        progress(host, f"{name}: out of rotation, draining (up to {opts.drain_s:.0f} s)")
-        took = _set_rotation(plan, name, True, opts)
-        progress(host, f"{name}: drained in {took}")
-    else:
-        why = "it was not serving" if not serving else f"{worker.model} has no other replica"
-        progress(host, f"{name}: replaced in place ({why})")
-    if plan.model(worker.model).swap is not None:
-        progress(host, f"{name}: on demand: created, left stopped until its model is asked for")
-    else:
-        progress(host, f"{name}: starting, gated on a one-token inference")
-    gate = _worker_gate(plan, name, host_vars["fleet_engine"])
-    gate["digest"] = bundles[host].services[name]
-    result = run_playbook(
-        "replace.yml",
-        plan.fleet,
-        [host],
-        opts.conn,
-        {"fleet_deploy_dir": bundle.DEPLOY_DIR},
-        {host: {**host_vars, "fleet_worker": gate}},
-    )[host]
-    if drain and gateway not in outcome.failed:
-        _set_rotation(plan, name, False, opts)
-        progress(host, f"{name}: back in rotation")
-    if not result.ok:
-        outcome.failed[host] = {"step": result.failed_task or "?", "message": result.message}
-        progress(host, f"FAILED at {result.failed_task}: {result.message}")
-        return False
-    progress(host, f"{name}: ready, loaded when asked for" if plan.model(worker.model).swap else f"{name}: serving")
-    return True
+    drained: list[tuple[str, str]] = []
+    for host, name in wave.items():
+        worker = _worker(plan, name)
+        others = [w for w in plan.workers_of(worker.model) if w.name != name]
+        if serving[host] and others:
+            assert len(wave) == 1, "a drained replacement runs alone"
+            progress(host, f"{name}: out of rotation, draining (up to {opts.drain_s:.0f} s)")
+            took = _set_rotation(plan, name, True, opts)
+            progress(host, f"{name}: drained in {took}")
+            drained.append((host, name))
+        else:
+            why = "it was not serving" if not serving[host] else f"{worker.model} has no other replica"
+            progress(host, f"{name}: replaced in place ({why})")
+        if plan.model(worker.model).swap is not None:
+            progress(host, f"{name}: on demand: created, left stopped until its model is asked for")
+        else:
+            progress(host, f"{name}: starting, gated on a one-token inference")
+    gates = {}
+    for host, name in wave.items():
+        gate = _worker_gate(plan, name, host_vars[host]["fleet_engine"])
+        gate["digest"] = bundles[host].services[name]
+        gates[host] = {**host_vars[host], "fleet_worker": gate}
+    results = run_playbook(
+        "replace.yml", plan.fleet, list(wave), opts.conn, {"fleet_deploy_dir": bundle.DEPLOY_DIR}, gates
+    )
+    if gateway not in outcome.failed:
+        for host, name in drained:
+            _set_rotation(plan, name, False, opts)
+            progress(host, f"{name}: back in rotation")
+    for host, name in wave.items():
+        result = results[host]
+        if not result.ok:
+            outcome.failed[host] = {"step": result.failed_task or "?", "message": result.message}
+            progress(host, f"FAILED at {result.failed_task}: {result.message}")
+            continue
+        on_demand = plan.model(_worker(plan, name).model).swap is not None
+        progress(host, f"{name}: ready, loaded when asked for" if on_demand else f"{name}: serving")
 
 
 def _set_rotation(plan: Plan, worker_name: str, draining: bool, opts: Options) -> str:

@@ -75,6 +75,12 @@ def test_check_shows_each_hosts_changes_and_changes_nothing(fleet: Fleet) -> Non
 @pytest.mark.timeout(600)
 def test_deploy_brings_the_fleet_up(fleet: Fleet, deployed: Deploy, note: Callable[[str], None]) -> None:
     note(f"first deploy of 3 hosts: {deployed.seconds:.1f}s")
+    steps = deployed.out["steps"]
+    for step in steps:
+        note(f"first deploy: {step['step']} on {', '.join(step['hosts'])}: {step['seconds']:.1f}s")
+    # The workers' waves: each a single Ansible run on every host with a worker left to start, never one per worker.
+    waves = [s for s in steps if s["step"].startswith("workers ")]
+    assert [sorted(s["hosts"]) for s in waves] == [["gpu1", "gpu2"], ["gpu1"]], steps
     assert {h: deployed.host(h)["result"] for h in ("gateway", "gpu1", "gpu2")} == dict.fromkeys(
         ("gateway", "gpu1", "gpu2"), "applied"
     )
