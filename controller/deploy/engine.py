@@ -520,6 +520,8 @@ def _host_vars(
         "fleet_services_start": services,
         "fleet_services_waits": waits,
         "fleet_services_remove": c.remove,
+        # Envoy's endpoint files need an inotify instance each; raised before Envoy starts where the host has fewer.
+        "fleet_inotify_instances": envoy.inotify_instances(plan) if b.host == plan.fleet.gateway.host else None,
         "fleet_manifest": manifest,
         "fleet_had_manifest": bool(previous),
         "fleet_rollback_services": sorted(set(changed) & set(previous.get("services", {}))),

@@ -126,6 +126,19 @@ EDS_HEADER = "# Rendered by `controller render` from the fleet spec; `controller
 CLA_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 
 
+# Envoy opens one inotify instance per watched endpoint file (bench.control_plane counted 602 for 601 clusters),
+# and Linux allows 128 per user by default (fs.inotify.max_user_instances), for all of that user's processes
+# together: past about 45 models of two replicas Envoy aborts at start ("assert failure: inotify_fd_ >= 0").
+# What the gateway host needs: Envoy's endpoint files and its own few watches, with the default left for the rest.
+INOTIFY_ENVOY_OWN = 8
+INOTIFY_OTHERS = 128
+
+
+def inotify_instances(plan: Plan) -> int:
+    """The fs.inotify.max_user_instances the gateway host needs for this plan's Envoy (see INOTIFY_OTHERS)."""
+    return len(plan.fleet.models) + len(plan.workers) + INOTIFY_ENVOY_OWN + INOTIFY_OTHERS
+
+
 def eds_files(plan: Plan, draining: frozenset[str] = frozenset()) -> dict[str, dict[str, Any]]:
     """``{file name: EDS document}`` for every model and worker cluster; endpoints of the workers named in
     ``draining`` are marked DRAINING in the model clusters (a worker's own cluster, `/proxy/<worker>`, keeps it)."""

@@ -20,6 +20,7 @@ import pytest
 
 from controller.deploy.lock import fleet_lock
 from controller.plan import make_plan
+from controller.render import envoy
 from controller.spec import load_spec
 from controller.spec.models import Images
 from tests.images import broken_stand_in, build_stand_in, build_stand_ins
@@ -81,6 +82,18 @@ def test_deploy_brings_the_fleet_up(fleet: Fleet, deployed: Deploy, note: Callab
     # The workers' waves: each a single Ansible run on every host with a worker left to start, never one per worker.
     waves = [s for s in steps if s["step"].startswith("workers ")]
     assert [sorted(s["hosts"]) for s in waves] == [["gpu1", "gpu2"], ["gpu1"]], steps
+    # The gateway has the inotify instances its Envoy needs (one per endpoint file), raised where it had fewer.
+    need = envoy.inotify_instances(make_plan(load_spec(fleet.spec)))
+    gw = fleet.hosts["gateway"]
+    now = int(gw.run("cat /proc/sys/fs/inotify/max_user_instances").stdout)
+    assert now >= need, f"fs.inotify.max_user_instances is {now}, Envoy's endpoint files need {need}"
+    kept = gw.run("cat /etc/sysctl.d/60-fleet-envoy.conf", check=False)
+    if kept.returncode == 0:
+        assert f"fs.inotify.max_user_instances = {need}\n" in kept.stdout, kept.stdout
+    note(
+        f"gateway inotify instances: {now} (needs {need}; "
+        + ("raised by deploy)" if kept.returncode == 0 else "had enough)")
+    )
     assert {h: deployed.host(h)["result"] for h in ("gateway", "gpu1", "gpu2")} == dict.fromkeys(
         ("gateway", "gpu1", "gpu2"), "applied"
     )
