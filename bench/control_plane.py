@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 
 from bench.report import machine, publish
+from controller.local import limits
 
 SIZES = (10, 50, 200, 1000)
 GPUS_PER_HOST = 4
@@ -241,7 +242,7 @@ def envoy_at(hosts: int) -> dict[str, Any]:
                 ready_s = time.monotonic() - began
                 with httpx.Client(base_url=f"http://127.0.0.1:{admin}", timeout=5, trust_env=False) as http:
                     clusters = http.get("/clusters", params={"format": "json"}).json().get("cluster_statuses") or []
-                inotify = sum(1 for fd in Path(f"/proc/{proc.pid}/fd").iterdir() if _is_inotify(fd))
+                inotify = sum(1 for fd in Path(f"/proc/{proc.pid}/fd").iterdir() if limits.is_inotify(fd))
                 rss = rss_mib({"envoy": proc.pid})["envoy"]
             finally:
                 proc.terminate()
@@ -261,7 +262,7 @@ def envoy_at(hosts: int) -> dict[str, Any]:
     }
 
 
-INOTIFY = Path("/proc/sys/fs/inotify/max_user_instances")
+INOTIFY = limits.INOTIFY_LIMIT
 
 
 @contextlib.contextmanager
@@ -269,7 +270,7 @@ def inotify_instances_for(watched: int) -> Iterator[tuple[int, int | None]]:
     """The per-user inotify limit raised (as root, for the block, then put back) where ``watched`` more instances
     and those this user's processes hold would pass it: (the limit found, what it was raised to or None)."""
     limit = int(INOTIFY.read_text())
-    in_use = sum(1 for fd in Path("/proc").glob("[0-9]*/fd/*") if _is_inotify(fd))
+    in_use = limits.inotify_in_use()
     need = watched + in_use + 16
     if need <= limit:
         yield limit, None
@@ -284,13 +285,6 @@ def inotify_instances_for(watched: int) -> Iterator[tuple[int, int | None]]:
         yield limit, need
     finally:
         INOTIFY.write_text(str(limit))
-
-
-def _is_inotify(fd: Path) -> bool:
-    try:
-        return os.readlink(fd) == "anon_inode:inotify"
-    except OSError:
-        return False
 
 
 def run(sizes: list[int]) -> list[dict[str, Any]]:

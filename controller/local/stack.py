@@ -22,6 +22,7 @@ import yaml
 from controller.atomic import write_file
 from controller.errors import ControllerError
 from controller.gateway.certs import ensure_sds_file, served_certificate, wait_published
+from controller.local import limits
 from controller.local.configs import stack_files
 from controller.local.processes import ProcessSpec, local_processes
 from controller.local.state import StateDir, is_same_process, start_time
@@ -92,6 +93,7 @@ def up(spec_path: Path, state: StateDir, wait_s: float, progress: Callable[[dict
         return reload(plan, spec_path, state, wait_s, progress)
     specs = local_processes(plan, spec_path, state)
     check_ports(specs, state)
+    limits.check_inotify(plan)
     write_configs(plan, state)
     write_stack(plan, spec_path, state)
     spawn_supervisor(spec_path, state)
