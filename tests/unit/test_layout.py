@@ -7,7 +7,20 @@ import sys
 
 from tests.conftest import ROOT
 
-DAEMONS = ("controller.gateway", "controller.agent", "controller.local", "controller.cli", "fastapi", "uvicorn")
+# Every package that runs something (a daemon, the deploy engine, the CLI) and the web frameworks the daemons use.
+DAEMONS = (
+    "controller.gateway",
+    "controller.agent",
+    "controller.swap",
+    "controller.console",
+    "controller.deploy",
+    "controller.mesh",
+    "controller.images",
+    "controller.local",
+    "controller.cli",
+    "fastapi",
+    "uvicorn",
+)
 
 
 def test_core_imports_no_daemon() -> None:
