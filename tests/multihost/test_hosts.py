@@ -19,7 +19,17 @@ from pathlib import Path
 import pytest
 
 from tests.multihost.conftest import FLEET, IMAGE, need_hosts
-from tests.multihost.hosts import OWNER_ALIAS, PREFIX, Host, Hosts, HostSpec, fake_gpu_uuid, remove_stale
+from tests.multihost.hosts import (
+    OWNER_ALIAS,
+    PREFIX,
+    Host,
+    Hosts,
+    HostSpec,
+    _netns_pids,
+    fake_gpu_uuid,
+    remove_stale,
+)
+from tests.stubs import wait_until
 
 pytestmark = pytest.mark.multihost
 NAMES = [spec.name for spec in FLEET]
@@ -246,6 +256,9 @@ def test_leftovers_of_a_killed_run_are_removed() -> None:
     subprocess.run(["ip", "link", "set", bridge, "alias", f"{OWNER_ALIAS}{dead.pid}"], check=True)
     orphan = subprocess.Popen(["ip", "netns", "exec", netns, "sleep", "1000"])
     try:
+        # `ip netns exec` enters the netns a moment after it starts (later still on a loaded machine): an orphan
+        # not in it yet is nothing to find, and it would outlive the netns (CI saw that once).
+        wait_until(lambda: orphan.pid in _netns_pids(netns), 10, "the orphan inside its netns")
         removed = remove_stale()
         assert f"netns {netns}" in removed and f"bridge {bridge}" in removed
         assert orphan.wait(10) != 0  # killed (ip netns exec exec()s it, or reports its death)
