@@ -342,7 +342,7 @@ def _apply(
         c = outcome.changes[h]
         for name in [s for s in c.start + c.restart if s in bundles[h].workers]:
             serving = envoy_up and name in c.restart  # a worker that was not running has no requests to drain
-            if serving and len(plan.workers_of(_worker(plan, name).model)) > 1:
+            if serving and len(plan.workers_of(plan.worker(name).model)) > 1:
                 drains.append((h, name))
             else:
                 waves.setdefault(h, []).append(name)
@@ -365,10 +365,6 @@ def _apply(
             progress(h, "applied")
 
 
-def _worker(plan: Plan, name: str) -> Worker:
-    return next(w for w in plan.workers if w.name == name)
-
-
 def _replace_workers(
     plan: Plan,
     bundles: dict[str, bundle.HostBundle],
@@ -385,7 +381,7 @@ def _replace_workers(
     gateway = plan.fleet.gateway.host
     drained: list[tuple[str, str]] = []
     for host, name in wave.items():
-        worker = _worker(plan, name)
+        worker = plan.worker(name)
         others = [w for w in plan.workers_of(worker.model) if w.name != name]
         if serving[host] and others:
             assert len(wave) == 1, "a drained replacement runs alone"
@@ -418,14 +414,14 @@ def _replace_workers(
             outcome.failed[host] = {"step": result.failed_task or "?", "message": result.message}
             progress(host, f"FAILED at {result.failed_task}: {result.message}")
             continue
-        on_demand = plan.model(_worker(plan, name).model).swap is not None
+        on_demand = plan.model(plan.worker(name).model).swap is not None
         progress(host, f"{name}: ready, loaded when asked for" if on_demand else f"{name}: serving")
 
 
 def _set_rotation(plan: Plan, worker_name: str, draining: bool, opts: Options) -> str:
     """On the gateway: the worker's model cluster endpoint file with the worker DRAINING (then wait for its requests
     to finish, bounded) or as rendered; returns how the drain went, for the progress line."""
-    worker = next(w for w in plan.workers if w.name == worker_name)
+    worker = plan.worker(worker_name)
     cluster = envoy.model_cluster(worker.model)
     doc = envoy.eds_files(plan, frozenset({worker_name}) if draining else frozenset())[f"{cluster}.yaml"]
     wait = None
@@ -561,7 +557,7 @@ def _images_of(plan: Plan, host: str) -> set[str]:
 
 def _worker_gate(plan: Plan, name: str, engine: str) -> dict[str, Any]:
     """What the role needs to start a worker and prove it serves: a one-token inference on its own address."""
-    worker = next(w for w in plan.workers if w.name == name)
+    worker = plan.worker(name)
     address = f"[{worker.address}]" if ":" in worker.address else worker.address
     model = worker.served_names[0]
     body: dict[str, Any]

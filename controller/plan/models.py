@@ -170,6 +170,9 @@ class Plan(PlanModel):
                 out.append(w.name)
         return out
 
+    def worker(self, name: str) -> Worker:
+        return self._by_name[name]  # KeyError for a worker not in the plan
+
     def always_resident(self, worker: Worker) -> bool:
         swap = self.model(worker.model).swap
         return swap is not None and swap.resident == "always"
