@@ -12,6 +12,8 @@
 --   FLEET.model_json       served name -> its /v1/models entry (JSON)
 --   FLEET.workers          worker name -> the canonical name of the model it serves
 --   FLEET.context          canonical name -> the model's context (the most tokens one choice can make)
+--   FLEET.routes           canonical name -> the set of inference routes its backend serves
+--   FLEET.route_list       canonical name -> those routes as text, for the refusal of another
 --   FLEET.max_tokens       largest max_tokens / max_completion_tokens accepted
 --   FLEET.max_n            largest n / best_of accepted
 --   FLEET.gatekeeper       the cluster the gatekeeper is reached through
@@ -42,11 +44,20 @@
 -- the numbers from the dynamic metadata this filter keeps current.
 
 local MAX_DEPTH = 64
+-- The inference routes, each with the API whose error shape its refusals take.
 local INFERENCE = {
-  ["/v1/chat/completions"] = true,
-  ["/v1/completions"] = true,
-  ["/v1/embeddings"] = true,
+  ["/v1/chat/completions"] = "openai",
+  ["/v1/completions"] = "openai",
+  ["/v1/embeddings"] = "openai",
+  ["/v1/responses"] = "openai",
+  ["/v1/rerank"] = "openai",
+  ["/v1/messages"] = "anthropic",
+  ["/v1/messages/count_tokens"] = "anthropic",
 }
+-- Routes that generate nothing: their most completion tokens is 0.
+local NO_COMPLETION = { ["/v1/embeddings"] = true, ["/v1/rerank"] = true, ["/v1/messages/count_tokens"] = true }
+-- Routes whose streams take stream_options.include_usage (the others always end with their usage).
+local CHUNKED_USAGE = { ["/v1/chat/completions"] = true, ["/v1/completions"] = true }
 -- Body fields that would make a backend or a client library call elsewhere.
 local FORBIDDEN_FIELDS = { "api_base", "base_url", "api_key", "organization", "extra_headers" }
 
@@ -203,9 +214,27 @@ local function error_json(message, err_type, code, param)
     .. ',"param":' .. (param and json_string(param) or "null") .. ',"code":' .. json_string(code) .. "}}"
 end
 
+-- An error body in Anthropic's shape (its error types by status, as its API documents them).
+local ANTHROPIC_TYPES = {
+  [400] = "invalid_request_error", [401] = "authentication_error", [403] = "permission_error",
+  [404] = "not_found_error", [413] = "request_too_large", [429] = "rate_limit_error", [503] = "overloaded_error",
+}
+
+local function anthropic_json(status, message)
+  return '{"type":"error","error":{"type":' .. json_string(ANTHROPIC_TYPES[status] or "api_error")
+    .. ',"message":' .. json_string(message) .. "}}"
+end
+
+-- Whether this request's refusals take Anthropic's shape (set from its path before anything is checked).
+local function anthropic(handle)
+  local meta = handle:streamInfo():dynamicMetadata():get("fleet")
+  return meta ~= nil and meta.shape == "anthropic"
+end
+
 local function reject(handle, status, message, err_type, code, param)
   local headers = { [":status"] = tostring(status), ["content-type"] = "application/json" }
   if status == 401 then headers["www-authenticate"] = 'Bearer realm="fleet"' end
+  if anthropic(handle) then return handle:respond(headers, anthropic_json(status, message)) end
   handle:respond(headers, error_json(message, err_type, code, param))
 end
 
@@ -250,7 +279,21 @@ local function unavailable(handle)
   reject(handle, 503, "the gateway cannot reach its gatekeeper; retry shortly", "server_error", "service_unavailable")
 end
 
--- Relay the gatekeeper's refusal as it gave it; anything that is not its answer is a 503.
+-- The message of an OpenAI-shaped error body ({"error": {"message": ...}}), for the same refusal in another shape.
+local function refusal_message(body)
+  local members, spans = parse_object(body)
+  if members ~= nil then
+    for _, span in ipairs(spans) do
+      if span.key == "error" then
+        local inner = parse_object(string.sub(body, span.value_from, span.to))
+        if inner ~= nil and type(inner.message) == "string" then return inner.message end
+      end
+    end
+  end
+  return "the gateway refused the request"
+end
+
+-- Relay the gatekeeper's refusal as it gave it (in Anthropic's shape on its routes); anything that is not its answer is a 503.
 local function relay_refusal(handle, reply, body)
   local status = reply[":status"]
   local ctype = reply["content-type"] or ""
@@ -259,6 +302,7 @@ local function relay_refusal(handle, reply, body)
     local out = { [":status"] = status, ["content-type"] = "application/json" }
     out["retry-after"] = reply["retry-after"]
     out["www-authenticate"] = reply["www-authenticate"]
+    if anthropic(handle) then body = anthropic_json(tonumber(status), refusal_message(body)) end
     return handle:respond(out, body)
   end
   return unavailable(handle)
@@ -411,12 +455,13 @@ end
 
 -- The most completion tokens a request can make: each of its choices (n, or best_of for
 -- /v1/completions) ends at the largest limit it names (llama.cpp reads n_predict before max_tokens,
--- so whichever the backend honours is covered), and never past the model's context.
+-- so whichever the backend honours is covered; Responses calls it max_output_tokens), and never past the
+-- model's context.
 local function completion_cap(members, route, canonical)
-  if route == "/v1/embeddings" then return 0 end
+  if NO_COMPLETION[route] then return 0 end
   local context = FLEET.context[canonical]
   local per = nil
-  for _, field in ipairs({ "max_tokens", "max_completion_tokens", "n_predict" }) do
+  for _, field in ipairs({ "max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict" }) do
     local v = members[field]
     if type(v) == "number" and (per == nil or v > per) then per = v end
   end
@@ -505,6 +550,11 @@ function envoy_on_request(handle)
   local page = string.match(path, "^[^?]*")
   if page == "/console" or string.sub(page, 1, 9) == "/console/" then return end
 
+  local route, worker = api_path(path)
+  if route and INFERENCE[route] == "anthropic" then
+    handle:streamInfo():dynamicMetadata():set("fleet", "shape", "anthropic")
+  end
+
   -- Fail closed: without the gatekeeper's answer nobody gets anything.
   local answer = authenticate(handle, headers)
   if answer == nil then return end
@@ -521,7 +571,6 @@ function envoy_on_request(handle)
   if method == "GET" and (bare == "/v1/models" or string.match(bare, "^/v1/models/")) then
     return models_list(handle, allowed, bare)
   end
-  local route, worker = api_path(path)
   if method ~= "POST" or not route then return end
 
   local body = handle:body()
@@ -549,6 +598,7 @@ function envoy_on_request(handle)
   end
   if not (check_count(handle, members, "max_tokens", FLEET.max_tokens)
       and check_count(handle, members, "max_completion_tokens", FLEET.max_tokens)
+      and check_count(handle, members, "max_output_tokens", FLEET.max_tokens)
       and check_count(handle, members, "n_predict", FLEET.max_tokens)
       and check_count(handle, members, "n", FLEET.max_n)
       and check_count(handle, members, "best_of", FLEET.max_n)) then
@@ -568,6 +618,10 @@ function envoy_on_request(handle)
     return reject(handle, 400, string.format("worker '%s' does not serve the model '%s'", worker, model),
       "invalid_request_error", "wrong_worker", "model")
   end
+  if not FLEET.routes[canonical][route] then
+    return reject(handle, 400, string.format("the model '%s' does not serve %s; its backend serves %s", model, route,
+      FLEET.route_list[canonical]), "invalid_request_error", "unsupported_route", "model")
+  end
 
   local meta = handle:streamInfo():dynamicMetadata()
   meta:set("fleet", "model", canonical)
@@ -576,8 +630,9 @@ function envoy_on_request(handle)
   meta:set("fleet", "completion_cap", tostring(cap))
   if members.stream == true then
     meta:set("fleet", "stream", "1")
-    -- Usage is always asked of the backend; what the client asked decides only what it receives.
-    if not asks_for_usage(raw, spans) then
+    -- Usage is always asked of the backend; what the client asked decides only what it receives. (Responses
+    -- and Messages streams always end with it.)
+    if CHUNKED_USAGE[route] and not asks_for_usage(raw, spans) then
       handle:body():setBytes(with_usage(raw, spans))
       meta:set("fleet", "strip_usage", "1")
     end
@@ -585,6 +640,11 @@ function envoy_on_request(handle)
   -- A user with a daily token quota books this request's most before it is sent, so requests in
   -- flight together can never take the user past the quota.
   if answer.daily ~= nil and not reserve(handle, answer, #raw + cap) then return end
+  if route == "/v1/messages/count_tokens" then -- counting generates nothing: the request is metered at 0
+    meta = handle:streamInfo():dynamicMetadata()
+    meta:set("fleet", "prompt_tokens", "0")
+    meta:set("fleet", "completion_tokens", "0")
+  end
   -- body() suspended the filter; header handles from before it are no longer valid.
   local after = handle:headers()
   after:replace("x-fleet-model", model)
@@ -596,20 +656,62 @@ end
 -- in case it straddles two), and record the numbers for the access log.
 local TAIL = 512
 
+-- The end of the JSON object that opens at `from` (its closing brace), or nil when the text ends first.
+local function object_end(text, from)
+  local depth, i = 0, from
+  while true do
+    local k = string.find(text, "[{}]", i)
+    if not k then return nil end
+    depth = depth + (string.sub(text, k, k) == "{" and 1 or -1)
+    if depth == 0 then return k end
+    i = k + 1
+  end
+end
+
+-- Whether the usage object at `at` is that of an Anthropic stream's message_start event, which counts the
+-- prompt but not yet the answer (its output_tokens is what was made so far; message_delta's is final).
+local function in_message_start(text, at)
+  local event, from = 1, 1
+  while true do
+    local found = string.find(text, "data: {", from, true)
+    if not found or found > at then break end
+    event, from = found, found + 1
+  end
+  return string.find(string.sub(text, event, at), '"message_start"', 1, true) ~= nil
+end
+
+local function number_in(usage, field)
+  return tonumber(string.match(usage, '"' .. field .. '"%s*:%s*(%d+)') or "")
+end
+
+-- The usage numbers in `text`, each of the latest object that has it: prompt tokens (OpenAI's prompt_tokens,
+-- or Responses' and Messages' input_tokens with Messages' cached ones), completion tokens (completion_tokens,
+-- output_tokens), and whether the latest object is cut off at the text's end.
 local function scan_usage(text)
-  local at = nil
+  local prompt, completion, cut = nil, nil, false
   local from = 1
   while true do
-    local found = string.find(text, '"usage"%s*:%s*{', from)
-    if not found then break end
-    at, from = found, found + 1
+    local at, brace = string.find(text, '"usage"%s*:%s*{', from)
+    if not at then break end
+    local close = object_end(text, brace)
+    cut = close == nil
+    local usage = string.sub(text, brace, close or #text)
+    local p = number_in(usage, "prompt_tokens")
+    if p == nil then
+      p = number_in(usage, "input_tokens")
+      if p ~= nil then
+        p = p + (number_in(usage, "cache_read_input_tokens") or 0) + (number_in(usage, "cache_creation_input_tokens") or 0)
+      end
+    end
+    if not cut then
+      prompt = p or prompt
+      if not in_message_start(text, at) then
+        completion = number_in(usage, "completion_tokens") or number_in(usage, "output_tokens") or completion
+      end
+    end
+    from = brace + 1
   end
-  if not at then return nil end
-  local usage = string.sub(text, at, at + 400)
-  local prompt = string.match(usage, '"prompt_tokens"%s*:%s*(%d+)')
-  local completion = string.match(usage, '"completion_tokens"%s*:%s*(%d+)')
-  if prompt == nil then return nil end
-  return prompt, completion or "0"
+  return prompt, completion, cut
 end
 
 -- The usage-only event we asked for on the client's behalf, when it sits whole in one chunk.
@@ -623,7 +725,11 @@ end
 -- adds (several tokens can arrive in one event: llama.cpp holds back the bytes of an unfinished
 -- character), so the bytes of the generated text (as escaped in the JSON, never fewer) bound the tokens
 -- from above; the events ("data: {" at the start of a line) bound them when the text is empty.
-local TEXT_FIELDS = { '"content":"', '"text":"', '"reasoning_content":"', '"arguments":"' }
+local TEXT_FIELDS = {
+  '"content":"', '"text":"', '"reasoning_content":"', '"arguments":"', -- chat and completions
+  '"delta":"', -- Responses' text and argument deltas
+  '"partial_json":"', '"thinking":"', -- Messages' tool input and thinking deltas (its text deltas: "text")
+}
 
 local function events_in(text)
   local count = string.sub(text, 1, 7) == "data: {" and 1 or 0
@@ -661,21 +767,23 @@ local function text_bytes(text)
   return total
 end
 
--- The local rate limit's refusal, in the OpenAI error shape: back when the bucket holds a token again,
--- at most 60/rpm seconds (it refills continuously).
-local function rate_limited(handle, headers, rpm)
+-- The local rate limit's refusal, in the OpenAI error shape (Anthropic's on its routes): back when the bucket
+-- holds a token again, at most 60/rpm seconds (it refills continuously).
+local function rate_limited(handle, headers, meta)
+  local rpm = meta.rpm
   headers:remove(FLEET.rate_limited)
   headers:replace("content-type", "application/json")
   headers:replace("retry-after", tostring(math.ceil(60 / tonumber(rpm))))
-  handle:body():setBytes(error_json(string.format("rate limit of %s requests per minute reached", rpm),
-    "invalid_request_error", "rate_limit_exceeded"))
+  local message = string.format("rate limit of %s requests per minute reached", rpm)
+  handle:body():setBytes(meta.shape == "anthropic" and anthropic_json(429, message)
+    or error_json(message, "invalid_request_error", "rate_limit_exceeded"))
 end
 
 function envoy_on_response(handle)
   local meta = handle:streamInfo():dynamicMetadata():get("fleet")
   if meta ~= nil and meta.rpm ~= nil then
     local headers = handle:headers()
-    if headers:get(FLEET.rate_limited) then return rate_limited(handle, headers, meta.rpm) end
+    if headers:get(FLEET.rate_limited) then return rate_limited(handle, headers, meta) end
   end
   -- Whole JSON responses are read natively (json_to_metadata, next in the chain): streams only here.
   if meta == nil or meta.stream ~= "1" then return end
@@ -700,12 +808,14 @@ function envoy_on_response(handle)
     end
     if pending or string.find(text, '"usage"', 1, true)
         or string.find(string.sub(prev, -8) .. string.sub(text, 1, 8), '"usage"', 1, true) then
-      local p, c = scan_usage(string.sub(prev, -TAIL) .. text)
-      pending = p == nil
-      if p then
+      local p, c, cut = scan_usage(string.sub(prev, -TAIL) .. text)
+      pending = cut
+      -- The prompt's count alone (an Anthropic stream's message_start) leaves the completion to be seen: a
+      -- stream cut before its message_delta is metered from what passed (controller/gateway/ledger.py).
+      if p or c then
         local out = handle:streamInfo():dynamicMetadata()
-        out:set("fleet", "prompt_tokens", p)
-        out:set("fleet", "completion_tokens", c)
+        if p then out:set("fleet", "prompt_tokens", tostring(p)) end
+        if c then out:set("fleet", "completion_tokens", tostring(c)) end
       end
       if strip and p and string.find(text, '"usage"', 1, true) then
         local kept = drop_injected_usage(text)

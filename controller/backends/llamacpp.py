@@ -76,6 +76,10 @@ class LlamaCpp:
         "yarn-orig-ctx": "the model's own maximum context",
         "split-mode": "a replica never spans GPUs",
         "main-gpu": "the plan pins GPUs",
+        "embeddings": "the spec's task (embed)",
+        "embedding": "the spec's task (embed)",
+        "reranking": "the spec's task (rerank)",
+        "rerank": "the spec's task (rerank)",
         "api-key": "the worker secret, from a file (--api-key-file)",
         "api-key-file": "the worker secret, which only the gateway sends",
         # Speculative decoding, in both spellings (b6800's and later builds'): the spec's `speculative` owns it.
@@ -229,6 +233,10 @@ class LlamaCpp:
         ]
         if worker.gpus:
             args += ["--split-mode", "none"]
+        if model.task == "embed":
+            args.append("--embeddings")
+        elif model.task == "rerank":
+            args.append("--reranking")  # pooling `rank`: the model's classification head scores each document
         if model.flash_attention or s["cache_type"] != "f16":
             # A quantized V cache needs flash attention; the estimate's compute buffer counts on it either way.
             args += ["--flash-attn", "on"]

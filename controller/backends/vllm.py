@@ -64,6 +64,8 @@ class VLLM:
         "download-dir": "the model cache volume",
         "hf-overrides": "the spec's rope_scaling",
         "speculative-config": "the spec's speculative",
+        "runner": "the spec's task",
+        "task": "the spec's task",
     }
 
     def settings(self, model: Model, estimate: Estimate, gpus: list[GpuRef]) -> dict[str, Any]:
@@ -139,6 +141,8 @@ class VLLM:
             "--tensor-parallel-size",
             str(s["tensor_parallel_size"]),
         ]
+        if model.task != "generate":  # embeddings and rerank scores come from a pooling model runner
+            args += ["--runner", "pooling"]
         if model.source.revision:
             args += ["--revision", model.source.revision]
         if model.dtype != "auto":

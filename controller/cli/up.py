@@ -79,6 +79,12 @@ def up(
             f'  {shlex.quote(sys.executable)} -c "import openai; s = openai.OpenAI().chat.completions.create('
             "model='tiny-chat', messages=[{'role': 'user', 'content': 'hi'}], max_tokens=32, stream=True); "
             "[print(c.choices[0].delta.content or '', end='', flush=True) for c in s if c.choices]; print()\"",
+            "tools that speak Anthropic's Messages API (the anthropic SDK, Claude Code) take the same key:",
+            f"  export SSL_CERT_FILE={shlex.quote(str(info.ca_cert))} "
+            f"ANTHROPIC_BASE_URL={info.base_url.removesuffix('/v1')} ANTHROPIC_API_KEY={key.key}",
+            f'  {shlex.quote(sys.executable)} -c "import anthropic; m = anthropic.Anthropic().messages.create('
+            "model='tiny-chat', max_tokens=32, messages=[{'role': 'user', 'content': 'hi'}]); "
+            'print(m.content[0].text)"',
             f"on demand: {' and '.join(ON_DEMAND)} share one slot: a request for the one not loaded loads it "
             "(a few seconds; the other is unloaded once its requests finish); use it as model= above",
         ]

@@ -561,8 +561,12 @@ def _worker_gate(plan: Plan, name: str, engine: str) -> dict[str, Any]:
     address = f"[{worker.address}]" if ":" in worker.address else worker.address
     model = worker.served_names[0]
     body: dict[str, Any]
-    if plan.model(worker.model).options.get("embeddings"):
+    task = plan.model(worker.model).task
+    if task == "embed":
         url, body = f"http://{address}:{worker.port}/v1/embeddings", {"model": model, "input": "ok"}
+    elif task == "rerank":
+        url = f"http://{address}:{worker.port}/v1/rerank"
+        body = {"model": model, "query": "ok", "documents": ["ok"]}
     else:
         url = f"http://{address}:{worker.port}/v1/chat/completions"
         body = {"model": model, "messages": [{"role": "user", "content": "ok"}], "max_tokens": 1}

@@ -439,22 +439,35 @@ def metered(line: dict[str, Any]) -> tuple[int, int, bool]:
     - completion, for a whole answer that never came: the most the request could make (its largest
       token limit for each choice, at most the model's context), since none of it was seen.
 
+    A Messages answer's prompt is its input_tokens with the cached ones it counts apart (cache_read_input_tokens,
+    cache_creation_input_tokens). A stream whose backend counted its prompt at the start (an Anthropic stream's message_start) but whose end
+    never came keeps that prompt count, with its completion estimated as above. A rerank answer that counts
+    only a total (vLLM's) is that many prompt tokens.
+
     A request no backend received, or one a backend refused with an error, cost nothing.
     """
-    prompt = line.get("prompt_tokens")
-    if prompt not in (None, "", "-"):
-        return int(prompt), int(line.get("completion_tokens") or 0), False
+    prompt, completion = line.get("prompt_tokens"), line.get("completion_tokens")
+    stream = line.get("stream") == "1"
+    if prompt not in (None, "", "-"):  # a Messages answer counts its cached prompt tokens apart
+        cached = (line.get(f) for f in ("cache_read_tokens", "cache_creation_tokens"))
+        prompt = int(prompt) + sum(int(c) for c in cached if c not in (None, "", "-"))
+    if prompt not in (None, "", "-") and (completion not in (None, "", "-") or not stream):
+        return int(prompt), int(completion or 0), False
+    total = line.get("total_tokens")
+    if prompt in (None, "", "-") and total not in (None, "", "-"):  # a rerank answer that counts only its input
+        return int(total), int(completion or 0), False
     if line.get("upstream") in (None, "", "-"):  # never sent (or a line written before estimates existed)
         return 0, 0, False
     status = int(line.get("status") or 0)
     cut = status == 0 or "DC" in str(line.get("flags") or "").split(",")  # the client went away
-    stream = line.get("stream") == "1"
     seen = int(line.get("seen_tokens") or 0)
     if not cut and status >= 400 and seen == 0:  # the backend refused it
         return 0, 0, False
     bound = int(line.get("bytes_in") or 0)
     cap = int(line.get("completion_cap") or 0)  # the most the request could make, whatever its text's bytes say
     if stream:
+        if prompt not in (None, "", "-"):  # the backend counted the prompt at the start, the end never came
+            bound = int(prompt)
         return bound, min(seen, cap) if cap else seen, True
     if status < 300 or cut:
         return bound, cap, True

@@ -38,6 +38,7 @@ def stack_files(plan: Plan, state: StateDir, draining: frozenset[str] = frozense
         secrets_dir=str(state.secrets),
         front_socket=str(state.front_socket),
         eds_dir=str(state.config / envoy.EDS_FOLDER),
+        where="local",  # this machine's own llama-server, which serves more routes than the pinned image's
     )
     for name, doc in xds.items():
         out[state.config / envoy.XDS_FOLDER / name] = envoy.dump(doc)

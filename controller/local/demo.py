@@ -91,7 +91,8 @@ def demo_fleet(ports: DemoPorts) -> dict[str, Any]:
                 "source": {"gguf": model},
                 "context": 512,
                 "parallel": 2,
-                "options": {"embeddings": True, "pooling": "mean", "threads": 1},
+                "task": "embed",
+                "options": {"pooling": "mean", "threads": 1},
             },
         ],
         # More models than slots: the on-demand ones share one, and a request for the one not loaded swaps it in.

@@ -67,8 +67,10 @@ def vocabulary(seed: int = 0) -> tuple[list[str], list[int]]:
     return tokens, [int(t) for t in types]
 
 
-def write_demo_model(path: Path, name: str = "fleet-demo", seed: int = 0) -> Path:
-    """Write the model to ``path`` atomically (temporary file, then rename)."""
+def write_demo_model(path: Path, name: str = "fleet-demo", seed: int = 0, reranker: bool = False) -> Path:
+    """Write the model to ``path`` atomically (temporary file, then rename). ``reranker``: a reranker, whose
+    pooling is `rank` (llama-server's `--reranking` scores a document by its embedding's first element; the
+    scores are as meaningless as the text)."""
     import gguf
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +102,8 @@ def write_demo_model(path: Path, name: str = "fleet-demo", seed: int = 0) -> Pat
     writer.add_eos_token_id(2)
     writer.add_add_bos_token(True)
     writer.add_chat_template(CHAT_TEMPLATE)
+    if reranker:
+        writer.add_pooling_type(gguf.PoolingType.RANK)
     # numpy shapes are (rows, columns) = GGUF's dimensions reversed.
     writer.add_tensor("token_embd.weight", weight(n_vocab, N_EMBD))
     writer.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))

@@ -28,13 +28,16 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from controller import backends
+from controller.backends import apis
 from controller.plan import slug
 from controller.plan.models import Plan, Worker
 from controller.render import Files, asset, dump_yaml, renderer
 from controller.secrets import SDS_FILE, SDS_NAME
 
 MIB = 1024 * 1024
-INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# Every inference route; which of them a model serves is its backend's (controller/backends/apis.py), checked by the
+# Lua filter, which answers the others in that API's own error shape.
+INFERENCE_PATHS = apis.ALL
 # Largest `n`/`best_of` a request may ask for: each one is a full generation.
 MAX_N = 8
 # Where Envoy writes the usage log on a gateway host (shared with the gatekeeper).
@@ -106,10 +109,12 @@ def xds_files(
     secrets_dir: str = SECRETS_DIR,
     front_socket: str = FRONT_SOCKET,
     eds_dir: str | None = None,
+    where: apis.Where = "container",
 ) -> dict[str, dict[str, Any]]:
     """``{file name: LDS or CDS document}`` for a bootstrap made with ``xds_dir``. Write the clusters before the
-    listeners (a route may name a new cluster; until that cluster is known Envoy answers 503 for it)."""
-    listeners = _listeners(plan, usage_log, tls_dir, front_socket, dynamic=True)
+    listeners (a route may name a new cluster; until that cluster is known Envoy answers 503 for it). ``where``:
+    whose routes the models' backends serve (apis.served): the pinned images', or `controller up`'s programs'."""
+    listeners = _listeners(plan, usage_log, tls_dir, front_socket, dynamic=True, where=where)
     clusters = _clusters(plan, secrets_dir, eds_dir)
     return {
         CLUSTERS_FILE: {"resources": [{"@type": CLUSTER_TYPE, **c} for c in clusters]},
@@ -225,6 +230,7 @@ def bootstrap(
     front_socket: str = FRONT_SOCKET,
     eds_dir: str | None = None,
     xds_dir: str | None = None,
+    where: apis.Where = "container",
 ) -> dict[str, Any]:
     """Envoy's bootstrap. With ``xds_dir``, the listeners and clusters are read from the files `xds_files` gives,
     in that folder (watched; the other arguments are `xds_files`'s then); without, they are inline. With
@@ -244,7 +250,7 @@ def bootstrap(
         }
     else:
         config["static_resources"] = {
-            "listeners": _listeners(plan, usage_log, tls_dir, front_socket, dynamic=False),
+            "listeners": _listeners(plan, usage_log, tls_dir, front_socket, dynamic=False, where=where),
             "clusters": _clusters(plan, secrets_dir, eds_dir),
         }
     return {
@@ -264,14 +270,16 @@ def bootstrap(
     }
 
 
-def _listeners(plan: Plan, usage_log: str, tls_dir: str, front_socket: str, *, dynamic: bool) -> list[dict[str, Any]]:
+def _listeners(
+    plan: Plan, usage_log: str, tls_dir: str, front_socket: str, *, dynamic: bool, where: apis.Where
+) -> list[dict[str, Any]]:
     gw = plan.fleet.gateway
     public = str(gw.bind) if gw.bind is not None else "0.0.0.0"
     if gw.front == "caddy":  # Caddy serves the public port and asks the gatekeeper; it hands requests over here
-        front = listener(plan, "front", front_socket, 0, usage_log, trusted=True, dynamic=dynamic)
+        front = listener(plan, "front", front_socket, 0, usage_log, trusted=True, dynamic=dynamic, where=where)
     else:
-        front = listener(plan, "public", public, gw.ports.https, usage_log, tls_dir, dynamic=dynamic)
-    return [front, listener(plan, "api", "127.0.0.1", gw.ports.envoy, usage_log, dynamic=dynamic)]
+        front = listener(plan, "public", public, gw.ports.https, usage_log, tls_dir, dynamic=dynamic, where=where)
+    return [front, listener(plan, "api", "127.0.0.1", gw.ports.envoy, usage_log, dynamic=dynamic, where=where)]
 
 
 def _clusters(plan: Plan, secrets_dir: str, eds_dir: str | None) -> list[dict[str, Any]]:
@@ -350,6 +358,7 @@ def listener(
     *,
     trusted: bool = False,
     dynamic: bool = False,
+    where: apis.Where = "container",
 ) -> dict[str, Any]:
     """One HTTP listener; with ``tls_dir``, TLS with the certificate published there (file SDS).
 
@@ -424,7 +433,7 @@ def listener(
                                     "name": "envoy.filters.http.lua",
                                     "typed_config": {
                                         "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-                                        "default_source_code": {"inline_string": lua_source(plan, trusted)},
+                                        "default_source_code": {"inline_string": lua_source(plan, trusted, where)},
                                     },
                                 },
                                 usage_from_json(),
@@ -529,6 +538,21 @@ def usage_from_json() -> dict[str, Any]:
         }
         for field in ("prompt_tokens", "completion_tokens")
     ]
+    # Responses and Messages call them input and output tokens (Messages counts the prompt tokens read from or
+    # written to the cache apart: the ledger adds them); a rerank answer of vLLM gives only a total.
+    rules += [
+        {
+            "selectors": [{"key": "usage"}, {"key": theirs}],
+            "on_present": {"metadata_namespace": "fleet", "key": ours, "type": "STRING"},
+        }
+        for theirs, ours in (
+            ("input_tokens", "prompt_tokens"),
+            ("output_tokens", "completion_tokens"),
+            ("cache_read_input_tokens", "cache_read_tokens"),
+            ("cache_creation_input_tokens", "cache_creation_tokens"),
+            ("total_tokens", "total_tokens"),
+        )
+    ]
     return {
         "name": "envoy.filters.http.json_to_metadata",
         "typed_config": {
@@ -567,7 +591,7 @@ def _downstream_tls(tls_dir: str) -> dict[str, Any]:
     }
 
 
-def lua_source(plan: Plan, trusted: bool = False) -> str:
+def lua_source(plan: Plan, trusted: bool = False, where: apis.Where = "container") -> str:
     served = [(n, m.name) for m in plan.fleet.models for n in m.served_names]
     models = ", ".join(f"[{_lua_string(n)}] = {_lua_string(c)}" for n, c in sorted(served))
     order = ", ".join(_lua_string(n) for n, _ in served)
@@ -576,6 +600,15 @@ def lua_source(plan: Plan, trusted: bool = False) -> str:
     )
     workers = ", ".join(f"[{_lua_string(w.name)}] = {_lua_string(w.model)}" for w in plan.workers)
     contexts = ", ".join(f"[{_lua_string(m.name)}] = {m.context}" for m in plan.fleet.models)
+    served_routes = {m.name: apis.served(m, where) for m in plan.fleet.models}
+    routes = ", ".join(
+        f"[{_lua_string(name)}] = {{ " + ", ".join(f"[{_lua_string(r)}] = true" for r in served) + " }"
+        for name, served in served_routes.items()
+    )
+    route_lists = ", ".join(
+        f"[{_lua_string(name)}] = {_lua_string(', '.join(served) or 'no inference route')}"
+        for name, served in served_routes.items()
+    )
     config = (
         "FLEET = {\n"
         f"  models = {{ {models} }},\n"
@@ -583,6 +616,8 @@ def lua_source(plan: Plan, trusted: bool = False) -> str:
         f"  model_json = {{ {entries} }},\n"
         f"  workers = {{ {workers} }},\n"
         f"  context = {{ {contexts} }},\n"
+        f"  routes = {{ {routes} }},\n"
+        f"  route_list = {{ {route_lists} }},\n"
         f"  max_tokens = {plan.fleet.gateway.max_request_tokens},\n"
         f"  max_n = {MAX_N},\n"
         f"  gatekeeper = {_lua_string(GATEKEEPER_CLUSTER)},\n"
@@ -663,7 +698,7 @@ def route_config(plan: Plan, validate_clusters: bool = True) -> dict[str, Any]:
             {"prefix": "/"},
             404,
             _error_json(
-                "Unknown API route; this gateway serves /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models",
+                "Unknown API route; this gateway serves " + ", ".join(INFERENCE_PATHS) + " and /v1/models",
                 "invalid_request_error",
                 "not_found",
             ),
@@ -1064,6 +1099,10 @@ def usage_log_config(path: str) -> dict[str, Any]:
         "status": "%RESPONSE_CODE%",
         "prompt_tokens": "%DYNAMIC_METADATA(fleet:prompt_tokens)%",
         "completion_tokens": "%DYNAMIC_METADATA(fleet:completion_tokens)%",
+        "total_tokens": "%DYNAMIC_METADATA(fleet:total_tokens)%",  # all a rerank answer of vLLM counts
+        # A whole Messages answer's prompt tokens read from and written to the cache, beside its input_tokens.
+        "cache_read_tokens": "%DYNAMIC_METADATA(fleet:cache_read_tokens)%",
+        "cache_creation_tokens": "%DYNAMIC_METADATA(fleet:cache_creation_tokens)%",
         "ms": "%DURATION%",
         # For a request whose backend numbers never came (see controller.gateway.ledger.metered): whether it
         # reached a backend, how it ended, and the bounds the gateway knows.

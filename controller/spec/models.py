@@ -351,6 +351,14 @@ class Model(StrictModel):
         Literal["vllm", "ollama", "llamacpp"], Field(description="The inference server that runs this model.")
     ]
     source: Source
+    task: Annotated[
+        Literal["generate", "embed", "rerank"],
+        Field(
+            description="What the model does, which decides the API routes it serves: `generate` (chat, completions, "
+            "and where the backend has them OpenAI Responses and Anthropic Messages), `embed` (/v1/embeddings) or "
+            "`rerank` (/v1/rerank; llama.cpp and vLLM). The plan starts the backend in that mode."
+        ),
+    ] = "generate"
     dtype: Annotated[DType, Field(description="Weight dtype (vLLM); 'auto' reads the checkpoint (bf16/fp16).")] = "auto"
     quantization: Annotated[
         Quantization, Field(description="Weight quantization; GGUF types for llama.cpp/Ollama, awq/gptq/fp8 for vLLM.")

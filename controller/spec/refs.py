@@ -268,6 +268,13 @@ def _options(model: Model, where: tuple[str | int, ...], problem: ProblemAt) -> 
 
     out: list[Problem] = []
     reserved = reserved_options(model.backend)
+    if model.task == "rerank" and model.backend == "ollama":
+        out.append(
+            problem(
+                (*where, "task"),
+                f"model {model.name}: Ollama serves no rerank API; run the reranker with backend llamacpp or vllm",
+            )
+        )
     for key in sorted(model.options):
         at = (*where, "options", key)
         if model.backend == "ollama" and not key.startswith("OLLAMA_"):
@@ -276,6 +283,8 @@ def _options(model: Model, where: tuple[str | int, ...], problem: ProblemAt) -> 
             out.append(problem(at, f"model {model.name}: {key} is an Ollama variable; {model.backend} takes flags"))
         elif key in reserved:
             out.append(problem(at, f"model {model.name}: {key!r} is set by the plan ({reserved[key]}); remove it"))
+        elif key == "pooling" and model.task == "rerank":
+            out.append(problem(at, f"model {model.name}: a reranker's pooling is rank (task: rerank); remove it"))
     return out
 
 

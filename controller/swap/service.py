@@ -1,12 +1,12 @@
 """`fleet-swapper`: the swap coordinator's HTTP service, on the gateway host's loopback.
 
-- `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`: a request Envoy sent here because its
+- `POST` on every inference route (controller/backends/apis.py): a request Envoy sent here because its
   on-demand model is not resident (the request has passed the gateway: identity, ACL, limits; the metering
   reads the answer on its way back through Envoy). It waits for the model's load, then goes to the worker with
   the worker secret and its answer streams back unbuffered. A streaming request gets its SSE headers at once
   and a comment line every COMMENT_S while it waits, so no client times out; if the load is refused after
-  that, the stream carries one OpenAI-shaped error event (which the OpenAI SDKs raise) and ends. Otherwise a
-  refusal is the HTTP status (429 or 503) with Retry-After, in the OpenAI error shape.
+  that, the stream carries one error event (which the SDKs raise) and ends. Otherwise a refusal is the HTTP
+  status (429 or 503) with Retry-After. Errors take the OpenAI shape, Anthropic's on its Messages routes.
 - `GET /resident/<worker>`: Envoy's health check of an on-demand worker: 200 while resident, else 503.
 - `GET /swap/status`: the coordinator's state as JSON; `GET /metrics`: the same for Prometheus.
 - `POST /swap/load/<model>`, `POST /swap/unload/<model>`: operator actions (the worker secret as bearer).
@@ -34,6 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from controller.atomic import write_file
+from controller.backends import apis
 from controller.local.processes import url_host
 from controller.local.state import StateDir
 from controller.plan import Plan, Worker, make_plan
@@ -114,18 +115,29 @@ def mark_endpoints(eds_dir: Path, clusters: list[str], worker: Worker, draining:
             write_file(path, envoy.dump(doc))
 
 
-def error_body(message: str, status: int, code: str) -> dict[str, Any]:
+# Anthropic's error types by status (its Messages routes' errors take its shape).
+ANTHROPIC_TYPES = {404: "not_found_error", 429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def error_body(message: str, status: int, code: str, anthropic: bool = False) -> dict[str, Any]:
+    """An error in the OpenAI shape, or (``anthropic``: the request came on a Messages route) in Anthropic's."""
+    if anthropic:
+        kind = ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": message}}
     kind = "rate_limit_error" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
-def refusal(exc: Refused) -> JSONResponse:
+def refusal(exc: Refused, anthropic: bool = False) -> JSONResponse:
     headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))} if exc.retry_after_s is not None else {}
-    return JSONResponse(error_body(exc.message, exc.status, exc.code), status_code=exc.status, headers=headers)
+    body = error_body(exc.message, exc.status, exc.code, anthropic)
+    return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
-def sse_error(message: str, status: int, code: str) -> bytes:
-    return b"data: " + json.dumps(error_body(message, status, code), separators=(",", ":")).encode() + b"\n\n"
+def sse_error(message: str, status: int, code: str, anthropic: bool = False) -> bytes:
+    """One error event: OpenAI's (a `data:` line the OpenAI SDKs raise) or Anthropic's (`event: error`)."""
+    data = b"data: " + json.dumps(error_body(message, status, code, anthropic), separators=(",", ":")).encode()
+    return (b"event: error\n" if anthropic else b"") + data + b"\n\n"
 
 
 class SwapMetrics(Collector):
@@ -224,9 +236,10 @@ def create_app(plan: Plan, mover: Mover, traffic: EnvoyTraffic, key: str) -> Fas
     async def held(request: Request) -> Response:
         name = request.headers.get("x-fleet-model", "")
         slot = coordinator.slot_for(name)
+        shape = request.url.path in apis.ANTHROPIC
         if slot is None:
             message = f"model {name!r} is not an on-demand model of this gateway"
-            return JSONResponse(error_body(message, 404, "model_not_found"), status_code=404)
+            return JSONResponse(error_body(message, 404, "model_not_found", shape), status_code=404)
         user = request.headers.get("x-fleet-user")
         body = await request.body()
         try:
@@ -239,15 +252,15 @@ def create_app(plan: Plan, mover: Mover, traffic: EnvoyTraffic, key: str) -> Fas
             try:
                 await coordinator.acquire(slot, user)
             except Refused as exc:
-                return refusal(exc)
-            return await forward(slot, target, headers, body)
+                return refusal(exc, shape)
+            return await forward(slot, target, headers, body, shape)
         return StreamingResponse(
-            stream(slot, user, target, headers, body),
+            stream(slot, user, target, headers, body, shape),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def forward(slot: Slot, target: str, headers: dict[str, str], body: bytes) -> Response:
+    async def forward(slot: Slot, target: str, headers: dict[str, str], body: bytes, shape: bool) -> Response:
         """Send a request whose `acquire` succeeded on to the worker; its answer streams back, and the claim is
         given back once it has passed (or when sending failed)."""
         gate = coordinator.serving(slot)
@@ -261,7 +274,7 @@ def create_app(plan: Plan, mover: Mover, traffic: EnvoyTraffic, key: str) -> Fas
             if not isinstance(exc, httpx.HTTPError):
                 raise
             message = f"model {slot.model.name}: its worker failed before answering: {exc}"
-            return JSONResponse(error_body(message, 503, "upstream_failure"), status_code=503)
+            return JSONResponse(error_body(message, 503, "upstream_failure", shape), status_code=503)
 
         async def relay() -> AsyncIterator[bytes]:
             try:
@@ -275,7 +288,7 @@ def create_app(plan: Plan, mover: Mover, traffic: EnvoyTraffic, key: str) -> Fas
         return StreamingResponse(relay(), status_code=reply.status_code, headers=back)
 
     async def stream(
-        slot: Slot, user: str | None, target: str, headers: dict[str, str], body: bytes
+        slot: Slot, user: str | None, target: str, headers: dict[str, str], body: bytes, shape: bool
     ) -> AsyncIterator[bytes]:
         waiter = asyncio.create_task(coordinator.acquire(slot, user))
         sent = False
@@ -289,7 +302,7 @@ def create_app(plan: Plan, mover: Mover, traffic: EnvoyTraffic, key: str) -> Fas
                 yield f": loading model {slot.model.name} ({slot.state}; {slot.waiting} waiting)\n\n".encode()
             error = waiter.exception()
             if isinstance(error, Refused):
-                yield sse_error(error.message, error.status, error.code)
+                yield sse_error(error.message, error.status, error.code, shape)
                 return
             if error is not None:
                 raise error
@@ -303,12 +316,15 @@ def create_app(plan: Plan, mover: Mover, traffic: EnvoyTraffic, key: str) -> Fas
                                 f"model {slot.model.name} answered {reply.status_code}: {text}",
                                 reply.status_code,
                                 "upstream_error",
+                                shape,
                             )
                             return
                         async for chunk in reply.aiter_raw():
                             yield chunk
                 except httpx.HTTPError as exc:
-                    yield sse_error(f"model {slot.model.name}: its worker failed: {exc}", 503, "upstream_failure")
+                    yield sse_error(
+                        f"model {slot.model.name}: its worker failed: {exc}", 503, "upstream_failure", shape
+                    )
         finally:
             if not waiter.done():
                 waiter.cancel()

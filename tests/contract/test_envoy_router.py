@@ -32,6 +32,7 @@ from cryptography import x509
 
 from controller.gateway.certs import Source, ensure_sds_file, publish, served_certificate
 from controller.gateway.keystore import KeyStore
+from controller.gateway.ledger import metered
 from controller.local.processes import worker_process
 from controller.local.state import StateDir
 from controller.plan import Plan, make_plan
@@ -124,8 +125,12 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     plan = make_plan(load_spec(spec_path))
     config = tmp / "envoy.yaml"
     ensure_worker_secret(tmp / "secrets")
-    rendered = bootstrap(
-        plan, usage_log=str(tmp / "usage.log"), tls_dir=str(tmp / "tls"), secrets_dir=str(tmp / "secrets")
+    rendered = bootstrap(  # the routes of `controller up`'s llama-server, which runs model tiny here
+        plan,
+        usage_log=str(tmp / "usage.log"),
+        tls_dir=str(tmp / "tls"),
+        secrets_dir=str(tmp / "secrets"),
+        where="local",
     )
     config.write_text(yaml.safe_dump(rendered, sort_keys=False))
     ensure_sds_file(tmp / "tls")
@@ -201,7 +206,8 @@ def test_routes_by_model_in_body(gateway: Gateway) -> None:
     assert chat(gateway, {"model": "org/alpha:1"}).json()["worker"] in alpha  # alias
     (beta,) = gateway.plan.workers_of("beta")
     assert chat(gateway, {"model": "beta"}).json()["worker"] == beta.name
-    assert chat(gateway, {"model": "beta"}, "/v1/embeddings").json()["path"] == "/v1/embeddings"
+    assert chat(gateway, {"model": "beta", "input": "hi"}, "/v1/responses").json()["path"] == "/v1/responses"
+    assert chat(gateway, {"model": "beta", "max_tokens": 1}, "/v1/messages").json()["path"] == "/v1/messages"
 
 
 def test_client_routing_and_control_headers_are_ignored(gateway: Gateway) -> None:
@@ -548,6 +554,154 @@ def test_access_log_has_what_the_usage_log_does_not(gateway: Gateway) -> None:
     wait_until(lambda: failed in log.read_text() and listing in log.read_text(), 10, "the access log lines")
     wait_until(lambda: ok in gateway.usage_log.read_text(), 10, "the usage line")
     assert ok not in log.read_text()
+
+
+# OpenAI's Responses and Anthropic's Messages, as coding agents call them (model tiny: the real llama-server).
+MESSAGE = {"model": REAL, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+RESPONSE = {"model": REAL, "max_output_tokens": 3, "input": "hi"}
+
+
+def anthropic_headers(gw: Gateway, user: str | None = "tester") -> dict[str, str]:
+    """What the anthropic SDK sends: the key as x-api-key, and the API version."""
+    key = {} if user is None else {"x-api-key": gw.keys[user]}
+    return {**key, "anthropic-version": "2023-06-01"}
+
+
+def messages(
+    gw: Gateway, body: dict[str, Any], user: str | None = "tester", path: str = "/v1/messages"
+) -> httpx.Response:
+    return httpx.post(gw.url + path, json=body, headers=anthropic_headers(gw, user), timeout=10)
+
+
+def assert_anthropic_error(response: httpx.Response, status: int, kind: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert body["type"] == "error" and body["error"]["type"] == kind and body["error"]["message"], body
+
+
+def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(event name, data) of each event of an SSE body that names its events."""
+    out = []
+    for block in text.split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "data" in lines and lines["data"].startswith("{"):
+            out.append((lines.get("event", ""), json.loads(lines["data"])))
+    return out
+
+
+def test_messages_with_x_api_key_are_served_and_metered(gateway: Gateway) -> None:
+    reply = messages(gateway, MESSAGE)
+    assert reply.status_code == 200, reply.text
+    answer = reply.json()
+    assert answer["type"] == "message" and answer["role"] == "assistant"
+    usage = answer["usage"]  # llama-server's own numbers, in the Messages API's names
+    assert usage["input_tokens"] > 0 and 0 < usage["output_tokens"] <= 3
+    entry = usage_line(gateway, reply.headers["x-request-id"])
+    assert (entry["user"], entry["model"], entry["status"]) == ("tester", REAL, 200)
+    # Its prompt: the input tokens and those read from the cache, which the Messages API counts apart.
+    prompt = usage["input_tokens"] + usage.get("cache_read_input_tokens", 0)
+    assert metered(entry) == (prompt, usage["output_tokens"], False)
+    again = messages(gateway, MESSAGE)  # the same prompt: now from llama.cpp's prompt cache
+    usage = again.json()["usage"]
+    assert usage["cache_read_input_tokens"] > 0, usage
+    assert metered(usage_line(gateway, again.headers["x-request-id"]))[0] == prompt
+
+
+def test_a_streamed_message_is_metered_from_its_start_and_delta_events(gateway: Gateway) -> None:
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/messages",
+        json={**MESSAGE, "stream": True},
+        headers=anthropic_headers(gateway),
+        timeout=10,
+    ) as reply:
+        assert reply.status_code == 200
+        text = reply.read().decode()
+        request_id = reply.headers["x-request-id"]
+    events = sse_events(text)
+    names = [name for name, _ in events]
+    assert names[0] == "message_start" and "message_delta" in names and names[-1] == "message_stop", names
+    start = events[0][1]["message"]["usage"]
+    (delta,) = [data["usage"] for name, data in events if name == "message_delta"]
+    entry = usage_line(gateway, request_id)
+    prompt = start["input_tokens"] + start.get("cache_read_input_tokens", 0)
+    assert entry["prompt_tokens"] == str(prompt) and prompt > 0
+    assert entry["completion_tokens"] == str(delta["output_tokens"]) and int(entry["completion_tokens"]) > 0
+
+
+def test_responses_are_served_and_metered_plain_and_streamed(gateway: Gateway) -> None:
+    plain = chat(gateway, RESPONSE, "/v1/responses")
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["object"] == "response" and plain.json()["status"] == "completed"
+    usage = plain.json()["usage"]
+    entry = usage_line(gateway, plain.headers["x-request-id"])
+    assert (entry["prompt_tokens"], entry["completion_tokens"]) == (
+        str(usage["input_tokens"]),
+        str(usage["output_tokens"]),
+    )
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/responses",
+        json={**RESPONSE, "stream": True},
+        headers=as_user(gateway, "tester"),
+        timeout=10,
+    ) as reply:
+        assert reply.status_code == 200
+        text = reply.read().decode()
+        request_id = reply.headers["x-request-id"]
+    events = sse_events(text)
+    (done,) = [data["response"] for name, data in events if name == "response.completed"]
+    entry = usage_line(gateway, request_id)
+    assert entry["prompt_tokens"] == str(done["usage"]["input_tokens"]) and int(entry["prompt_tokens"]) > 0
+    assert entry["completion_tokens"] == str(done["usage"]["output_tokens"])
+    assert entry["stream"] == "1"
+
+
+def test_responses_streams_are_not_given_stream_options(gateway: Gateway) -> None:
+    """Responses and Messages streams end with their usage: the body goes as sent (beta, a stub, shows it)."""
+    for path in ("/v1/responses", "/v1/messages"):
+        body = {"model": "beta", "stream": True, "input": "hi", "max_tokens": 2}
+        assert chat(gateway, body, path).json()["body"] == body, path
+
+
+def test_counting_tokens_is_served_and_costs_nothing(gateway: Gateway) -> None:
+    reply = messages(gateway, MESSAGE, path="/v1/messages/count_tokens")
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["input_tokens"] > 0
+    entry = usage_line(gateway, reply.headers["x-request-id"])
+    assert (entry["prompt_tokens"], entry["completion_tokens"], entry["completion_cap"]) == ("0", "0", "0")
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+def test_messages_refusals_take_anthropics_shape(gateway: Gateway, path: str) -> None:
+    before = reached(gateway)
+    assert_anthropic_error(messages(gateway, {**MESSAGE, "model": "beta"}, None, path), 401, "authentication_error")
+    wrong = httpx.post(gateway.url + path, json=MESSAGE, headers={"x-api-key": "sk-fleet-nope-nope"}, timeout=10)
+    assert_anthropic_error(wrong, 401, "authentication_error")  # the gatekeeper's refusal, in this API's shape
+    assert_anthropic_error(messages(gateway, {**MESSAGE, "model": "alpha"}, "kid", path), 403, "permission_error")
+    assert_anthropic_error(messages(gateway, {**MESSAGE, "model": "gamma"}, "tester", path), 404, "not_found_error")
+    assert_anthropic_error(messages(gateway, {"max_tokens": 1}, "tester", path), 400, "invalid_request_error")
+    assert reached(gateway) == before
+
+
+def test_a_route_the_models_backend_does_not_serve_is_refused_at_the_gateway(gateway: Gateway) -> None:
+    """beta is a llama.cpp model of task generate: no embeddings and no rerank there, said by the gateway."""
+    before = reached(gateway)
+    for path, body in (("/v1/embeddings", {"model": "beta", "input": "x"}), ("/v1/rerank", {"model": "beta"})):
+        response = chat(gateway, body, path)
+        assert_openai_error(response, 400, "unsupported_route")
+        assert (
+            path in response.json()["error"]["message"]
+            and "/v1/chat/completions" in response.json()["error"]["message"]
+        )
+    assert reached(gateway) == before
+
+
+def test_max_output_tokens_is_checked_like_max_tokens(gateway: Gateway) -> None:
+    before = reached(gateway)
+    assert_openai_error(chat(gateway, {**RESPONSE, "max_output_tokens": 10**9}, "/v1/responses"), 400, "invalid_value")
+    assert reached(gateway) == before
 
 
 def test_only_replica_down_is_fast_503(gateway: Gateway) -> None:

@@ -112,10 +112,10 @@ def gate(
     model = plan.model(worker.model)
     body = (
         {"model": worker.served_names[0], "input": "ok"}
-        if model.options.get("embeddings")
+        if model.task == "embed"
         else {"model": worker.served_names[0], "messages": [{"role": "user", "content": "ok"}], "max_tokens": 1}
     )
-    path = "/v1/embeddings" if model.options.get("embeddings") else "/v1/chat/completions"
+    path = "/v1/embeddings" if model.task == "embed" else "/v1/chat/completions"
     args = {
         "container": CONTAINER,
         "engine": str(engine),

@@ -294,6 +294,13 @@ def test_up_demo_twice_prints_one_key_and_commands_that_work(tmp_path: Path) -> 
         answer = in_a_new_shell(f"{export}\n{python}")
         assert answer.returncode == 0, answer.stderr
         assert answer.stdout.strip() and printable(answer.stdout), answer.stdout
+        # The same for Anthropic's Messages API, with the anthropic SDK.
+        start = lines.index(next(ln for ln in lines if ln.startswith("tools that speak Anthropic's Messages API")))
+        claude_export, claude = lines[start + 1].strip(), lines[start + 2].strip()
+        assert "ANTHROPIC_BASE_URL=" in claude_export and "anthropic.Anthropic()" in claude
+        message = in_a_new_shell(f"{claude_export}\n{claude}")
+        assert message.returncode == 0, message.stderr
+        assert message.stdout.strip() and printable(message.stdout), message.stdout
         # More models than slots: each on-demand model answers in turn, the one not loaded after a swap.
         assert any(ln.startswith("on demand: tiny-story and tiny-poem share one slot") for ln in lines), lines
         for model in ("tiny-story", "tiny-poem", "tiny-story"):

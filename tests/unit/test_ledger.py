@@ -181,6 +181,15 @@ def cut_line(request_id: str, **fields: object) -> str:
         ({"stream": "1", "seen_tokens": "400", "completion_cap": "100", "flags": "DC"}, (120, 100, True)),
         # The backend's own numbers always win.
         ({"prompt_tokens": "9", "completion_tokens": "2", "stream": "1", "seen_tokens": "40"}, (9, 2, False)),
+        # A Messages answer counts its cached prompt tokens apart: they are prompt tokens too.
+        ({"prompt_tokens": "1", "completion_tokens": "2", "cache_read_tokens": "21"}, (22, 2, False)),
+        ({"prompt_tokens": "1", "completion_tokens": "2", "cache_creation_tokens": "5"}, (6, 2, False)),
+        # A Messages stream cut after message_start: its prompt as counted, its completion from what passed.
+        ({"prompt_tokens": "22", "stream": "1", "seen_tokens": "5", "flags": "DC"}, (22, 5, True)),
+        # A rerank answer of vLLM counts only a total: its prompt.
+        ({"total_tokens": "30"}, (30, 0, False)),
+        # An embedding's answer has no completion tokens: not an estimate.
+        ({"prompt_tokens": "8", "total_tokens": "8"}, (8, 0, False)),
     ],
 )
 def test_a_request_without_the_backends_numbers_is_estimated_not_free(

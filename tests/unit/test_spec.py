@@ -145,6 +145,43 @@ def test_reserved_option_refused(tmp_path: Path) -> None:
     assert "models[0].options.gpu-memory-utilization: model m8b: 'gpu-memory-utilization' is set by the plan" in line
 
 
+def llamacpp_model(**fields: object) -> dict[str, object]:
+    return {
+        "name": "rr",
+        "backend": "llamacpp",
+        "device": "cpu",
+        "source": {"gguf": "/m/rr.gguf"},
+        "context": 512,
+        "arch": {"layers": 2, "kv_heads": 2, "head_dim": 16, "params_b": 0.001},
+        **fields,
+    }
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (
+            {"backend": "ollama", "source": {"ollama": "bge-reranker"}, "task": "rerank"},
+            "models[1].task: model rr: Ollama serves no rerank API; run the reranker with backend llamacpp or vllm",
+        ),
+        ({"options": {"embeddings": True}}, "models[1].options.embeddings: model rr: 'embeddings' is set by the plan"),
+        ({"options": {"reranking": True}}, "models[1].options.reranking: model rr: 'reranking' is set by the plan"),
+        (
+            {"task": "rerank", "options": {"pooling": "mean"}},
+            "models[1].options.pooling: model rr: a reranker's pooling is rank (task: rerank); remove it",
+        ),
+        ({"task": "classify"}, "models[1].task: Input should be 'generate', 'embed' or 'rerank'"),
+    ],
+    ids=["ollama-rerank", "embeddings-option", "reranking-option", "rerank-pooling", "unknown-task"],
+)
+def test_a_task_the_backend_cannot_serve_is_refused(tmp_path: Path, model: dict[str, object], expected: str) -> None:
+    data = copy.deepcopy(MINIMAL)
+    data["hosts"][0]["cpu_workers"] = 1
+    data["models"].append(llamacpp_model(**model))
+    (line,) = problems(write_spec(tmp_path / "f.yaml", data))
+    assert expected in line, line
+
+
 def test_option_with_newline_refused(tmp_path: Path) -> None:
     data = copy.deepcopy(MINIMAL)
     data["models"][0]["options"] = {"chat-template": "x\n--api-key y"}
