@@ -59,9 +59,20 @@ class Target:
 # -- closed loop: wrk ----------------------------------------------------------------------------
 
 
-def wrk(target: Target, connections: int, seconds: float) -> dict[str, Any]:
+def wrk(
+    target: Target,
+    connections: int,
+    seconds: float,
+    route: str = "/chat/completions",
+    body: dict[str, Any] | None = None,
+    key_header: str = "authorization",
+) -> dict[str, Any]:
+    """wrk against ``target`` on ``route`` (under its /v1), with the chat body or ``body``, the key as a bearer
+    token or (``key_header="x-api-key"``) as Anthropic's clients send it."""
     watched = {**target.processes, **target.others}
-    env = {**os.environ, "BENCH_KEY": target.key, "BENCH_MODEL": MODEL}
+    env = {**os.environ, "BENCH_KEY": target.key, "BENCH_MODEL": MODEL, "BENCH_KEY_HEADER": key_header}
+    if body is not None:
+        env["BENCH_BODY"] = json.dumps(body, separators=(",", ":"))
     keys_file = None
     if target.keys:  # wrk_chat.lua builds one request per key and sends them in turn
         with tempfile.NamedTemporaryFile("w", prefix="bench-keys-", suffix=".txt", delete=False) as keys_file:
@@ -80,7 +91,7 @@ def wrk(target: Target, connections: int, seconds: float) -> dict[str, Any]:
             "10s",
             "-s",
             str(WRK_SCRIPT),
-            target.url + "/chat/completions",
+            target.url + route,
         ],
         capture_output=True,
         text=True,

@@ -3,7 +3,8 @@
 Two processes behind one port:
 
 - an Envoy listener (``--concurrency 1``) that answers the fixed chat
-  completion for ``POST /v1/chat/completions`` with a ``direct_response``
+  completion for ``POST /v1/chat/completions`` (the same answer in the Responses and Messages APIs' shapes
+  for ``/v1/responses`` and ``/v1/messages``) with a ``direct_response``
   (no Python on the non-streaming path), and ``/health``, ``/v1/models`` and
   ``/metrics`` the same way, so the controller's supervisor, Envoy's health
   checks and the host agent see a vLLM-shaped worker;
@@ -19,6 +20,7 @@ Two processes behind one port:
 
     python -m bench.stub serve --port 9000               # the stub on 127.0.0.1:9000
     python -m bench.stub serve MODEL --host H --port P ...  # vLLM's CLI: what the `vllm` shim execs
+    python -m bench.stub serve --model F --alias NAME --host H --port P ...  # llama-server's (its shim)
 
 Envoy is a child that gets SIGTERM when this process dies (PR_SET_PDEATHSIG),
 so the supervisor stopping the "worker" leaves nothing behind.
@@ -65,6 +67,43 @@ def completion(model: str) -> dict[str, Any]:
     }
 
 
+def response(model: str) -> dict[str, Any]:
+    """The same answer as OpenAI's Responses API gives it (llama-server's and vLLM's /v1/responses)."""
+    text = completion(model)["choices"][0]["message"]["content"]
+    return {
+        "id": "resp_bench",
+        "object": "response",
+        "created_at": 1700000000,
+        "status": "completed",
+        "model": model,
+        "output": [
+            {
+                "type": "message",
+                "id": "msg_bench",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ],
+        "usage": {"input_tokens": 12, "output_tokens": 10, "total_tokens": 22},
+    }
+
+
+def message(model: str) -> dict[str, Any]:
+    """The same answer as Anthropic's Messages API gives it (llama-server's /v1/messages)."""
+    text = completion(model)["choices"][0]["message"]["content"]
+    return {
+        "id": "msg_bench",
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "text", "text": text}],
+        "model": model,
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 12, "output_tokens": 10},
+    }
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,6 +132,8 @@ def envoy_config(host: str, port: int, stream_port: int, admin_port: int, names:
             **to_streams,
         },
         direct({"path": "/v1/chat/completions"}, 200, json.dumps(completion(names[0])), "application/json"),
+        direct({"path": "/v1/responses"}, 200, json.dumps(response(names[0])), "application/json"),
+        direct({"path": "/v1/messages"}, 200, json.dumps(message(names[0])), "application/json"),
         direct({"path": "/health"}, 200, "", "text/plain"),
         direct({"path": "/v1/models"}, 200, json.dumps(models), "application/json"),
         direct({"path": "/metrics"}, 200, metrics, "text/plain; version=0.0.4"),
@@ -269,13 +310,17 @@ def serve(host: str, port: int, names: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench.stub")
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="serve the stub (also vLLM's `serve MODEL --host --port` form)")
+    s = sub.add_parser(
+        "serve", help="serve the stub (also vLLM's `serve MODEL --host --port` form, and llama-server's flags)"
+    )
     s.add_argument("model", nargs="?", default=MODEL)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--served-model-name", nargs="+")
+    s.add_argument("--alias")  # llama-server's served name (its --model is a file, read by nothing here)
+    s.add_argument("--model", dest="model_file")
     args, _ignored = parser.parse_known_args(sys.argv[1:] if argv is None else argv)  # other vLLM flags
-    serve(args.host, args.port, args.served_model_name or [args.model])
+    serve(args.host, args.port, args.served_model_name or ([args.alias] if args.alias else [args.model]))
 
 
 if __name__ == "__main__":

@@ -2,13 +2,20 @@
 -- and print one machine-readable line: BENCH_JSON {...}.
 -- Environment: BENCH_KEY (a bearer token; none for the direct path), BENCH_MODEL (default "bench"),
 -- BENCH_KEYS_FILE (one key per line: each request carries the next, cycled; overrides BENCH_KEY).
+-- BENCH_BODY (a whole JSON body instead of the chat one; the route is wrk's URL), BENCH_KEY_HEADER
+-- ("x-api-key": the key as Anthropic's clients send it, instead of Authorization: Bearer).
 wrk.method = "POST"
-wrk.body = '{"model":"' .. (os.getenv("BENCH_MODEL") or "bench")
-  .. '","messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
+wrk.body = os.getenv("BENCH_BODY") or ('{"model":"' .. (os.getenv("BENCH_MODEL") or "bench")
+  .. '","messages":[{"role":"user","content":"hi"}],"max_tokens":16}')
 wrk.headers["Content-Type"] = "application/json"
 local key = os.getenv("BENCH_KEY")
 if key and key ~= "" then
-  wrk.headers["Authorization"] = "Bearer " .. key
+  if os.getenv("BENCH_KEY_HEADER") == "x-api-key" then
+    wrk.headers["x-api-key"] = key
+    wrk.headers["anthropic-version"] = "2023-06-01"
+  else
+    wrk.headers["Authorization"] = "Bearer " .. key
+  end
 end
 
 local threads = {}

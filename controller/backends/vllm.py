@@ -141,8 +141,9 @@ class VLLM:
             "--tensor-parallel-size",
             str(s["tensor_parallel_size"]),
         ]
-        if model.task != "generate":  # embeddings and rerank scores come from a pooling model runner
-            args += ["--runner", "pooling"]
+        # The spec's task, never vLLM's guess from the checkpoint: a model of the other kind fails at start, rather
+        # than answering every request with vLLM 0.11's "does not support … API" error (with status 200).
+        args += ["--runner", "generate" if model.task == "generate" else "pooling"]
         if model.source.revision:
             args += ["--revision", model.source.revision]
         if model.dtype != "auto":

@@ -1,4 +1,5 @@
-"""vLLM's sleep mode and scheduler figures, the real `vllm serve` where installed, else the double (tests/doubles/vllm.py).
+"""vLLM's sleep mode, scheduler figures, runners and their APIs (the Responses API; rerank and embeddings of a
+pooling model), the real `vllm serve` where installed, else the double (tests/doubles/vllm.py).
 
 Each behaviour checked here is vLLM 0.11.0's (the pinned image), read in its source; the double's docstring says
 where. The controller's calls (controller/backends/client.py) are checked against the same server.
@@ -17,9 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
+from openai.types.responses import (
+    ResponseCompletedEvent,
+    ResponseCreatedEvent,
+    ResponseStreamEvent,
+    ResponseTextDeltaEvent,
+    ResponseTextDoneEvent,
+)
 
-from controller.backends.client import WorkerClient
+from controller.backends.client import WorkerClient, parse_prometheus
 from controller.errors import BackendError
 from controller.local.processes import base_env
 from controller.spec.models import Model
@@ -68,6 +77,16 @@ class Server:
         reply = self.chat()
         assert reply.status_code == 200, reply.text
         return str(reply.json()["choices"][0]["message"]["content"])
+
+    def openai(self) -> openai.OpenAI:
+        """The official SDK on this server's /v1 with the worker key."""
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, timeout=120, max_retries=0)
+
+    def figure(self, name: str) -> float:
+        """One `vllm:*` series from /metrics, summed over its labels (0 while absent)."""
+        answer = httpx.get(f"{self.url}/metrics", timeout=30)
+        assert answer.status_code == 200, answer.text
+        return parse_prometheus(answer.text).get(name, 0.0)
 
 
 Start = Callable[..., Server]
@@ -308,3 +327,184 @@ def test_speculative_config_is_one_json_object_checked_at_start(start_vllm: Star
         stopped = start_vllm("--speculative-config", value, dev_mode=None, wait=False)
         assert stopped.proc.wait(300) != 0, value
         assert error in stopped.log.read_text(), (value, stopped.log.read_text()[-2000:])
+
+
+PROMPT = "Count from one to ten."  # Server.chat's
+
+
+def test_responses_answer_what_chat_completions_answer(start_vllm: Start) -> None:
+    """`POST /v1/responses` through the official SDK: a completed response whose text and token counts are those of
+    the chat completion of the same message; `instructions` are a system message before the input, counted in
+    input_tokens (the longer, the more); the generated tokens are counted in vllm:generation_tokens_total."""
+    server = start_vllm(dev_mode=None)
+    chat = server.chat(max_tokens=8)
+    assert chat.status_code == 200, chat.text
+    expected = chat.json()
+    client = server.openai()
+    before = server.figure("vllm:generation_tokens_total")
+    reply = client.responses.create(model=NAME, input=PROMPT, max_output_tokens=8, temperature=0)
+    assert reply.status == "completed"
+    assert reply.id.startswith("resp_") and reply.object == "response" and reply.model == NAME
+    assert [item.type for item in reply.output] == ["message"]
+    assert (reply.output[0].id or "").startswith("msg_")
+    assert reply.output_text == expected["choices"][0]["message"]["content"]
+    assert reply.max_output_tokens == 8
+    usage = reply.usage
+    assert usage is not None
+    assert usage.input_tokens == expected["usage"]["prompt_tokens"]
+    assert usage.output_tokens == expected["usage"]["completion_tokens"]
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+    assert usage.input_tokens_details.cached_tokens >= 0 and usage.output_tokens_details.reasoning_tokens == 0
+    wait_until(
+        lambda: server.figure("vllm:generation_tokens_total") == before + usage.output_tokens,
+        30,
+        "the response's tokens counted",
+    )
+    brief, long = "Answer in French.", "Answer in French, in one short sentence, and spell every number out."
+    briefed = [
+        client.responses.create(
+            model=NAME, input=[{"role": "user", "content": PROMPT}], instructions=text, max_output_tokens=4
+        )
+        for text in (brief, long)
+    ]
+    assert [b.instructions for b in briefed] == [brief, long]
+    counted = [b.usage for b in briefed]
+    assert counted[0] is not None and counted[1] is not None
+    assert counted[0].output_tokens <= 4 and counted[1].input_tokens > counted[0].input_tokens
+
+
+def test_a_streamed_response_is_the_responses_event_sequence(start_vllm: Start) -> None:
+    """`stream: true`: the SDK reads created, in_progress, the item and part added, the text deltas, the text, part
+    and item done, then completed with the usage (null before), numbered from 0; the request runs (and is counted in
+    vllm:num_requests_running) until its last event. vLLM 0.11.0 numbers each delta's content_index on from the
+    added part's 0."""
+    server = start_vllm(dev_mode=None, pace=SLOW)
+    stream = server.openai().responses.create(
+        model=NAME, input="Tell a long story.", max_output_tokens=LONG, stream=True
+    )
+    events: list[ResponseStreamEvent] = []
+    with server.client() as worker:
+        for event in stream:
+            events.append(event)
+            if len(events) == 1:
+                assert worker.metrics().get("running") == 1  # in flight until its end
+        assert worker.metrics().get("running") == 0
+    types = [e.type for e in events]
+    head = ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"]
+    tail = [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert types[:4] == head and types[-4:] == tail, types
+    deltas = [e for e in events[4:-4] if isinstance(e, ResponseTextDeltaEvent)]
+    assert deltas and len(deltas) == len(events) - 8, types
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    created, done, completed = events[0], events[-4], events[-1]
+    assert isinstance(created, ResponseCreatedEvent) and isinstance(completed, ResponseCompletedEvent)
+    assert isinstance(done, ResponseTextDoneEvent)
+    assert created.response.status == "in_progress" and created.response.output == []
+    assert created.response.usage is None
+    assert completed.response.id == created.response.id
+    assert completed.response.status == "completed"
+    text = "".join(e.delta for e in deltas)
+    assert text and text == done.text == completed.response.output_text
+    usage = completed.response.usage
+    assert usage is not None and 0 < len(deltas) <= usage.output_tokens <= LONG
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens and usage.input_tokens > 0
+    assert [e.content_index for e in deltas] == list(range(1, len(deltas) + 1))
+
+
+def rerank(server: Server, path: str = "/v1/rerank", **extra: Any) -> httpx.Response:
+    body = {"model": NAME, "query": QUERY, "documents": DOCUMENTS, **extra}
+    return httpx.post(f"{server.url}{path}", json=body, headers=auth(), timeout=120)
+
+
+QUERY = "What is the capital of France?"
+DOCUMENTS = ["Bananas are yellow.", "What is the capital of France?", "Paris is the capital of France."]
+
+
+def test_a_pooling_model_reranks_documents(start_vllm: Start) -> None:
+    """`--runner pooling`: `/v1/rerank` scores every document against the query, highest first (the query itself
+    ranks first), `top_n` keeps the best n; usage is only total_tokens, of every document scored whatever top_n.
+    `/rerank` is the same API outside /v1, so the API key does not guard it."""
+    server = start_vllm("--runner", "pooling", dev_mode=None)
+    reply = rerank(server)
+    assert reply.status_code == 200, reply.text
+    full = reply.json()
+    assert full["id"].startswith("rerank-") and full["model"] == NAME
+    results = full["results"]
+    assert sorted(r["index"] for r in results) == [0, 1, 2]
+    scores = [r["relevance_score"] for r in results]
+    assert scores == sorted(scores, reverse=True)
+    assert results[0]["index"] == 1
+    assert all(r["document"]["text"] == DOCUMENTS[r["index"]] for r in results)
+    assert list(full["usage"]) == ["total_tokens"] and full["usage"]["total_tokens"] > 0
+    top = rerank(server, top_n=2).json()
+    assert [r["index"] for r in top["results"]] == [r["index"] for r in results[:2]]
+    assert [r["relevance_score"] for r in top["results"]] == pytest.approx(scores[:2], rel=1e-3)
+    assert top["usage"] == full["usage"]
+    open_route = httpx.post(f"{server.url}/rerank", json={"query": QUERY, "documents": DOCUMENTS}, timeout=120)
+    assert open_route.status_code == 200, open_route.text
+    assert [r["index"] for r in open_route.json()["results"]] == [r["index"] for r in results]
+
+
+def test_a_pooling_model_embeds(start_vllm: Start) -> None:
+    """`/v1/embeddings` of a pooling model through the SDK (which asks for base64): one unit vector per input, the
+    same text the same vector; usage counts the prompt tokens only."""
+    server = start_vllm("--runner", "pooling", dev_mode=None)
+    texts = ["The capital of France.", "Bananas are yellow.", "The capital of France."]
+    answer = server.openai().embeddings.create(model=NAME, input=texts)
+    vectors = [item.embedding for item in answer.data]
+    assert [item.index for item in answer.data] == [0, 1, 2]
+    assert len({len(v) for v in vectors}) == 1 and len(vectors[0]) > 1
+    for vector in vectors:
+        assert sum(x * x for x in vector) == pytest.approx(1.0, rel=1e-3)
+    assert vectors[0] == pytest.approx(vectors[2], abs=1e-4)
+    assert vectors[0] != pytest.approx(vectors[1], abs=1e-4)
+    assert answer.usage.prompt_tokens == answer.usage.total_tokens > 0
+
+
+def refusal(api: str) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": f"The model does not support {api} API",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        }
+    }
+
+
+def test_each_runner_refuses_the_other_runners_apis(start_vllm: Start) -> None:
+    """A pooling model has no chat, completions or responses, a generate model no rerank or embeddings: vLLM 0.11.0
+    answers each with its error object (code 400) that FastAPI sends with HTTP status 200, since the route returns
+    it (vllm-project/vllm#21704). The API each runner has still answers."""
+    pooling = start_vllm("--runner", "pooling", dev_mode=None)
+    asks = {
+        "/v1/chat/completions": (
+            {"model": NAME, "messages": [{"role": "user", "content": PROMPT}]},
+            "Chat Completions",
+        ),
+        "/v1/completions": ({"model": NAME, "prompt": PROMPT}, "Completions"),
+        "/v1/responses": ({"model": NAME, "input": PROMPT}, "Responses"),
+    }
+    for path, (body, api) in asks.items():
+        reply = httpx.post(f"{pooling.url}{path}", json=body, headers=auth(), timeout=60)
+        assert (reply.status_code, reply.json()) == (200, refusal(api)), path
+    assert rerank(pooling).status_code == 200
+    generate = start_vllm("--runner", "generate", dev_mode=None)
+    reply = rerank(generate)
+    assert (reply.status_code, reply.json()) == (200, refusal("Rerank (Score)"))
+    reply = httpx.post(f"{generate.url}/v1/embeddings", json={"model": NAME, "input": "x"}, headers=auth(), timeout=60)
+    assert (reply.status_code, reply.json()) == (200, refusal("Embeddings"))
+    assert generate.answer()
+
+
+def test_the_runner_is_one_of_vllms(start_vllm: Start) -> None:
+    """`--runner` takes auto, draft, generate or pooling; anything else is an argparse error at start."""
+    server = start_vllm("--runner", "embedding", wait=False)
+    assert server.proc.wait(300) != 0
+    log = server.log.read_text()
+    assert "argument --runner: invalid choice" in log and "'embedding'" in log, log[-2000:]

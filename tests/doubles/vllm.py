@@ -7,6 +7,51 @@ Follows vLLM's CLI (the flags the controller renders, refusing unknown ones as v
 `vllm:num_requests_waiting` the ones queued behind them. Like vLLM it exits when CUDA_VISIBLE_DEVICES names fewer
 GPUs than the tensor-parallel size. With `--api-key` or `VLLM_API_KEY` every `/v1` route needs that bearer key.
 
+Runners and the APIs they serve, as vLLM 0.11.0 has them (the wheel's vllm/entrypoints/openai/api_server.py,
+protocol.py, serving_engine.py, serving_responses.py, serving_score.py, serving_embedding.py; vllm/config/model.py):
+- `--runner` takes auto, draft, generate or pooling (model.py RunnerOption; arg_utils.py hands argparse the sorted
+  choices, so any other value is an argparse error). `auto` resolves by the model's architecture, which the double
+  does not read: it counts as generate. A draft runner serves no task (vllm/v1/worker/gpu_model_runner.py,
+  get_supported_tasks). Which pooling tasks a pooling model has depends on the model (an embedding model: embed; a
+  cross-encoder: score); the double's pooling model has both;
+- every route exists whatever the runner (one static router). Where the runner has no handler for it
+  (init_app_state builds chat, completions and responses only for the generate task, embeddings for embed, rerank
+  for embed or score), the route returns `create_error_response(message="The model does not support Chat
+  Completions API")` (Completions, Responses, Embeddings, "Rerank (Score)") itself: an ErrorResponse
+  `{"error": {"message", "type": "BadRequestError", "param": null, "code": 400}}` that FastAPI sends with HTTP
+  status 200, as a returned model goes out (vllm-project/vllm issue #21704). Errors a handler returns (an unknown
+  model: 404 NotFoundError) go out with their code as status; a body that fails validation is a 400 "Bad Request";
+- `POST /v1/responses` (generate), as serving_responses.py answers a model without Harmony (no gpt-oss): `input` a
+  string (a user message) or a list of messages, `instructions` a system message before it; `model` may be left out
+  (then the served one); the answer names the first served name, as vLLM does. `max_output_tokens` bounds the words
+  like max_tokens; the response's `max_output_tokens` is min(it, max_model_len - prompt tokens), or the latter when
+  not given. Status is always "completed" (vLLM sets another only with Harmony); usage has `input_tokens_details`
+  (cached_tokens 0) and `output_tokens_details` (reasoning_tokens, tool_output_tokens 0). Nothing is stored
+  (VLLM_ENABLE_RESPONSES_API_STORE is not followed): `background` is refused (400 invalid_request_error),
+  `previous_response_id` is not found (404), and `tools` are refused (400, "Tool use is not supported in Responses
+  API without Harmony None"). With `stream: true`: `event: <type>` / `data: <json>` pairs numbered by
+  `sequence_number` from 0 and no `[DONE]`: response.created and response.in_progress (the response in progress,
+  output empty, usage null), response.output_item.added, response.content_part.added, one response.output_text.delta
+  per word, response.output_text.done, response.content_part.done, response.output_item.done, response.completed
+  (the whole response with usage). Kept as 0.11.0 sends them: the streamed item's id is a bare uuid4 while the
+  completed response's message has a `msg_` id of its own; `content_index` is 0 on content_part.added and then goes
+  up by one with every event (the deltas 1, 2, ...), so the openai SDK's `responses.stream()` accumulator, which
+  indexes the part by it, fails on it (vllm-project/vllm issue #45742 is that bug in the Harmony path);
+  `responses.create(stream=True)` reads it;
+- `POST /rerank`, `/v1/rerank`, `/v2/rerank` (embed or score; the Jina/Cohere shape, serving_score.py do_rerank):
+  `query` a string, `documents` a list of strings (no multi-modal input), `top_n` (0 or absent: all). Results
+  `{"index", "document": {"text", "multi_modal": null}, "relevance_score"}` sorted by score, highest first, then cut to
+  top_n; `usage` is RerankUsage, only `total_tokens`: the prompt tokens of every pair scored, the query's counted
+  with each document; id `rerank-<X-Request-Id or a uuid>`. An empty `documents` is a 400 ("At least one text_pair
+  element must be given"). /rerank and /v2/rerank are outside /v1, so the API key does not guard them
+  (AuthenticationMiddleware). The double's score is the share of the query's words found in the document;
+- `POST /v1/embeddings` (embed): `input` a string, strings, token ids or lists of them; `encoding_format` float or
+  base64 (float32 bytes); the double's unit vectors (tests/doubles/common.py, EMBEDDING_DIM); usage
+  `{"prompt_tokens", "total_tokens", "completion_tokens": 0, "prompt_tokens_details": null}`; `dimensions` is
+  refused as by a model without matryoshka representation (pooling_params.py).
+A pooling request takes one of the --max-num-seqs places while served and adds its prompt tokens to
+`vllm:prompt_tokens_total`; responses count like chat completions.
+
 `--speculative-config` is a JSON object, as vLLM 0.11.0 reads it (vllm/engine/arg_utils.py: `optional_type(json.loads)`,
 so a value that is no JSON is an argparse error), then checked as vllm/config/speculative.py's SpeculativeConfig
 checks it at start, exiting with its error: an unknown key (a TypeError of the dataclass), an unknown method;
@@ -40,11 +85,16 @@ Sleep mode, as vLLM 0.11.0 has it (the `vllm` 0.11.0 wheel on PyPI, the source o
 from __future__ import annotations
 
 import argparse
+import base64
+import itertools
 import json
 import os
+import re
+import struct
 import sys
 import threading
 import time
+import uuid
 from typing import Any
 
 from tests.doubles.common import (
@@ -54,6 +104,7 @@ from tests.doubles.common import (
     completion_response,
     completion_stream,
     completion_words,
+    embedding,
     generate_for,
     paced,
     prompt_tokens,
@@ -99,6 +150,18 @@ SPECULATIVE_FIELDS = {
 }
 MTP_MODEL_TYPES = ("deepseek_mtp", "mimo_mtp", "glm4_moe_mtp", "ernie_mtp", "qwen3_next_mtp", "longcat_flash_mtp")
 SPECULATIVE_METHODS = {"ngram", "eagle", "eagle3", "medusa", "mlp_speculator", "draft_model", "mtp", *MTP_MODEL_TYPES}
+
+
+# What each runner serves (vllm/v1/worker/gpu_model_runner.py, get_supported_tasks): the generation tasks, the
+# pooling tasks, or nothing (a draft runner). `auto` resolves by the model's architecture, which the double does not
+# read: it counts as generate. Which pooling tasks a model has depends on it too (an embedding model: embed; a
+# cross-encoder: score and classify); the double's pooling model has both embed and score.
+RUNNER_TASKS: dict[str, frozenset[str]] = {
+    "auto": frozenset({"generate"}),
+    "draft": frozenset(),
+    "generate": frozenset({"generate"}),
+    "pooling": frozenset({"embed", "score"}),
+}
 
 
 def json_value(value: str) -> Any:
@@ -185,6 +248,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--speculative-config", type=json_value)
     s.add_argument("--hf-overrides", type=json_value)  # a JSON object merged into the model's config
     s.add_argument("--api-key")  # as vLLM: else VLLM_API_KEY
+    # vllm/config/model.py RunnerOption; arg_utils.py literal_to_kwargs gives argparse the sorted choices.
+    s.add_argument("--runner", type=str, choices=sorted(RUNNER_TASKS), default="auto")
     for flag in PASSTHROUGH_BOOL:
         s.add_argument(flag, action="store_true")
     for flag in PASSTHROUGH_VALUE:
@@ -196,6 +261,7 @@ class State:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.names = args.served_model_name or [args.model]
+        self.tasks = RUNNER_TASKS[args.runner]
         self.lock = threading.Condition()
         self.sleeping_tags: set[str] = set()  # what is asleep: empty (awake), or of {"weights", "kv_cache"}
         self.weights_lost = False  # after a level-2 sleep (sleep mode on), until reload_weights
@@ -319,27 +385,46 @@ def routes(state: State) -> dict[tuple[str, str], Any]:
         ]
         h.send_json(200, {"object": "list", "data": data})
 
-    def generate(h: Handler, chat: bool) -> None:
-        body = h.body()
-        if body.get("model") not in state.names:
-            message = f"The model `{body.get('model')}` does not exist."  # serving_engine.py, _check_model
-            h.send_json(404, {"error": {"message": message, "type": "NotFoundError", "param": None, "code": 404}})
-            return
+    def not_found(h: Handler, model: Any) -> None:
+        message = f"The model `{model}` does not exist."  # serving_engine.py, _check_model
+        h.send_json(404, error_body(message, "NotFoundError", 404))
+
+    def engine_down(h: Handler) -> bool:
+        """Whether the engine cannot serve (dead, or asleep with its memory released); then it has answered 500."""
         if state.dead or state.released:
             if not state.dead:
                 die(state, "a request while asleep: CUDA error: an illegal memory access was encountered")
             h.send_text(500, "")
-            return
-        words = completion_words(body.get("max_tokens") or body.get("max_completion_tokens"))
+            return True
+        return False
+
+    def count(tokens: int, generated: int) -> None:
+        with state.lock:
+            state.requests += 1
+            state.prompt_tokens += tokens
+            state.generation_tokens += generated
+
+    def words_for(max_tokens: Any) -> list[str]:
+        words = completion_words(max_tokens)
         if state.weights_lost:
             words = ["!"] * len(words)  # the woken weights are whatever the new memory holds
+        return words
+
+    def generate(h: Handler, chat: bool) -> None:
+        body = h.body()
+        if "generate" not in state.tasks:
+            unsupported(h, "Chat Completions" if chat else "Completions")
+            return
+        if body.get("model") not in state.names:
+            not_found(h, body.get("model"))
+            return
+        if engine_down(h):
+            return
+        words = words_for(body.get("max_tokens") or body.get("max_completion_tokens"))
         tokens = prompt_tokens(body)
         state.admit()
         try:
-            with state.lock:
-                state.requests += 1
-                state.prompt_tokens += tokens
-                state.generation_tokens += len(words)
+            count(tokens, len(words))
             answer(h, body, chat, words, tokens)
         finally:
             state.release()
@@ -364,9 +449,161 @@ def routes(state: State) -> dict[tuple[str, str], Any]:
             generate_for(words)
             h.send_json(200, (chat_response if chat else completion_response)(model, words, tokens, "vllm-double"))
             ttft = time.monotonic() - began
+        timings(began, ttft)
+
+    def timings(began: float, ttft: float) -> None:
         with state.lock:
             state.first_token_s.append(ttft)
             state.e2e_s.append(time.monotonic() - began)
+
+    def responses(h: Handler) -> None:
+        """`POST /v1/responses`, as serving_responses.py answers a model without Harmony (see the module's docstring)."""
+        body = h.body()
+        problem = responses_invalid(body)
+        if problem:
+            h.send_json(400, error_body(problem, "Bad Request", 400))  # api_server.py, validation_exception_handler
+            return
+        if "generate" not in state.tasks:
+            unsupported(h, "Responses")
+            return
+        if body.get("model") and body["model"] not in state.names:
+            not_found(h, body["model"])
+            return
+        if engine_down(h):
+            return
+        refusal = responses_refusal(body)
+        if refusal:
+            h.send_json(refusal[0], refusal[1])
+            return
+        words = words_for(body.get("max_output_tokens"))
+        tokens = prompt_tokens({"messages": response_messages(body)})
+        given = body.get("max_output_tokens")
+        room = max_len - tokens  # serving_responses.py: default_max_tokens = max_model_len - prompt tokens
+        settings = dict(body, max_output_tokens=room if given is None else min(given, room))
+        state.admit()
+        try:
+            count(tokens, len(words))
+            began, created = time.monotonic(), int(time.time())
+            final = response_object(settings, state.names[0], created, words, tokens)
+            if body.get("stream"):
+                head, deltas, tail = response_events(final)
+                first: list[float] = []
+
+                def timed(event: str) -> str:
+                    if not first:
+                        first.append(time.monotonic() - began)
+                    return event
+
+                h.send_stream(itertools.chain(head, (timed(e) for e in paced(deltas)), tail))
+                ttft = first[0] if first else 0.0
+            else:
+                generate_for(words)
+                h.send_json(200, final)
+                ttft = time.monotonic() - began
+            timings(began, ttft)
+        finally:
+            state.release()
+
+    def pooled(h: Handler, tokens: int, answer: dict[str, Any]) -> None:
+        """Serve a pooling request: it takes one of --max-num-seqs places, its prompt tokens are counted."""
+        state.admit()
+        try:
+            with state.lock:
+                state.prompt_tokens += tokens
+            h.send_json(200, answer)
+        finally:
+            state.release()
+
+    def rerank(h: Handler) -> None:
+        """`POST /rerank`, `/v1/rerank`, `/v2/rerank` (serving_score.py, do_rerank; see the module's docstring)."""
+        body = h.body()
+        query, documents, top_n = body.get("query"), body.get("documents"), body.get("top_n", 0)
+        if not isinstance(query, str) or not isinstance(documents, list) or not isinstance(top_n, int):
+            h.send_json(
+                400,
+                error_body(
+                    "RerankRequest: query (a string), documents (a list) and top_n (an integer)", "Bad Request", 400
+                ),
+            )
+            return
+        if not all(isinstance(d, str) for d in documents):
+            h.send_json(400, error_body("RerankRequest: documents: a list of strings", "Bad Request", 400))
+            return
+        if not state.tasks & {"embed", "score"}:  # api_server.py: openai_serving_scores needs embed or score
+            unsupported(h, "Rerank (Score)")
+            return
+        if body.get("model") and body["model"] not in state.names:
+            not_found(h, body["model"])
+            return
+        if not documents:  # score_utils.py, _validate_score_input_lens; do_rerank answers a ValueError with 400
+            h.send_json(400, error_body("At least one text_pair element must be given", "BadRequestError", 400))
+            return
+        if engine_down(h):
+            return
+        scores = [overlap(query, d) for d in documents]
+        order = sorted(range(len(documents)), key=lambda i: scores[i], reverse=True)  # stable, as list.sort
+        results = [
+            {"index": i, "document": {"text": documents[i], "multi_modal": None}, "relevance_score": scores[i]}
+            for i in order
+        ]
+        if 0 < top_n < len(documents):
+            results = results[:top_n]
+        # Each scored pair is one prompt: the query with the document (score_utils.py, _cosine_similarity).
+        tokens = sum(prompt_tokens({"prompt": query}) + prompt_tokens({"prompt": d}) for d in documents)
+        ident = h.headers.get("x-request-id") or uuid.uuid4().hex
+        answer = {
+            "id": f"rerank-{ident}",
+            "model": state.names[0],
+            "usage": {"total_tokens": tokens},
+            "results": results,
+        }
+        pooled(h, tokens, answer)
+
+    def embeddings(h: Handler) -> None:
+        """`POST /v1/embeddings` (serving_embedding.py; see the module's docstring)."""
+        body = h.body()
+        inputs = embedding_inputs(body.get("input"))
+        encoding = body.get("encoding_format", "float")
+        if inputs is None or encoding not in ("float", "base64"):
+            message = (
+                "EmbeddingRequest: input (a string, a list of strings or token ids), encoding_format float or base64"
+            )
+            h.send_json(400, error_body(message, "Bad Request", 400))
+            return
+        if "embed" not in state.tasks:
+            unsupported(h, "Embeddings")
+            return
+        if body.get("model") and body["model"] not in state.names:
+            not_found(h, body["model"])
+            return
+        if body.get("dimensions") is not None:  # pooling_params.py, verify: the double's model is no matryoshka one
+            message = (
+                f'Model "{state.names[0]}" does not support matryoshka representation, '
+                "changing output dimensions will lead to poor results."
+            )
+            h.send_json(400, error_body(message, "BadRequestError", 400))
+            return
+        if engine_down(h):
+            return
+        data, tokens = [], 0
+        for i, item in enumerate(inputs):
+            vector = embedding(item if isinstance(item, str) else json.dumps(item))
+            tokens += prompt_tokens({"prompt": item}) if isinstance(item, str) else len(item)
+            value: Any = vector
+            if encoding == "base64":  # float32 bytes, as serving_embedding.py's _get_embedding
+                value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"index": i, "object": "embedding", "embedding": value})
+        ident = h.headers.get("x-request-id") or body.get("request_id") or uuid.uuid4().hex
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0, "prompt_tokens_details": None}
+        answer = {
+            "id": f"embd-{ident}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": state.names[0],
+            "data": data,
+            "usage": usage,
+        }
+        pooled(h, tokens, answer)
 
     def metrics(h: Handler) -> None:
         label = f'model_name="{state.names[0]}",engine="0"'  # vllm/v1/metrics/loggers.py: labelnames
@@ -395,8 +632,196 @@ def routes(state: State) -> dict[tuple[str, str], Any]:
         ("GET", "/v1/models"): models,
         ("POST", "/v1/chat/completions"): lambda h: generate(h, chat=True),
         ("POST", "/v1/completions"): lambda h: generate(h, chat=False),
+        ("POST", "/v1/responses"): responses,
+        ("POST", "/v1/embeddings"): embeddings,
+        ("POST", "/rerank"): rerank,
+        ("POST", "/v1/rerank"): rerank,
+        ("POST", "/v2/rerank"): rerank,
         ("GET", "/metrics"): metrics,
     }
+
+
+def error_body(message: str, kind: str, code: int) -> dict[str, Any]:
+    """vLLM's ErrorResponse (vllm/entrypoints/openai/protocol.py: ErrorInfo message, type, param, code)."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def unsupported(h: Handler, api: str) -> None:
+    """A route whose handler this runner lacks: api_server.py returns `create_error_response(...)`, an ErrorResponse
+    with code 400, from the route itself, and FastAPI sends what a route returns with status 200."""
+    h.send_json(200, error_body(f"The model does not support {api} API", "BadRequestError", 400))
+
+
+def responses_invalid(body: Any) -> str | None:
+    """What ResponsesRequest's validation refuses (a 400 before any handler), of what the double reads."""
+    if not isinstance(body, dict) or not isinstance(body.get("input"), str | list):
+        return "ResponsesRequest: input: a string or a list of input items is required"
+    if body.get("background") and body.get("store") is False:
+        return "Value error, background can only be used when `store` is true"
+    if body.get("prompt") is not None:
+        return "Value error, prompt template is not supported"
+    return None
+
+
+def responses_refusal(body: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+    """What serving_responses.py's create_responses refuses, without VLLM_ENABLE_RESPONSES_API_STORE (store off)."""
+    if body.get("background"):
+        message = (
+            "This vLLM engine does not support `store=True` and therefore does not support the background mode. To "
+            "enable these features, set the environment variable `VLLM_ENABLE_RESPONSES_API_STORE=1` when launching "
+            "the vLLM server."
+        )
+        return 400, error_body(message, "invalid_request_error", 400)
+    if body.get("previous_response_id") is not None:  # nothing is stored
+        message = f"Response with id '{body['previous_response_id']}' not found."
+        return 404, error_body(message, "invalid_request_error", 404)
+    if body.get("tools"):  # _make_request: a NotImplementedError, answered as f"{e} {e.__cause__}"
+        return 400, error_body(
+            "Tool use is not supported in Responses API without Harmony None", "BadRequestError", 400
+        )
+    return None
+
+
+def response_messages(body: dict[str, Any]) -> list[Any]:
+    """serving_responses.py, _construct_input_messages: instructions as a system message, then the input."""
+    messages: list[Any] = []
+    if body.get("instructions"):
+        messages.append({"role": "system", "content": body["instructions"]})
+    if isinstance(body["input"], str):
+        messages.append({"role": "user", "content": body["input"]})
+    else:
+        messages.extend(body["input"])
+    return messages
+
+
+def response_object(body: dict[str, Any], model: str, created: int, words: list[str], tokens: int) -> dict[str, Any]:
+    """ResponsesResponse.from_request (protocol.py), completed with the answer ``words``. Temperature and top_p
+    default to 1.0 (vLLM takes the model's generation config first, which the double does not read)."""
+    text: dict[str, Any] = {"type": "output_text", "text": " ".join(words), "annotations": [], "logprobs": None}
+    message = {"id": f"msg_{uuid.uuid4().hex}", "content": [text], "role": "assistant", "status": "completed"}
+    usage = {
+        "input_tokens": tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": len(words),
+        "output_tokens_details": {"reasoning_tokens": 0, "tool_output_tokens": 0},
+        "total_tokens": tokens + len(words),
+    }
+    return {
+        "id": body.get("request_id") or f"resp_{uuid.uuid4().hex}",
+        "created_at": created,
+        "incomplete_details": None,
+        "instructions": body.get("instructions"),
+        "metadata": body.get("metadata"),
+        "model": model,
+        "object": "response",
+        "output": [dict(message, type="message")],
+        "input_messages": None,
+        "output_messages": None,
+        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
+        "tool_choice": body.get("tool_choice", "auto"),
+        "tools": body.get("tools") or [],
+        "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
+        "background": bool(body.get("background")),
+        "max_output_tokens": body["max_output_tokens"],
+        "max_tool_calls": body.get("max_tool_calls"),
+        "previous_response_id": body.get("previous_response_id"),
+        "prompt": None,
+        "reasoning": body.get("reasoning"),
+        "service_tier": body.get("service_tier", "auto"),
+        "status": "completed",
+        "text": body.get("text"),
+        "top_logprobs": None,
+        "truncation": body.get("truncation", "disabled"),
+        "usage": usage,
+        "user": body.get("user"),
+    }
+
+
+def response_events(final: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """The server-sent events of a streamed response (serving_responses.py: responses_stream_generator and
+    _process_simple_streaming_events), split as: those before the first token, one text delta per word, the rest.
+    Kept as vLLM 0.11.0 sends them: the item's id in the stream is a bare uuid4 (the completed response's message
+    has its own `msg_` id), the content index goes up by one with each event after the part is added, and the done
+    item carries an extra `summary: []`."""
+    text = final["output"][0]["content"][0]["text"]
+    words = text.split(" ")
+    started = dict(final, output=[], status="in_progress", usage=None)
+    item = str(uuid.uuid4())
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": started},
+        {"type": "response.in_progress", "response": started},
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": {"id": item, "content": [], "role": "assistant", "status": "in_progress", "type": "message"},
+        },
+        {
+            "type": "response.content_part.added",
+            "output_index": 0,
+            "item_id": item,
+            "content_index": 0,
+            "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []},
+        },
+    ]
+    index = 1
+    for i, word in enumerate(words):
+        delta = word if i == 0 else " " + word
+        events.append(
+            {
+                "type": "response.output_text.delta",
+                "content_index": index,
+                "output_index": 0,
+                "item_id": item,
+                "delta": delta,
+                "logprobs": [],
+            }
+        )
+        index += 1
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": None}
+    message = {"id": item, "content": [part], "role": "assistant", "status": "completed", "type": "message"}
+    events += [
+        {
+            "type": "response.output_text.done",
+            "output_index": 0,
+            "content_index": index,
+            "text": text,
+            "logprobs": [],
+            "item_id": item,
+        },
+        {
+            "type": "response.content_part.done",
+            "item_id": item,
+            "output_index": 0,
+            "content_index": index + 1,
+            "part": part,
+        },
+        {"type": "response.output_item.done", "output_index": 0, "item": dict(message, summary=[])},
+        {"type": "response.completed", "response": final},
+    ]
+    sse = [f"event: {e['type']}\ndata: {json.dumps(dict(e, sequence_number=n))}\n\n" for n, e in enumerate(events)]
+    return sse[:4], sse[4 : 4 + len(words)], sse[4 + len(words) :]
+
+
+def overlap(query: str, document: str) -> float:
+    """The double's relevance score in [0, 1]: the share of the query's words found in the document."""
+    asked = set(re.findall(r"\w+", query.lower()))
+    found = set(re.findall(r"\w+", document.lower()))
+    return len(asked & found) / len(asked) if asked else 0.0
+
+
+def embedding_inputs(value: Any) -> list[str | list[int]] | None:
+    """EmbeddingCompletionRequest's input (a string, strings, token ids or lists of them) as a list; None: invalid."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return list(value)
+        if all(isinstance(v, int) for v in value):
+            return [list(value)]
+        if all(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value):
+            return list(value)
+    return None
 
 
 def dev_routes(state: State) -> dict[tuple[str, str], Any]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from controller.local.processes import bridge_socket, isolated, upstream_port
@@ -21,6 +22,7 @@ from controller.spec import load_spec
 from tests.conftest import need_tool
 from tests.e2e.stack import Stack, start_stack, stop_stack
 from tests.e2e.swapping import doubles_on_path
+from tests.e2e.test_metering import ledger_row
 
 pytestmark = pytest.mark.e2e
 
@@ -38,6 +40,23 @@ def add_backends(data: dict[str, Any]) -> None:
             "source": {"huggingface": "Qwen/Qwen2.5-0.5B-Instruct"},
             "context": 2048,
             "arch": {"layers": 24, "kv_heads": 2, "head_dim": 64, "params_b": 0.5},
+        },
+        {
+            "name": "vl-rerank",
+            "backend": "vllm",
+            "task": "rerank",
+            "source": {"huggingface": "BAAI/bge-reranker-v2-m3"},
+            "context": 2048,
+            "arch": {"layers": 24, "kv_heads": 16, "head_dim": 64, "params_b": 0.57},
+        },
+        {
+            "name": "ol-embed",
+            "backend": "ollama",
+            "task": "embed",
+            "device": "cpu",
+            "source": {"ollama": "nomic-embed-text"},
+            "context": 2048,
+            "arch": {"layers": 12, "kv_heads": 12, "head_dim": 64, "params_b": 0.137},
         },
         {
             "name": "ol",
@@ -64,23 +83,64 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def test_every_backend_answers_through_the_gateway(mixed: Stack) -> None:
     client = mixed.openai()
-    assert {m.id for m in client.models.list()} == {"tiny-chat", "tiny", "vl", "ol", "ol-alias"}
+    assert {m.id for m in client.models.list()} == {
+        "tiny-chat",
+        "tiny",
+        "vl",
+        "vl-rerank",
+        "ol-embed",
+        "ol",
+        "ol-alias",
+    }
     for model in ("tiny-chat", "vl", "ol", "ol-alias"):
         reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert reply.usage is not None and reply.usage.completion_tokens > 0, model
 
 
 def test_completions_and_embeddings_reach_every_backend_that_has_them(mixed: Stack) -> None:
-    """The gateway's other inference routes: `/v1/completions` on vLLM and Ollama, `/v1/embeddings` on Ollama (the
-    OpenAI-compatible routes of its docs), each answered by the worker, with the served name the client sent."""
+    """The gateway's other inference routes: `/v1/completions` on vLLM and Ollama, `/v1/embeddings` on an Ollama
+    embedding model (the OpenAI-compatible routes of its docs), each answered by the worker, with the served name
+    the client sent."""
     client = mixed.openai()
     for model in ("vl", "ol", "ol-alias"):
         reply = client.completions.create(model=model, prompt="Say hi.", max_tokens=4)
         assert reply.object == "text_completion" and reply.choices[0].text, model
         assert reply.usage is not None and reply.usage.completion_tokens > 0, model
-    embedded = client.embeddings.create(model="ol", input=["the sky", "the grass"])
+    embedded = client.embeddings.create(model="ol-embed", input=["the sky", "the grass"])
     assert [e.index for e in embedded.data] == [0, 1]
     assert all(abs(sum(x * x for x in e.embedding) - 1) < 1e-3 for e in embedded.data)
+
+
+def test_responses_reach_vllm_and_ollama_is_refused_at_the_gateway(mixed: Stack) -> None:
+    """vLLM 0.11 serves the Responses API (the double follows it); Ollama 0.12.6 has none, which the gateway says
+    itself. Both metered as chat is."""
+    client = mixed.openai()
+    raw = client.responses.with_raw_response.create(model="vl", input="hi", max_output_tokens=4)
+    reply = raw.parse()
+    assert reply.status == "completed" and reply.output_text
+    assert reply.usage is not None and reply.usage.output_tokens > 0
+    row = ledger_row(mixed, raw.headers["x-request-id"])
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (reply.usage.input_tokens, reply.usage.output_tokens)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="ol", input="hi", max_output_tokens=4)
+    assert refused.value.code == "unsupported_route"
+
+
+def test_rerank_reaches_vllm_and_is_metered_from_its_total(mixed: Stack) -> None:
+    """vLLM's rerank API (Jina's and Cohere's), through the gateway with httpx: its usage has only a total, which
+    the ledger takes as prompt tokens."""
+    body = {"model": "vl-rerank", "query": "the sky", "documents": ["grass is green", "the sky is blue"], "top_n": 1}
+    with mixed.http() as http:
+        reply = http.post(f"{mixed.base_url}/rerank", json=body, headers={"Authorization": f"Bearer {mixed.key}"})
+    assert reply.status_code == 200, reply.text
+    (best,) = reply.json()["results"]
+    assert best["index"] == 1 and reply.json()["usage"]["total_tokens"] > 0
+    row = ledger_row(mixed, reply.headers["x-request-id"])
+    assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (
+        reply.json()["usage"]["total_tokens"],
+        0,
+        0,
+    )
 
 
 def test_vllm_worker_pinned_to_its_gpu(mixed: Stack) -> None:

@@ -184,6 +184,24 @@ def test_a_model_that_may_not_evict_is_refused_with_the_numbers(swapping: Stack)
     assert error["type"] == "server_error"
 
 
+def test_anthropics_messages_are_held_for_a_swap_and_refused_in_its_shape(swapping: Stack) -> None:
+    """/v1/messages passes the coordinator as chat does: a stream waits with comments, then comes whole; a model
+    that may not evict is refused in Anthropic's error shape (its SDKs read it)."""
+    unload_all(swapping)
+    body = {"model": "swap-a", "max_tokens": 8, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with api(swapping) as http, http.stream("POST", "/messages", json=body) as reply:
+        assert reply.status_code == 200, reply.read()
+        lines = [line for line in reply.iter_lines() if line]
+    assert lines[0].startswith(": loading model swap-a"), lines[:3]
+    assert "event: message_start" in lines and lines[-2:] == ["event: message_stop", 'data: {"type":"message_stop"}']
+    with api(swapping) as http:
+        refused = http.post("/messages", json={**body, "model": "swap-c", "stream": False})
+    assert refused.status_code == 503, refused.text
+    error = refused.json()
+    assert error["type"] == "error" and error["error"]["type"] == "overloaded_error", error
+    assert "model swap-c needs" in error["error"]["message"] and refused.headers.get("retry-after")
+
+
 def test_swapped_requests_are_metered(swapping: Stack) -> None:
     unload_all(swapping)
     reply = chat(swapping, "swap-b", max_tokens=5)

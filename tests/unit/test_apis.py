@@ -89,4 +89,5 @@ def test_a_vllm_pooling_model_runs_the_pooling_runner(tmp_path: Path) -> None:
     (gen,) = plan.workers_of("m8b")
     rr_args = vllm.container_args(rr, plan.model("rr"), "/k")
     assert rr_args[rr_args.index("--runner") + 1] == "pooling"
-    assert "--runner" not in vllm.container_args(gen, plan.model("m8b"), "/k")
+    gen_args = vllm.container_args(gen, plan.model("m8b"), "/k")
+    assert gen_args[gen_args.index("--runner") + 1] == "generate"
