@@ -218,6 +218,7 @@ end
 local ANTHROPIC_TYPES = {
   [400] = "invalid_request_error", [401] = "authentication_error", [403] = "permission_error",
   [404] = "not_found_error", [413] = "request_too_large", [429] = "rate_limit_error", [503] = "overloaded_error",
+  [504] = "timeout_error",
 }
 
 local function anthropic_json(status, message)

@@ -1132,58 +1132,71 @@ def usage_log_config(path: str) -> dict[str, Any]:
     }
 
 
+# Anthropic's error types by status, for its routes' errors (its API's documented types).
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    413: "request_too_large",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+# The paths whose errors take Anthropic's shape: its routes, directly or through /proxy/{worker} (query included).
+ANTHROPIC_PATHS = r"^(/proxy/[^/?]+)?(" + "|".join(re.escape(p) for p in apis.ANTHROPIC) + r")([?].*)?$"
+
+
 def local_replies() -> dict[str, Any]:
-    """Envoy's own error replies in the OpenAI error shape."""
-    cases = [
-        (["UH", "NR"], 503, "no healthy upstream: every replica of this model is down", "no_healthy_upstream"),
-        (["UO"], 503, "the model is at capacity (circuit breaker open); retry shortly", "overloaded"),
-        (["UF", "URX", "UC", "LR"], 503, "the model server failed before answering; retry shortly", "upstream_failure"),
-        (["UT", "SI"], 504, "the model server stopped sending data (stream idle timeout)", "upstream_timeout"),
-        (["DPE"], 400, "malformed HTTP request", "bad_request"),
-    ]
-    mappers: list[dict[str, Any]] = []
-    for flags, status, message, code in cases:
-        mappers.append(
-            {
-                "filter": {"response_flag_filter": {"flags": flags}},
-                "status_code": status,
-                "body_format_override": {
-                    "json_format": {
-                        "error": {
-                            "message": message,
-                            "type": "server_error" if status >= 500 else "invalid_request_error",
-                            "param": None,
-                            "code": code,
-                        }
-                    },
-                    "content_type": "application/json",
-                },
-            }
-        )
-    mappers.append(
-        {
-            "filter": {
-                "status_code_filter": {
-                    "comparison": {
-                        "op": "EQ",
-                        "value": {"default_value": 413, "runtime_key": "fleet.payload_too_large"},
-                    }
-                }
-            },
-            "body_format_override": {
-                "json_format": {
-                    "error": {
-                        "message": "request body too large",
-                        "type": "invalid_request_error",
-                        "param": None,
-                        "code": "payload_too_large",
-                    }
-                },
-                "content_type": "application/json",
-            },
+    """Envoy's own error replies in the OpenAI error shape, in Anthropic's on its routes."""
+    payload_too_large = {
+        "status_code_filter": {
+            "comparison": {"op": "EQ", "value": {"default_value": 413, "runtime_key": "fleet.payload_too_large"}}
         }
-    )
+    }
+    cases: list[tuple[dict[str, Any], int | None, int, str, str]] = [
+        (
+            _flags("UH", "NR"),
+            503,
+            503,
+            "no healthy upstream: every replica of this model is down",
+            "no_healthy_upstream",
+        ),
+        (_flags("UO"), 503, 503, "the model is at capacity (circuit breaker open); retry shortly", "overloaded"),
+        (
+            _flags("UF", "URX", "UC", "LR"),
+            503,
+            503,
+            "the model server failed before answering; retry shortly",
+            "upstream_failure",
+        ),
+        (
+            _flags("UT", "SI"),
+            504,
+            504,
+            "the model server stopped sending data (stream idle timeout)",
+            "upstream_timeout",
+        ),
+        (_flags("DPE"), 400, 400, "malformed HTTP request", "bad_request"),
+        (payload_too_large, None, 413, "request body too large", "payload_too_large"),
+    ]
+    anthropic_route = {
+        "header_filter": {"header": {"name": ":path", "string_match": {"safe_regex": {"regex": ANTHROPIC_PATHS}}}}
+    }
+    mappers: list[dict[str, Any]] = []
+    for when, status, shown, message, code in cases:  # each case in Anthropic's shape first: the first match wins
+        anthropic = {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES[shown], "message": message}}
+        kind = "server_error" if shown >= 500 else "invalid_request_error"
+        openai = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        for match, body in (({"and_filter": {"filters": [when, anthropic_route]}}, anthropic), (when, openai)):
+            mapper: dict[str, Any] = {
+                "filter": match,
+                "body_format_override": {"json_format": body, "content_type": "application/json"},
+            }
+            if status is not None:
+                mapper["status_code"] = status
+            mappers.append(mapper)
     return {"mappers": mappers}
+
+
+def _flags(*flags: str) -> dict[str, Any]:
+    return {"response_flag_filter": {"flags": list(flags)}}
 
 
 def _error_json(message: str, err_type: str, code: str) -> str:

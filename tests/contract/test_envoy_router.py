@@ -698,6 +698,15 @@ def test_a_route_the_models_backend_does_not_serve_is_refused_at_the_gateway(gat
     assert reached(gateway) == before
 
 
+def test_envoys_own_refusals_on_anthropics_routes_take_its_shape(gateway: Gateway) -> None:
+    """Envoy's local replies (here: a body over the limit) on /v1/messages, with a query as Claude Code sends it."""
+    big = {**MESSAGE, "model": "alpha", "messages": [{"role": "user", "content": "x" * (128 * 1024)}]}
+    for path in ("/v1/messages", "/v1/messages?beta=true"):
+        response = httpx.post(gateway.url + path, json=big, headers=anthropic_headers(gateway), timeout=10)
+        assert_anthropic_error(response, 413, "request_too_large")
+    assert_openai_error(chat(gateway, big, "/v1/chat/completions"), 413, "payload_too_large")
+
+
 def test_max_output_tokens_is_checked_like_max_tokens(gateway: Gateway) -> None:
     before = reached(gateway)
     assert_openai_error(chat(gateway, {**RESPONSE, "max_output_tokens": 10**9}, "/v1/responses"), 400, "invalid_value")
@@ -713,3 +722,4 @@ def test_only_replica_down_is_fast_503(gateway: Gateway) -> None:
     assert reply.json()["error"]["code"] in ("upstream_failure", "no_healthy_upstream")
     wait_until(lambda: chat(gateway, ASK).json()["error"]["code"] == "no_healthy_upstream", 20, "ejection")
     assert chat(gateway, {"model": "alpha"}).status_code == 200  # other models unaffected
+    assert_anthropic_error(messages(gateway, MESSAGE), 503, "overloaded_error")  # in the shape of the route's API
