@@ -82,6 +82,18 @@ def test_bad_input_is_one_line_exit_2_no_traceback_nothing_written(tmp_path: Pat
     assert not out.exists()
 
 
+def test_a_usage_error_is_said_with_exit_2_and_no_traceback(tmp_path: Path) -> None:
+    """An unknown option, and a value the command itself refuses (typer.BadParameter): click's message, exit 2."""
+    spec = str(ROOT / "examples" / "team.yaml")
+    for args, said in (
+        (("plan", spec, "--bogus"), "No such option: --bogus"),
+        (("deploy", spec, "--image", f"x={tmp_path / 'none.tar'}"), "give TAG=ARCHIVE with an existing archive file"),
+    ):
+        result = cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert said in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_model_that_fits_nowhere_exit_2(tmp_path: Path) -> None:
     data = copy.deepcopy(MINIMAL)
     data["models"][0]["context"] = 131072
