@@ -130,6 +130,8 @@ def reload(
     changed = sorted(n for n, row in table.items() if row.get("fingerprint") != fingerprints.get(n))
     added = sorted(set(fingerprints) - set(table))
     going = {n for n, row in table.items() if n in changed and row.get("kind") == "worker"}
+    # Before anything is drained: a running Envoy that cannot watch the new endpoint files would not route them.
+    limits.check_inotify(plan, watched=[p.name for p in (state.config / envoy.EDS_FOLDER).glob("*.yaml")])
     drain(state, going, DRAIN_S)
     check_ports([s for s in specs if s.name in changed or s.name in added], state)
     staying = frozenset(going & set(fingerprints))

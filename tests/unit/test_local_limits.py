@@ -47,3 +47,25 @@ def test_a_stack_whose_envoy_could_not_start_is_refused_with_the_numbers(
     assert f"Envoy would watch {files} endpoint files (about {need} inotify instances)" in message, message
     assert f"of the {need // 2} that fs.inotify.max_user_instances allows" in message, message
     assert f"> {limit}`" in message and "/etc/sysctl.d/60-fleet-envoy.conf" in message, message
+
+
+def test_a_reload_needs_instances_only_for_the_new_endpoint_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a reload the running Envoy holds its instances already (they are counted in use): the changed spec needs
+    one more for each endpoint file it adds, none for those the Envoy watches."""
+    plan = make_plan(load_spec(write_spec(tmp_path / "fleet.yaml", MINIMAL)))
+    files = sorted(envoy.eds_files(plan))
+    in_use = limits.inotify_in_use()
+    limit = tmp_path / "max_user_instances"
+    monkeypatch.setattr(limits, "INOTIFY_LIMIT", limit)
+    monkeypatch.setattr(limits, "inotify_in_use", lambda uid=None: in_use)
+    limit.write_text(f"{in_use}\n")  # no room at all: only a reload that adds no file passes
+    limits.check_inotify(plan, watched=files)
+    with pytest.raises(ControllerError) as caught:
+        limits.check_inotify(plan, watched=files[1:])
+    message = str(caught.value)
+    assert "the changed spec gives the running Envoy 1 more endpoint file to watch" in message, message
+    assert f"hold {in_use} of the {in_use} that" in message and f"echo {in_use + 1 + envoy.INOTIFY_OTHERS} >" in message
+    with pytest.raises(ControllerError):
+        limits.check_inotify(plan)  # a first start needs Envoy's own as well
