@@ -69,6 +69,7 @@ from controller.gateway.oidc import (
     Provider,
     Sessions,
 )
+from controller.gateway.rotation import Rotation, envoy_reopen
 from controller.local.state import StateDir
 from controller.plan.models import Plan
 from controller.render.envoy import LIVE_LOG_NAME, live_log_path
@@ -358,10 +359,14 @@ def create_app(
 
     def ingest_loop() -> None:
         assert usage_log is not None
+        # The usage log kept small without losing a line (controller/gateway/rotation.py).
+        live = Path(live_log_path(str(usage_log)))
+        rotation = Rotation(usage_log, live, ledger, envoy_reopen(lambda: gate.access.fleet.gateway.ports.envoy_admin))
         while not stop.is_set():
             try:
                 ledger.ingest(usage_log, pause=lambda: stop.wait(INGEST_PAUSE_S))
                 metrics.ingested.set(time.time())
+                rotation.step()
             except Exception as exc:  # the next round retries; a bad round must not stop the loop
                 print(f"usage ingest failed: {exc}", flush=True)
             stop.wait(INGEST_INTERVAL_S)

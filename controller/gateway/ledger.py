@@ -251,6 +251,10 @@ class Ledger:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute("SELECT inode, offset FROM source WHERE path = ?", (str(log),)).fetchone()
+                if row is None or row[0] != stat.st_ino:  # renamed since it was read (rotated): found by its inode
+                    row = self._db.execute(
+                        "SELECT inode, offset FROM source WHERE inode = ? ORDER BY offset DESC", (stat.st_ino,)
+                    ).fetchone()
                 offset = row[1] if row and row[0] == stat.st_ino and row[1] <= stat.st_size else 0
                 behind = stat.st_size - offset > BEHIND_BYTES
                 rest = pause if pause is not None and not behind else None
@@ -282,6 +286,23 @@ class Ledger:
                 self._db.execute("ROLLBACK")
                 raise
         return added, len(data) == BATCH_BYTES, behind
+
+    def read_to(self, log: Path) -> int | None:
+        """How far the file now at ``log`` has been read (its saved offset, found by its inode), None if not yet."""
+        try:
+            inode = log.stat().st_ino
+        except FileNotFoundError:
+            return None
+        with self._lock:
+            row = self._db.execute("SELECT MAX(offset) FROM source WHERE inode = ?", (inode,)).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def forget(self, log: Path) -> None:
+        """Drop the saved offsets of the file now at ``log``, before it is deleted: a later file that gets its
+        inode number must be read from its start."""
+        inode = log.stat().st_ino
+        with self._lock:
+            self._db.execute("DELETE FROM source WHERE inode = ?", (inode,))
 
     def lease(
         self,

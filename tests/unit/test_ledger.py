@@ -11,6 +11,7 @@ import pytest
 
 from controller.gateway import ledger as ledger_module
 from controller.gateway.ledger import SLICE_LINES, Ledger, Total, utc_day
+from controller.gateway.rotation import Rotation
 
 
 def line(request_id: str, user: str = "me", prompt: int = 3, completion: int = 5, ts: float = 1795600000.0) -> str:
@@ -305,4 +306,78 @@ def test_a_ledger_from_before_apps_gets_the_column_and_keeps_its_rows(tmp_path: 
         out.write(json.dumps(entry) + "\n")
     assert ledger.ingest(log) == 1
     assert {r["app"]: r["requests"] for r in ledger.summary(0, ["app"])} == {None: 1, "need-job": 1}
+    ledger.close()
+
+
+class FakeEnvoy:
+    """Writes usage lines as Envoy does: to the file it opened, whatever that file is called now; reopening (its
+    /reopen_logs) opens the path again."""
+
+    def __init__(self, path: Path, answers: bool = True) -> None:
+        self.path, self.answers, self.written = path, answers, 0
+        self.file = path.open("a")
+
+    def write(self, count: int) -> None:
+        for _ in range(count):
+            self.written += 1
+            self.file.write(cut_line(f"r{self.written}", prompt_tokens="3", completion_tokens="2"))
+        self.file.flush()
+
+    def reopen(self) -> bool:
+        if not self.answers:
+            return False
+        self.file.close()
+        self.file = self.path.open("a")
+        return True
+
+
+def test_the_usage_log_is_rotated_without_losing_a_line(tmp_path: Path) -> None:
+    log = tmp_path / "usage.log"
+    live = tmp_path / "live.log"
+    live.write_text("{}\n")
+    ledger = Ledger(tmp_path / "usage.db")
+    envoy = FakeEnvoy(log, answers=False)  # at first Envoy is not there to hear the ask
+    now = [0.0]
+    rotation = Rotation(log, live, ledger, envoy.reopen, limit=4096, settle_s=5, clock=lambda: now[0])
+    one_line = len(cut_line("r1", prompt_tokens="3", completion_tokens="2"))
+    envoy.write(4096 // one_line + 1)  # past the limit
+    rotation.step()
+    assert not (tmp_path / "usage.log.1").exists(), "rotated before its lines were in the ledger"
+    ledger.ingest(log)
+    rotation.step()  # every line read: renamed, Envoy asked (and not there)
+    assert (tmp_path / "usage.log.1").exists() and not log.exists() and (tmp_path / "live.log.1").exists()
+    envoy.write(5)  # still into the old file, under its new name
+    ledger.ingest(log)
+    rotation.step()  # asked again: still nobody
+    envoy.answers = True
+    rotation.step()  # reads the old file on, asks again: now the new file exists
+    assert log.exists() and not (tmp_path / "live.log.1").exists()
+    envoy.write(7)  # into the new file
+    ledger.ingest(log)
+    for t in (1.0, 2.0, 7.0, 8.0):  # the old file is removed once it has not grown for settle_s
+        now[0] = t
+        rotation.step()
+    assert not (tmp_path / "usage.log.1").exists()
+    assert rotation.rotations == 1
+    envoy.write(3)
+    ledger.ingest(log)
+    (row,) = ledger.summary(0, ["user"])
+    assert row["requests"] == envoy.written and row["prompt_tokens"] == 3 * envoy.written
+    assert len(log.read_text().splitlines()) == 10  # only what came after the rotation
+    envoy.file.close()
+    ledger.close()
+
+
+def test_a_rotated_file_deleted_leaves_no_offset_for_a_new_file_with_its_inode(tmp_path: Path) -> None:
+    """The old file's saved offsets go with it: a new usage log that gets its inode number is read from its start."""
+    log = tmp_path / "usage.log"
+    ledger = Ledger(tmp_path / "usage.db")
+    envoy = FakeEnvoy(log)
+    envoy.write(3)
+    ledger.ingest(log)
+    assert ledger.read_to(log) == log.stat().st_size
+    ledger.forget(log)
+    assert ledger.read_to(log) is None
+    assert ledger.ingest(log) == 0  # read again from its start: nothing new (each request counts once)
+    envoy.file.close()
     ledger.close()
