@@ -6,6 +6,7 @@ as chat, under the same per-user access, request rate and daily quota.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import openai
 import pytest
 
 from controller.local.demo_model import write_demo_model
-from tests.e2e.stack import Stack, running_stack
+from tests.e2e.stack import LONG_STREAM, Stack, running_stack
 from tests.e2e.test_metering import auth, chat_body, ledger_row, new_key, spent_today
 
 pytestmark = pytest.mark.e2e
@@ -126,6 +127,29 @@ def test_streamed_messages_with_the_anthropic_sdk(stack: Stack) -> None:
     assert row["prompt_tokens"] == start.input_tokens + (start.cache_read_input_tokens or 0) > 0
     assert row["completion_tokens"] == delta.usage.output_tokens > 0
     assert row["estimated"] == 0
+
+
+def test_a_message_stream_cut_by_its_client_is_metered_from_its_start(stack: Stack) -> None:
+    """A client that leaves after a few events never sees message_delta: the ledger keeps the prompt's count from
+    message_start, and estimates the answer from what passed (never less than the client received)."""
+    body = {**LONG_STREAM, "messages": [{"role": "user", "content": "go"}]}
+    events: list[dict[str, Any]] = []
+    url = f"{stack.base_url}/messages"
+    with stack.http() as client, client.stream("POST", url, json=body, headers=auth(stack.key)) as reply:
+        assert reply.status_code == 200
+        request_id = reply.headers["x-request-id"]
+        for line in reply.iter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+                if len(events) == 6:
+                    break
+    start = events[0]["message"]["usage"]
+    texts = sum(1 for e in events if e["type"] == "content_block_delta")
+    row = ledger_row(stack, request_id)
+    assert row["estimated"] == 1 and row["prompt_tokens"] == start["input_tokens"] + start.get(
+        "cache_read_input_tokens", 0
+    )
+    assert texts <= row["completion_tokens"] <= body["max_tokens"], (texts, row)
 
 
 def test_the_anthropic_sdks_stream_helper_works_through_the_gateway(stack: Stack) -> None:
