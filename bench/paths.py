@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from bench.load import CHAT, MODEL, Target
+from controller.gateway.rotation import ROTATED
 
 ROOT = Path(__file__).resolve().parents[1]
 LITELLM = ROOT / "bench" / ".venv-litellm" / "bin" / "litellm"
@@ -86,10 +87,14 @@ def ledger_settled(usage_log: Path, ledger_db: Path, quiet_s: float = 1.5, bound
     """A ``Target.settle``: wait until the usage log has stopped growing (Envoy flushes it about once a second)
     and the gatekeeper has read all of it into its ledger."""
 
-    def offset() -> int:
+    def offset() -> int:  # of the file now at usage_log (by its inode: a rotated log leaves its old row behind)
+        try:
+            inode = usage_log.stat().st_ino
+        except FileNotFoundError:
+            return 0
         with closing(sqlite3.connect(f"file:{ledger_db}?mode=ro", uri=True, timeout=5)) as db:
-            row = db.execute("SELECT offset FROM source WHERE path = ?", (str(usage_log),)).fetchone()
-        return int(row[0]) if row else 0
+            row = db.execute("SELECT MAX(offset) FROM source WHERE inode = ?", (inode,)).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
 
     def settle() -> None:
         deadline = time.monotonic() + bound_s
@@ -99,7 +104,11 @@ def ledger_settled(usage_log: Path, ledger_db: Path, quiet_s: float = 1.5, bound
             current = usage_log.stat().st_size if usage_log.exists() else 0
             if current != size:
                 size, since = current, now
-            elif now - since >= quiet_s and offset() >= size:
+            elif (
+                now - since >= quiet_s
+                and offset() >= size
+                and not usage_log.with_name(usage_log.name + ROTATED).exists()
+            ):
                 return
             if now > deadline:
                 raise RuntimeError(f"the gatekeeper did not read {usage_log} into {ledger_db} within {bound_s:g} s")
