@@ -18,7 +18,7 @@ shape, never by a 404 from deep inside. Read from each server's own route table:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from controller.spec.models import Model
 
@@ -35,6 +35,32 @@ ALL = (CHAT, COMPLETIONS, RESPONSES, MESSAGES, COUNT_TOKENS, EMBEDDINGS, RERANK)
 ANTHROPIC = (MESSAGES, COUNT_TOKENS)
 
 Where = Literal["container", "local"]
+# Anthropic's error types by HTTP status, as its API documents them (its routes' errors take its shape).
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+
+
+def anthropic_error(status: int, message: str) -> dict[str, Any]:
+    """An error body in Anthropic's shape: ``{"type": "error", "error": {"type", "message"}}``."""
+    kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def is_anthropic(uri: str) -> bool:
+    """Whether a request URI (query and a /proxy/{worker} prefix allowed) is one of Anthropic's routes."""
+    path = uri.split("?", 1)[0]
+    if path.startswith("/proxy/"):
+        path = "/" + path.split("/", 3)[-1] if path.count("/") >= 3 else path
+    return path in ANTHROPIC
+
 
 _TASKS: dict[str, dict[str, tuple[str, ...]]] = {
     "llamacpp": {"generate": (CHAT, COMPLETIONS), "embed": (EMBEDDINGS,), "rerank": (RERANK,)},

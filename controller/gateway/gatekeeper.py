@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import secrets
 import threading
 import time
@@ -48,6 +49,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from controller.backends import apis
 from controller.console.actions import AUDIT_FILE, Actions, Audit
 from controller.console.auth import Sessions as ConsoleSessions
 from controller.console.live import LiveLog
@@ -124,6 +126,16 @@ def error(
     return JSONResponse(
         {"error": {"message": message, "type": err_type, "param": None, "code": code}}, status, headers=extra
     )
+
+
+def anthropic_refusal(refusal: Response) -> JSONResponse:
+    """A refusal made by `error` in Anthropic's error shape, with the same status and Retry-After/WWW-Authenticate."""
+    try:
+        message = str(json.loads(bytes(refusal.body))["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = "the gateway refused the request"
+    kept = {k: v for k, v in refusal.headers.items() if k.lower() in ("retry-after", "www-authenticate")}
+    return JSONResponse(apis.anthropic_error(refusal.status_code, message), refusal.status_code, headers=kept)
 
 
 class Metrics:
@@ -559,7 +571,12 @@ def create_app(
     def check(request: Request) -> Response:
         began = time.perf_counter()
         try:
-            return decide(request)
+            answer = decide(request)
+            # Behind Caddy (front: caddy) a refusal goes to the client as given here: on Anthropic's routes (the
+            # URI Caddy's forward_auth names), in Anthropic's shape. Envoy's Lua filter reshapes it itself.
+            if answer.status_code >= 400 and apis.is_anthropic(request.headers.get("x-forwarded-uri", "")):
+                answer = anthropic_refusal(answer)
+            return answer
         finally:
             metrics.decision_seconds.observe(time.perf_counter() - began)
 

@@ -1132,13 +1132,6 @@ def usage_log_config(path: str) -> dict[str, Any]:
     }
 
 
-# Anthropic's error types by status, for its routes' errors (its API's documented types).
-ANTHROPIC_ERROR_TYPES = {
-    400: "invalid_request_error",
-    413: "request_too_large",
-    503: "overloaded_error",
-    504: "timeout_error",
-}
 # The paths whose errors take Anthropic's shape: its routes, directly or through /proxy/{worker} (query included).
 ANTHROPIC_PATHS = r"^(/proxy/[^/?]+)?(" + "|".join(re.escape(p) for p in apis.ANTHROPIC) + r")([?].*)?$"
 
@@ -1181,7 +1174,7 @@ def local_replies() -> dict[str, Any]:
     }
     mappers: list[dict[str, Any]] = []
     for when, status, shown, message, code in cases:  # each case in Anthropic's shape first: the first match wins
-        anthropic = {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES[shown], "message": message}}
+        anthropic = apis.anthropic_error(shown, message)
         kind = "server_error" if shown >= 500 else "invalid_request_error"
         openai = {"error": {"message": message, "type": kind, "param": None, "code": code}}
         for match, body in (({"and_filter": {"filters": [when, anthropic_route]}}, anthropic), (when, openai)):

@@ -115,15 +115,10 @@ def mark_endpoints(eds_dir: Path, clusters: list[str], worker: Worker, draining:
             write_file(path, envoy.dump(doc))
 
 
-# Anthropic's error types by status (its Messages routes' errors take its shape).
-ANTHROPIC_TYPES = {404: "not_found_error", 429: "rate_limit_error", 503: "overloaded_error"}
-
-
 def error_body(message: str, status: int, code: str, anthropic: bool = False) -> dict[str, Any]:
     """An error in the OpenAI shape, or (``anthropic``: the request came on a Messages route) in Anthropic's."""
     if anthropic:
-        kind = ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-        return {"type": "error", "error": {"type": kind, "message": message}}
+        return apis.anthropic_error(status, message)
     kind = "rate_limit_error" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +92,34 @@ def test_a_vllm_pooling_model_runs_the_pooling_runner(tmp_path: Path) -> None:
     assert rr_args[rr_args.index("--runner") + 1] == "pooling"
     gen_args = vllm.container_args(gen, plan.model("m8b"), "/k")
     assert gen_args[gen_args.index("--runner") + 1] == "generate"
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("/v1/messages", True),
+        ("/v1/messages?beta=true", True),
+        ("/v1/messages/count_tokens", True),
+        ("/proxy/tiny-local-cpu-1/v1/messages", True),
+        ("/v1/chat/completions", False),
+        ("/v1/messages/other", False),
+        ("/proxy/w/v1/responses", False),
+        ("", False),
+    ],
+)
+def test_anthropics_routes_are_known_by_their_uri(uri: str, expected: bool) -> None:
+    assert apis.is_anthropic(uri) is expected
+
+
+def test_a_gatekeeper_refusal_behind_caddy_takes_anthropics_shape_on_its_routes() -> None:
+    """Behind Caddy the gatekeeper's answer goes to the client as it is: on /v1/messages in Anthropic's shape, with
+    the refusal's status and headers."""
+    from controller.gateway.gatekeeper import anthropic_refusal, error
+
+    refused = anthropic_refusal(error(429, "daily token quota used up", "quota_exceeded", headers={"Retry-After": "7"}))
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "7"
+    assert json.loads(bytes(refused.body)) == {
+        "type": "error",
+        "error": {"type": "rate_limit_error", "message": "daily token quota used up"},
+    }
+    assert anthropic_refusal(error(401, "Incorrect API key provided.", "invalid_api_key")).headers["www-authenticate"]
