@@ -590,6 +590,15 @@ def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def streamed(
+    gw: Gateway, path: str, body: dict[str, Any], headers: dict[str, str]
+) -> tuple[list[tuple[str, dict[str, Any]]], str]:
+    """A stream read whole (it must be a 200): its named events, and its request id."""
+    with httpx.stream("POST", gw.url + path, json=body, headers=headers, timeout=10) as reply:
+        assert reply.status_code == 200
+        return sse_events(reply.read().decode()), reply.headers["x-request-id"]
+
+
 def test_messages_with_x_api_key_are_served_and_metered(gateway: Gateway) -> None:
     reply = messages(gateway, MESSAGE)
     assert reply.status_code == 200, reply.text
@@ -609,17 +618,7 @@ def test_messages_with_x_api_key_are_served_and_metered(gateway: Gateway) -> Non
 
 
 def test_a_streamed_message_is_metered_from_its_start_and_delta_events(gateway: Gateway) -> None:
-    with httpx.stream(
-        "POST",
-        gateway.url + "/v1/messages",
-        json={**MESSAGE, "stream": True},
-        headers=anthropic_headers(gateway),
-        timeout=10,
-    ) as reply:
-        assert reply.status_code == 200
-        text = reply.read().decode()
-        request_id = reply.headers["x-request-id"]
-    events = sse_events(text)
+    events, request_id = streamed(gateway, "/v1/messages", {**MESSAGE, "stream": True}, anthropic_headers(gateway))
     names = [name for name, _ in events]
     assert names[0] == "message_start" and "message_delta" in names and names[-1] == "message_stop", names
     start = events[0][1]["message"]["usage"]
@@ -640,17 +639,7 @@ def test_responses_are_served_and_metered_plain_and_streamed(gateway: Gateway) -
         str(usage["input_tokens"]),
         str(usage["output_tokens"]),
     )
-    with httpx.stream(
-        "POST",
-        gateway.url + "/v1/responses",
-        json={**RESPONSE, "stream": True},
-        headers=as_user(gateway, "tester"),
-        timeout=10,
-    ) as reply:
-        assert reply.status_code == 200
-        text = reply.read().decode()
-        request_id = reply.headers["x-request-id"]
-    events = sse_events(text)
+    events, request_id = streamed(gateway, "/v1/responses", {**RESPONSE, "stream": True}, as_user(gateway, "tester"))
     (done,) = [data["response"] for name, data in events if name == "response.completed"]
     entry = usage_line(gateway, request_id)
     assert entry["prompt_tokens"] == str(done["usage"]["input_tokens"]) and int(entry["prompt_tokens"]) > 0
