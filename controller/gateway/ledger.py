@@ -443,6 +443,12 @@ def _rows(lines: list[bytes]) -> list[Row]:
     return rows
 
 
+def _count(line: dict[str, Any], field: str) -> int | None:
+    """A token count of a usage-log line; None where Envoy wrote none (absent, empty, or its "-")."""
+    value = line.get(field)
+    return None if value in (None, "", "-") else int(value)
+
+
 def metered(line: dict[str, Any]) -> tuple[int, int, bool]:
     """(prompt tokens, completion tokens, estimated) for one usage-log line.
 
@@ -467,16 +473,15 @@ def metered(line: dict[str, Any]) -> tuple[int, int, bool]:
 
     A request no backend received, or one a backend refused with an error, cost nothing.
     """
-    prompt, completion = line.get("prompt_tokens"), line.get("completion_tokens")
+    prompt, completion = _count(line, "prompt_tokens"), _count(line, "completion_tokens")
     stream = line.get("stream") == "1"
-    if prompt not in (None, "", "-"):  # a Messages answer counts its cached prompt tokens apart
-        cached = (line.get(f) for f in ("cache_read_tokens", "cache_creation_tokens"))
-        prompt = int(prompt) + sum(int(c) for c in cached if c not in (None, "", "-"))
-    if prompt not in (None, "", "-") and (completion not in (None, "", "-") or not stream):
-        return int(prompt), int(completion or 0), False
-    total = line.get("total_tokens")
-    if prompt in (None, "", "-") and total not in (None, "", "-"):  # a rerank answer that counts only its input
-        return int(total), int(completion or 0), False
+    if prompt is not None:  # a Messages answer counts its cached prompt tokens apart
+        prompt += sum(_count(line, f) or 0 for f in ("cache_read_tokens", "cache_creation_tokens"))
+        if completion is not None or not stream:
+            return prompt, completion or 0, False
+    total = _count(line, "total_tokens")
+    if prompt is None and total is not None:  # a rerank answer that counts only its input
+        return total, completion or 0, False
     if line.get("upstream") in (None, "", "-"):  # never sent (or a line written before estimates existed)
         return 0, 0, False
     status = int(line.get("status") or 0)
@@ -487,8 +492,8 @@ def metered(line: dict[str, Any]) -> tuple[int, int, bool]:
     bound = int(line.get("bytes_in") or 0)
     cap = int(line.get("completion_cap") or 0)  # the most the request could make, whatever its text's bytes say
     if stream:
-        if prompt not in (None, "", "-"):  # the backend counted the prompt at the start, the end never came
-            bound = int(prompt)
+        if prompt is not None:  # the backend counted the prompt at the start, the end never came
+            bound = prompt
         return bound, min(seen, cap) if cap else seen, True
     if status < 300 or cut:
         return bound, cap, True
