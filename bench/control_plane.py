@@ -12,6 +12,9 @@ of its own (so its peak memory is its own) and reports:
 - **deploy --check**: what `controller deploy --check` computes on the operator's machine once the hosts are probed:
   every host's bundle (render, digests) and its diff against what the hosts report, here a previous deploy of the
   same fleet with one model's context changed (the probe's answers are made from that render, no SSH);
+- **rolling waves**: how many waves `controller deploy` replaces every serving replica in (a rolling update of the
+  whole fleet: `rolling_waves`, no two replicas of a model or workers of a host in a wave) at the default
+  `--parallel 16` and unbounded; each wave costs about one drain and one worker start, whatever its size;
 - **peak RSS** of the process;
 - then Envoy with one size's rendered gateway configuration (`--envoy`, 200 hosts by default): `envoy --mode
   validate`, and a real start on loopback: seconds to ready, memory, clusters and endpoints.
@@ -124,7 +127,8 @@ def probe_of(b: Any) -> dict[str, Any]:
 def measure(hosts: int) -> dict[str, Any]:
     """One fleet size, in this process: every stage's seconds, the diff's size and the peak RSS."""
     from controller.deploy import diff
-    from controller.deploy.engine import FleetState, _bundles, _mesh_interface
+    from controller.deploy.ansible import FORKS
+    from controller.deploy.engine import FleetState, _bundles, _mesh_interface, rolling_waves
     from controller.plan import make_plan
     from controller.render import render_all
     from controller.spec import load_spec
@@ -151,6 +155,11 @@ def measure(hosts: int) -> dict[str, Any]:
         bundles = _bundles(loaded, plan, state)
         changes = {h: diff.changes(b, probes[h], _mesh_interface(plan)) for h, b in bundles.items()}
         checked = time.perf_counter()
+        every = [(w.host, w.name) for w in plan.workers]
+        waves = {
+            "parallel_16": len(rolling_waves(plan, every, FORKS)),
+            "unbounded": len(rolling_waves(plan, every, len(every))),
+        }
     changed = {h: c for h, c in changes.items() if not c.empty}
     return {
         "hosts": hosts,
@@ -163,6 +172,7 @@ def measure(hosts: int) -> dict[str, Any]:
         "deploy_check_s": round(checked - rendered, 3),
         "hosts_changed": len(changed),
         "services_restarted": sum(len(c.restart) for c in changed.values()),
+        "rolling_waves": waves,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 
@@ -334,18 +344,19 @@ def markdown(result: dict[str, Any], command: str) -> str:
         BEGIN,
         f"Machine: {machine()}. Command: `{command}`. Generated fleets of the homelab's shape (one gateway; N GPU "
         "hosts of 4 GPUs; N vLLM models of 2 replicas each); `deploy --check` is the bundles and the diff against "
-        "the hosts' answers after a previous deploy with one model's context changed (no SSH). Seconds; peak RSS "
-        "of the process that ran every stage.",
+        "the hosts' answers after a previous deploy with one model's context changed (no SSH); rolling waves: the "
+        "waves a rolling update of every replica takes (`rolling_waves`, at `--parallel 16` and unbounded). "
+        "Seconds; peak RSS of the process that ran every stage.",
         "",
         "| GPU hosts | GPUs | replicas | files | validate | plan | render | deploy --check | hosts changed "
-        "| peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| rolling waves (16 / unbounded) | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['hosts']} | {r['gpus']} | {r['replicas']} | {r['files']} | {r['validate_s']:.2f} "
             f"| {r['plan_s']:.2f} | {r['render_s']:.2f} | {r['deploy_check_s']:.2f} | {r['hosts_changed']} "
-            f"| {r['peak_rss_mib']:.0f} |"
+            f"| {r['rolling_waves']['parallel_16']} / {r['rolling_waves']['unbounded']} | {r['peak_rss_mib']:.0f} |"
         )
     steps = growth(rows)
     if steps:

@@ -160,6 +160,8 @@ def test_control_plane_benchmark_runs() -> None:
         assert r["replicas"] == 2 * r["hosts"] and r["gpus"] == 4 * r["hosts"], r
         assert min(r["validate_s"], r["plan_s"], r["render_s"], r["deploy_check_s"]) > 0, r
         assert r["hosts_changed"] >= 1 and r["peak_rss_mib"] > 0, r
+        waves = r["rolling_waves"]  # every replica in waves, in parallel: fewer waves than replicas, 2 at least
+        assert 2 <= waves["unbounded"] <= waves["parallel_16"] < r["replicas"], r
     assert [(s["from"], s["to"]) for s in data["growth"]] == [(3, 6)]
     envoy = data["envoy"]  # started with the 6-host configuration: every rendered endpoint and the gatekeeper
     assert envoy["hosts"] == 6 and envoy["ready_s"] > 0 and envoy["rss_mib"] > 0, envoy

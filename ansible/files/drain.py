@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Wait, on the gateway host, until Envoy has taken one endpoint out of rotation and its requests have finished.
+"""Wait, on the gateway host, until Envoy has taken endpoints out of rotation and their requests have finished.
 
-Run by Ansible's `script` module (ansible/drain.yml) after the endpoint was marked DRAINING in its EDS file;
-standard library only. Argument: base64 JSON {"admin_port", "cluster", "address", "port", "timeout_s"}. Polls
-Envoy's admin `/clusters?format=json` until the endpoint shows `eds_health_status: DRAINING` (Envoy read the
-file) and no request is active on it, or the bound passes. Prints JSON: {"drained": bool, "seconds", "active",
-"seen_draining"}; exit 0 either way (a drain that ran out of time is reported, and deploy goes on), 1 only when
-Envoy cannot be asked.
+Run by Ansible's `script` module (ansible/drain.yml) after each endpoint was marked DRAINING in its cluster's EDS
+file; standard library only. Argument: base64 JSON {"admin_port", "timeout_s", "endpoints": [{"cluster",
+"address", "port"}, ...]} (one rolling wave: at most one endpoint per cluster). Polls Envoy's admin
+`/clusters?format=json` until every endpoint shows `eds_health_status: DRAINING` (Envoy read its file) and no
+request is active on it, or the bound passes. Prints JSON: {"drained": bool (all of them), "seconds",
+"endpoints": [{"cluster", "address", "port", "drained", "seconds", "active", "seen_draining"}, ...]} with each
+endpoint's own time to drain; exit 0 either way (a drain that ran out of time is reported, and deploy goes on), 1
+only when Envoy cannot be asked.
 """
 
 from __future__ import annotations
@@ -29,11 +31,21 @@ def endpoint(doc: dict, cluster: str, address: str, port: int) -> dict | None:
     return None
 
 
+def state(doc: dict, e: dict) -> tuple[bool, int]:
+    """(Envoy shows it DRAINING, requests active on it); an endpoint no longer in its cluster gets nothing."""
+    host = endpoint(doc, e["cluster"], e["address"], e["port"])
+    if host is None:
+        return True, 0
+    seen = host.get("health_status", {}).get("eds_health_status") == "DRAINING"
+    stats = {s.get("name"): int(s.get("value", 0)) for s in host.get("stats", [])}
+    return seen, stats.get("rq_active", 0)
+
+
 def main() -> None:
     a = json.loads(base64.b64decode(sys.argv[1]))
     url = f"http://127.0.0.1:{a['admin_port']}/clusters?format=json"
     began = time.monotonic()
-    active, seen = -1, False
+    report = [{**e, "drained": False, "seconds": None, "active": -1, "seen_draining": False} for e in a["endpoints"]]
     while True:
         try:
             with urllib.request.urlopen(url, timeout=5) as reply:
@@ -41,19 +53,16 @@ def main() -> None:
         except OSError as exc:
             print(f"Envoy's admin at {url} does not answer: {exc}", file=sys.stderr)
             sys.exit(1)
-        host = endpoint(doc, a["cluster"], a["address"], a["port"])
-        if host is None:
-            seen, active = True, 0  # not in the cluster (any more): nothing can be sent to it
-        else:
-            seen = host.get("health_status", {}).get("eds_health_status") == "DRAINING"
-            stats = {s.get("name"): int(s.get("value", 0)) for s in host.get("stats", [])}
-            active = stats.get("rq_active", 0)
-        took = time.monotonic() - began
-        if seen and active == 0:
-            print(json.dumps({"drained": True, "seconds": round(took, 2), "active": 0, "seen_draining": True}))
-            return
-        if took > a["timeout_s"]:
-            print(json.dumps({"drained": False, "seconds": round(took, 2), "active": active, "seen_draining": seen}))
+        took = round(time.monotonic() - began, 2)
+        for r in report:
+            if r["drained"]:
+                continue
+            r["seen_draining"], r["active"] = state(doc, r)
+            if r["seen_draining"] and r["active"] == 0:
+                r["drained"], r["seconds"] = True, took
+        done = all(r["drained"] for r in report)
+        if done or took > a["timeout_s"]:
+            print(json.dumps({"drained": done, "seconds": took, "endpoints": report}))
             return
         time.sleep(0.25)
 

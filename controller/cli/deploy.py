@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from controller.cli.common import JsonOpt, SpecArg, StateOpt, emit_json, load, state_dir
-from controller.deploy.ansible import Connection
+from controller.deploy.ansible import FORKS, Connection
 from controller.deploy.engine import Options
 from controller.deploy.engine import deploy as run_deploy
 from controller.plan import make_plan
@@ -50,6 +50,15 @@ def deploy(
             help="Seconds a replica's requests (streams included) may take to finish before it is replaced.",
         ),
     ] = 120,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            "--parallel",
+            min=1,
+            help="Serving replicas replaced at once in a rolling update, each of another model on another host "
+            "(1: one at a time).",
+        ),
+    ] = FORKS,
     ssh_config: Annotated[
         Path | None, typer.Option("--ssh-config", help="An ssh_config file for reaching the hosts.", show_default=False)
     ] = None,
@@ -81,6 +90,7 @@ def deploy(
         compose=compose,
         images=images,
         drain_s=drain_timeout,
+        parallel=parallel,
         conn=Connection(ssh_config, ssh_key),
     )
     started = time.monotonic()

@@ -24,7 +24,7 @@ from typing import Any
 from controller.atomic import write_file
 from controller.backends.client import PULL_TIMEOUT_S
 from controller.deploy import audit, bundle, diff
-from controller.deploy.ansible import Connection, run_playbook
+from controller.deploy.ansible import FORKS, Connection, run_playbook
 from controller.deploy.lock import fleet_lock
 from controller.errors import DeployError
 from controller.mesh import wireguard
@@ -82,6 +82,7 @@ class Options:
     compose: str | None = None  # the compose command on hosts; None: `podman-compose`, or `docker compose`
     images: dict[str, Path] = field(default_factory=dict)  # project image tag -> archive to load where missing
     drain_s: float = 120  # how long a replica's requests (streams included) may take to finish before it stops
+    parallel: int = FORKS  # serving replicas replaced at once (each of another model, on another host)
     conn: Connection = field(default_factory=Connection)
 
 
@@ -319,8 +320,11 @@ def _apply(
     """Phase 1, every host at once: files, mesh, images, services that are not workers. Phase 2, the workers:
     those with no requests to drain (new, or the only replica of their model) in waves of one per host, every host
     at once, so a fleet's first deploy takes as long as its busiest host, not the sum of all; then those that serve
-    beside another replica, one at a time across the fleet: out of the gateway's rotation (drained), replaced,
-    gated, back in rotation, so a model never loses more than one replica at once."""
+    beside another replica, in rolling waves (`rolling_waves`: at most one replica of a model and one worker of a
+    host in each, ``opts.parallel`` at most): out of the gateway's rotation (drained), replaced, gated, back in
+    rotation, so a model never loses more than one replica at once and a rolling update of the fleet takes about
+    as many waves as its most-replicated model has replicas (or its busiest host has workers), not one per
+    replica."""
     common = {"fleet_deploy_dir": bundle.DEPLOY_DIR}
     with tempfile.TemporaryDirectory(prefix="fleet-deploy-") as tmp:
         host_vars = {h: _host_vars(plan, bundles[h], probes[h], outcome.changes[h], Path(tmp) / h, opts) for h in todo}
@@ -354,15 +358,43 @@ def _apply(
         began = time.monotonic()
         _replace_workers(plan, bundles, wave, host_vars, ran, outcome, opts, progress)
         outcome.timed("workers " + ", ".join(wave.values()), list(wave), began)
-    for h, name in drains:
-        if h not in outcome.failed:
+    for planned in rolling_waves(plan, drains, opts.parallel):
+        wave = {h: name for h, name in planned if h not in outcome.failed}
+        if wave:
             began = time.monotonic()
-            _replace_workers(plan, bundles, {h: name}, host_vars, {h: True}, outcome, opts, progress)
-            outcome.timed(f"drain and replace {name}", [h], began)
+            _replace_workers(plan, bundles, wave, host_vars, dict.fromkeys(wave, True), outcome, opts, progress)
+            outcome.timed("drain and replace " + ", ".join(wave.values()), list(wave), began)
     for h in todo:
         if h not in outcome.failed:
             outcome.applied.append(h)
             progress(h, "applied")
+
+
+def rolling_waves(plan: Plan, drains: list[tuple[str, str]], at_once: int) -> list[list[tuple[str, str]]]:
+    """The serving replicas to replace (host, worker), in waves that may run at once: no two workers of one model
+    in a wave (the others of that model serve meanwhile), no two of one host (a host replaces one worker at a
+    time), at most ``at_once`` in all. Greedy in the order given, so each worker goes in the first wave it may
+    join: the waves number about the most replicas any model has, or the most workers any host has, whichever
+    is more."""
+    if at_once < 1:
+        raise DeployError(f"--parallel {at_once}: replace at least one replica at a time (1 is one by one)")
+    left, waves = list(drains), []
+    while left:
+        wave: list[tuple[str, str]] = []
+        hosts: set[str] = set()
+        models: set[str] = set()
+        rest = []
+        for host, name in left:
+            model = plan.worker(name).model
+            if len(wave) < at_once and host not in hosts and model not in models:
+                wave.append((host, name))
+                hosts.add(host)
+                models.add(model)
+            else:
+                rest.append((host, name))
+        waves.append(wave)
+        left = rest
+    return waves
 
 
 def _replace_workers(
@@ -375,24 +407,27 @@ def _replace_workers(
     opts: Options,
     progress: Progress,
 ) -> None:
-    """One worker per host of ``wave``, those hosts at once, each replaced and gated; a worker that serves beside
-    another replica of its model (only ever alone in its wave) is drained first and put back in rotation after.
-    A host whose worker fails is rolled back (replace.yml) and marked failed; the others go on."""
+    """One worker per host of ``wave``, those hosts at once, each replaced and gated; the workers that serve beside
+    another replica of their model (no two of one model in a wave: `rolling_waves`) are drained first, together,
+    and put back in rotation after. A host whose worker fails is rolled back (replace.yml) and marked failed; the
+    others go on."""
     gateway = plan.fleet.gateway.host
     drained: list[tuple[str, str]] = []
     for host, name in wave.items():
         worker = plan.worker(name)
         others = [w for w in plan.workers_of(worker.model) if w.name != name]
         if serving[host] and others:
-            assert len(wave) == 1, "a drained replacement runs alone"
             progress(host, f"{name}: out of rotation, draining (up to {opts.drain_s:.0f} s)")
-            took = _set_rotation(plan, name, True, opts)
-            progress(host, f"{name}: drained in {took}")
             drained.append((host, name))
         else:
             why = "it was not serving" if not serving[host] else f"{worker.model} has no other replica"
             progress(host, f"{name}: replaced in place ({why})")
-        if plan.model(worker.model).swap is not None:
+    if drained:
+        took = _set_rotation(plan, [name for _, name in drained], True, opts)
+        for host, name in drained:
+            progress(host, f"{name}: drained in {took[name]}")
+    for host, name in wave.items():
+        if plan.model(plan.worker(name).model).swap is not None:
             progress(host, f"{name}: on demand: created, left stopped until its model is asked for")
         else:
             progress(host, f"{name}: starting, gated on a one-token inference")
@@ -404,9 +439,9 @@ def _replace_workers(
     results = run_playbook(
         "replace.yml", plan.fleet, list(wave), opts.conn, {"fleet_deploy_dir": bundle.DEPLOY_DIR}, gates
     )
-    if gateway not in outcome.failed:
+    if gateway not in outcome.failed and drained:
+        _set_rotation(plan, [name for _, name in drained], False, opts)
         for host, name in drained:
-            _set_rotation(plan, name, False, opts)
             progress(host, f"{name}: back in rotation")
     for host, name in wave.items():
         result = results[host]
@@ -418,38 +453,45 @@ def _replace_workers(
         progress(host, f"{name}: ready, loaded when asked for" if on_demand else f"{name}: serving")
 
 
-def _set_rotation(plan: Plan, worker_name: str, draining: bool, opts: Options) -> str:
-    """On the gateway: the worker's model cluster endpoint file with the worker DRAINING (then wait for its requests
-    to finish, bounded) or as rendered; returns how the drain went, for the progress line."""
-    worker = plan.worker(worker_name)
-    cluster = envoy.model_cluster(worker.model)
-    doc = envoy.eds_files(plan, frozenset({worker_name}) if draining else frozenset())[f"{cluster}.yaml"]
-    wait = None
-    if draining:
-        args = {
-            "admin_port": plan.fleet.gateway.ports.envoy_admin,
-            "cluster": cluster,
-            "address": worker.address,
-            "port": worker.port,
-            "timeout_s": opts.drain_s,
+def _set_rotation(plan: Plan, names: list[str], draining: bool, opts: Options) -> dict[str, str]:
+    """On the gateway, in one run: each worker's model cluster endpoint file with that worker DRAINING (then wait
+    for their requests to finish, bounded) or as rendered; returns how each drain went, for its progress line."""
+    workers = [plan.worker(n) for n in names]
+    docs = envoy.eds_files(plan, frozenset(names) if draining else frozenset())
+    clusters = sorted({envoy.model_cluster(w.model) for w in workers})
+    files = [
+        {
+            "cluster": c,
+            "eds": envoy.EDS_HEADER + envoy.dump(docs[f"{c}.yaml"]),
+            "path": f"{CONFIG_DIR}/envoy/{envoy.EDS_FOLDER}/{c}.yaml",
         }
+        for c in clusters
+    ]
+    wait = None
+    endpoints = [
+        {"cluster": envoy.model_cluster(w.model), "address": w.address, "port": w.port, "worker": w.name}
+        for w in workers
+    ]
+    if draining:
+        args = {"admin_port": plan.fleet.gateway.ports.envoy_admin, "timeout_s": opts.drain_s, "endpoints": endpoints}
         wait = base64.b64encode(json.dumps(args).encode()).decode()
     gateway = plan.fleet.gateway.host
-    variables = {
-        "fleet_cluster": cluster,
-        "fleet_eds": envoy.EDS_HEADER + envoy.dump(doc),
-        "fleet_eds_path": f"{CONFIG_DIR}/envoy/{envoy.EDS_FOLDER}/{cluster}.yaml",
-        "fleet_drain": wait,
-    }
+    variables = {"fleet_eds_files": files, "fleet_drain": wait}
     result = run_playbook("drain.yml", plan.fleet, [gateway], opts.conn, variables)[gateway]
     if not result.ok:
-        raise DeployError(f"{gateway}: could not take {worker_name} out of rotation: {result.message}")
+        what = "out of" if draining else "back in"
+        raise DeployError(f"{gateway}: could not put {', '.join(names)} {what} rotation: {result.message}")
     if not draining:
-        return ""
-    report = json.loads(result.results.get("wait for " + cluster + " to drain", {}).get("stdout", "{}") or "{}")
-    if report.get("drained"):
-        return f"{report['seconds']} s"
-    return f"{report.get('seconds')} s, NOT drained: {report.get('active')} request(s) still in flight were cut"
+        return {}
+    report = json.loads(result.results.get("wait for the endpoints to drain", {}).get("stdout", "{}") or "{}")
+    lines = dict.fromkeys(names, "an unknown time (the drain printed no report)")
+    for e in report.get("endpoints", []):
+        lines[e["worker"]] = (
+            f"{e['seconds']} s"
+            if e.get("drained")
+            else f"{report.get('seconds')} s, NOT drained: {e.get('active')} request(s) still in flight were cut"
+        )
+    return lines
 
 
 def _host_vars(

@@ -15,7 +15,7 @@ import pytest
 
 from controller.deploy import audit, bundle, diff
 from controller.deploy.ansible import Connection, inventory, parse
-from controller.deploy.engine import FleetState, _bundles, _start_order
+from controller.deploy.engine import FleetState, _bundles, _start_order, rolling_waves
 from controller.deploy.lock import LockHeld, fleet_lock
 from controller.errors import DeployError
 from controller.plan import make_plan
@@ -309,3 +309,136 @@ def test_services_start_after_what_they_need_once_it_is_healthy() -> None:
     # Only what is being started is ordered; a dependency already running is waited for, not restarted.
     order, waits = _start_order(plan, "gateway", ["envoy"])
     assert order == ["envoy"] and [w["name"] for w in waits["envoy"]] == ["gatekeeper"]
+
+
+def _rolling_fleet(tmp_path: Path, models: int) -> tuple[Any, Any, dict[str, bundle.HostBundle], dict[str, Any]]:
+    """The control-plane bench's fleet shape with ``models`` GPU hosts and models (2 replicas each), deployed with
+    every model at 4096 tokens of context and now asked for 8192: every replica must be replaced while serving."""
+    import yaml
+
+    from bench.control_plane import fleet_doc
+
+    doc = fleet_doc(models)
+    before = copy.deepcopy(doc)
+    for m in before["models"]:
+        m["context"] = 4096
+    (tmp_path / "before.yaml").write_text(yaml.safe_dump(before, sort_keys=False))
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    state = FleetState.of(tmp_path / "state", doc["name"])
+    old_loaded = load_spec(tmp_path / "before.yaml")
+    probes = {h: probe_of(b) for h, b in _bundles(old_loaded, make_plan(old_loaded), state).items()}
+    loaded = load_spec(tmp_path / "fleet.yaml")
+    plan = make_plan(loaded)
+    return loaded, plan, _bundles(loaded, plan, state), probes
+
+
+def _assert_waves_keep_a_replica(plan: Any, waves: list[list[tuple[str, str]]]) -> None:
+    for wave in waves:
+        models = [plan.worker(name).model for _, name in wave]
+        hosts = [host for host, _ in wave]
+        assert len(set(models)) == len(models), f"two replicas of one model in a wave: {wave}"
+        assert len(set(hosts)) == len(hosts), f"two workers of one host in a wave: {wave}"
+        assert all(host == plan.worker(name).host for host, name in wave), wave
+
+
+def test_rolling_waves_replace_one_replica_per_model_and_host_at_a_time(tmp_path: Path) -> None:
+    _, plan, _, _ = _rolling_fleet(tmp_path, 6)
+    drains = [(w.host, w.name) for w in plan.workers]
+    assert len(drains) == 12
+    waves = rolling_waves(plan, drains, 16)
+    _assert_waves_keep_a_replica(plan, waves)
+    assert sorted(x for wave in waves for x in wave) == sorted(drains)  # each replica once
+    most_per_host = max(sum(1 for h, _ in drains if h == host) for host, _ in drains)
+    assert len(waves) <= 2 * max(2, most_per_host) - 1, waves  # greedy: never worse than that, far below 12
+    assert len(waves) < len(drains) / 2, waves
+    bounded = rolling_waves(plan, drains, 4)
+    assert all(len(w) <= 4 for w in bounded) and len(bounded) >= 3
+    _assert_waves_keep_a_replica(plan, bounded)
+    assert [len(w) for w in rolling_waves(plan, drains, 1)] == [1] * 12  # --parallel 1: one by one, as before
+    assert [x for w in rolling_waves(plan, drains, 1) for x in w] == drains  # in the order given
+    with pytest.raises(DeployError, match="--parallel 0"):
+        rolling_waves(plan, drains, 0)
+
+
+def test_a_rolling_update_drains_a_wave_together_and_puts_it_back_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`_apply` against a recording stand-in for ansible-playbook (the real runs are tests/multihost/): each wave's
+    workers leave the gateway's rotation in one drain.yml run, are replaced on their hosts in one replace.yml run,
+    and come back in one more; no model is ever out of rotation with two replicas."""
+    import base64
+
+    from controller.deploy import engine
+    from controller.deploy.ansible import HostResult
+
+    _, plan, bundles, probes = _rolling_fleet(tmp_path, 6)
+    calls: list[tuple[str, list[str], dict[str, Any]]] = []
+
+    def fake(
+        playbook: str,
+        fleet: Any,
+        hosts: list[str],
+        conn: Any,
+        variables: dict[str, Any],
+        host_vars: dict[str, dict[str, Any]] | None = None,
+    ) -> dict[str, HostResult]:
+        calls.append((playbook, list(hosts), variables if playbook == "drain.yml" else host_vars or {}))
+        results = {h: HostResult() for h in hosts}
+        if playbook == "drain.yml" and variables["fleet_drain"]:
+            args = json.loads(base64.b64decode(variables["fleet_drain"]))
+            drained = [{**e, "drained": True, "seconds": 0.5} for e in args["endpoints"]]
+            report = {"drained": True, "seconds": 0.5, "endpoints": drained}
+            results[hosts[0]].results["wait for the endpoints to drain"] = {"stdout": json.dumps(report)}
+        return results
+
+    monkeypatch.setattr(engine, "run_playbook", fake)
+    changes = {h: diff.changes(b, probes[h], "wg-fleet") for h, b in bundles.items()}
+    todo = [h for h, c in changes.items() if not c.empty]
+    outcome = engine.Outcome(plan.fleet.name, False, changes)
+    lines: list[str] = []
+    engine._apply(
+        plan,
+        bundles,
+        probes,
+        todo,
+        outcome,
+        engine.FleetState(tmp_path / "s"),
+        engine.Options(),
+        lambda host, line: lines.append(f"{host}: {line}"),
+    )
+    assert not outcome.failed and sorted(outcome.applied) == sorted(todo)
+    replaced = [w.name for w in plan.workers]
+    sequence = [(p, h, v) for p, h, v in calls if p in {"drain.yml", "replace.yml"}]
+    waves = []
+    out_of_rotation: set[str] = set()
+    for playbook, hosts, variables in sequence:
+        if playbook == "drain.yml":
+            names = {f["cluster"] for f in variables["fleet_eds_files"]}
+            if variables["fleet_drain"]:
+                endpoints = json.loads(base64.b64decode(variables["fleet_drain"]))["endpoints"]
+                assert not out_of_rotation, "a wave drained before the last came back"
+                out_of_rotation = {e["worker"] for e in endpoints}
+                assert len({e["cluster"] for e in endpoints}) == len(endpoints) == len(names)
+                for f in variables["fleet_eds_files"]:  # each file names its wave's worker DRAINING, no other
+                    assert f["eds"].count("DRAINING") == 1, f["eds"]
+            else:
+                assert {envoy_cluster(plan, n) for n in out_of_rotation} == names
+                out_of_rotation = set()
+        else:
+            names = {v["fleet_worker"]["name"] for v in variables.values()}
+            assert names == out_of_rotation, "replace.yml replaced what was drained, each on its host"
+            assert {plan.worker(n).host for n in names} == set(hosts)
+            waves.append(sorted(out_of_rotation))
+    assert not out_of_rotation, "the last wave was put back in rotation"
+    assert sorted(n for w in waves for n in w) == sorted(replaced)
+    assert len(waves) < len(replaced) / 2, waves  # in parallel, not one replica after another
+    _assert_waves_keep_a_replica(plan, [[(plan.worker(n).host, n) for n in w] for w in waves])
+    assert any("drained in 0.5 s" in line for line in lines), lines
+    steps = [s["step"] for s in outcome.steps if s["step"].startswith("drain and replace")]
+    assert len(steps) == len(waves)
+
+
+def envoy_cluster(plan: Any, worker: str) -> str:
+    from controller.render import envoy
+
+    return envoy.model_cluster(plan.worker(worker).model)
