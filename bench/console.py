@@ -1,6 +1,6 @@
 """What open operator consoles cost the gateway, and the requests it serves meanwhile.
 
-`python -m bench.console [--seconds 5] [--json] [--write docs/performance.md]`
+`python -m bench.console [--seconds 5] [--rounds 1] [--json] [--write docs/performance.md]`
 
 One `controller up` stack in front of the stub model (bench/paths.py, as bench.gateway), the realistic workload:
 the team's keys, a different one per request, over users with limits. For 0, 1 and 10 open consoles (each an
@@ -10,12 +10,16 @@ admin's `/console/events` stream, read as a browser would) it measures:
 - **under load**: wrk at 64 connections (req/s) and at 1 (p50, p99), and the gatekeeper's CPU per second
   meanwhile; the target is that 10 consoles keep req/s and p99 within 5 % of no console;
 - the events each console received per second (about one: the collector refreshes once a second, shared).
+
+With ``--rounds N`` the counts take turns N times (0, 1, 10, 0, 1, 10, ...), so a slow stretch of the shared VM
+falls on all of them, and each figure is the median of its N points (p99 at c=1 with its range).
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -73,15 +77,15 @@ class Consoles:
             t.join(timeout=35)
 
 
-def run(seconds: float) -> list[dict[str, Any]]:
-    rows = []
+def run(seconds: float, rounds: int = 1) -> list[dict[str, Any]]:
+    points: dict[int, list[dict[str, Any]]] = {count: [] for count in CONSOLES}
     tmp = Path(tempfile.mkdtemp(prefix="bench-console-"))
     try:
         with chain_stack(tmp) as (_, chain, team, _):
             base = chain.url.removesuffix("/v1")
             gatekeeper = {"gatekeeper": team.processes["gatekeeper"]}
             wrk(team, 8, 1)  # warm: connections open, answers kept
-            for count in CONSOLES:
+            for count in [c for _ in range(rounds) for c in CONSOLES]:
                 with Consoles(base, chain.key, count) as consoles:
                     first = list(consoles.events)
                     before, t0 = cpu_seconds(gatekeeper), time.monotonic()
@@ -93,7 +97,7 @@ def run(seconds: float) -> list[dict[str, Any]]:
                     loaded = wrk(Target(team.name, team.url, keys=team.keys, processes=team.processes), 64, seconds)
                     busy = (cpu_seconds(gatekeeper)["gatekeeper"] - before["gatekeeper"]) / (time.monotonic() - t0)
                     single = wrk(Target(team.name, team.url, keys=team.keys, processes=team.processes), 1, seconds)
-                rows.append(
+                points[count].append(
                     {
                         "consoles": count,
                         "idle_gatekeeper_cpu_pct": round(idle * 100, 2),
@@ -105,10 +109,24 @@ def run(seconds: float) -> list[dict[str, Any]]:
                         "p99_ms_c1": single["p99_ms"],
                     }
                 )
-                print(f"[bench] {count} console(s): {rows[-1]}", file=sys.stderr)
+                print(f"[bench] {count} console(s): {points[count][-1]}", file=sys.stderr)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return rows
+    return [_median(count, found) for count, found in points.items()]
+
+
+def _median(count: int, found: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row per console count: the median of each figure over its rounds (errors summed)."""
+    row: dict[str, Any] = {"consoles": count, "rounds": len(found)}
+    for key in found[0]:
+        values = [f[key] for f in found if f[key] is not None]
+        if key == "errors":
+            row[key] = sum(values)
+        elif key != "consoles":
+            row[key] = statistics.median(values) if values else None
+    p99s = [f["p99_ms_c1"] for f in found]
+    row["p99_ms_c1_range"] = [min(p99s), max(p99s)]
+    return row
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
@@ -130,17 +148,18 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         BEGIN,
         f"Machine: {machine()}. Command: `{command}`. One stack (the stub model), the team's keys (a different one "
         "per request, users with limits); each console an admin's `/console/events` stream. Gatekeeper CPU in % "
-        "of one core.",
+        f"of one core. Medians of {rows[0]['rounds']} round(s), the counts taking turns.",
         "",
         "| consoles | events/s each | gatekeeper CPU idle | req/s c=64 | gatekeeper CPU under load | p50 ms c=1 "
-        "| p99 ms c=1 | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| p99 ms c=1 | p99 range | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        low, high = r["p99_ms_c1_range"]
         lines.append(
             f"| {r['consoles']} | {r['events_per_s'] if r['events_per_s'] is not None else '-'} "
             f"| {r['idle_gatekeeper_cpu_pct']:.2f} % | {r['rps_c64']:.0f} | {r['load_gatekeeper_cpu_pct']:.1f} % "
-            f"| {r['p50_ms_c1']:.2f} | {r['p99_ms_c1']:.2f} | {r['errors']} |"
+            f"| {r['p50_ms_c1']:.2f} | {r['p99_ms_c1']:.2f} | {low:.2f}–{high:.2f} | {r['errors']} |"
         )
     lines += ["", *verdicts(rows), END]
     return "\n".join(lines)
@@ -149,11 +168,14 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="bench.console", description=__doc__)
     parser.add_argument("--seconds", type=float, default=5, help="length of each wrk point")
+    parser.add_argument("--rounds", type=int, default=1, help="turns of every console count; medians reported")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write", type=Path, help="update the console section of this Markdown file")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds: 1 or more")
     publish(
-        run(args.seconds),
+        run(args.seconds, args.rounds),
         markdown,
         prog="bench.console",
         as_json=args.json,

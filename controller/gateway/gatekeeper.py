@@ -731,6 +731,7 @@ def build_console(
 
     stack = StateDir(stack_dir) if stack_dir is not None else None
     live = LiveLog(Path(live_log_path(str(usage_log))) if usage_log else state_dir / LIVE_LOG_NAME, worker_of)
+    ledger.ended = live.ended  # the requests that ended, from the usage lines the ledger reads anyway
     audit = Audit(state_dir / AUDIT_FILE)
     return Console(
         fleet_of=lambda: gate.access.fleet,

@@ -123,6 +123,7 @@ BEHIND_BYTES = 4 * 1024 * 1024
 # Lines parsed and recorded between two pauses: about a quarter of a millisecond of CPU, so a reader that
 # paces itself (the gatekeeper) never holds a core long enough to delay the requests it shares cores with.
 SLICE_LINES = 64
+RECENT_LINES = 50  # the lines of each batch handed to `Ledger.ended` (the console keeps its last 50 requests)
 GROUPS = {"user": "user", "model": "model", "key": "key_id", "app": "app", "day": "day"}
 Row = tuple[str, float, str, str, str | None, str, int, int, int, int, str | None, int | None, str | None]
 
@@ -185,6 +186,9 @@ class Ledger:
         self._lock = threading.Lock()
         self._reader = _connect(path)
         self._read_lock = threading.Lock()
+        # Told the last RECENT_LINES usage lines of each batch read, once recorded: the console's recently
+        # ended requests come from here (controller/console/live.py), so no other reader parses every line.
+        self.ended: Callable[[list[dict[str, Any]]], None] | None = None
 
     def close(self) -> None:
         self._db.close()
@@ -266,10 +270,13 @@ class Ledger:
                     return 0, False, behind
                 lines = data[: end + 1].splitlines()
                 added = 0
+                last: list[Any] = []  # the batch's last lines, for whoever watches requests end
                 for start in range(0, len(lines), SLICE_LINES):
                     if start and rest is not None:
                         rest()
-                    rows = _rows(lines[start : start + SLICE_LINES])
+                    raws = _parse(lines[start : start + SLICE_LINES])
+                    last = (last + raws)[-RECENT_LINES:]
+                    rows = _rows(raws)
                     # A request already recorded (the log read again) or repeated is ignored, and fires no trigger.
                     added += self._db.executemany(
                         f"INSERT OR IGNORE INTO usage ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows
@@ -285,6 +292,8 @@ class Ledger:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+        if self.ended is not None and last:
+            self.ended(last)
         return added, len(data) == BATCH_BYTES, behind
 
     def read_to(self, log: Path) -> int | None:
@@ -399,10 +408,11 @@ class Ledger:
         return out
 
 
-def _rows(lines: list[bytes]) -> list[Row]:
-    """Ledger rows from complete usage-log lines; a torn or foreign line is skipped, never fatal."""
+def _parse(lines: list[bytes]) -> list[Any]:
+    """The JSON objects of complete usage-log lines; a torn line is skipped, never fatal."""
     try:  # the common case, one parser call for the slice: Envoy writes one JSON object per line
-        raws = json.loads(b"[" + b",".join(lines) + b"]")
+        raws: list[Any] = json.loads(b"[" + b",".join(lines) + b"]")
+        return raws
     except ValueError:
         raws = []
         for line in lines:
@@ -410,6 +420,11 @@ def _rows(lines: list[bytes]) -> list[Row]:
                 raws.append(json.loads(line))
             except ValueError:
                 continue
+        return raws
+
+
+def _rows(raws: list[Any]) -> list[Row]:
+    """Ledger rows from the parsed usage-log lines (`_parse`); a foreign line is skipped, never fatal."""
     rows = []
     for raw in raws:
         try:

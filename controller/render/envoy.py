@@ -1048,10 +1048,17 @@ REQUEST_WHO = {
 }
 
 
+# A request's end reaches the live log only if it ran this long: the first periodic line comes after the flush
+# interval (1 s), and a request that never had one was never shown in flight (a margin for the timer's jitter).
+LIVE_END_MIN_MS = 900
+
+
 def live_log_config(path: str) -> dict[str, Any]:
     """The console's live view of inference requests (controller/console/live.py): one line per second while a
-    request runs, and one when it ends: who, which app and model, where it went, how long so far, when the first
-    byte came back and the stream events counted so far (the Lua filter's)."""
+    request runs, and one when it ends if it ran long enough to have had one (`LIVE_END_MIN_MS`): who, which app
+    and model, where it went, how long so far, when the first byte came back and the stream events counted so far
+    (the Lua filter's). A shorter request is seen ending in the usage log, which has a line for every one: an end
+    line here too would cost Envoy a second formatted line per request for nothing."""
     fields = {
         "type": "%ACCESS_LOG_TYPE%",
         "time": "%START_TIME(%s.%3f)%",
@@ -1072,7 +1079,22 @@ def live_log_config(path: str) -> dict[str, Any]:
             "match_if_key_not_found": False,
         }
     }
-    when = {"log_type_filter": {"types": ["DownstreamPeriodic", "DownstreamEnd"]}}
+    ended_long = {
+        "and_filter": {
+            "filters": [
+                {"log_type_filter": {"types": ["DownstreamEnd"]}},
+                {
+                    "duration_filter": {
+                        "comparison": {
+                            "op": "GE",
+                            "value": {"default_value": LIVE_END_MIN_MS, "runtime_key": "fleet.live_end_min_ms"},
+                        }
+                    }
+                },
+            ]
+        }
+    }
+    when = {"or_filter": {"filters": [{"log_type_filter": {"types": ["DownstreamPeriodic"]}}, ended_long]}}
     return {
         "name": "envoy.access_loggers.file",
         "filter": {"and_filter": {"filters": [when, routed]}},
@@ -1104,6 +1126,7 @@ def usage_log_config(path: str) -> dict[str, Any]:
         "cache_read_tokens": "%DYNAMIC_METADATA(fleet:cache_read_tokens)%",
         "cache_creation_tokens": "%DYNAMIC_METADATA(fleet:cache_creation_tokens)%",
         "ms": "%DURATION%",
+        "ttfb_ms": "%RESPONSE_DURATION%",  # for the console's recently ended requests (controller/console/live.py)
         # For a request whose backend numbers never came (see controller.gateway.ledger.metered): whether it
         # reached a backend, how it ended, and the bounds the gateway knows.
         "upstream": "%UPSTREAM_HOST%",

@@ -38,7 +38,7 @@ class Clock:
 
 def test_the_live_log_shows_a_request_while_it_runs_and_after(tmp_path: Path) -> None:
     path = tmp_path / "live.log"
-    path.write_text(line("DownstreamEnd", "before"))  # ended before the console started: not replayed
+    path.write_text(line("DownstreamPeriodic", "before"))  # from before the console started: not replayed
     clock = Clock()
     log = LiveLog(path, lambda up: "w1" if up == "127.0.0.1:9" else None, clock)
     log.refresh()
@@ -53,13 +53,58 @@ def test_the_live_log_shows_a_request_while_it_runs_and_after(tmp_path: Path) ->
     log.refresh()
     (row,) = log.view()["in_flight"]
     assert (row["phase"], row["tokens"], row["tokens_per_s"]) == ("generating", 40, 20.0)
-    with path.open("a") as f:
+    with path.open("a") as f:  # its end: out of flight; its row in `recent` comes from the usage log
         f.write('odic"}\n' + line("DownstreamEnd", status="200", ms="4000", prompt_tokens="3", completion_tokens="60"))
     log.refresh()
+    assert log.view() == {"in_flight": [], "recent": []}
+    usage = json.loads(
+        line(
+            "DownstreamEnd",
+            status="200",
+            ms="4000",
+            ttfb_ms="1000",
+            upstream="127.0.0.1:9",
+            prompt_tokens="3",
+            completion_tokens="60",
+        )
+    )
+    log.ended([usage])
+    (done,) = log.view()["recent"]
+    assert (done["request_id"], done["status"], done["completion_tokens"]) == ("r1", 200, 60)
+    assert (done["worker"], done["duration_s"], done["ttfb_s"]) == ("w1", 4.0, 1.0)
+
+
+def test_requests_that_ended_come_from_the_ledgers_reading_of_the_usage_log(tmp_path: Path) -> None:
+    """A request shorter than a second has no live line at all (Envoy writes its end there only past
+    LIVE_END_MIN_MS): the ledger hands the last lines of each batch it reads to the live view, which keeps the
+    newest RECENT, newest first; a line the ledger skips is skipped here too, and one of a request still shown
+    in flight takes it out of flight."""
+    from controller.console.live import RECENT
+    from controller.gateway.ledger import Ledger
+
+    live_path = tmp_path / "live.log"
+    live_path.write_text("")
+    log = LiveLog(live_path, lambda _: None, Clock())
+    log.refresh()
+    with live_path.open("a") as f:
+        f.write(line("DownstreamPeriodic", "r-long", ms="1000"))
+    log.refresh()
+    assert [r["request_id"] for r in log.view()["in_flight"]] == ["r-long"]
+    ledger = Ledger(tmp_path / "usage.db")
+    ledger.ended = log.ended
+    usage = tmp_path / "usage.log"
+    with usage.open("w") as f:
+        for i in range(120):
+            f.write(line("DownstreamEnd", f"r{i}", status="200", ms="12", prompt_tokens="3", completion_tokens="5"))
+        f.write('{"request_id": "odd", "time": "not a number", "user": "alice", "model": "m"}\n')
+        f.write(line("DownstreamEnd", "r-long", status="200", ms="1500", completion_tokens="9"))
+    assert ledger.ingest(usage) == 121  # the odd line is no request to the ledger either
     view = log.view()
     assert view["in_flight"] == []
-    (done,) = view["recent"]
-    assert (done["request_id"], done["status"], done["completion_tokens"]) == ("r1", 200, 60)
+    ids = [r["request_id"] for r in view["recent"]]
+    # the batch's last RECENT lines, less the odd one (skipped): the newest first
+    assert len(ids) == RECENT - 1 and ids[:3] == ["r-long", "r119", "r118"] and ids[-1] == "r72", ids
+    ledger.close()
 
 
 def test_a_request_whose_end_was_lost_leaves_the_view(tmp_path: Path) -> None:
@@ -88,9 +133,9 @@ def test_the_live_log_is_cut_back_when_it_grows(tmp_path: Path) -> None:
         log.refresh()
     assert path.stat().st_size == 0 and log.offset == 0
     with path.open("a") as f:
-        f.write(line("DownstreamEnd", "after", status="200"))
+        f.write(line("DownstreamPeriodic", "after"))
     log.refresh()
-    assert log.view()["recent"][0]["request_id"] == "after"
+    assert log.view()["in_flight"][0]["request_id"] == "after"
 
 
 def fleet(tmp_path: Path) -> Path:
