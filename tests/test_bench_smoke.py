@@ -128,6 +128,10 @@ def test_apis_benchmark_runs() -> None:
             point = data["summary"][target][api]
             assert point["errors"] == 0 and point["rps_c64"] > 0 and point["p50_ms"] > 0, (target, api, point)
     assert set(data["summary"]["vs_chat_pct"]) == {"responses", "messages"}
+    for api in ("chat", "responses", "messages"):  # what the gateway adds: chain less direct, run by run
+        point = data["summary"]["chain"][api]
+        assert "added_p50_ms" in point and "added_p99_ms" in point, point
+    assert all(v["added_p50"] is not None for v in data["summary"]["vs_chat_pct"].values()), data["summary"]
 
 
 @pytest.mark.e2e

@@ -37,6 +37,7 @@ import argparse
 import hashlib
 import json
 import secrets
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -84,6 +85,7 @@ LOGIN_COOKIE = "fleet_login"
 # Bound the cache so a flood of distinct keys cannot grow memory without limit.
 CACHE_MAX = 100_000
 INGEST_INTERVAL_S = 0.5
+GIL_SWITCH_S = 0.0005  # see main()
 SPEC_POLL_S = 1.0  # how often the spec file is looked at (a stat); a changed one is reloaded
 # The pause between slices of usage lines, and around each commit (controller/gateway/ledger.py), so
 # reading the log never holds a core for long: Envoy's worker, the backend and the clients share the cores.
@@ -760,6 +762,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
+    # The answers Envoy waits for (a key's first check, a quota lease) share the GIL with the background threads
+    # (the usage ingest, the console's collector, which runs niced and so holds the GIL longer in wall time): a
+    # waiting thread gets it after at most this long, not Python's default 5 ms.
+    sys.setswitchinterval(GIL_SWITCH_S)
     app = create_app(
         args.spec, args.state_dir, args.usage_log, args.tls_dir, args.caddy_data, args.secrets_dir, args.stack_dir
     )
