@@ -19,6 +19,8 @@ import sys
 import time
 import urllib.request
 
+MARKER = "FLEET-SCRIPT-JSON"  # controller/deploy/ansible.py SCRIPT_MARKER: the document follows it
+
 
 def endpoint(doc: dict, cluster: str, address: str, port: int) -> dict | None:
     for c in doc.get("cluster_statuses", []):
@@ -62,7 +64,10 @@ def main() -> None:
                 r["drained"], r["seconds"] = True, took
         done = all(r["drained"] for r in report)
         if done or took > a["timeout_s"]:
-            print(json.dumps({"drained": done, "seconds": took, "endpoints": report}))
+            # One flushed write after a marker (see probe.py): the controller reads what follows the last marker.
+            doc = {"drained": done, "seconds": took, "endpoints": report}
+            sys.stdout.write("\n" + MARKER + " " + json.dumps(doc) + "\n")
+            sys.stdout.flush()
             return
         time.sleep(0.25)
 

@@ -22,6 +22,8 @@ import stat
 import subprocess
 import sys
 
+MARKER = "FLEET-SCRIPT-JSON"  # controller/deploy/ansible.py SCRIPT_MARKER: the document follows it
+
 CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
 TOOLS = ("podman", "docker", "podman-compose", "systemctl", "wg", "wireguard-go", "wg-quick", "nvidia-smi", "ip")
 
@@ -168,7 +170,10 @@ def main() -> None:
     compose = args.get("compose")
     if compose:
         doc["tools"]["compose"] = shutil.which(compose.split()[0])
-    json.dump(doc, sys.stdout)
+    # One flushed write after a marker line: the controller reads what follows the last marker, so a stray line
+    # (a warning, stderr merged into stdout by a terminal) cannot corrupt the document.
+    sys.stdout.write("\n" + MARKER + " " + json.dumps(doc) + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

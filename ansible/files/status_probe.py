@@ -26,6 +26,8 @@ import time
 import urllib.error
 import urllib.request
 
+MARKER = "FLEET-SCRIPT-JSON"  # controller/deploy/ansible.py SCRIPT_MARKER: the document follows it
+
 IFF_UP = 0x1
 DISCARD_PORT = 9  # the nudge's destination: nothing needs to listen there, WireGuard only needs a packet to send
 HANDSHAKE_WAIT_S = 2.0  # how long to wait for a handshake the nudge started, for peers without a TCP check
@@ -190,7 +192,9 @@ def main() -> None:
         "tcp": results,
         "wireguard": mesh,
     }
-    json.dump(doc, sys.stdout)
+    # One flushed write after a marker (see probe.py): the controller reads what follows the last marker.
+    sys.stdout.write("\n" + MARKER + " " + json.dumps(doc) + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from controller.spec.models import Fleet
 PLAYBOOKS = ASSETS / "ansible"
 FORKS = 16  # hosts worked on at once
 REMOTE_PYTHON = "/usr/bin/python3"
+SCRIPT_MARKER = "FLEET-SCRIPT-JSON"  # ansible/files/{probe,status_probe,drain}.py print their document after it
 ROLLED_BACK_TASK = (
     "rolled back"  # the last task of the fleet_host role's rescue (ansible/roles/fleet_host/tasks/rollback.yml)
 )
@@ -120,12 +121,40 @@ def run_playbook(
             "ANSIBLE_GALAXY_DISABLE_GPG_VERIFY": "true",
             "ANSIBLE_DEPRECATION_WARNINGS": "false",
             "ANSIBLE_SSH_RETRIES": "2",
+            # The `script` module is not pipelined; with a terminal (ssh -tt, the default) the remote stderr is
+            # merged into stdout. Without one, the scripts' documents come back as printed.
+            "ANSIBLE_SSH_USETTY": "false",
         }
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired as exc:
             raise DeployError(f"ansible-playbook {playbook} ran past {timeout_s:.0f} s and was stopped") from exc
     return parse(proc.stdout, proc.stderr, hosts, playbook)
+
+
+def script_doc(stdout: str, what: str) -> dict[str, Any]:
+    """The JSON document a script of ``ansible/files`` printed after its marker line (the last one wins, so stray
+    lines before it, a terminal's CRLF or a warning, do no harm). Raises ValueError saying what came instead."""
+    text = stdout.replace("\r\n", "\n")
+    at = text.rfind(SCRIPT_MARKER + " ")
+    if at < 0:
+        raise ValueError(f"{what} printed no document (no {SCRIPT_MARKER} line): {_excerpt(text)}")
+    line = text[at + len(SCRIPT_MARKER) + 1 :].split("\n", 1)[0]
+    try:
+        doc = json.loads(line)
+    except ValueError as exc:
+        raise ValueError(f"{what} printed a document that is not JSON ({exc}): {_excerpt(line)}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{what} printed {type(doc).__name__}, not a JSON object: {_excerpt(line)}")
+    return doc
+
+
+def _excerpt(text: str, keep: int = 120) -> str:
+    """The head and the tail of a long output, so both what went wrong first and last are shown."""
+    text = text.strip()
+    if not text:
+        return "no output"
+    return repr(text) if len(text) <= 2 * keep else f"{text[:keep]!r} … {text[-keep:]!r}"
 
 
 def parse(stdout: str, stderr: str, hosts: list[str], playbook: str) -> dict[str, HostResult]:

@@ -24,7 +24,7 @@ from typing import Any
 from controller.atomic import write_file
 from controller.backends.client import PULL_TIMEOUT_S
 from controller.deploy import audit, bundle, diff
-from controller.deploy.ansible import FORKS, Connection, run_playbook
+from controller.deploy.ansible import FORKS, Connection, run_playbook, script_doc
 from controller.deploy.lock import fleet_lock
 from controller.errors import DeployError
 from controller.mesh import wireguard
@@ -297,11 +297,10 @@ def _probe(
             why = "unreachable over SSH" if r.unreachable else f"probe failed ({r.failed_task})"
             problems.append(f"{host}: {why}: {r.message}")
             continue
-        out = r.results.get("probe", {}).get("stdout", "")
         try:
-            probes[host] = json.loads(out)
-        except ValueError:
-            problems.append(f"{host}: the probe printed no JSON: {out[-200:]!r}")
+            probes[host] = script_doc(str(r.results.get("probe", {}).get("stdout", "")), "the probe")
+        except ValueError as exc:
+            problems.append(f"{host}: {exc}")
     if problems:
         raise DeployError("preflight failed; nothing was changed anywhere:\n  " + "\n  ".join(problems))
     return probes
@@ -483,8 +482,12 @@ def _set_rotation(plan: Plan, names: list[str], draining: bool, opts: Options) -
         raise DeployError(f"{gateway}: could not put {', '.join(names)} {what} rotation: {result.message}")
     if not draining:
         return {}
-    report = json.loads(result.results.get("wait for the endpoints to drain", {}).get("stdout", "{}") or "{}")
     lines = dict.fromkeys(names, "an unknown time (the drain printed no report)")
+    try:
+        report = script_doc(str(result.results.get("wait for the endpoints to drain", {}).get("stdout", "")), "drain")
+    except ValueError as exc:
+        report = {}
+        lines = dict.fromkeys(names, f"an unknown time ({exc})")
     for e in report.get("endpoints", []):
         lines[e["worker"]] = (
             f"{e['seconds']} s"

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.deploy import bundle
-from controller.deploy.ansible import Connection, HostResult, run_playbook
+from controller.deploy.ansible import Connection, HostResult, run_playbook, script_doc
 from controller.mesh import wireguard
 from controller.plan.models import Plan
 from controller.render.containers import SPEC_PATH
@@ -129,13 +129,12 @@ def from_results(results: dict[str, HostResult]) -> dict[str, HostProbe]:
         if not r.ok:
             out[host] = HostProbe(True, None, f"the status probe failed: {r.message}")
             continue
-        text = str(r.results.get(TASK, {}).get("stdout", ""))
         try:
-            doc = json.loads(text)
-        except ValueError:
-            out[host] = HostProbe(True, None, f"the status probe printed no JSON: {text[-200:]!r}")
+            doc = script_doc(str(r.results.get(TASK, {}).get("stdout", "")), "the status probe")
+        except ValueError as exc:
+            out[host] = HostProbe(True, None, str(exc))
             continue
-        out[host] = HostProbe(True, doc if isinstance(doc, dict) else None, "" if isinstance(doc, dict) else "no doc")
+        out[host] = HostProbe(True, doc, "")
     return out
 
 

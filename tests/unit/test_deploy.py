@@ -3,10 +3,14 @@ the inventory. The real thing (Ansible over SSH into namespace hosts) is tests/m
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import multiprocessing
 import os
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,11 +18,12 @@ from typing import Any
 import pytest
 
 from controller.deploy import audit, bundle, diff
-from controller.deploy.ansible import Connection, inventory, parse
+from controller.deploy.ansible import SCRIPT_MARKER, Connection, inventory, parse, script_doc
 from controller.deploy.engine import FleetState, _bundles, _start_order, rolling_waves
 from controller.deploy.lock import LockHeld, fleet_lock
 from controller.errors import DeployError
 from controller.plan import make_plan
+from controller.render import ASSETS
 from controller.render.containers import SPEC_PATH
 from controller.spec import load_spec
 from tests.conftest import ROOT
@@ -270,6 +275,44 @@ def test_ansible_results_per_host() -> None:
         parse("", "ERROR! the playbook could not be found", ["a"], "probe.yml")
 
 
+def run_script(name: str, args: dict[str, Any]) -> str:
+    """What a script of ansible/files prints when it runs on this machine (as Ansible's `script` module runs it)."""
+    encoded = base64.b64encode(json.dumps(args).encode()).decode()
+    proc = subprocess.run(
+        [sys.executable, str(ASSETS / "ansible" / "files" / name), encoded], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_the_probe_document_survives_stray_lines_and_a_terminal(tmp_path: Path) -> None:
+    """The real probe.py, run here; its output as a terminal (ssh -tt) would bring it back: a warning on stderr
+    merged in before it, CRLF line ends. The document is read whole; the last marker wins."""
+    args: dict[str, Any] = {"fleet": "nofleet", "paths": [], "manifest": str(tmp_path / "none.json"), "interface": None}
+    out = run_script("probe.py", args)
+    doc = script_doc(out, "the probe")
+    assert doc["hostname"] == socket.gethostname() and doc["manifest"] is None and doc["files"] == {}
+    noisy = "WARNING: something on stderr\r\n" + out.replace("\n", "\r\n") + "Connection to gpu1 closed.\r\n"
+    assert script_doc(noisy, "the probe") == doc
+    assert script_doc(f'{SCRIPT_MARKER} {{"old": 1}}\n' + out, "the probe") == doc
+
+
+def test_a_script_without_its_document_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=f"the probe printed no document \\(no {SCRIPT_MARKER} line\\): 'Traceback"):
+        script_doc("Traceback (most recent call last):\n  boom\n", "the probe")
+    with pytest.raises(
+        ValueError, match=r"the probe printed a document that is not JSON \(Expecting value.*\): '\{\"host\":'$"
+    ):
+        script_doc(f'{SCRIPT_MARKER} {{"host": \n', "the probe")
+    with pytest.raises(ValueError, match="the probe printed list, not a JSON object"):
+        script_doc(f"{SCRIPT_MARKER} [1]\n", "the probe")
+    long = "x" * 500 + "END"
+    with pytest.raises(ValueError, match=r"'x{120}' … 'x{117}END'"):
+        script_doc(long, "drain")
+    with pytest.raises(ValueError, match=r"drain printed no document \(.*\): no output$"):
+        script_doc("  \r\n", "drain")
+
+
 def test_a_model_at_an_absolute_path_must_be_on_its_host(tmp_path: Path) -> None:
     loaded = load_spec(ROOT / "examples" / "workstation.yaml")
     plan = make_plan(loaded)
@@ -366,7 +409,6 @@ def test_a_rolling_update_drains_a_wave_together_and_puts_it_back_after(
     """`_apply` against a recording stand-in for ansible-playbook (the real runs are tests/multihost/): each wave's
     workers leave the gateway's rotation in one drain.yml run, are replaced on their hosts in one replace.yml run,
     and come back in one more; no model is ever out of rotation with two replicas."""
-    import base64
 
     from controller.deploy import engine
     from controller.deploy.ansible import HostResult
@@ -388,7 +430,9 @@ def test_a_rolling_update_drains_a_wave_together_and_puts_it_back_after(
             args = json.loads(base64.b64decode(variables["fleet_drain"]))
             drained = [{**e, "drained": True, "seconds": 0.5} for e in args["endpoints"]]
             report = {"drained": True, "seconds": 0.5, "endpoints": drained}
-            results[hosts[0]].results["wait for the endpoints to drain"] = {"stdout": json.dumps(report)}
+            results[hosts[0]].results["wait for the endpoints to drain"] = {
+                "stdout": f"{SCRIPT_MARKER} {json.dumps(report)}"
+            }
         return results
 
     monkeypatch.setattr(engine, "run_playbook", fake)

@@ -22,7 +22,7 @@ from rich.console import Console
 from controller.cli.status import print_report, report_tables
 from controller.deploy import bundle
 from controller.deploy import status as st
-from controller.deploy.ansible import HostResult
+from controller.deploy.ansible import SCRIPT_MARKER, HostResult, script_doc
 from controller.plan import make_plan
 from controller.plan.models import Plan
 from controller.render.containers import SPEC_PATH
@@ -284,12 +284,14 @@ def test_ansible_results_become_probes() -> None:
         "a": HostResult(ok=False, unreachable=True, failed_task="status", message="ssh: Connection refused"),
         "b": HostResult(ok=False, failed_task="status", message="python3: not found"),
         "c": HostResult(results={"status": {"stdout": "oops"}}),
-        "d": HostResult(results={"status": {"stdout": json.dumps(doc)}}),
+        "d": HostResult(results={"status": {"stdout": f"a warning\r\n{SCRIPT_MARKER} {json.dumps(doc)}\r\n"}}),
     }
     probes = st.from_results(results)
     assert probes["a"] == st.HostProbe(False, None, "ssh: Connection refused")
     assert probes["b"] == st.HostProbe(True, None, "the status probe failed: python3: not found")
-    assert not probes["c"].doc and "printed no JSON" in probes["c"].error
+    assert probes["c"] == st.HostProbe(
+        True, None, f"the status probe printed no document (no {SCRIPT_MARKER} line): 'oops'"
+    )
     assert probes["d"] == st.HostProbe(True, doc, "")
 
 
@@ -328,7 +330,7 @@ def test_the_probe_script_runs_on_this_machine(tmp_path: Path) -> None:
         }
         arg = base64.b64encode(json.dumps(args).encode()).decode()
         out = subprocess.run([sys.executable, str(PROBE), arg], capture_output=True, text=True, timeout=30, check=True)
-    doc = json.loads(out.stdout)
+    doc = script_doc(out.stdout, "the status probe")  # as the controller reads it
     assert doc["manifest"]["files"][SPEC_PATH] == VERSION
     assert doc["engine_error"] == "no-such-engine not installed" and doc["containers"] == []
     assert doc["tcp"]["up"]["ok"] is True
