@@ -166,6 +166,10 @@ def test_console_benchmark_runs() -> None:
         assert r["rps_c64"] > 0 and r["errors"] == 0, r
         assert (r["events_per_s"] is None) == (r["consoles"] == 0), r
         assert r["consoles"] == 0 or r["events_per_s"] >= 0.5, r
+        # one round: the added p99 is that round's chain less its direct path, measured back to back
+        assert r["direct_p99_ms_c1"] > 0 and r["added_p99_ms_c1"] == pytest.approx(
+            r["p99_ms_c1"] - r["direct_p99_ms_c1"], abs=0.002
+        ), r
 
 
 def test_control_plane_benchmark_runs() -> None:

@@ -78,6 +78,7 @@ class Collector:
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="console-agent")
         self.agent_due: dict[str, float] = {}
         self.agent_busy: set[str] = set()
+        self.listeners: list[Callable[[], None]] = []  # called on the collector's thread after each new picture
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -105,6 +106,10 @@ class Collector:
             self.refresh()
         assert self.latest is not None
         return self.latest
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (on the collector's thread; it must not block) each time a newer picture is made."""
+        self.listeners.append(listener)
 
     def wait_newer(self, version: int, timeout: float) -> int:
         with self.changed:
@@ -154,10 +159,16 @@ class Collector:
             },
         }
         doc["warnings"] = self._warnings(plan, doc)
+        self.publish(doc)
+
+    def publish(self, doc: dict[str, Any]) -> None:
+        """Make ``doc`` the latest picture, and tell whoever waits for one."""
         with self.changed:
             self.latest = doc
             self.version += 1
             self.changed.notify_all()
+        for listener in list(self.listeners):
+            listener()
 
     def _warnings(self, plan: Plan, doc: dict[str, Any]) -> list[dict[str, Any]]:
         if self.warnings_of is None:

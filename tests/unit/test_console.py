@@ -295,3 +295,86 @@ def test_a_resident_workers_card_is_up_only_once_its_process_passed_a_health_che
 
 def test_an_on_demand_worker_that_is_loading_is_not_shown_down(tmp_path: Path) -> None:
     assert card_health(tmp_path, "od", {"state": "starting", "pid": 12}, {"state": "loading"}) == "up"
+
+
+def test_an_open_event_stream_gets_each_new_picture_at_once_and_nothing_else(tmp_path: Path) -> None:
+    """The console's `/console/events` on a real server (uvicorn, as the gatekeeper runs it): the first picture
+    whole, then each newer one as a patch of the sections that changed, sent as soon as the collector has it (a
+    stream waits on the collector, it does not poll); a picture that changes nothing sends nothing."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+    from fastapi import FastAPI
+
+    from controller.console.routes import Console, mount
+    from controller.gateway.access import Identity
+
+    spec = load_spec(fleet(tmp_path))
+    plan = make_plan(spec)
+    collector = Collector(lambda: plan, tmp_path / "usage.db", LiveLog(tmp_path / "live.log", lambda _: None), None)
+    acts, keys, audit = actions(tmp_path)
+    root = Identity("root", (), frozenset({"*"}), key_id="k1")
+    console = Console(
+        fleet_of=lambda: spec.fleet,
+        identify_key=lambda key: root if key == "sk-root" else None,
+        sso_identity=lambda _: None,
+        sso_configured=False,
+        collector=collector,
+        actions=acts,
+        audit=audit,
+        keys=keys,
+        sessions=auth.Sessions(),
+    )
+    app = FastAPI()
+    mount(app, console)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start in 10 s"
+            time.sleep(0.02)
+        collector.publish({"time": 1.0, "workers": ["a"], "hosts": []})
+        events: list[tuple[str, dict[str, Any], float]] = []
+        with (
+            httpx.Client(timeout=httpx.Timeout(5, read=5)) as http,
+            http.stream(
+                "GET", f"http://127.0.0.1:{port}/console/events", headers={"Authorization": "Bearer sk-root"}
+            ) as reply,
+        ):
+            assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
+            kind = ""
+            sent_at = 0.0
+            for text in reply.iter_lines():
+                if text.startswith("event: "):
+                    kind = text[7:]
+                elif text.startswith("data: "):
+                    events.append((kind, json.loads(text[6:]), time.monotonic() - sent_at))
+                    if len(events) == 1:  # the same sections again: nothing to send; then a change
+                        collector.publish({"time": 2.0, "workers": ["a"], "hosts": []})
+                        sent_at = time.monotonic()
+                        collector.publish({"time": 3.0, "workers": ["a", "b"], "hosts": []})
+                    elif len(events) == 2:
+                        sent_at = time.monotonic()
+                        collector.publish({"time": 4.0, "workers": ["a", "b"], "hosts": ["h"]})
+                    else:
+                        break
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        collector.http.close()
+        collector.pool.shutdown()
+    assert [(k, d) for k, d, _ in events] == [
+        ("snapshot", {"time": 1.0, "workers": ["a"], "hosts": [], "audit": []}),
+        ("patch", {"workers": ["a", "b"], "time": 3.0}),
+        ("patch", {"hosts": ["h"], "time": 4.0}),
+    ]
+    # As soon as it is made: well under the stream's 1 s wake-up without a picture (a lost wake-up waits that long).
+    assert max(after for _, _, after in events[1:]) < 0.5, events
