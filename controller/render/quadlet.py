@@ -1,8 +1,8 @@
 """Quadlet: `.container` and `.volume` units per host whose runtime is `quadlet`.
 
 Text format, so a Jinja template (``quadlet/*.j2``) with StrictUndefined;
-values are quoted the way systemd unit files expect. Secrets are podman
-secrets created by deploy from the files named in the spec.
+values are quoted the way systemd unit files expect. Secrets are the host files
+deploy puts there (mode 0600), mounted read-only, as Compose mounts file secrets.
 """
 
 from __future__ import annotations

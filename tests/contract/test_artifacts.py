@@ -22,6 +22,7 @@ import yaml
 
 from controller.plan import Plan, Worker
 from controller.render import guard as render_guard
+from controller.render.containers import WORKER_KEY
 from controller.render.envoy import (
     CLUSTERS_FILE,
     EDS_DIR,
@@ -368,13 +369,20 @@ def test_worker_guards_validate_and_their_containers_hold_together(
             container = dict(unit["Container"])
             assert container["Network"] == f"container:fleet-{guard_name}"
             assert "PublishPort" not in container and "Secret" not in container
+            # the worker secret is the guard's alone: no mount of the secrets folder on the worker
+            assert not [v for k, v in unit["Container"] if k == "Volume" and v.startswith("/etc/fleet/secrets")]
             assert ("Environment", "OLLAMA_HOST=127.0.0.1:11434") in unit["Container"]
             assert ("Requires", f"fleet-{guard_name}.service") in unit["Unit"]
             assert f"fleet-{guard_name}.service" in dict(unit["Unit"])["After"].split()
-            guard_unit = dict(parse_unit((quadlet / f"fleet-{guard_name}.container").read_text())["Container"])
+            guard_pairs = parse_unit((quadlet / f"fleet-{guard_name}.container").read_text())["Container"]
+            guard_unit = dict(guard_pairs)
             assert guard_unit["PublishPort"] == f"{w.address}:{w.port}:8080"
-            assert guard_unit["Volume"] == f"/etc/fleet/guard/{w.name}.Caddyfile:/etc/caddy/Caddyfile:ro"
-            assert guard_unit["Secret"].startswith("fleet-worker-key,type=mount,target=/run/secrets/worker_key,")
+            # the secret as Compose mounts it: the file deploy puts on the host, read-only (no podman secret)
+            assert [v for k, v in guard_pairs if k == "Volume"] == [
+                f"/etc/fleet/guard/{w.name}.Caddyfile:/etc/caddy/Caddyfile:ro",
+                f"{WORKER_KEY[1]}:/run/secrets/worker_key:ro",
+            ]
+            assert "Secret" not in guard_unit
 
 
 def assert_guard(adapted: dict[str, Any], listen: str, upstream: str, key_file: str) -> None:
